@@ -1,0 +1,5 @@
+//! The `molt` subcommands, one module each. A new subcommand is a module here plus one
+//! variant in `Command` in `main.rs`.
+
+pub mod bench;
+pub mod model;

@@ -1,0 +1,266 @@
+//! `molt model forward` and `molt model generate`: check a model folder from the command
+//! line without writing code.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use trainer::generate::{FinishReason, GenerationConfig, generate};
+use trainer::model::{IGNORE_INDEX, LoadOptions, MambaForCausalLM, ModelInput, causal_lm_loss};
+use trainer::tokenizer::Tokenizer;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Run the forward pass on `input_ids` from a safetensors file and write the logits
+    /// (and, with --loss, the next-token loss).
+    Forward(ForwardArgs),
+    /// Generate a continuation of one or more prompts (needs tokenizer.json in the model
+    /// folder).
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ForwardArgs {
+    /// Model folder: config.json, weights (*.safetensors or pytorch_model.bin), optional
+    /// tokenizer.json.
+    #[arg(long, env = "MOLT_MODEL")]
+    pub model: PathBuf,
+
+    /// PEFT adapter folder to apply on top of the model (adapter_config.json +
+    /// adapter_model.safetensors).
+    #[arg(long, env = "MOLT_ADAPTER")]
+    pub adapter: Option<PathBuf>,
+
+    /// Safetensors file holding `input_ids` [B, L] (I64 or U32), and optionally
+    /// `attention_mask` [B, L] (0 = padding) and `labels` [B, L] (I64, -100 = not scored).
+    #[arg(long)]
+    pub input: PathBuf,
+
+    /// Where to write `logits` (F32 [B, L, V]) and, with --loss, `loss` (F32 [1]).
+    #[arg(long)]
+    pub output: PathBuf,
+
+    /// Also compute the next-token cross-entropy, as HF's causal-LM loss: mean over the
+    /// scored positions. Labels are `labels` when given, else `input_ids` with padded
+    /// positions (attention_mask 0) not scored.
+    #[arg(long)]
+    pub loss: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputFormat {
+    /// The prompt followed by its continuation, one block per prompt.
+    Text,
+    /// One JSON object per prompt: prompt, completion, token ids, finish reason.
+    Json,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// Model folder (must contain tokenizer.json).
+    #[arg(long, env = "MOLT_MODEL")]
+    pub model: PathBuf,
+
+    /// PEFT adapter folder to apply on top of the model.
+    #[arg(long, env = "MOLT_ADAPTER")]
+    pub adapter: Option<PathBuf>,
+
+    /// Prompt text; repeat the flag to generate for a batch of prompts.
+    #[arg(long, required = true)]
+    pub prompt: Vec<String>,
+
+    /// Maximum number of new tokens per prompt.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches this.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+
+    /// Seed of the sampler; the same seed gives the same text.
+    #[arg(long, env = "MOLT_SEED", default_value_t = 0)]
+    pub seed: u64,
+
+    /// Keep generating after an end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+}
+
+pub fn run(cmd: ModelCommand) -> Result<()> {
+    match cmd {
+        ModelCommand::Forward(a) => forward(a),
+        ModelCommand::Generate(a) => generate_cmd(a),
+    }
+}
+
+fn load_model(dir: &Path, adapter: Option<&Path>) -> Result<MambaForCausalLM> {
+    if let Some(a) = adapter {
+        bail!(
+            "--adapter {}: applying PEFT adapters is not supported yet (it comes with the PEFT methods)",
+            a.display()
+        );
+    }
+    MambaForCausalLM::load(dir, &LoadOptions::default())
+        .with_context(|| format!("loading the model from {}", dir.display()))
+}
+
+fn forward(a: ForwardArgs) -> Result<()> {
+    let inputs = read_inputs(&a.input)?;
+    let model = load_model(&a.model, a.adapter.as_deref())?;
+    let label = a.input.display().to_string();
+    let ids = inputs
+        .get("input_ids")
+        .with_context(|| format!("{label}: no `input_ids` tensor ({})", names(&inputs)))?;
+    match ids.dtype() {
+        DType::I64 | DType::U32 => {}
+        other => bail!("{label}: input_ids: dtype {other:?}, expected I64 or U32"),
+    }
+    let mask = inputs.get("attention_mask");
+    let input = ModelInput::new(ids, mask, model.vocab_size()).with_context(|| label.clone())?;
+    let logits = model
+        .forward_with(&input, false)
+        .context("forward pass")?
+        .logits
+        .to_dtype(DType::F32)?;
+
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    if a.loss {
+        let labels = match inputs.get("labels") {
+            Some(l) => {
+                if l.dims() != ids.dims() {
+                    bail!(
+                        "{label}: labels: shape {:?} does not match input_ids {:?}",
+                        l.dims(),
+                        ids.dims()
+                    );
+                }
+                l.clone()
+            }
+            None => default_labels(&input)?,
+        };
+        let loss = causal_lm_loss(&logits, &labels).with_context(|| label.clone())?;
+        tracing::info!(loss = loss.to_scalar::<f32>()?, "loss");
+        out.insert("loss".into(), loss.reshape(1)?);
+    }
+    out.insert("logits".into(), logits);
+    write_atomically(&a.output, &out)
+}
+
+/// `input_ids` as I64 with padded positions set to the ignore index.
+fn default_labels(input: &ModelInput) -> Result<Tensor> {
+    let ids = input.input_ids.to_dtype(DType::I64)?;
+    Ok(match &input.attention_mask {
+        None => ids,
+        Some(m) => {
+            let keep = m.to_dtype(DType::U8)?;
+            let ignore = Tensor::full(IGNORE_INDEX, ids.dims(), ids.device())?;
+            keep.where_cond(&ids, &ignore)?
+        }
+    })
+}
+
+fn read_inputs(path: &Path) -> Result<HashMap<String, Tensor>> {
+    if !path.is_file() {
+        bail!("{}: no such file", path.display());
+    }
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("{}: not a readable safetensors file", path.display()))
+}
+
+fn names(t: &HashMap<String, Tensor>) -> String {
+    let mut n: Vec<&str> = t.keys().map(String::as_str).collect();
+    n.sort();
+    if n.is_empty() {
+        "the file holds no tensors".into()
+    } else {
+        format!("found: {}", n.join(", "))
+    }
+}
+
+/// Writes beside the target and renames, so a failed run never leaves a half-written file.
+fn write_atomically(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .with_context(|| format!("{}: not a file path", path.display()))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("moving the output to {}", path.display())
+    })?;
+    Ok(())
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    let model = load_model(&a.model, a.adapter.as_deref())?;
+    let tok = Tokenizer::from_model_dir(&a.model)?.with_context(|| {
+        format!(
+            "{}: no tokenizer.json; `molt model generate` needs one to turn text into tokens",
+            a.model.display()
+        )
+    })?;
+    let prompts = a
+        .prompt
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let ids = tok.encode(p)?;
+            if ids.is_empty() {
+                bail!("--prompt #{}: the prompt encodes to no tokens", i + 1);
+            }
+            Ok(ids)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut cfg = GenerationConfig::for_model(&model);
+    cfg.max_new_tokens = a.max_tokens;
+    cfg.temperature = a.temperature;
+    cfg.top_p = a.top_p;
+    cfg.seed = a.seed;
+    if a.ignore_eos {
+        cfg.eos_token_ids.clear();
+    }
+    let out = generate(&model, &prompts, &cfg).context("generation")?;
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    for (i, prompt) in a.prompt.iter().enumerate() {
+        let tokens = &out.tokens[i];
+        let completion = tok.decode(tokens, true)?;
+        match a.format {
+            OutputFormat::Text => {
+                if i > 0 {
+                    writeln!(w)?;
+                }
+                writeln!(w, "{prompt}{completion}")?;
+            }
+            OutputFormat::Json => {
+                let reason = match out.finish_reasons[i] {
+                    FinishReason::Eos => "stop",
+                    FinishReason::Length => "length",
+                    FinishReason::Stopped => "stopped",
+                };
+                let rec = serde_json::json!({
+                    "prompt": prompt,
+                    "prompt_ids": prompts[i],
+                    "completion": completion,
+                    "completion_ids": tokens,
+                    "finish_reason": reason,
+                });
+                writeln!(w, "{rec}")?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The one test command (README, .ci/run): lint, then every test of the workspace against
+# SQLite and PostgreSQL, local files and a real S3-speaking server (moto).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Starts PostgreSQL (if none answers on 127.0.0.1:5432) and a moto S3 server, exports
+# MOLT_TEST_DATABASE_URL / MOLT_TEST_S3_ENDPOINT, and stops what it started on exit.
+# shellcheck source=scripts/test-services.sh
+source scripts/test-services.sh
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace "$@"

@@ -1,0 +1,65 @@
+//! Fused kernels vs the plain-Candle reference, forward + backward, plain `std::time`.
+//!
+//! `cargo bench --workspace --bench kernels` (defaults: b=4, L=128, E=1536, N=16, K=4, i.e.
+//! mamba-130m's mixer), or with a shape: `cargo bench --workspace --bench kernels -- 1 512 768 16`
+//! (b L E N). Prints tokens/s (median of the timed runs) and the speed-up.
+
+use candle_core::Result;
+use trainer::kernels::bench::{self, BenchShape, Comparison};
+
+fn report(what: &str, tokens: usize, c: &Comparison) {
+    println!(
+        "{what:<28} fused {:>10.0} tok/s ({:>8.2} ms)   reference {:>9.0} tok/s ({:>8.2} ms)   speed-up {:>6.1}x",
+        c.fused.tokens_per_s(tokens),
+        c.fused.median_s * 1e3,
+        c.reference.tokens_per_s(tokens),
+        c.reference.median_s * 1e3,
+        c.speedup()
+    );
+}
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; numbers are the shape.
+    let nums: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let mut shape = BenchShape::mamba_130m();
+    if let [b, l, e, n] = nums[..] {
+        shape = BenchShape {
+            batch: b,
+            len: l,
+            d_inner: e,
+            d_state: n,
+            ..shape
+        };
+    }
+    println!(
+        "shape b={} L={} E={} N={} K={}, {} rayon threads",
+        shape.batch,
+        shape.len,
+        shape.d_inner,
+        shape.d_state,
+        shape.d_conv,
+        rayon::current_num_threads()
+    );
+    let tokens = shape.tokens();
+    report(
+        "scan fwd+bwd (with z)",
+        tokens,
+        &bench::scan_fwd_bwd(&shape, 20, 3)?,
+    );
+    report(
+        "scan fwd (no grad)",
+        tokens,
+        &bench::scan_fwd(&shape, 20, 3)?,
+    );
+    report("conv fwd+bwd", tokens, &bench::conv_fwd_bwd(&shape, 20, 5)?);
+    // A decode step produces one token per batch row.
+    report(
+        "decode step (conv+scan)",
+        shape.batch,
+        &bench::decode_step(&shape, 200)?,
+    );
+    Ok(())
+}

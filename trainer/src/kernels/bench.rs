@@ -1,0 +1,251 @@
+//! Timing helpers for the kernels (used by `trainer/benches/kernels.rs`, and meant for a
+//! `molt bench` subcommand): fused kernels against the `reference` compositions, forward +
+//! backward, on random Mamba-like inputs. Plain `std::time`, median of the timed runs.
+
+use std::time::Instant;
+
+use candle_core::{Device, Result, Tensor, Var};
+
+/// Shape of one benchmark run.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchShape {
+    pub batch: usize,
+    pub len: usize,
+    /// E (d_inner).
+    pub d_inner: usize,
+    /// N (d_state).
+    pub d_state: usize,
+    /// K (d_conv).
+    pub d_conv: usize,
+}
+
+impl BenchShape {
+    /// mamba-130m's mixer at batch 4 × 128 tokens.
+    pub fn mamba_130m() -> Self {
+        Self {
+            batch: 4,
+            len: 128,
+            d_inner: 1536,
+            d_state: 16,
+            d_conv: 4,
+        }
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.batch * self.len
+    }
+}
+
+/// Median and best wall time of the timed runs, in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    pub median_s: f64,
+    pub min_s: f64,
+    pub runs: usize,
+}
+
+impl Timing {
+    pub fn tokens_per_s(&self, tokens: usize) -> f64 {
+        tokens as f64 / self.median_s
+    }
+}
+
+/// Fused vs reference timings of the same work.
+#[derive(Clone, Copy, Debug)]
+pub struct Comparison {
+    pub fused: Timing,
+    pub reference: Timing,
+}
+
+impl Comparison {
+    /// How many times faster the fused kernel is (median against median).
+    pub fn speedup(&self) -> f64 {
+        self.reference.median_s / self.fused.median_s
+    }
+}
+
+/// Runs `f` once to warm up, then `runs` times, and returns the timing.
+pub fn time<F: FnMut() -> Result<()>>(runs: usize, mut f: F) -> Result<Timing> {
+    f()?;
+    let mut times = Vec::with_capacity(runs.max(1));
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        f()?;
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(Timing {
+        median_s: times[times.len() / 2],
+        min_s: times[0],
+        runs: times.len(),
+    })
+}
+
+/// Trainable scan inputs with Mamba-like statistics (`dt` ≈ softplus(N(-3, 0.5)), S4D-real A).
+pub struct ScanInputs {
+    pub u: Var,
+    pub delta: Var,
+    pub a: Var,
+    pub b: Var,
+    pub c: Var,
+    pub d: Var,
+    pub delta_bias: Var,
+    pub z: Var,
+    pub upstream: Tensor,
+}
+
+impl ScanInputs {
+    pub fn random(s: &BenchShape) -> Result<Self> {
+        let dev = Device::Cpu;
+        let (bl, e, n) = ((s.batch, s.len), s.d_inner, s.d_state);
+        let a = Tensor::arange(1f32, n as f32 + 1.0, &dev)?
+            .neg()?
+            .unsqueeze(0)?
+            .broadcast_as((e, n))?
+            .contiguous()?;
+        Ok(Self {
+            u: Var::randn(0f32, 1.0, (bl.0, bl.1, e), &dev)?,
+            delta: Var::randn(0f32, 0.5, (bl.0, bl.1, e), &dev)?,
+            a: Var::from_tensor(&a)?,
+            b: Var::randn(0f32, 1.0, (bl.0, bl.1, n), &dev)?,
+            c: Var::randn(0f32, 1.0, (bl.0, bl.1, n), &dev)?,
+            d: Var::randn(0f32, 1.0, e, &dev)?,
+            delta_bias: Var::from_tensor(
+                &(Tensor::ones(e, candle_core::DType::F32, &dev)? * -3.0)?,
+            )?,
+            z: Var::randn(0f32, 1.0, (bl.0, bl.1, e), &dev)?,
+            upstream: Tensor::randn(0f32, 1.0, (bl.0, bl.1, e), &dev)?,
+        })
+    }
+
+    /// Forward, `sum(y · upstream)`, backward; with the fused kernel or the reference.
+    pub fn fwd_bwd(&self, fused: bool) -> Result<()> {
+        let f = if fused {
+            super::selective_scan
+        } else {
+            super::reference::selective_scan
+        };
+        let (y, _) = f(
+            &self.u,
+            &self.delta,
+            &self.a,
+            &self.b,
+            &self.c,
+            &self.d,
+            &self.delta_bias,
+            Some(&self.z),
+            None,
+        )?;
+        let grads = (y * &self.upstream)?.sum_all()?.backward()?;
+        // Touch one gradient so nothing can be skipped.
+        grads
+            .get(&self.u)
+            .map(|g| g.dims().len())
+            .unwrap_or_default();
+        Ok(())
+    }
+}
+
+/// Scan forward + backward (all 8 gradients, with z): fused vs reference.
+pub fn scan_fwd_bwd(shape: &BenchShape, runs: usize, reference_runs: usize) -> Result<Comparison> {
+    let inp = ScanInputs::random(shape)?;
+    let fused = time(runs, || inp.fwd_bwd(true))?;
+    let reference = time(reference_runs, || inp.fwd_bwd(false))?;
+    Ok(Comparison { fused, reference })
+}
+
+/// Scan forward only, no gradient tracking (prefill): fused vs reference.
+pub fn scan_fwd(shape: &BenchShape, runs: usize, reference_runs: usize) -> Result<Comparison> {
+    let inp = ScanInputs::random(shape)?;
+    let run = |fused: bool| {
+        let f = if fused {
+            super::selective_scan
+        } else {
+            super::reference::selective_scan
+        };
+        let t = |v: &Var| v.as_tensor().detach();
+        f(
+            &t(&inp.u),
+            &t(&inp.delta),
+            &t(&inp.a),
+            &t(&inp.b),
+            &t(&inp.c),
+            &t(&inp.d),
+            &t(&inp.delta_bias),
+            Some(&t(&inp.z)),
+            None,
+        )
+        .map(|_| ())
+    };
+    let fused = time(runs, || run(true))?;
+    let reference = time(reference_runs, || run(false))?;
+    Ok(Comparison { fused, reference })
+}
+
+/// Conv forward + backward (grads of x, weight, bias): fused vs reference.
+pub fn conv_fwd_bwd(shape: &BenchShape, runs: usize, reference_runs: usize) -> Result<Comparison> {
+    let dev = Device::Cpu;
+    let (b, l, e, k) = (shape.batch, shape.len, shape.d_inner, shape.d_conv);
+    let x = Var::randn(0f32, 1.0, (b, l, e), &dev)?;
+    let w = Var::randn(0f32, 0.5, (e, k), &dev)?;
+    let bias = Var::randn(0f32, 0.5, e, &dev)?;
+    let up = Tensor::randn(0f32, 1.0, (b, l, e), &dev)?;
+    let run = |fused: bool| -> Result<()> {
+        let f = if fused {
+            super::causal_conv1d_silu
+        } else {
+            super::reference::causal_conv1d_silu
+        };
+        let y = f(&x, &w, &bias, None)?;
+        (y * &up)?.sum_all()?.backward().map(|_| ())
+    };
+    let fused = time(runs, || run(true))?;
+    let reference = time(reference_runs, || run(false))?;
+    Ok(Comparison { fused, reference })
+}
+
+/// One decode step of scan + conv for a batch (the generation inner loop, per layer):
+/// fused vs reference.
+pub fn decode_step(shape: &BenchShape, runs: usize) -> Result<Comparison> {
+    let dev = Device::Cpu;
+    let (b, e, n, k) = (shape.batch, shape.d_inner, shape.d_state, shape.d_conv);
+    let r = |dims: &[usize]| Tensor::randn(0f32, 1.0, dims, &dev);
+    let (state, conv_state) = (r(&[b, e, n])?, r(&[b, e, k])?);
+    let (x, delta, z) = (r(&[b, e])?, (r(&[b, e])? - 3.0)?, r(&[b, e])?);
+    let a = Tensor::arange(1f32, n as f32 + 1.0, &dev)?
+        .neg()?
+        .unsqueeze(0)?
+        .broadcast_as((e, n))?
+        .contiguous()?;
+    let (bm, cm, d, bias, w, cb) = (
+        r(&[b, n])?,
+        r(&[b, n])?,
+        r(&[e])?,
+        r(&[e])?,
+        r(&[e, k])?,
+        r(&[e])?,
+    );
+    let run = |fused: bool| -> Result<()> {
+        if fused {
+            let (xc, _) = super::causal_conv1d_step(&conv_state, &x, &w, &cb)?;
+            super::selective_scan_step(&state, &xc, &delta, &a, &bm, &cm, &d, &bias, Some(&z))?;
+        } else {
+            let (xc, _) = super::reference::causal_conv1d_step(&conv_state, &x, &w, &cb)?;
+            super::reference::selective_scan_step(
+                &state,
+                &xc,
+                &delta,
+                &a,
+                &bm,
+                &cm,
+                &d,
+                &bias,
+                Some(&z),
+            )?;
+        }
+        Ok(())
+    };
+    let fused = time(runs, || run(true))?;
+    let reference = time(runs, || run(false))?;
+    Ok(Comparison { fused, reference })
+}

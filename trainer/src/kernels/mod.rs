@@ -1,0 +1,270 @@
+//! Mamba's two sequence kernels — the selective scan and the causal depthwise conv1d — and
+//! their single-token decode steps.
+//!
+//! Layout: everything is channels-last, as the model produces it, so the model never
+//! transposes: `u`, `delta`, `z` are `[b, L, E]`; `B`, `C` are `[b, L, N]`; `A` is `[E, N]`
+//! (already negative, `-exp(A_log)`); `D`, `delta_bias` are `[E]`; states are `[b, E, N]`
+//! (SSM) and `[b, E, K]` (conv, the last K inputs, oldest first).
+//!
+//! On CPU these are fused kernels (Candle custom ops with their own backward, see `scan`
+//! and `conv`); they compute in f32 whatever the input dtype, return outputs in the input's
+//! dtype and states in F32. On other devices they fall back to `reference`, which holds the
+//! same functions written as plain Candle ops: slow, obviously right, and what the fused
+//! kernels are tested against.
+
+pub mod bench;
+mod conv;
+pub mod reference;
+mod scan;
+mod simd;
+mod step;
+
+use std::sync::{Arc, OnceLock};
+
+use candle_core::{DType, Result, Tensor, bail};
+
+/// Fails with `"{op}: {name} has shape [..], expected [..]"` unless `t` has shape `want`.
+fn expect_shape(op: &str, name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
+    if t.dims() != want {
+        bail!("{op}: {name} has shape {:?}, expected {want:?}", t.dims())
+    }
+    Ok(())
+}
+
+/// The dims of a rank-3 tensor, or an error naming it and its expected `layout`.
+fn dims3(op: &str, name: &str, t: &Tensor, layout: &str) -> Result<(usize, usize, usize)> {
+    match *t.dims() {
+        [d0, d1, d2] => Ok((d0, d1, d2)),
+        _ => bail!("{op}: {name} has shape {:?}, expected {layout}", t.dims()),
+    }
+}
+
+/// The dims of a rank-2 tensor, or an error naming it and its expected `layout`.
+fn dims2(op: &str, name: &str, t: &Tensor, layout: &str) -> Result<(usize, usize)> {
+    match *t.dims() {
+        [d0, d1] => Ok((d0, d1)),
+        _ => bail!("{op}: {name} has shape {:?}, expected {layout}", t.dims()),
+    }
+}
+
+fn f32_flat(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.flatten_all()
+}
+
+/// Selective scan: `dt = softplus(delta + delta_bias)`,
+/// `s_t = exp(dt_t·A) ⊙ s_{t-1} + dt_t·B_t·u_t`, `y_t = s_t·C_t + D ⊙ u_t`, then `y ⊙ silu(z)`
+/// when `z` is given. Starts from `initial_state` (`[b, E, N]`) or zero. Returns `y`
+/// (`[b, L, E]`) and the last state (`[b, E, N]`, detached from autograd).
+#[allow(clippy::too_many_arguments)]
+pub fn selective_scan(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+    delta_bias: &Tensor,
+    z: Option<&Tensor>,
+    initial_state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "selective_scan";
+    let (bsz, len, e) = dims3(OP, "u", u, "[b, L, E]")?;
+    let (_, n) = dims2(OP, "A", a, "[E, N]")?;
+    expect_shape(OP, "delta", delta, &[bsz, len, e])?;
+    expect_shape(OP, "A", a, &[e, n])?;
+    expect_shape(OP, "B", b, &[bsz, len, n])?;
+    expect_shape(OP, "C", c, &[bsz, len, n])?;
+    expect_shape(OP, "D", d, &[e])?;
+    expect_shape(OP, "delta_bias", delta_bias, &[e])?;
+    if let Some(z) = z {
+        expect_shape(OP, "z", z, &[bsz, len, e])?;
+    }
+    if let Some(s) = initial_state {
+        expect_shape(OP, "initial_state", s, &[bsz, e, n])?;
+    }
+    if !u.device().is_cpu() {
+        return reference::selective_scan(u, delta, a, b, c, d, delta_bias, z, initial_state);
+    }
+    let dims = scan::ScanDims {
+        b: bsz,
+        l: len,
+        e,
+        n,
+        has_z: z.is_some(),
+        has_s0: initial_state.is_some(),
+    };
+    // One packed input so that one graph node yields every gradient (see `scan`).
+    let mut parts = vec![f32_flat(u)?, f32_flat(delta)?];
+    if let Some(z) = z {
+        parts.push(f32_flat(z)?);
+    }
+    for t in [b, c, a, d, delta_bias] {
+        parts.push(f32_flat(t)?);
+    }
+    if let Some(s) = initial_state {
+        parts.push(f32_flat(s)?);
+    }
+    let packed = Tensor::cat(&parts, 0)?;
+    let keep_all = packed.track_op();
+    let saved = Arc::new(OnceLock::new());
+    let y = packed.apply_op1(scan::ScanOp {
+        dims,
+        keep_all,
+        saved: saved.clone(),
+    })?;
+    let Some(slabs) = saved.get() else {
+        bail!("{OP}: the forward saved no state")
+    };
+    let last = scan::last_state(&dims, slabs, keep_all);
+    let last = Tensor::from_vec(last, (bsz, e, n), u.device())?;
+    Ok((y.to_dtype(u.dtype())?, last))
+}
+
+/// Causal depthwise conv1d over time with `K-1` zeros on the left (or the given
+/// `[b, E, K-1]` history), plus bias, then SiLU. `x` is `[b, L, E]`, `weight` `[E, K]`,
+/// `bias` `[E]`; returns `[b, L, E]`.
+pub fn causal_conv1d_silu(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    history: Option<&Tensor>,
+) -> Result<Tensor> {
+    const OP: &str = "causal_conv1d_silu";
+    let (bsz, len, e) = dims3(OP, "x", x, "[b, L, E]")?;
+    let (_, k) = dims2(OP, "weight", weight, "[E, K]")?;
+    expect_shape(OP, "weight", weight, &[e, k])?;
+    if k == 0 {
+        bail!("{OP}: weight has shape {:?}, expected K ≥ 1", weight.dims())
+    }
+    expect_shape(OP, "bias", bias, &[e])?;
+    if let Some(h) = history {
+        expect_shape(OP, "history", h, &[bsz, e, k - 1])?;
+    }
+    if !x.device().is_cpu() {
+        return reference::causal_conv1d_silu(x, weight, bias, history);
+    }
+    let out_dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    // History rows go in front of x; Candle's cat returns their gradient.
+    let (x_ext, p) = match history {
+        Some(h) if k > 1 => (
+            Tensor::cat(&[&h.to_dtype(DType::F32)?.transpose(1, 2)?, &x], 1)?,
+            k - 1,
+        ),
+        _ => (x, 0),
+    };
+    // The kernel reads rows with any stride but needs channels contiguous.
+    let x_ext = if e > 1 && x_ext.stride()[2] != 1 {
+        x_ext.contiguous()?
+    } else {
+        x_ext
+    };
+    let w = weight.to_dtype(DType::F32)?.contiguous()?;
+    let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+    let dims = conv::ConvDims {
+        b: bsz,
+        l: len,
+        e,
+        k,
+        p,
+    };
+    x_ext
+        .apply_op3(&w, &bias, conv::ConvOp { dims })?
+        .to_dtype(out_dtype)
+}
+
+/// One decode step of the scan: `x`, `delta`, `z` are `[b, E]`, `B`, `C` `[b, N]`, `state`
+/// `[b, E, N]`. Returns `y` `[b, E]` and the new state.
+#[allow(clippy::too_many_arguments)]
+pub fn selective_scan_step(
+    state: &Tensor,
+    x: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+    delta_bias: &Tensor,
+    z: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "selective_scan_step";
+    let (bsz, e, n) = dims3(OP, "state", state, "[b, E, N]")?;
+    expect_shape(OP, "x", x, &[bsz, e])?;
+    expect_shape(OP, "delta", delta, &[bsz, e])?;
+    expect_shape(OP, "A", a, &[e, n])?;
+    expect_shape(OP, "B", b, &[bsz, n])?;
+    expect_shape(OP, "C", c, &[bsz, n])?;
+    expect_shape(OP, "D", d, &[e])?;
+    expect_shape(OP, "delta_bias", delta_bias, &[e])?;
+    if let Some(z) = z {
+        expect_shape(OP, "z", z, &[bsz, e])?;
+    }
+    if !x.device().is_cpu() || n == 0 {
+        return reference::selective_scan_step(state, x, delta, a, b, c, d, delta_bias, z);
+    }
+    let mut small = vec![f32_flat(x)?, f32_flat(delta)?];
+    if let Some(z) = z {
+        small.push(f32_flat(z)?);
+    }
+    for t in [b, c, d, delta_bias] {
+        small.push(f32_flat(t)?);
+    }
+    let small = Tensor::cat(&small, 0)?;
+    let st = state.to_dtype(DType::F32)?.contiguous()?;
+    let a32 = a.to_dtype(DType::F32)?.contiguous()?;
+    let op = step::ScanStepOp {
+        b: bsz,
+        e,
+        n,
+        has_z: z.is_some(),
+    };
+    let out = st.apply_op3_no_bwd(&a32, &small, &op)?;
+    let y = out
+        .narrow(0, 0, bsz * e)?
+        .reshape((bsz, e))?
+        .to_dtype(x.dtype())?;
+    let new_state = out.narrow(0, bsz * e, bsz * e * n)?.reshape((bsz, e, n))?;
+    Ok((y, new_state))
+}
+
+/// One decode step of the conv: `x` is `[b, E]`, `conv_state` `[b, E, K]` (the last K
+/// inputs). Returns `y` `[b, E]` (after bias and SiLU) and the new conv state, which drops the
+/// oldest input and appends `x`.
+pub fn causal_conv1d_step(
+    conv_state: &Tensor,
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "causal_conv1d_step";
+    let (bsz, e, k) = dims3(OP, "conv_state", conv_state, "[b, E, K]")?;
+    if k == 0 {
+        bail!(
+            "{OP}: conv_state has shape {:?}, expected K ≥ 1",
+            conv_state.dims()
+        )
+    }
+    expect_shape(OP, "x", x, &[bsz, e])?;
+    expect_shape(OP, "weight", weight, &[e, k])?;
+    expect_shape(OP, "bias", bias, &[e])?;
+    if !x.device().is_cpu() {
+        return reference::causal_conv1d_step(conv_state, x, weight, bias);
+    }
+    let st = conv_state.to_dtype(DType::F32)?.contiguous()?;
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let wb = Tensor::cat(&[f32_flat(weight)?, f32_flat(bias)?], 0)?;
+    let out = st.apply_op3_no_bwd(&x32, &wb, &step::ConvStepOp { b: bsz, e, k })?;
+    let y = out
+        .narrow(0, 0, bsz * e)?
+        .reshape((bsz, e))?
+        .to_dtype(x.dtype())?;
+    let new_state = out.narrow(0, bsz * e, bsz * e * k)?.reshape((bsz, e, k))?;
+    Ok((y, new_state))
+}
+
+/// PyTorch's softplus (threshold 20), written stably: `max(v, 0) + log1p(exp(-|v|))`.
+pub fn softplus(v: &Tensor) -> Result<Tensor> {
+    let relu = v.relu()?;
+    let soft = (v.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    relu + soft
+}

@@ -1,0 +1,670 @@
+//! The fused selective scan: a Candle `CustomOp1` over one packed f32 buffer holding every
+//! input, so that a single graph node carries all nine gradients.
+//!
+//! Design:
+//! * `selective_scan` flattens and concatenates the inputs (`u, delta, [z], B, C, A, D,
+//!   delta_bias, [s0]`) into one buffer; Candle's `cat`/`reshape` backward hands each input
+//!   its slice of the packed gradient. The copy is O(b·L·E), against O(b·L·E·N) for the scan.
+//! * Channels are processed in blocks of `W` = 8 lanes (one AVX2 register): with the state
+//!   stored `[N][W]` per block, every step is lane-wise (no horizontal sums in the
+//!   recurrence), for any N. Work is split over batch × groups of blocks with rayon.
+//! * The forward keeps the state only at chunk boundaries (every `CHUNK` steps) in a slot
+//!   shared with the op; the backward recomputes each chunk's states from its boundary, then
+//!   runs the reverse recurrence over the chunk. Activation memory: boundaries
+//!   O(b·E·N·L/CHUNK) plus per-thread scratch O(E-block·N·CHUNK), never O(b·L·E·N).
+
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+use super::simd::{self, Lanes, Portable, Simd, W, with_simd};
+
+/// Time steps between stored states. 64 keeps the backward's per-chunk scratch
+/// (2·CHUNK·N·W f32 = 64 KiB at N = 16) in L2 while making boundaries ~1/64 of the states.
+pub(crate) const CHUNK: usize = 64;
+
+/// At most this many parallel tasks per batch row. Fixed (not the thread count) so that
+/// the reduction order, hence the result, does not depend on the machine.
+const MAX_GROUPS: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ScanDims {
+    pub b: usize,
+    pub l: usize,
+    pub e: usize,
+    pub n: usize,
+    pub has_z: bool,
+    pub has_s0: bool,
+}
+
+/// Offsets of each input inside the packed buffer (its gradient uses the same layout).
+#[derive(Clone, Copy, Debug)]
+struct Offsets {
+    u: usize,
+    delta: usize,
+    z: usize,
+    bm: usize,
+    cm: usize,
+    a: usize,
+    d: usize,
+    bias: usize,
+    s0: usize,
+    total: usize,
+}
+
+impl ScanDims {
+    fn nblk(&self) -> usize {
+        self.e.div_ceil(W)
+    }
+
+    fn nchunks(&self) -> usize {
+        self.l.div_ceil(CHUNK)
+    }
+
+    fn groups(&self) -> usize {
+        self.nblk().clamp(1, MAX_GROUPS)
+    }
+
+    /// The contiguous run of blocks handled by group `g`.
+    fn group_blocks(&self, g: usize) -> Range<usize> {
+        let (nblk, groups) = (self.nblk(), self.groups());
+        g * nblk / groups..(g + 1) * nblk / groups
+    }
+
+    /// Number of stored states per block: all chunk boundaries (for the backward) or just
+    /// the last state.
+    fn nslabs(&self, keep_all: bool) -> usize {
+        if keep_all { self.nchunks() + 1 } else { 1 }
+    }
+
+    fn block_width(&self, blk: usize) -> usize {
+        W.min(self.e - blk * W)
+    }
+
+    fn offsets(&self) -> Offsets {
+        let ble = self.b * self.l * self.e;
+        let bln = self.b * self.l * self.n;
+        let u = 0;
+        let delta = u + ble;
+        let z = delta + ble;
+        let bm = z + if self.has_z { ble } else { 0 };
+        let cm = bm + bln;
+        let a = cm + bln;
+        let d = a + self.e * self.n;
+        let bias = d + self.e;
+        let s0 = bias + self.e;
+        let total = s0
+            + if self.has_s0 {
+                self.b * self.e * self.n
+            } else {
+                0
+            };
+        Offsets {
+            u,
+            delta,
+            z,
+            bm,
+            cm,
+            a,
+            d,
+            bias,
+            s0,
+            total,
+        }
+    }
+}
+
+/// The packed inputs, as slices.
+struct Inputs<'a> {
+    u: &'a [f32],
+    delta: &'a [f32],
+    z: Option<&'a [f32]>,
+    bm: &'a [f32],
+    cm: &'a [f32],
+    a: &'a [f32],
+    d: &'a [f32],
+    bias: &'a [f32],
+    s0: Option<&'a [f32]>,
+}
+
+impl<'a> Inputs<'a> {
+    fn split(dims: &ScanDims, buf: &'a [f32]) -> Result<Self> {
+        let o = dims.offsets();
+        if buf.len() != o.total {
+            bail!(
+                "selective_scan: packed input has {} values, expected {}",
+                buf.len(),
+                o.total
+            )
+        }
+        Ok(Self {
+            u: &buf[o.u..o.delta],
+            delta: &buf[o.delta..o.z],
+            z: dims.has_z.then(|| &buf[o.z..o.bm]),
+            bm: &buf[o.bm..o.cm],
+            cm: &buf[o.cm..o.a],
+            a: &buf[o.a..o.d],
+            d: &buf[o.d..o.bias],
+            bias: &buf[o.bias..o.s0],
+            s0: dims.has_s0.then(|| &buf[o.s0..o.total]),
+        })
+    }
+}
+
+/// Per-channel parameters of one block as vectors (padding lanes are zero, which keeps their
+/// state and their gradient contributions at zero).
+struct BlockParams<V> {
+    e0: usize,
+    w: usize,
+    /// `[N]`: A[e0 + lane, n].
+    a: Vec<V>,
+    d: V,
+    bias: V,
+}
+
+#[inline(always)]
+fn block_params<S: Simd>(s: S, inp: &Inputs<'_>, dims: &ScanDims, blk: usize) -> BlockParams<S::V> {
+    let (e0, w, n) = (blk * W, dims.block_width(blk), dims.n);
+    let mut a = vec![[0.0; W]; n];
+    for i in 0..w {
+        let row = &inp.a[(e0 + i) * n..(e0 + i + 1) * n];
+        for (an, &v) in a.iter_mut().zip(row) {
+            an[i] = v;
+        }
+    }
+    BlockParams {
+        e0,
+        w,
+        a: a.iter().map(|l| s.from_lanes(l)).collect(),
+        d: s.load(inp.d, e0, w),
+        bias: s.load(inp.bias, e0, w),
+    }
+}
+
+/// Initial state of block `bp` of batch row `bi`, as `[N]` vectors.
+#[inline(always)]
+fn initial_state<S: Simd>(s: S, inp: &Inputs<'_>, dims: &ScanDims, bi: usize, bp: &BlockParams<S::V>) -> Vec<S::V> {
+    let mut st = vec![[0.0; W]; dims.n];
+    if let Some(s0) = inp.s0 {
+        for i in 0..bp.w {
+            let base = (bi * dims.e + bp.e0 + i) * dims.n;
+            for (sn, &v) in st.iter_mut().zip(&s0[base..base + dims.n]) {
+                sn[i] = v;
+            }
+        }
+    }
+    st.iter().map(|l| s.from_lanes(l)).collect()
+}
+
+/// What one forward task produces for its blocks.
+struct FwdOut {
+    /// `[block][L][W]`.
+    y: Vec<Lanes>,
+    /// `[block][slab][N][W]`.
+    slabs: Vec<Lanes>,
+}
+
+#[inline(always)]
+fn fwd_task_impl<S: Simd>(
+    s: S,
+    inp: &Inputs<'_>,
+    dims: &ScanDims,
+    bi: usize,
+    blocks: Range<usize>,
+    keep_all: bool,
+) -> FwdOut {
+    let ScanDims { l, e, n, .. } = *dims;
+    let nslabs = dims.nslabs(keep_all);
+    let mut out = FwdOut {
+        y: Vec::with_capacity(blocks.len() * l),
+        slabs: Vec::with_capacity(blocks.len() * nslabs * n),
+    };
+    for blk in blocks {
+        let bp = block_params(s, inp, dims, blk);
+        let mut st = initial_state(s, inp, dims, bi, &bp);
+        if keep_all {
+            out.slabs.extend(st.iter().map(|&v| s.to_lanes(v)));
+        }
+        for t in 0..l {
+            let row = (bi * l + t) * e + bp.e0;
+            let u = s.load(inp.u, row, bp.w);
+            let (dt, _) = simd::softplus(s, s.add(s.load(inp.delta, row, bp.w), bp.bias));
+            let du = s.mul(dt, u);
+            let brow = (bi * l + t) * n;
+            let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
+            let mut y = s.zero();
+            for ((sn, &an), (&bv, &cv)) in st.iter_mut().zip(&bp.a).zip(bt.iter().zip(ct)) {
+                let da = simd::exp(s, s.mul(dt, an));
+                *sn = s.mul_add(da, *sn, s.mul(du, s.splat(bv)));
+                y = s.mul_add(*sn, s.splat(cv), y);
+            }
+            y = s.mul_add(bp.d, u, y);
+            if let Some(z) = inp.z {
+                y = s.mul(y, simd::silu(s, s.load(z, row, bp.w)));
+            }
+            out.y.push(s.to_lanes(y));
+            if keep_all && (t + 1) % CHUNK == 0 && t + 1 < l {
+                out.slabs.extend(st.iter().map(|&v| s.to_lanes(v)));
+            }
+        }
+        // The last state (with keep_all and L = 0 it is the initial one, already stored).
+        if !keep_all || l > 0 {
+            out.slabs.extend(st.iter().map(|&v| s.to_lanes(v)));
+        }
+    }
+    out
+}
+
+with_simd! {
+    fn fwd_task(
+        inp: &Inputs<'_>,
+        dims: &ScanDims,
+        bi: usize,
+        blocks: Range<usize>,
+        keep_all: bool,
+    ) -> FwdOut = fwd_task_impl;
+}
+
+/// Fused forward. Returns `y` (`[b, L, E]`) and the stored states in block layout
+/// `[b][block][slab][N][W]` (all chunk boundaries when `keep_all`, else the last state).
+pub(crate) fn forward(
+    dims: &ScanDims,
+    packed: &[f32],
+    keep_all: bool,
+) -> Result<(Vec<f32>, Vec<Lanes>)> {
+    let inp = Inputs::split(dims, packed)?;
+    let tasks: Vec<(usize, usize)> = (0..dims.b)
+        .flat_map(|bi| (0..dims.groups()).map(move |g| (bi, g)))
+        .collect();
+    let outs: Vec<FwdOut> = tasks
+        .par_iter()
+        .map(|&(bi, g)| fwd_task(&inp, dims, bi, dims.group_blocks(g), keep_all))
+        .collect();
+
+    let (l, e) = (dims.l, dims.e);
+    let mut y = vec![0.0f32; dims.b * l * e];
+    if l * e > 0 {
+        let groups = dims.groups();
+        y.par_chunks_mut(l * e).enumerate().for_each(|(bi, yb)| {
+            for g in 0..groups {
+                let out = &outs[bi * groups + g];
+                for (lb, blk) in dims.group_blocks(g).enumerate() {
+                    let (e0, w) = (blk * W, dims.block_width(blk));
+                    for t in 0..l {
+                        Portable.store(yb, t * e + e0, w, out.y[lb * l + t]);
+                    }
+                }
+            }
+        });
+    }
+    let slabs = outs.into_iter().flat_map(|o| o.slabs).collect();
+    Ok((y, slabs))
+}
+
+/// The last state (`[b, E, N]`, row-major) from the block-layout slabs.
+pub(crate) fn last_state(dims: &ScanDims, slabs: &[Lanes], keep_all: bool) -> Vec<f32> {
+    let (e, n, nblk, nslabs) = (dims.e, dims.n, dims.nblk(), dims.nslabs(keep_all));
+    let mut out = vec![0.0f32; dims.b * e * n];
+    for bi in 0..dims.b {
+        for blk in 0..nblk {
+            let base = ((bi * nblk + blk) * nslabs + nslabs - 1) * n;
+            for i in 0..dims.block_width(blk) {
+                let row = (bi * e + blk * W + i) * n;
+                for (o, s) in out[row..row + n].iter_mut().zip(&slabs[base..base + n]) {
+                    *o = s[i];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What one backward task produces for its blocks.
+struct BwdOut {
+    /// `[block][L][W]` each; `gz` empty without z.
+    gu: Vec<Lanes>,
+    gdelta: Vec<Lanes>,
+    gz: Vec<Lanes>,
+    /// `[L][N]`, summed over this task's channels.
+    gb: Vec<f32>,
+    gc: Vec<f32>,
+    /// `[block][N][W]`, summed over time.
+    ga: Vec<Lanes>,
+    /// `[block]`, summed over time.
+    gd: Vec<Lanes>,
+    gbias: Vec<Lanes>,
+    /// `[block][N][W]`: gradient of the initial state.
+    gs0: Vec<Lanes>,
+}
+
+#[inline(always)]
+fn bwd_task_impl<S: Simd>(
+    s: S,
+    inp: &Inputs<'_>,
+    dims: &ScanDims,
+    gy_all: &[f32],
+    slabs: &[Lanes],
+    bi: usize,
+    blocks: Range<usize>,
+) -> BwdOut {
+    let ScanDims { l, e, n, .. } = *dims;
+    let (nblk, nslabs, nb) = (dims.nblk(), dims.nslabs(true), blocks.len());
+    let params: Vec<BlockParams<S::V>> = blocks.clone().map(|blk| block_params(s, inp, dims, blk)).collect();
+    let zl = [0.0f32; W];
+    let mut o = BwdOut {
+        gu: vec![zl; nb * l],
+        gdelta: vec![zl; nb * l],
+        gz: if inp.z.is_some() { vec![zl; nb * l] } else { Vec::new() },
+        gb: vec![0.0; l * n],
+        gc: vec![0.0; l * n],
+        ga: vec![zl; nb * n],
+        gd: vec![zl; nb],
+        gbias: vec![zl; nb],
+        gs0: Vec::new(),
+    };
+    let z = s.zero();
+    // dL/ds carried backwards across chunk boundaries, and dL/dA summed over time, per block.
+    let mut carry = vec![z; nb * n];
+    let mut ga = vec![z; nb * n];
+    // Per-chunk scratch: the state and decay of every step, and per-step lane values.
+    let mut ss = vec![z; CHUNK * n];
+    let mut das = vec![z; CHUNK * n];
+    let (mut dts, mut sigs, mut gys, mut dus, mut us) =
+        (vec![z; CHUNK], vec![z; CHUNK], vec![z; CHUNK], vec![z; CHUNK], vec![z; CHUNK]);
+    // Lane-wise partial sums of dB and dC over the blocks, reduced once per chunk.
+    let mut gbl = vec![z; CHUNK * n];
+    let mut gcl = vec![z; CHUNK * n];
+    let mut st = vec![z; n];
+    let mut start = vec![z; n];
+
+    for c in (0..dims.nchunks()).rev() {
+        let t0 = c * CHUNK;
+        let len = CHUNK.min(l - t0);
+        gbl[..len * n].fill(z);
+        gcl[..len * n].fill(z);
+        for (lb, blk) in blocks.clone().enumerate() {
+            let bp = &params[lb];
+            let slab = &slabs[((bi * nblk + blk) * nslabs + c) * n..][..n];
+            for ((sv, st0), l) in st.iter_mut().zip(start.iter_mut()).zip(slab) {
+                *sv = s.from_lanes(l);
+                *st0 = *sv;
+            }
+            let (mut gd_acc, mut gbias_acc) = (s.from_lanes(&o.gd[lb]), s.from_lanes(&o.gbias[lb]));
+
+            // Recompute the chunk forward, keeping every state and decay.
+            for j in 0..len {
+                let t = t0 + j;
+                let row = (bi * l + t) * e + bp.e0;
+                let u = s.load(inp.u, row, bp.w);
+                let v = s.add(s.load(inp.delta, row, bp.w), bp.bias);
+                let (dt, ev) = simd::softplus(s, v);
+                let du = s.mul(dt, u);
+                let g = s.load(gy_all, row, bp.w);
+                // Gradient reaching the SSM output (before the gate), and the gate's slope.
+                let (gy, gate) = match inp.z {
+                    Some(zs) => {
+                        let (sz, dsz) = simd::silu_and_grad(s, s.load(zs, row, bp.w));
+                        (s.mul(g, sz), s.mul(g, dsz))
+                    }
+                    None => (g, z),
+                };
+                let brow = (bi * l + t) * n;
+                let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
+                let mut y = z;
+                let steps = ss[j * n..(j + 1) * n].iter_mut().zip(&mut das[j * n..(j + 1) * n]);
+                let lanes = st.iter_mut().zip(&bp.a).zip(&mut gcl[j * n..(j + 1) * n]);
+                for (((sj, daj), ((sn, &an), gcj)), (&bv, &cv)) in steps.zip(lanes).zip(bt.iter().zip(ct)) {
+                    let da = simd::exp(s, s.mul(dt, an));
+                    *sn = s.mul_add(da, *sn, s.mul(du, s.splat(bv)));
+                    y = s.mul_add(*sn, s.splat(cv), y);
+                    *gcj = s.mul_add(gy, *sn, *gcj);
+                    *sj = *sn;
+                    *daj = da;
+                }
+                if inp.z.is_some() {
+                    o.gz[lb * l + t] = s.to_lanes(s.mul(s.mul_add(bp.d, u, y), gate));
+                }
+                gd_acc = s.mul_add(gy, u, gd_acc);
+                (dts[j], sigs[j], gys[j], dus[j], us[j]) = (dt, simd::softplus_slope(s, v, ev), gy, du, u);
+            }
+
+            // Reverse recurrence over the chunk.
+            let h = &mut carry[lb * n..(lb + 1) * n];
+            let gab = &mut ga[lb * n..(lb + 1) * n];
+            for j in (0..len).rev() {
+                let t = t0 + j;
+                let brow = (bi * l + t) * n;
+                let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
+                let (dt, gy, du, u) = (dts[j], gys[j], dus[j], us[j]);
+                let prev = if j > 0 { &ss[(j - 1) * n..j * n] } else { &start[..] };
+                let (mut ddt, mut hb_sum) = (z, z);
+                let per_n = h.iter_mut().zip(gab.iter_mut()).zip(&mut gbl[j * n..(j + 1) * n]);
+                let inputs = prev.iter().zip(&das[j * n..(j + 1) * n]).zip(&bp.a);
+                for (((hc, gan), gbj), (((&sp, &da), &an), (&bv, &cv))) in per_n.zip(inputs.zip(bt.iter().zip(ct))) {
+                    // dL/ds_t: the carried part plus this step's read-out.
+                    let hn = s.mul_add(gy, s.splat(cv), *hc);
+                    let q = s.mul(s.mul(hn, sp), da);
+                    ddt = s.mul_add(q, an, ddt);
+                    *gan = s.mul_add(q, dt, *gan);
+                    let hb = s.mul(hn, s.splat(bv));
+                    ddt = s.mul_add(hb, u, ddt);
+                    hb_sum = s.add(hb_sum, hb);
+                    *gbj = s.mul_add(hn, du, *gbj);
+                    *hc = s.mul(hn, da);
+                }
+                let gdl = s.mul(ddt, sigs[j]);
+                gbias_acc = s.add(gbias_acc, gdl);
+                o.gu[lb * l + t] = s.to_lanes(s.mul_add(gy, bp.d, s.mul(hb_sum, dt)));
+                o.gdelta[lb * l + t] = s.to_lanes(gdl);
+            }
+            o.gd[lb] = s.to_lanes(gd_acc);
+            o.gbias[lb] = s.to_lanes(gbias_acc);
+        }
+        for j in 0..len {
+            let (gb, gc) = (&mut o.gb[(t0 + j) * n..][..n], &mut o.gc[(t0 + j) * n..][..n]);
+            for (((b, c), bl), cl) in gb.iter_mut().zip(gc).zip(&gbl[j * n..]).zip(&gcl[j * n..]) {
+                *b = s.hsum(*bl);
+                *c = s.hsum(*cl);
+            }
+        }
+    }
+    o.ga = ga.iter().map(|&v| s.to_lanes(v)).collect();
+    o.gs0 = carry.iter().map(|&v| s.to_lanes(v)).collect();
+    o
+}
+
+with_simd! {
+    fn bwd_task(
+        inp: &Inputs<'_>,
+        dims: &ScanDims,
+        gy_all: &[f32],
+        slabs: &[Lanes],
+        bi: usize,
+        blocks: Range<usize>,
+    ) -> BwdOut = bwd_task_impl;
+}
+
+/// Fused backward: the packed gradient (same layout as the packed input) of
+/// `sum(y · grad_y)`, from the chunk-boundary states saved by `forward(.., keep_all=true)`.
+pub(crate) fn backward(
+    dims: &ScanDims,
+    packed: &[f32],
+    grad_y: &[f32],
+    slabs: &[Lanes],
+) -> Result<Vec<f32>> {
+    let inp = Inputs::split(dims, packed)?;
+    let ScanDims { b, l, e, n, .. } = *dims;
+    if grad_y.len() != b * l * e {
+        bail!(
+            "selective_scan backward: grad of y has {} values, expected {}",
+            grad_y.len(),
+            b * l * e
+        )
+    }
+    let want_slabs = b * dims.nblk() * dims.nslabs(true) * n;
+    if slabs.len() != want_slabs {
+        bail!(
+            "selective_scan backward: {} saved state rows, expected {want_slabs} (was the forward run without gradient tracking?)",
+            slabs.len()
+        )
+    }
+    let groups = dims.groups();
+    let tasks: Vec<(usize, usize)> = (0..b)
+        .flat_map(|bi| (0..groups).map(move |g| (bi, g)))
+        .collect();
+    let outs: Vec<BwdOut> = tasks
+        .par_iter()
+        .map(|&(bi, g)| bwd_task(&inp, dims, grad_y, slabs, bi, dims.group_blocks(g)))
+        .collect();
+
+    let o = dims.offsets();
+    let mut grads = vec![0.0f32; o.total];
+    let (g_ble, rest) = grads.split_at_mut(o.bm);
+    let (g_bm, rest) = rest.split_at_mut(o.cm - o.bm);
+    let (g_cm, rest) = rest.split_at_mut(o.a - o.cm);
+    let (g_a, rest) = rest.split_at_mut(o.d - o.a);
+    let (g_d, rest) = rest.split_at_mut(o.bias - o.d);
+    let (g_bias, g_s0) = rest.split_at_mut(o.s0 - o.bias);
+
+    // u, delta, z: scatter the block-major results into [b, L, E].
+    let per_input = b * l * e;
+    if l * e > 0 {
+        for (k, dst) in g_ble.chunks_mut(per_input).enumerate() {
+            dst.par_chunks_mut(l * e).enumerate().for_each(|(bi, db)| {
+                for g in 0..groups {
+                    let out = &outs[bi * groups + g];
+                    let src = match k {
+                        0 => &out.gu,
+                        1 => &out.gdelta,
+                        _ => &out.gz,
+                    };
+                    for (lb, blk) in dims.group_blocks(g).enumerate() {
+                        let (e0, w) = (blk * W, dims.block_width(blk));
+                        for t in 0..l {
+                            Portable.store(db, t * e + e0, w, src[lb * l + t]);
+                        }
+                    }
+                }
+            });
+        }
+    }
+    // B, C: sum the per-group partials (fixed order).
+    for bi in 0..b {
+        for g in 0..groups {
+            let out = &outs[bi * groups + g];
+            let at = bi * l * n;
+            for (dst, src) in g_bm[at..at + l * n].iter_mut().zip(&out.gb) {
+                *dst += src;
+            }
+            for (dst, src) in g_cm[at..at + l * n].iter_mut().zip(&out.gc) {
+                *dst += src;
+            }
+        }
+    }
+    // A, D, delta_bias: sum over the batch; initial state: transpose back to [b, E, N].
+    for bi in 0..b {
+        for g in 0..groups {
+            let out = &outs[bi * groups + g];
+            for (lb, blk) in dims.group_blocks(g).enumerate() {
+                let (e0, w) = (blk * W, dims.block_width(blk));
+                for i in 0..w {
+                    let ch = e0 + i;
+                    for ni in 0..n {
+                        g_a[ch * n + ni] += out.ga[lb * n + ni][i];
+                    }
+                    g_d[ch] += out.gd[lb][i];
+                    g_bias[ch] += out.gbias[lb][i];
+                    if dims.has_s0 {
+                        let row = (bi * e + ch) * n;
+                        for ni in 0..n {
+                            g_s0[row + ni] = out.gs0[lb * n + ni][i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(grads)
+}
+
+/// Reads a contiguous f32 CPU buffer, or fails naming `what`.
+pub(crate) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{what}: expected an F32 tensor, got {:?}", storage.dtype())
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{what}: expected a contiguous tensor"),
+    }
+}
+
+/// The scan as a custom op over the packed inputs; produces `y` `[b, L, E]`.
+pub(crate) struct ScanOp {
+    pub dims: ScanDims,
+    /// Whether to keep chunk-boundary states for the backward (only when autograd tracks).
+    pub keep_all: bool,
+    /// States saved by the forward, in block layout; read by the backward and by the caller
+    /// (the last state).
+    pub saved: Arc<OnceLock<Vec<Lanes>>>,
+}
+
+impl CustomOp1 for ScanOp {
+    fn name(&self) -> &'static str {
+        "molt-selective-scan"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let packed = f32_slice(storage, layout, "selective_scan (packed inputs)")?;
+        let (y, slabs) = forward(&self.dims, packed, self.keep_all)?;
+        if self.saved.set(slabs).is_err() {
+            bail!("selective_scan: the op was run twice")
+        }
+        let ScanDims { b, l, e, .. } = self.dims;
+        Ok((CpuStorage::F32(y), Shape::from((b, l, e))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let grad = grad_res.to_dtype(DType::F32)?.contiguous()?;
+        let op = ScanGradOp {
+            dims: self.dims,
+            saved: self.saved.clone(),
+        };
+        Ok(Some(arg.apply_op2_no_bwd(&grad, &op)?))
+    }
+}
+
+/// The backward as a (non-differentiable) custom op: (packed inputs, grad y) → packed grads.
+struct ScanGradOp {
+    dims: ScanDims,
+    saved: Arc<OnceLock<Vec<Lanes>>>,
+}
+
+impl CustomOp2 for ScanGradOp {
+    fn name(&self) -> &'static str {
+        "molt-selective-scan-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let packed = f32_slice(s1, l1, "selective_scan backward (packed inputs)")?;
+        let grad_y = f32_slice(s2, l2, "selective_scan backward (grad of y)")?;
+        let Some(slabs) = self.saved.get() else {
+            bail!("selective_scan backward: the forward saved no states")
+        };
+        let grads = backward(&self.dims, packed, grad_y, slabs)?;
+        let len = grads.len();
+        Ok((CpuStorage::F32(grads), Shape::from(len)))
+    }
+}

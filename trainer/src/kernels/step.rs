@@ -1,0 +1,257 @@
+//! Single-token decode steps as plain loops over f32 slices (no autograd): O(E·N) per
+//! token for the scan, O(E·K) for the conv. The scan step runs over batch rows × segments
+//! of channels in parallel; within a channel the N states are contiguous, so the inner loop
+//! vectorises over N.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, bail};
+use rayon::prelude::*;
+
+use super::scan::f32_slice;
+use super::simd::{self, Simd, W, with_simd};
+
+/// Channels per parallel task (and the size of the stack buffer for their dt).
+const SEG: usize = 256;
+
+pub(crate) struct StepInputs<'a> {
+    pub e: usize,
+    pub n: usize,
+    /// `[b, E, N]`.
+    pub state: &'a [f32],
+    /// `[b, E]` each.
+    pub x: &'a [f32],
+    pub delta: &'a [f32],
+    pub z: Option<&'a [f32]>,
+    /// `[E, N]`.
+    pub a: &'a [f32],
+    /// `[b, N]` each.
+    pub bm: &'a [f32],
+    pub cm: &'a [f32],
+    /// `[E]` each.
+    pub d: &'a [f32],
+    pub bias: &'a [f32],
+}
+
+/// Channels `e0..e0 + y.len()` of batch row `bi`: writes `y` and the new states `ns`.
+#[inline(always)]
+fn scan_seg_impl<S: Simd>(s: S, inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) {
+    let (e, n) = (inp.e, inp.n);
+    let w = y.len();
+    let row = bi * e + e0;
+    // dt for the whole segment, vectorised over channels.
+    let mut dts = [0.0f32; SEG];
+    for c in (0..w).step_by(W) {
+        let cw = W.min(w - c);
+        let v = s.add(s.load(inp.delta, row + c, cw), s.load(inp.bias, e0 + c, cw));
+        s.store(&mut dts, c, cw, simd::softplus(s, v).0);
+    }
+    // Then each channel's N states, vectorised over N (zero-padded lanes stay zero).
+    let (bt, ct) = (&inp.bm[bi * n..(bi + 1) * n], &inp.cm[bi * n..(bi + 1) * n]);
+    for (i, (yv, nrow)) in y.iter_mut().zip(ns.chunks_exact_mut(n)).enumerate() {
+        let ch = e0 + i;
+        let (dt, xv) = (dts[i], inp.x[row + i]);
+        let (dtv, duv) = (s.splat(dt), s.splat(dt * xv));
+        let arow = &inp.a[ch * n..(ch + 1) * n];
+        let srow = &inp.state[(row + i) * n..(row + i + 1) * n];
+        let mut acc = s.zero();
+        for c in (0..n).step_by(W) {
+            let cw = W.min(n - c);
+            let da = simd::exp(s, s.mul(dtv, s.load(arow, c, cw)));
+            let sn = s.mul_add(da, s.load(srow, c, cw), s.mul(duv, s.load(bt, c, cw)));
+            s.store(nrow, c, cw, sn);
+            acc = s.mul_add(sn, s.load(ct, c, cw), acc);
+        }
+        *yv = inp.d[ch] * xv + s.hsum(acc);
+    }
+    if let Some(z) = inp.z {
+        for c in (0..w).step_by(W) {
+            let cw = W.min(w - c);
+            let g = simd::silu(s, s.load(z, row + c, cw));
+            let v = s.mul(s.load(y, c, cw), g);
+            s.store(y, c, cw, v);
+        }
+    }
+}
+
+with_simd! {
+    fn scan_seg(inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) = scan_seg_impl;
+}
+
+/// One scan step for the whole batch (callers handle N = 0): returns `y` `[b, E]` and the new state
+/// `[b, E, N]`.
+pub(crate) fn scan_step(inp: &StepInputs<'_>, b: usize) -> (Vec<f32>, Vec<f32>) {
+    let (e, n) = (inp.e, inp.n);
+    let mut y = vec![0.0f32; b * e];
+    let mut ns = vec![0.0f32; b * e * n];
+    if e == 0 || n == 0 {
+        return (y, ns);
+    }
+    y.par_chunks_mut(e)
+        .zip(ns.par_chunks_mut(e * n))
+        .enumerate()
+        .for_each(|(bi, (yb, nb))| {
+            yb.par_chunks_mut(SEG)
+                .zip(nb.par_chunks_mut(SEG * n))
+                .enumerate()
+                .for_each(|(s, (ys, nss))| {
+                    scan_seg(inp, bi, s * SEG, ys, nss);
+                });
+        });
+    (y, ns)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn conv_rows_impl<S: Simd>(
+    s: S,
+    state: &[f32],
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    k: usize,
+    y: &mut [f32],
+    ns: &mut [f32],
+) {
+    let e = bias.len();
+    // K is small (4): a scalar dot per channel, then SiLU vectorised over the row.
+    for (ch_all, (yv, nrow)) in y.iter_mut().zip(ns.chunks_exact_mut(k)).enumerate() {
+        let ch = ch_all % e;
+        let srow = &state[ch_all * k..(ch_all + 1) * k];
+        nrow[..k - 1].copy_from_slice(&srow[1..]);
+        nrow[k - 1] = x[ch_all];
+        let mut acc = bias[ch];
+        for (&wv, &sv) in w[ch * k..(ch + 1) * k].iter().zip(nrow.iter()) {
+            acc += wv * sv;
+        }
+        *yv = acc;
+    }
+    for c in (0..y.len()).step_by(W) {
+        let cw = W.min(y.len() - c);
+        let v = simd::silu(s, s.load(y, c, cw));
+        s.store(y, c, cw, v);
+    }
+}
+
+with_simd! {
+    #[allow(clippy::too_many_arguments)]
+    fn conv_rows(state: &[f32], x: &[f32], w: &[f32], bias: &[f32], k: usize, y: &mut [f32], ns: &mut [f32]) = conv_rows_impl;
+}
+
+/// One conv step: `state` `[b, E, K]`, `x` `[b, E]`, `w` `[E, K]`, `bias` `[E]` (K ≥ 1).
+/// Returns `y` `[b, E]` and the new state (oldest input dropped, `x` appended).
+pub(crate) fn conv_step(
+    state: &[f32],
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    k: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0.0f32; x.len()];
+    let mut ns = vec![0.0f32; state.len()];
+    conv_rows(state, x, w, bias, k, &mut y, &mut ns);
+    (y, ns)
+}
+
+/// Scan step as a no-backward op over (state `[b, E, N]`, A `[E, N]`, packed small inputs
+/// `[x, delta, (z), B, C, D, delta_bias]`); returns `[y (b·E) ; new state (b·E·N)]`.
+pub(crate) struct ScanStepOp {
+    pub b: usize,
+    pub e: usize,
+    pub n: usize,
+    pub has_z: bool,
+}
+
+impl CustomOp3 for ScanStepOp {
+    fn name(&self) -> &'static str {
+        "molt-selective-scan-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Self { b, e, n, has_z } = *self;
+        let state = f32_slice(s1, l1, "selective_scan_step (state)")?;
+        let a = f32_slice(s2, l2, "selective_scan_step (A)")?;
+        let small = f32_slice(s3, l3, "selective_scan_step (inputs)")?;
+        let nz = if has_z { 3 } else { 2 };
+        let want = nz * b * e + 2 * b * n + 2 * e;
+        if state.len() != b * e * n || a.len() != e * n || small.len() != want {
+            bail!(
+                "selective_scan_step: packed sizes {}/{}/{} do not match b={b}, E={e}, N={n}",
+                state.len(),
+                a.len(),
+                small.len()
+            )
+        }
+        let (x, rest) = small.split_at(b * e);
+        let (delta, rest) = rest.split_at(b * e);
+        let (z, rest) = rest.split_at(if has_z { b * e } else { 0 });
+        let (bm, rest) = rest.split_at(b * n);
+        let (cm, rest) = rest.split_at(b * n);
+        let (d, bias) = rest.split_at(e);
+        let inp = StepInputs {
+            e,
+            n,
+            state,
+            x,
+            delta,
+            z: has_z.then_some(z),
+            a,
+            bm,
+            cm,
+            d,
+            bias,
+        };
+        let (mut y, ns) = scan_step(&inp, b);
+        y.extend_from_slice(&ns);
+        let len = y.len();
+        Ok((CpuStorage::F32(y), Shape::from(len)))
+    }
+}
+
+/// Conv step as a no-backward op over (conv state `[b, E, K]`, x `[b, E]`,
+/// `[weight (E·K) ; bias (E)]`); returns `[y (b·E) ; new state (b·E·K)]`.
+pub(crate) struct ConvStepOp {
+    pub b: usize,
+    pub e: usize,
+    pub k: usize,
+}
+
+impl CustomOp3 for ConvStepOp {
+    fn name(&self) -> &'static str {
+        "molt-causal-conv1d-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Self { b, e, k } = *self;
+        let state = f32_slice(s1, l1, "causal_conv1d_step (conv_state)")?;
+        let x = f32_slice(s2, l2, "causal_conv1d_step (x)")?;
+        let wb = f32_slice(s3, l3, "causal_conv1d_step (weight, bias)")?;
+        if k == 0 || state.len() != b * e * k || x.len() != b * e || wb.len() != e * (k + 1) {
+            bail!(
+                "causal_conv1d_step: packed sizes {}/{}/{} do not match b={b}, E={e}, K={k}",
+                state.len(),
+                x.len(),
+                wb.len()
+            )
+        }
+        let (w, bias) = wb.split_at(e * k);
+        let (mut y, ns) = conv_step(state, x, w, bias, k);
+        y.extend_from_slice(&ns);
+        let len = y.len();
+        Ok((CpuStorage::F32(y), Shape::from(len)))
+    }
+}

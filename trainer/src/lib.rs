@@ -1,0 +1,9 @@
+//! molt's trainer library: the Mamba model, its kernels, and (later) PEFT and training.
+
+pub mod error;
+pub mod generate;
+pub mod kernels;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{CheckpointProblem, Error, Result};

@@ -1,0 +1,538 @@
+//! `config.json` in either of the two styles Mamba-1 checkpoints ship with, resolved into one
+//! [`MambaConfig`].
+//!
+//! - Hugging Face (`MambaConfig` in transformers): `hidden_size`, `num_hidden_layers`,
+//!   `state_size`, `expand`, `intermediate_size`, `conv_kernel`, `time_step_rank`, ...
+//! - state-spaces (`mamba_ssm`'s `MambaConfig`): `d_model`, `n_layer`, `vocab_size` padded to
+//!   `pad_vocab_size_multiple`, and `ssm_cfg` overriding the mixer's `d_state`, `d_conv`,
+//!   `expand`, `dt_rank`, `bias`, `conv_bias`.
+//!
+//! Detection: `hidden_size` present ⇒ Hugging Face; only `d_model` ⇒ state-spaces.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+
+/// Which naming the config file used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConfigStyle {
+    HuggingFace,
+    StateSpaces,
+}
+
+/// A resolved Mamba-1 language-model config. `vocab_size` is the number of embedding rows
+/// (already padded for state-spaces configs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MambaConfig {
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub vocab_size: usize,
+    pub state_size: usize,
+    pub conv_kernel: usize,
+    pub expand: usize,
+    pub intermediate_size: usize,
+    pub time_step_rank: usize,
+    /// Bias on in_proj and out_proj.
+    pub use_bias: bool,
+    pub use_conv_bias: bool,
+    pub layer_norm_epsilon: f64,
+    pub tie_word_embeddings: bool,
+    pub pad_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    /// Every id that ends generation (HF allows a list).
+    pub eos_token_ids: Vec<u32>,
+    pub style: ConfigStyle,
+    /// Whether `use_bias` / `use_conv_bias` were written in the file. When they were not,
+    /// the loader takes them from the tensors instead of guessing a default (the HF class
+    /// defaults `use_bias` to true, which is wrong for every released Mamba checkpoint).
+    #[serde(skip)]
+    pub use_bias_declared: bool,
+    #[serde(skip)]
+    pub use_conv_bias_declared: bool,
+}
+
+impl MambaConfig {
+    /// A Hugging Face style config with the usual defaults; handy for random-init models.
+    pub fn new(hidden_size: usize, num_hidden_layers: usize, vocab_size: usize) -> Self {
+        let expand = 2;
+        MambaConfig {
+            hidden_size,
+            num_hidden_layers,
+            vocab_size,
+            state_size: 16,
+            conv_kernel: 4,
+            expand,
+            intermediate_size: expand * hidden_size,
+            time_step_rank: hidden_size.div_ceil(16),
+            use_bias: false,
+            use_conv_bias: true,
+            layer_norm_epsilon: 1e-5,
+            tie_word_embeddings: true,
+            pad_token_id: Some(0),
+            bos_token_id: Some(0),
+            eos_token_ids: vec![0],
+            style: ConfigStyle::HuggingFace,
+            use_bias_declared: true,
+            use_conv_bias_declared: true,
+        }
+    }
+
+    /// Reads and resolves `path` (a `config.json`).
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json_str(&text, path)
+    }
+
+    /// Parses a config; `path` is only used in error messages.
+    pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
+        let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let Value::Object(obj) = value else {
+            return Err(Error::ConfigField {
+                path: path.to_path_buf(),
+                field: "(top level)".into(),
+                reason: "expected a JSON object".into(),
+            });
+        };
+        let r = Reader {
+            path: path.to_path_buf(),
+        };
+        let cfg = if obj.contains_key("hidden_size") {
+            r.hugging_face(&obj)?
+        } else if obj.contains_key("d_model") {
+            r.state_spaces(&obj)?
+        } else {
+            return Err(Error::UnknownConfigStyle {
+                path: path.to_path_buf(),
+            });
+        };
+        r.check(&cfg)?;
+        Ok(cfg)
+    }
+
+    /// The HF-style JSON for this config (what `save_pretrained` would write).
+    pub fn to_hf_json(&self) -> Value {
+        serde_json::json!({
+            "architectures": ["MambaForCausalLM"],
+            "model_type": "mamba",
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "vocab_size": self.vocab_size,
+            "state_size": self.state_size,
+            "conv_kernel": self.conv_kernel,
+            "expand": self.expand,
+            "intermediate_size": self.intermediate_size,
+            "time_step_rank": self.time_step_rank,
+            "use_bias": self.use_bias,
+            "use_conv_bias": self.use_conv_bias,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": match self.eos_token_ids.as_slice() {
+                [] => Value::Null,
+                [one] => Value::from(*one),
+                many => Value::from(many.to_vec()),
+            },
+            "hidden_act": "silu",
+            "residual_in_fp32": true,
+        })
+    }
+}
+
+/// Upper bound for any size field (16M): far above every real Mamba, far below overflow.
+const LIMIT: usize = 1 << 24;
+
+struct Reader {
+    path: PathBuf,
+}
+
+impl Reader {
+    fn err(&self, field: &str, reason: impl Into<String>) -> Error {
+        Error::ConfigField {
+            path: self.path.clone(),
+            field: field.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    fn unsupported(&self, what: impl Into<String>) -> Error {
+        Error::Unsupported {
+            path: self.path.clone(),
+            what: what.into(),
+        }
+    }
+
+    /// A non-negative integer (a float with no fractional part is accepted, as JSON writers
+    /// sometimes produce `2.0`). `null` counts as absent.
+    fn usize_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<usize>> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => self.as_usize(v, field).map(Some),
+        }
+    }
+
+    fn as_usize(&self, v: &Value, field: &str) -> Result<usize> {
+        let n = if let Some(u) = v.as_u64() {
+            u
+        } else if let Some(f) = v.as_f64()
+            && f >= 0.0
+            && f.fract() == 0.0
+            && f < 1e15
+        {
+            f as u64
+        } else {
+            return Err(self.err(field, format!("expected a non-negative integer, found {v}")));
+        };
+        // Every size is bounded so that products of sizes cannot overflow, and a typo
+        // cannot make the loader try to allocate the impossible.
+        if n > LIMIT as u64 {
+            return Err(self.err(field, format!("{n} is implausibly large (limit {LIMIT})")));
+        }
+        Ok(n as usize)
+    }
+
+    fn product(&self, field: &str, a: usize, b: usize) -> Result<usize> {
+        a.checked_mul(b)
+            .filter(|p| *p <= LIMIT * 64)
+            .ok_or_else(|| self.err(field, format!("{a} × {b} is implausibly large")))
+    }
+
+    fn usize_req(&self, obj: &Map<String, Value>, field: &str) -> Result<usize> {
+        self.usize_opt(obj, field)?
+            .ok_or_else(|| self.err(field, "missing (required)"))
+    }
+
+    fn bool_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<bool>> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.err(field, format!("expected true or false, found {v}"))),
+        }
+    }
+
+    fn f64_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<f64>> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
+        }
+    }
+
+    fn token_id(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<u32>> {
+        // Some exporters write -1 for "no such token"; that is an absent id, not an error.
+        if obj
+            .get(field)
+            .and_then(Value::as_i64)
+            .is_some_and(|v| v < 0)
+        {
+            return Ok(None);
+        }
+        match self.usize_opt(obj, field)? {
+            None => Ok(None),
+            Some(id) => u32::try_from(id)
+                .map(Some)
+                .map_err(|_| self.err(field, format!("token id {id} does not fit in u32"))),
+        }
+    }
+
+    /// `eos_token_id` may be one id or a list of ids.
+    fn token_ids(&self, obj: &Map<String, Value>, field: &str) -> Result<Vec<u32>> {
+        match obj.get(field) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| {
+                    let id = self.as_usize(v, field)?;
+                    u32::try_from(id)
+                        .map_err(|_| self.err(field, format!("token id {id} does not fit in u32")))
+                })
+                .collect(),
+            _ => Ok(self.token_id(obj, field)?.into_iter().collect()),
+        }
+    }
+
+    /// `time_step_rank` / `dt_rank`: an integer or `"auto"` (= ceil(hidden / 16)).
+    fn rank(&self, obj: &Map<String, Value>, field: &str, hidden: usize) -> Result<usize> {
+        match obj.get(field) {
+            None | Some(Value::Null) => Ok(hidden.div_ceil(16)),
+            Some(Value::String(s)) if s == "auto" => Ok(hidden.div_ceil(16)),
+            Some(v) => self.as_usize(v, field),
+        }
+    }
+
+    fn ssm_cfg<'a>(&self, obj: &'a Map<String, Value>) -> Result<Option<&'a Map<String, Value>>> {
+        match obj.get("ssm_cfg") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Object(m)) => {
+                if let Some(layer) = m.get("layer") {
+                    match layer.as_str() {
+                        Some("Mamba1") => {}
+                        Some("Mamba2") => {
+                            return Err(self.unsupported(
+                                "ssm_cfg.layer is \"Mamba2\"; only Mamba-1 checkpoints are supported",
+                            ));
+                        }
+                        _ => {
+                            return Err(self.unsupported(format!(
+                                "ssm_cfg.layer is {layer}; only Mamba-1 checkpoints are supported"
+                            )));
+                        }
+                    }
+                }
+                Ok(Some(m))
+            }
+            Some(v) => Err(self.err("ssm_cfg", format!("expected an object, found {v}"))),
+        }
+    }
+
+    fn hugging_face(&self, obj: &Map<String, Value>) -> Result<MambaConfig> {
+        if let Some(mt) = obj.get("model_type") {
+            match mt.as_str() {
+                Some("mamba") => {}
+                Some(other) => {
+                    return Err(self.unsupported(format!(
+                        "model_type is \"{other}\"; only \"mamba\" (Mamba-1) is supported"
+                    )));
+                }
+                None => {
+                    return Err(self.err("model_type", format!("expected a string, found {mt}")));
+                }
+            }
+        }
+        // HF configs also carry the original-style keys; a Mamba-2 one must still be refused.
+        self.ssm_cfg(obj)?;
+        let hidden = self.usize_req(obj, "hidden_size")?;
+        let n_layer = self.usize_req(obj, "num_hidden_layers")?;
+        let vocab = self.usize_req(obj, "vocab_size")?;
+        let state = self.usize_opt(obj, "state_size")?.unwrap_or(16);
+        let conv = self.usize_opt(obj, "conv_kernel")?.unwrap_or(4);
+        let expand = self.usize_opt(obj, "expand")?.unwrap_or(2);
+        let inner = self.product("expand", expand, hidden)?;
+        if let Some(declared) = self.usize_opt(obj, "intermediate_size")?
+            && declared != inner
+        {
+            // transformers ignores the field and uses expand × hidden_size; a file where they
+            // differ was edited by hand, and guessing which one is meant would be wrong.
+            return Err(self.err(
+                "intermediate_size",
+                format!(
+                    "{declared} contradicts expand × hidden_size = {expand} × {hidden} = {inner}"
+                ),
+            ));
+        }
+        let rank = self.rank(obj, "time_step_rank", hidden)?;
+        let use_bias = self.bool_opt(obj, "use_bias")?;
+        let use_conv_bias = self.bool_opt(obj, "use_conv_bias")?;
+        let eps = self.f64_opt(obj, "layer_norm_epsilon")?.unwrap_or(1e-5);
+        let tie = self.bool_opt(obj, "tie_word_embeddings")?.unwrap_or(true);
+        Ok(MambaConfig {
+            hidden_size: hidden,
+            num_hidden_layers: n_layer,
+            vocab_size: vocab,
+            state_size: state,
+            conv_kernel: conv,
+            expand,
+            intermediate_size: inner,
+            time_step_rank: rank,
+            use_bias: use_bias.unwrap_or(false),
+            use_conv_bias: use_conv_bias.unwrap_or(true),
+            layer_norm_epsilon: eps,
+            tie_word_embeddings: tie,
+            pad_token_id: self.token_id(obj, "pad_token_id")?,
+            bos_token_id: self.token_id(obj, "bos_token_id")?,
+            eos_token_ids: self.token_ids(obj, "eos_token_id")?,
+            style: ConfigStyle::HuggingFace,
+            use_bias_declared: use_bias.is_some(),
+            use_conv_bias_declared: use_conv_bias.is_some(),
+        })
+    }
+
+    fn state_spaces(&self, obj: &Map<String, Value>) -> Result<MambaConfig> {
+        let ssm = self.ssm_cfg(obj)?;
+        let empty = Map::new();
+        let ssm = ssm.unwrap_or(&empty);
+        if let Some(d_inter) = self.usize_opt(obj, "d_intermediate")?
+            && d_inter != 0
+        {
+            return Err(self.unsupported(format!(
+                "d_intermediate is {d_inter}: blocks with an MLP are not supported"
+            )));
+        }
+        if let Some(Value::Array(a)) = obj.get("attn_layer_idx")
+            && !a.is_empty()
+        {
+            return Err(self.unsupported(
+                "attn_layer_idx is not empty: hybrid attention layers are not supported",
+            ));
+        }
+        if self.bool_opt(obj, "rms_norm")? == Some(false) {
+            return Err(self.unsupported("rms_norm is false: LayerNorm blocks are not supported"));
+        }
+        let hidden = self.usize_req(obj, "d_model")?;
+        let n_layer = self.usize_req(obj, "n_layer")?;
+        let vocab_raw = self.usize_req(obj, "vocab_size")?;
+        let multiple = self.usize_opt(obj, "pad_vocab_size_multiple")?.unwrap_or(8);
+        let vocab = if multiple > 1 {
+            self.product(
+                "pad_vocab_size_multiple",
+                vocab_raw.div_ceil(multiple),
+                multiple,
+            )?
+        } else {
+            vocab_raw
+        };
+        let state = self.usize_opt(ssm, "d_state")?.unwrap_or(16);
+        let conv = self.usize_opt(ssm, "d_conv")?.unwrap_or(4);
+        let expand = self.usize_opt(ssm, "expand")?.unwrap_or(2);
+        let rank = self.rank(ssm, "dt_rank", hidden)?;
+        // mamba_simple.Mamba defaults: bias=False, conv_bias=True. Never the HF default.
+        let use_bias = self.bool_opt(ssm, "bias")?;
+        let use_conv_bias = self.bool_opt(ssm, "conv_bias")?;
+        let eps = self.f64_opt(obj, "norm_epsilon")?.unwrap_or(1e-5);
+        let tie = self.bool_opt(obj, "tie_embeddings")?.unwrap_or(true);
+        Ok(MambaConfig {
+            hidden_size: hidden,
+            num_hidden_layers: n_layer,
+            vocab_size: vocab,
+            state_size: state,
+            conv_kernel: conv,
+            expand,
+            intermediate_size: self.product("expand", expand, hidden)?,
+            time_step_rank: rank,
+            use_bias: use_bias.unwrap_or(false),
+            use_conv_bias: use_conv_bias.unwrap_or(true),
+            layer_norm_epsilon: eps,
+            tie_word_embeddings: tie,
+            pad_token_id: self.token_id(obj, "pad_token_id")?,
+            bos_token_id: self.token_id(obj, "bos_token_id")?,
+            eos_token_ids: self.token_ids(obj, "eos_token_id")?,
+            style: ConfigStyle::StateSpaces,
+            use_bias_declared: use_bias.is_some(),
+            use_conv_bias_declared: use_conv_bias.is_some(),
+        })
+    }
+
+    fn check(&self, c: &MambaConfig) -> Result<()> {
+        let (hidden, layers, vocab) = match c.style {
+            ConfigStyle::HuggingFace => ("hidden_size", "num_hidden_layers", "vocab_size"),
+            ConfigStyle::StateSpaces => ("d_model", "n_layer", "vocab_size"),
+        };
+        let positive = [
+            (hidden, c.hidden_size),
+            (layers, c.num_hidden_layers),
+            (vocab, c.vocab_size),
+            ("state_size", c.state_size),
+            ("conv_kernel", c.conv_kernel),
+            ("expand", c.expand),
+            ("time_step_rank", c.time_step_rank),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(self.err(field, "must be at least 1"));
+            }
+        }
+        if !(c.layer_norm_epsilon.is_finite() && c.layer_norm_epsilon > 0.0) {
+            return Err(self.err(
+                "layer_norm_epsilon",
+                format!("must be a positive number, found {}", c.layer_norm_epsilon),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<MambaConfig> {
+        MambaConfig::from_json_str(s, Path::new("config.json"))
+    }
+
+    #[test]
+    fn hf_style_with_auto_rank() {
+        let c = parse(
+            r#"{"hidden_size": 768, "num_hidden_layers": 24, "vocab_size": 50280,
+                "time_step_rank": "auto", "use_bias": false, "eos_token_id": 0}"#,
+        )
+        .unwrap();
+        assert_eq!(c.style, ConfigStyle::HuggingFace);
+        assert_eq!(c.time_step_rank, 48);
+        assert_eq!(c.intermediate_size, 1536);
+        assert_eq!(c.eos_token_ids, vec![0]);
+        assert!(c.use_bias_declared && !c.use_bias);
+        assert!(!c.use_conv_bias_declared && c.use_conv_bias);
+    }
+
+    #[test]
+    fn state_spaces_style_pads_vocab_and_reads_ssm_cfg() {
+        let c = parse(
+            r#"{"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {"d_state": 8},
+                "rms_norm": true, "residual_in_fp32": true, "fused_add_norm": true,
+                "pad_vocab_size_multiple": 8}"#,
+        )
+        .unwrap();
+        assert_eq!(c.style, ConfigStyle::StateSpaces);
+        assert_eq!(c.vocab_size, 50280);
+        assert_eq!(c.state_size, 8);
+        assert_eq!(c.time_step_rank, 48);
+        assert!(!c.use_bias && !c.use_bias_declared);
+        assert!(c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn mamba2_is_refused() {
+        let e = parse(
+            r#"{"d_model": 64, "n_layer": 2, "vocab_size": 10, "ssm_cfg": {"layer": "Mamba2"}}"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("Mamba2") && e.contains("config.json"), "{e}");
+    }
+
+    #[test]
+    fn unknown_style_names_the_file() {
+        let e = parse(r#"{"n_embd": 64}"#).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json") && e.contains("unknown config style"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_without_overflow() {
+        let e = parse(r#"{"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10, "expand": 18446744073709551615}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("expand") && e.contains("implausibly large"),
+            "{e}"
+        );
+        let e = parse(r#"{"d_model": 16777216, "n_layer": 1, "vocab_size": 10, "ssm_cfg": {"expand": 16777216}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expand"), "{e}");
+    }
+
+    #[test]
+    fn bad_field_is_named() {
+        let e = parse(r#"{"hidden_size": "big", "num_hidden_layers": 2, "vocab_size": 10}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hidden_size"), "{e}");
+        let e = parse(r#"{"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10, "intermediate_size": 100}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("intermediate_size") && e.contains("128"), "{e}");
+    }
+}

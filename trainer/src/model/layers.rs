@@ -1,0 +1,336 @@
+//! The model's building blocks and the seams where PEFT methods attach.
+//!
+//! Every weight PEFT may touch is held as a frozen base tensor plus an optional adapter
+//! behind a small trait object:
+//! - [`Projection`] (in_proj, x_proj, dt_proj, out_proj) + [`LinearAdapter`]: LoRA, partial
+//!   LoRA, DoRA, ProDiaL, parallel adapters, Additional-scan's extra x_proj rows.
+//! - [`Param`] (A_log, D, conv1d weight/bias, dt bias) + [`ParamAdapter`]: partial tuning as
+//!   `base + δ`, Additional-scan's extra A columns.
+//! - [`Embedding`] + [`EmbeddingAdapter`]: LoRA on the token embedding (the tied head keeps
+//!   reading the base matrix, as MambaPEFT does).
+//!
+//! Adapters are `Arc`s so one copy of the base weights can serve many adapted models: cloning
+//! a model and swapping adapters copies no tensor data. The adapter is called on every
+//! forward, so trainable tensors inside it (candle `Var`s) see each optimizer update.
+
+use std::fmt;
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Result, Shape, Tensor};
+
+/// A plain linear layer `y = x Wᵀ + b` with PyTorch's `[out, in]` weight layout.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+
+    /// `x` is `[..., in]`. Leading dims are flattened so the product is one GEMM.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear_forward(x, &self.weight, self.bias.as_ref())
+    }
+}
+
+/// `x Wᵀ + b` for any weight, e.g. an adapter's merged weight.
+pub fn linear_forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&in_f, lead)) = dims.split_last() else {
+        candle_core::bail!("linear: input must have at least one dimension");
+    };
+    let rows: usize = lead.iter().product();
+    let x2 = x.reshape((rows, in_f))?;
+    let frozen_in_graph = x2.track_op()
+        && !weight.track_op()
+        && x2.device().is_cpu()
+        && x2.dtype() == DType::F32
+        && weight.dtype() == DType::F32;
+    let y = if frozen_in_graph {
+        x2.contiguous()?.apply_op1(FrozenWeightMatmul {
+            weight: weight.clone(),
+        })?
+    } else {
+        x2.matmul(&weight.t()?)?
+    };
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(weight.dim(0)?);
+    y.reshape(out_dims)
+}
+
+/// `x Wᵀ` with a frozen `W` inside a training graph (PEFT: gradients flow to the input, and
+/// on to adapters, but not to `W`). Candle's matmul backward always computes the gradient of
+/// both operands, which for a frozen weight is a wasted GEMM as large as the forward (the LM
+/// head's is the biggest in the model); holding `W` inside the op instead of as an operand
+/// keeps it out of the graph.
+struct FrozenWeightMatmul {
+    /// `[out, in]`.
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenWeightMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-weight-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("frozen-weight-matmul: input must be contiguous");
+        };
+        let data = storage.as_slice::<f32>()?;
+        // Copies x and y once each: O(rows·(in+out)) next to the GEMM's O(rows·in·out).
+        let x = Tensor::from_slice(&data[start..end], layout.shape(), &Device::Cpu)?;
+        let y = x.matmul(&self.weight.t()?)?;
+        let shape = y.shape().clone();
+        Ok((CpuStorage::F32(y.flatten_all()?.to_vec1::<f32>()?), shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.weight)?))
+    }
+}
+
+/// Replaces a projection's forward. It receives the frozen base layer, so it can add a
+/// low-rank path (`base.forward(x) + s·B(Ax)`), transform the weight (`W' = f(W)`), or both.
+pub trait LinearAdapter: Send + Sync + fmt::Debug {
+    fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor>;
+
+    /// The weight this adapted layer is equivalent to, when it is a plain linear map
+    /// (used to merge adapters into a checkpoint). `None` when it cannot be merged.
+    fn merged_weight(&self, _base: &Linear) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// A linear projection of the mixer, with an optional adapter.
+#[derive(Clone, Debug)]
+pub struct Projection {
+    base: Linear,
+    adapter: Option<Arc<dyn LinearAdapter>>,
+}
+
+impl Projection {
+    pub fn new(base: Linear) -> Self {
+        Projection {
+            base,
+            adapter: None,
+        }
+    }
+
+    pub fn base(&self) -> &Linear {
+        &self.base
+    }
+
+    pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// Attaches (or, with `None`, removes) an adapter; returns the previous one.
+    pub fn set_adapter(
+        &mut self,
+        adapter: Option<Arc<dyn LinearAdapter>>,
+    ) -> Option<Arc<dyn LinearAdapter>> {
+        std::mem::replace(&mut self.adapter, adapter)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.adapter {
+            Some(a) => a.forward(&self.base, x),
+            None => self.base.forward(x),
+        }
+    }
+}
+
+/// Re-parameterises a tensor parameter, e.g. `base + δ` with a trainable `δ` (partial
+/// tuning with decay toward the pretrained value), or `cat(base, extra)` (extra state dims).
+pub trait ParamAdapter: Send + Sync + fmt::Debug {
+    fn value(&self, base: &Tensor) -> Result<Tensor>;
+}
+
+/// A tensor parameter (A_log, D, conv1d, dt bias) with an optional adapter.
+#[derive(Clone, Debug)]
+pub struct Param {
+    base: Tensor,
+    adapter: Option<Arc<dyn ParamAdapter>>,
+}
+
+impl Param {
+    pub fn new(base: Tensor) -> Self {
+        Param {
+            base,
+            adapter: None,
+        }
+    }
+
+    pub fn base(&self) -> &Tensor {
+        &self.base
+    }
+
+    pub fn set_adapter(
+        &mut self,
+        adapter: Option<Arc<dyn ParamAdapter>>,
+    ) -> Option<Arc<dyn ParamAdapter>> {
+        std::mem::replace(&mut self.adapter, adapter)
+    }
+
+    /// The value the model computes with (recomputed on every call, see the module docs).
+    pub fn value(&self) -> Result<Tensor> {
+        match &self.adapter {
+            Some(a) => a.value(&self.base),
+            None => Ok(self.base.clone()),
+        }
+    }
+}
+
+/// Replaces the token-embedding lookup. `weight` is the base `[vocab, hidden]` matrix and
+/// `ids` are `u32` of any shape; returns `[..., hidden]`.
+pub trait EmbeddingAdapter: Send + Sync + fmt::Debug {
+    fn forward(&self, weight: &Tensor, ids: &Tensor) -> Result<Tensor>;
+}
+
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    weight: Tensor,
+    adapter: Option<Arc<dyn EmbeddingAdapter>>,
+}
+
+impl Embedding {
+    pub fn new(weight: Tensor) -> Self {
+        Embedding {
+            weight,
+            adapter: None,
+        }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn set_adapter(
+        &mut self,
+        adapter: Option<Arc<dyn EmbeddingAdapter>>,
+    ) -> Option<Arc<dyn EmbeddingAdapter>> {
+        std::mem::replace(&mut self.adapter, adapter)
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        match &self.adapter {
+            Some(a) => a.forward(&self.weight, ids),
+            None => embedding_lookup(&self.weight, ids),
+        }
+    }
+}
+
+/// `weight[ids]` for `ids` of any shape.
+pub fn embedding_lookup(weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let mut dims = ids.dims().to_vec();
+    let flat = ids.flatten_all()?;
+    let rows = weight.index_select(&flat, 0)?;
+    dims.push(weight.dim(1)?);
+    rows.reshape(dims)
+}
+
+/// RMSNorm as HF's `MambaRMSNorm`: `x · rsqrt(mean(x²) + eps) · w`, computed in f32.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm { weight, eps }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // candle's fused rms_norm has no backward; use it only when nothing needs gradients.
+        let needs_grad = x.track_op() || self.weight.track_op();
+        if !needs_grad && x.dtype() == DType::F32 && x.is_contiguous() {
+            return candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32);
+        }
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        normed.to_dtype(dtype)?.broadcast_mul(&self.weight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn linear_matches_manual() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)?;
+        let b = Tensor::new(&[0.5f32, 0., -1.], &dev)?;
+        let x = Tensor::new(&[[[1f32, 1.], [0., 2.]]], &dev)?; // [1, 2, 2]
+        let y = Linear::new(w, Some(b)).forward(&x)?;
+        assert_eq!(y.dims(), &[1, 2, 3]);
+        assert_eq!(
+            y.to_vec3::<f32>()?,
+            vec![vec![vec![3.5, 7., 10.], vec![4.5, 8., 11.]]]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn frozen_weight_gets_no_gradient_and_input_grad_is_right() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &dev)?; // [3, 2]
+        let xv = Var::from_tensor(&Tensor::new(&[[1f32, -1.], [0.5, 2.]], &dev)?)?;
+        let y = linear_forward(xv.as_tensor(), &w, None)?;
+        let plain = xv.as_tensor().detach().matmul(&w.t()?)?;
+        assert_eq!(y.to_vec2::<f32>()?, plain.to_vec2::<f32>()?);
+        let grads = y.sum_all()?.backward()?;
+        assert!(grads.get(&w).is_none());
+        // d sum(x Wᵀ) / dx = 1·W summed over outputs = [9, 12] per row.
+        let gx = grads.get(xv.as_tensor()).map(|g| g.to_vec2::<f32>());
+        assert_eq!(gx.transpose()?, Some(vec![vec![9., 12.], vec![9., 12.]]));
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_fused_and_differentiable_paths_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, -2., 3., 0.5], [0.1, 0.2, -0.3, 4.]], &dev)?;
+        let w = Tensor::new(&[1f32, 0.5, 2., -1.], &dev)?;
+        let fused = RmsNorm::new(w.clone(), 1e-5).forward(&x)?;
+        let wv = Var::from_tensor(&w)?;
+        let slow = RmsNorm::new(wv.as_tensor().clone(), 1e-5).forward(&x)?;
+        let diff = (fused - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6, "{diff}");
+        let grads = slow.sum_all()?.backward()?;
+        assert!(grads.get(wv.as_tensor()).is_some());
+        Ok(())
+    }
+}

@@ -1,0 +1,730 @@
+//! Parity with HF transformers' `MambaForCausalLM` (pure-PyTorch path, float32, CPU) on every
+//! `base` case in `tests/fixtures/index.json`. Names, shapes and tolerances come from each
+//! case's `manifest.json`, so a case added in the same format runs with no code change.
+//!
+//! Reference: transformers 5.23.0 / torch 2.15.0 (see the manifests' `versions`).
+//! Tolerances (manifest `tolerances`): logits/hidden/state atol 1e-4 rtol 1e-4; loss 1e-5;
+//! grads atol 1e-5 rtol 1e-3 elementwise and relative L2 ≤ 1e-4; ids exact.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use trainer::generate::{GenerationConfig, generate};
+use trainer::model::{LoadOptions, MambaForCausalLM, ModelInput, causal_lm_loss};
+use trainer::tokenizer::Tokenizer;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+struct Case {
+    name: String,
+    model_dir: PathBuf,
+    manifest: Value,
+    reference: HashMap<String, Tensor>,
+}
+
+impl Case {
+    /// Reference tensor `name`, checked against the shape the manifest declares.
+    fn tensor(&self, name: &str) -> Tensor {
+        let t = self
+            .reference
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: reference.safetensors has no `{name}`", self.name))
+            .clone();
+        let declared: Vec<usize> = self.entry(name)["shape"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: manifest has no shape for `{name}`", self.name))
+            .iter()
+            .map(|v| v.as_u64().expect("shape entries are integers") as usize)
+            .collect();
+        assert_eq!(
+            t.dims(),
+            declared.as_slice(),
+            "{}: `{name}` shape",
+            self.name
+        );
+        t
+    }
+
+    fn entry(&self, name: &str) -> &Value {
+        &self.manifest["tensors"]["reference.safetensors"][name]
+    }
+
+    /// Reference tensor names starting with `prefix`, sorted.
+    fn names(&self, prefix: &str) -> Vec<String> {
+        let mut v: Vec<String> = self.manifest["tensors"]["reference.safetensors"]
+            .as_object()
+            .expect("manifest tensors")
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn tol(&self, name: &str) -> Tol {
+        let class = self.entry(name)["tolerance"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: no tolerance class for `{name}`", self.name));
+        let t = &self.manifest["tolerances"][class];
+        Tol {
+            atol: t["atol"].as_f64().unwrap_or(0.0),
+            rtol: t["rtol"].as_f64().unwrap_or(0.0),
+            rel_l2: t["rel_l2"].as_f64(),
+        }
+    }
+
+    fn load(&self) -> MambaForCausalLM {
+        MambaForCausalLM::load(&self.model_dir, &LoadOptions::default())
+            .unwrap_or_else(|e| panic!("{}: load: {e}", self.name))
+    }
+}
+
+fn base_cases() -> Vec<Case> {
+    let root = fixtures();
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("index.json")).expect("index.json"),
+    )
+    .expect("index.json is JSON");
+    let cases: Vec<Case> = index["cases"]
+        .as_array()
+        .expect("index.json cases")
+        .iter()
+        .filter(|c| c["kind"] == "base")
+        .map(|c| {
+            let name = c["name"].as_str().expect("case name").to_string();
+            let dir = root.join(&name);
+            let manifest: Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json"),
+            )
+            .expect("manifest is JSON");
+            let reference =
+                candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                    .expect("reference.safetensors");
+            Case {
+                model_dir: root.join(c["model_dir"].as_str().expect("model_dir")),
+                name,
+                manifest,
+                reference,
+            }
+        })
+        .collect();
+    assert!(!cases.is_empty(), "no base cases in index.json");
+    cases
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Tol {
+    atol: f64,
+    rtol: f64,
+    rel_l2: Option<f64>,
+}
+
+/// Elementwise `|got − want| ≤ atol + rtol·|want|` (and the relative L2 bound when the class
+/// has one). Returns (max abs diff, rel L2) for the report.
+fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: Tol) -> (f64, f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g = got
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("got values");
+    let w = want
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("want values");
+    let mut max_abs = 0f64;
+    let mut worst: Option<(usize, f64)> = None;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        let d = (a - b).abs();
+        assert!(a.is_finite(), "{what}: non-finite value {a} at {i}");
+        max_abs = max_abs.max(d);
+        let excess = d - (tol.atol + tol.rtol * b.abs());
+        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
+            worst = Some((i, excess));
+        }
+        num += d * d;
+        den += b * b;
+    }
+    let rel_l2 = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
+    if let Some((i, _)) = worst {
+        panic!(
+            "{what}: element {i}: got {} want {} (|diff| {:.3e} > atol {} + rtol {}·|want|); max abs diff {max_abs:.3e}",
+            g[i],
+            w[i],
+            (g[i] - w[i]).abs(),
+            tol.atol,
+            tol.rtol
+        );
+    }
+    if let Some(bound) = tol.rel_l2 {
+        assert!(
+            rel_l2 <= bound,
+            "{what}: relative L2 error {rel_l2:.3e} > {bound}"
+        );
+    }
+    (max_abs, rel_l2)
+}
+
+fn ids_of(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_dtype(DType::I64)
+        .and_then(|t| t.to_vec2::<i64>())
+        .expect("ids")
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v as u32).collect())
+        .collect()
+}
+
+#[test]
+fn logits_hidden_states_and_loss() {
+    for case in base_cases() {
+        let model = case.load();
+        let ids = case.tensor("input_ids");
+        let input = ModelInput::new(&ids, None, model.vocab_size()).expect("input");
+        let out = model.forward_with(&input, true).expect("forward");
+        let (d, _) = assert_close(
+            &format!("{} logits", case.name),
+            &out.logits,
+            &case.tensor("logits"),
+            case.tol("logits"),
+        );
+        eprintln!("{}: logits max abs diff {d:.3e}", case.name);
+
+        let n_layers = model.config().num_hidden_layers;
+        assert_eq!(out.hidden_states.len(), n_layers + 2);
+        let mut worst = 0f64;
+        for name in case.names("hidden.") {
+            let idx = match name.as_str() {
+                "hidden.embeddings" => 0,
+                "hidden.norm_f" => n_layers + 1,
+                other => {
+                    let i: usize = other
+                        .strip_prefix("hidden.block.")
+                        .and_then(|s| s.parse().ok())
+                        .unwrap_or_else(|| panic!("unknown hidden tensor {other}"));
+                    i + 1
+                }
+            };
+            let (d, _) = assert_close(
+                &format!("{} {name}", case.name),
+                &out.hidden_states[idx],
+                &case.tensor(&name),
+                case.tol(&name),
+            );
+            worst = worst.max(d);
+        }
+        eprintln!("{}: hidden states max abs diff {worst:.3e}", case.name);
+
+        let loss = causal_lm_loss(&out.logits, &ids).expect("loss");
+        let (d, _) = assert_close(
+            &format!("{} loss", case.name),
+            &loss.reshape(1).expect("reshape"),
+            &case.tensor("loss"),
+            case.tol("loss"),
+        );
+        eprintln!("{}: loss abs diff {d:.3e}", case.name);
+    }
+}
+
+#[test]
+fn full_finetune_gradients() {
+    for case in base_cases() {
+        let (model, varmap) =
+            MambaForCausalLM::load_trainable(&case.model_dir, &LoadOptions::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let ids = case.tensor("input_ids");
+        let logits = model.forward(&ids, None).expect("forward");
+        let loss = causal_lm_loss(&logits, &ids).expect("loss");
+        let grads = loss.backward().expect("backward");
+
+        let vars = varmap.data().lock().expect("varmap").clone();
+        let grad_names = case.names("grad.");
+        // Every trainable parameter has a reference gradient and vice versa.
+        let mut params: Vec<&String> = vars.keys().collect();
+        params.sort();
+        let listed: Vec<String> = grad_names
+            .iter()
+            .map(|n| n.trim_start_matches("grad.").to_string())
+            .collect();
+        assert_eq!(
+            params.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            listed.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+            "{}: parameters vs reference gradients",
+            case.name
+        );
+        let (mut worst_abs, mut worst_l2) = (0f64, 0f64);
+        for name in &grad_names {
+            let param = name.trim_start_matches("grad.");
+            let var = &vars[param];
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{}: no gradient for {param}", case.name));
+            let (d, l2) = assert_close(
+                &format!("{} {name}", case.name),
+                g,
+                &case.tensor(name),
+                case.tol(name),
+            );
+            worst_abs = worst_abs.max(d);
+            worst_l2 = worst_l2.max(l2);
+        }
+        eprintln!(
+            "{}: {} gradients, max abs diff {worst_abs:.3e}, max rel L2 {worst_l2:.3e}",
+            case.name,
+            grad_names.len()
+        );
+    }
+}
+
+#[test]
+fn prefill_cache_step_logits_and_greedy_tokens() {
+    for case in base_cases() {
+        let model = case.load();
+        let prompt = case.tensor("gen.prompt_ids");
+        let input = ModelInput::new(&prompt, None, model.vocab_size()).expect("prompt");
+        let b = prompt.dim(0).expect("batch");
+        let mut cache = model.new_cache(b).expect("cache");
+        model.prefill(&input, &mut cache).expect("prefill");
+        let mut worst = 0f64;
+        for name in case.names("gen.prefill.") {
+            let (kind, layer) = name
+                .strip_prefix("gen.prefill.")
+                .and_then(|s| s.rsplit_once('.'))
+                .unwrap_or_else(|| panic!("unexpected name {name}"));
+            let layer: usize = layer.parse().expect("layer index");
+            let got = match kind {
+                "conv_state" => &cache.layers[layer].conv,
+                "ssm_state" => &cache.layers[layer].ssm,
+                other => panic!("unknown cache tensor {other}"),
+            };
+            let (d, _) = assert_close(
+                &format!("{} {name}", case.name),
+                got,
+                &case.tensor(&name),
+                case.tol(&name),
+            );
+            worst = worst.max(d);
+        }
+        eprintln!("{}: prefill cache max abs diff {worst:.3e}", case.name);
+
+        let step_logits = case.tensor("gen.step_logits");
+        let steps = step_logits.dim(0).expect("steps");
+        let cfg = GenerationConfig {
+            max_new_tokens: steps,
+            eos_token_ids: Vec::new(), // the reference generated with EOS stopping off
+            keep_step_logits: true,
+            ..GenerationConfig::for_model(&model)
+        };
+        let prompts = ids_of(&prompt);
+        let out = generate(&model, &prompts, &cfg).expect("generate");
+        assert_eq!(out.step_logits.len(), steps);
+        let tol = case.tol("gen.step_logits");
+        let want_seq = ids_of(&case.tensor("gen.sequences"));
+        let mut worst = 0f64;
+        for s in 0..steps {
+            let want = step_logits.get(s).expect("step");
+            let (d, _) = assert_close(
+                &format!("{} gen.step_logits[{s}]", case.name),
+                &out.step_logits[s],
+                &want,
+                tol,
+            );
+            worst = worst.max(d);
+        }
+        eprintln!("{}: decode step logits max abs diff {worst:.3e}", case.name);
+        for (r, want_row) in want_seq.iter().enumerate() {
+            let mut got_row = prompts[r].clone();
+            got_row.extend(&out.tokens[r]);
+            assert_eq!(&got_row, want_row, "{}: greedy sequence row {r}", case.name);
+        }
+    }
+}
+
+#[test]
+fn left_padded_masked_batch() {
+    for case in base_cases() {
+        let model = case.load();
+        let ids = case.tensor("masked.input_ids");
+        let mask = case.tensor("masked.attention_mask");
+        let logits = model.forward(&ids, Some(&mask)).expect("masked forward");
+        let (d, _) = assert_close(
+            &format!("{} masked.logits", case.name),
+            &logits,
+            &case.tensor("masked.logits"),
+            case.tol("masked.logits"),
+        );
+        eprintln!("{}: masked logits max abs diff {d:.3e}", case.name);
+
+        // The padded row's real positions equal an unpadded run of the same tokens.
+        let mask_rows = ids_of(&mask);
+        let ids_rows = ids_of(&ids);
+        for (r, m) in mask_rows.iter().enumerate() {
+            let start = m.iter().position(|v| *v == 1).expect("a real token");
+            if start == 0 {
+                continue;
+            }
+            let real: Vec<u32> = ids_rows[r][start..].to_vec();
+            let n = real.len();
+            let alone = model
+                .forward(
+                    &Tensor::from_vec(real, (1, n), &Device::Cpu).expect("ids"),
+                    None,
+                )
+                .expect("unpadded forward");
+            let padded = logits
+                .get(r)
+                .and_then(|t| t.narrow(0, start, n))
+                .and_then(|t| t.unsqueeze(0))
+                .expect("slice");
+            assert_close(
+                &format!("{} row {r} padded vs alone", case.name),
+                &padded,
+                &alone,
+                case.tol("masked.logits"),
+            );
+        }
+    }
+}
+
+#[test]
+fn batched_generation_matches_one_at_a_time() {
+    for case in base_cases() {
+        let model = case.load();
+        let mut prompts = ids_of(&case.tensor("gen.prompt_ids"));
+        // Different lengths force left padding in the batch.
+        let half = prompts[0].len().div_ceil(2);
+        prompts[0].truncate(half);
+        let cfg = GenerationConfig {
+            max_new_tokens: 6,
+            eos_token_ids: Vec::new(),
+            ..GenerationConfig::for_model(&model)
+        };
+        let batched = generate(&model, &prompts, &cfg).expect("batched");
+        for (r, p) in prompts.iter().enumerate() {
+            let alone = generate(&model, std::slice::from_ref(p), &cfg).expect("alone");
+            assert_eq!(batched.tokens[r], alone.tokens[0], "{}: row {r}", case.name);
+        }
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_with_a_seed() {
+    for case in base_cases() {
+        let model = case.load();
+        let prompts = ids_of(&case.tensor("gen.prompt_ids"));
+        let run = |seed| {
+            let cfg = GenerationConfig {
+                max_new_tokens: 8,
+                temperature: 1.5,
+                top_p: 0.95,
+                seed,
+                eos_token_ids: Vec::new(),
+                ..GenerationConfig::for_model(&model)
+            };
+            generate(&model, &prompts, &cfg).expect("sample").tokens
+        };
+        let a = run(11);
+        assert_eq!(a, run(11), "{}: same seed, same tokens", case.name);
+        assert!(
+            (12..20).any(|s| run(s) != a),
+            "{}: different seeds never changed the sample",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn eos_stops_a_row() {
+    for case in base_cases() {
+        let model = case.load();
+        let prompts = ids_of(&case.tensor("gen.prompt_ids"));
+        let want = ids_of(&case.tensor("gen.sequences"));
+        let p = prompts[0].len();
+        // Declare the reference's 3rd generated token of row 0 an EOS: row 0 must stop there.
+        let eos = want[0][p + 2];
+        let cfg = GenerationConfig {
+            max_new_tokens: want[0].len() - p,
+            eos_token_ids: vec![eos],
+            ..GenerationConfig::for_model(&model)
+        };
+        let out = generate(&model, &prompts, &cfg).expect("generate");
+        let first = want[0][p..]
+            .iter()
+            .position(|t| *t == eos)
+            .expect("eos in row");
+        assert_eq!(
+            out.tokens[0],
+            want[0][p..=p + first].to_vec(),
+            "{}",
+            case.name
+        );
+        assert_eq!(out.finish_reasons[0], trainer::generate::FinishReason::Eos);
+    }
+}
+
+#[test]
+fn tokenizer_samples() {
+    let mut checked = 0;
+    for case in base_cases() {
+        let Some(tok) = Tokenizer::from_model_dir(&case.model_dir).expect("tokenizer.json") else {
+            continue;
+        };
+        let Some(samples) = case.manifest["tokenizer"]["samples"].as_array() else {
+            continue;
+        };
+        for (i, s) in samples.iter().enumerate() {
+            let text = s["text"].as_str().expect("text");
+            let want_ids: Vec<u32> = s["ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect();
+            assert_eq!(
+                tok.encode(text).expect("encode"),
+                want_ids,
+                "{} sample {i} ids",
+                case.name
+            );
+            if let Some(tokens) = s["tokens"].as_array() {
+                let want: Vec<&str> = tokens.iter().map(|t| t.as_str().expect("token")).collect();
+                assert_eq!(
+                    tok.tokens(text).expect("tokens"),
+                    want,
+                    "{} sample {i} tokens",
+                    case.name
+                );
+            }
+            let decoded = tok.decode(&want_ids, true).expect("decode");
+            assert_eq!(
+                decoded,
+                s["decoded"].as_str().expect("decoded"),
+                "{} sample {i} decode",
+                case.name
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no tokenizer samples were checked");
+}
+
+// ---- The same checkpoint in the other formats and namings gives the same logits. ----
+
+/// Writes `tensors` (f32) as a PyTorch zip checkpoint (`torch.save(state_dict)` layout:
+/// `archive/data.pkl` holding an OrderedDict of `_rebuild_tensor_v2` calls, one storage file
+/// per tensor under `archive/data/`).
+fn write_pytorch_bin(path: &Path, tensors: &[(String, Tensor)]) {
+    use std::io::Write;
+    fn unicode(p: &mut Vec<u8>, s: &str) {
+        p.push(b'X');
+        p.extend((s.len() as u32).to_le_bytes());
+        p.extend(s.as_bytes());
+    }
+    fn int(p: &mut Vec<u8>, v: usize) {
+        p.push(b'J');
+        p.extend((v as i32).to_le_bytes());
+    }
+    let mut pkl = vec![0x80, 2];
+    pkl.extend(b"ccollections\nOrderedDict\n)R(");
+    for (key, (name, t)) in tensors.iter().enumerate() {
+        let dims = t.dims().to_vec();
+        let mut strides = vec![1usize; dims.len()];
+        for i in (0..dims.len().saturating_sub(1)).rev() {
+            strides[i] = strides[i + 1] * dims[i + 1];
+        }
+        unicode(&mut pkl, name);
+        pkl.extend(b"ctorch._utils\n_rebuild_tensor_v2\n(");
+        pkl.push(b'(');
+        unicode(&mut pkl, "storage");
+        pkl.extend(b"ctorch\nFloatStorage\n");
+        unicode(&mut pkl, &key.to_string());
+        unicode(&mut pkl, "cpu");
+        int(&mut pkl, t.elem_count());
+        pkl.extend(b"tQ");
+        int(&mut pkl, 0);
+        pkl.push(b'(');
+        dims.iter().for_each(|d| int(&mut pkl, *d));
+        pkl.push(b't');
+        pkl.push(b'(');
+        strides.iter().for_each(|s| int(&mut pkl, *s));
+        pkl.push(b't');
+        pkl.push(0x89); // requires_grad = False
+        pkl.extend(b"ccollections\nOrderedDict\n)R");
+        pkl.extend(b"tR");
+    }
+    pkl.extend(b"u.");
+
+    let file = std::fs::File::create(path).expect("create bin");
+    let mut zip = zip::ZipWriter::new(file);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("archive/data.pkl", opts).expect("zip");
+    zip.write_all(&pkl).expect("zip");
+    for (key, (_, t)) in tensors.iter().enumerate() {
+        zip.start_file(format!("archive/data/{key}"), opts)
+            .expect("zip");
+        let v = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("f32");
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        zip.write_all(&bytes).expect("zip");
+    }
+    zip.start_file("archive/version", opts).expect("zip");
+    zip.write_all(b"3\n").expect("zip");
+    zip.finish().expect("zip");
+}
+
+fn check_logits(case: &Case, dir: &Path, what: &str) {
+    let model = MambaForCausalLM::load(dir, &LoadOptions::default())
+        .unwrap_or_else(|e| panic!("{} {what}: {e}", case.name));
+    let logits = model
+        .forward(&case.tensor("input_ids"), None)
+        .expect("forward");
+    assert_close(
+        &format!("{} {what} logits", case.name),
+        &logits,
+        &case.tensor("logits"),
+        case.tol("logits"),
+    );
+}
+
+#[test]
+fn sharded_safetensors_give_the_same_logits() {
+    for case in base_cases() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(
+            case.model_dir.join("config.json"),
+            tmp.path().join("config.json"),
+        )
+        .expect("config");
+        let all =
+            candle_core::safetensors::load(case.model_dir.join("model.safetensors"), &Device::Cpu)
+                .expect("weights");
+        let mut names: Vec<&String> = all.keys().collect();
+        names.sort();
+        let mut weight_map = serde_json::Map::new();
+        let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+        for (i, name) in names.iter().enumerate() {
+            let shard = i % 2;
+            let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+            weight_map.insert((*name).clone(), Value::from(file));
+            shards[shard].insert((*name).clone(), all[*name].clone());
+        }
+        for (i, s) in shards.iter().enumerate() {
+            candle_core::safetensors::save(
+                s,
+                tmp.path()
+                    .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+            )
+            .expect("save shard");
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(
+            tmp.path().join("model.safetensors.index.json"),
+            serde_json::to_string(&index).expect("json"),
+        )
+        .expect("index");
+        check_logits(&case, tmp.path(), "sharded");
+    }
+}
+
+#[test]
+fn state_spaces_config_original_naming_and_pytorch_bin_give_the_same_logits() {
+    for case in base_cases() {
+        let hf: Value = serde_json::from_str(
+            &std::fs::read_to_string(case.model_dir.join("config.json")).expect("config"),
+        )
+        .expect("json");
+        let vocab = hf["vocab_size"].as_u64().expect("vocab");
+        // An unpadded vocabulary that pads back up to the checkpoint's rows.
+        let original = serde_json::json!({
+            "d_model": hf["hidden_size"],
+            "n_layer": hf["num_hidden_layers"],
+            "vocab_size": vocab - 3,
+            "pad_vocab_size_multiple": 8,
+            "ssm_cfg": {
+                "d_state": hf["state_size"],
+                "d_conv": hf["conv_kernel"],
+                "expand": hf["expand"],
+                "dt_rank": hf["time_step_rank"],
+            },
+            "rms_norm": true,
+            "residual_in_fp32": true,
+            "fused_add_norm": true,
+            "tie_embeddings": true,
+        });
+        let tmp = tempfile::tempdir().expect("tempdir");
+        std::fs::write(tmp.path().join("config.json"), original.to_string()).expect("config");
+        let all =
+            candle_core::safetensors::load(case.model_dir.join("model.safetensors"), &Device::Cpu)
+                .expect("weights");
+        let mut tensors: Vec<(String, Tensor)> = all
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.replace("backbone.embeddings.", "backbone.embedding."),
+                    v.clone(),
+                )
+            })
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        // torch.save of a tied model lists the head too; it must be accepted as tied.
+        tensors.push((
+            "lm_head.weight".into(),
+            all["backbone.embeddings.weight"].clone(),
+        ));
+        write_pytorch_bin(&tmp.path().join("pytorch_model.bin"), &tensors);
+        let model = MambaForCausalLM::load(tmp.path(), &LoadOptions::default()).expect("load bin");
+        assert!(
+            model.lm_head.is_none(),
+            "an identical lm_head.weight is tied"
+        );
+        check_logits(&case, tmp.path(), "pytorch_model.bin, state-spaces naming");
+    }
+}
+
+#[test]
+fn an_untied_head_is_used() {
+    for case in base_cases() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(case.model_dir.join("config.json")).expect("config"),
+        )
+        .expect("json");
+        cfg["tie_word_embeddings"] = Value::Bool(false);
+        std::fs::write(tmp.path().join("config.json"), cfg.to_string()).expect("config");
+        let mut all =
+            candle_core::safetensors::load(case.model_dir.join("model.safetensors"), &Device::Cpu)
+                .expect("weights");
+        let emb = all["backbone.embeddings.weight"].clone();
+        all.insert("lm_head.weight".into(), (emb * 2.0).expect("scale"));
+        candle_core::safetensors::save(&all, tmp.path().join("model.safetensors")).expect("save");
+        let model = MambaForCausalLM::load(tmp.path(), &LoadOptions::default()).expect("load");
+        assert!(model.lm_head.is_some());
+        let logits = model
+            .forward(&case.tensor("input_ids"), None)
+            .expect("forward");
+        // The head is linear in its weight: doubling it doubles the logits.
+        let want = (case.tensor("logits") * 2.0).expect("scale");
+        assert_close(
+            &format!("{} untied head", case.name),
+            &logits,
+            &want,
+            Tol {
+                atol: 2.0 * case.tol("logits").atol,
+                ..case.tol("logits")
+            },
+        );
+    }
+}
