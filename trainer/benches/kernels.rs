@@ -5,15 +5,23 @@
 //! (b L E N). Prints tokens/s (median of the timed runs) and the speed-up.
 
 use candle_core::Result;
-use trainer::kernels::bench::{self, BenchShape, Comparison};
+use trainer::kernels::bench::{self, BenchShape, Comparison, Timing};
+
+fn cpu(t: &Timing) -> String {
+    t.cpu_per_wall
+        .map(|c| format!("{c:.1}"))
+        .unwrap_or_else(|| "?".into())
+}
 
 fn report(what: &str, tokens: usize, c: &Comparison) {
     println!(
-        "{what:<28} fused {:>10.0} tok/s ({:>8.2} ms)   reference {:>9.0} tok/s ({:>8.2} ms)   speed-up {:>6.1}x",
+        "{what:<28} fused {:>10.0} tok/s ({:>8.2} ms, cpu/wall {})   reference {:>9.0} tok/s ({:>9.2} ms, cpu/wall {})   speed-up {:>6.1}x",
         c.fused.tokens_per_s(tokens),
         c.fused.median_s * 1e3,
+        cpu(&c.fused),
         c.reference.tokens_per_s(tokens),
         c.reference.median_s * 1e3,
+        cpu(&c.reference),
         c.speedup()
     );
 }
@@ -44,6 +52,14 @@ fn main() -> Result<()> {
         rayon::current_num_threads()
     );
     let tokens = shape.tokens();
+    let (kf, kb) = bench::scan_kernels_only(&shape, 20)?;
+    println!(
+        "scan kernels alone           forward {:.2} ms, backward {:.2} ms: fwd+bwd {:.0} tok/s (cpu/wall {})",
+        kf.median_s * 1e3,
+        kb.median_s * 1e3,
+        tokens as f64 / (kf.median_s + kb.median_s),
+        cpu(&kb)
+    );
     report(
         "scan fwd+bwd (with z)",
         tokens,
@@ -55,11 +71,14 @@ fn main() -> Result<()> {
         &bench::scan_fwd(&shape, 20, 3)?,
     );
     report("conv fwd+bwd", tokens, &bench::conv_fwd_bwd(&shape, 20, 5)?);
-    // A decode step produces one token per batch row.
-    report(
-        "decode step (conv+scan)",
-        shape.batch,
-        &bench::decode_step(&shape, 200)?,
-    );
+    // A decode step (one layer's conv + scan) produces one token per batch row.
+    for batch in [1, shape.batch, 64] {
+        let step_shape = BenchShape { batch, ..shape };
+        report(
+            &format!("decode step, batch {batch}"),
+            batch,
+            &bench::decode_step(&step_shape, 200)?,
+        );
+    }
     Ok(())
 }

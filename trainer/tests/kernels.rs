@@ -671,6 +671,47 @@ fn scan_gradients_with_some_inputs_frozen() {
     assert_close_scaled("grad A", &ga, &ga_ref);
 }
 
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    // Reductions use partitions fixed by the shapes, not by the pool, so the bits match.
+    let c = ScanCase {
+        b: 3,
+        l: 130,
+        e: 200,
+        n: 16,
+        z: true,
+        s0: true,
+    };
+    let v = ScanVars::random(&c, 21);
+    let run = || {
+        let (y, last, g) = v.run(FUSED.scan);
+        let mut out = vec![values(&y), values(&last)];
+        out.extend(
+            v.named()
+                .iter()
+                .map(|(name, var)| values(&grad(&g, var, name))),
+        );
+        let x = v.u.as_tensor();
+        let w = Tensor::ones((c.e, 4), DType::F32, &Device::Cpu).unwrap();
+        let yc = kernels::causal_conv1d_silu(x, &w, v.d.as_tensor(), None).unwrap();
+        let gc = yc.sum_all().unwrap().backward().unwrap();
+        out.push(values(&yc));
+        out.push(values(&grad(&gc, &v.d, "conv bias")));
+        out
+    };
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .unwrap()
+        .install(run);
+    let three = rayon::ThreadPoolBuilder::new()
+        .num_threads(3)
+        .build()
+        .unwrap()
+        .install(run);
+    assert!(one == three, "results differ between 1 and 3 threads");
+}
+
 #[derive(Clone, Copy, Debug)]
 struct ConvCase {
     b: usize,
@@ -1029,6 +1070,8 @@ fn empty_sequence_returns_the_initial_state() {
     )
     .unwrap();
     assert_eq!(y.dims(), &[2, 0, 5]);
+    let (y_ref, _, _) = v.run(REFERENCE.scan);
+    assert_eq!(y_ref.dims(), &[2, 0, 5]);
     let exact = Tol {
         atol: 0.0,
         rtol: 0.0,

@@ -42,6 +42,9 @@ pub struct Timing {
     pub median_s: f64,
     pub min_s: f64,
     pub runs: usize,
+    /// Process CPU time / wall time over the timed runs (Linux only): about the number of
+    /// threads when the machine is quiet, lower when other processes take the cores.
+    pub cpu_per_wall: Option<f64>,
 }
 
 impl Timing {
@@ -64,20 +67,39 @@ impl Comparison {
     }
 }
 
+/// User + system CPU time of this process (all threads), from `/proc/self/stat`.
+fn process_cpu_s() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    // Linux reports clock ticks of 1/100 s (USER_HZ) on every mainstream architecture.
+    Some((utime + stime) / 100.0)
+}
+
 /// Runs `f` once to warm up, then `runs` times, and returns the timing.
 pub fn time<F: FnMut() -> Result<()>>(runs: usize, mut f: F) -> Result<Timing> {
     f()?;
     let mut times = Vec::with_capacity(runs.max(1));
+    let (cpu0, wall0) = (process_cpu_s(), Instant::now());
     for _ in 0..runs.max(1) {
         let start = Instant::now();
         f()?;
         times.push(start.elapsed().as_secs_f64());
     }
+    let wall = wall0.elapsed().as_secs_f64();
+    let cpu_per_wall = match (cpu0, process_cpu_s()) {
+        (Some(a), Some(b)) if wall > 0.0 => Some((b - a) / wall),
+        _ => None,
+    };
     times.sort_by(f64::total_cmp);
     Ok(Timing {
         median_s: times[times.len() / 2],
         min_s: times[0],
         runs: times.len(),
+        cpu_per_wall,
     })
 }
 
@@ -248,4 +270,32 @@ pub fn decode_step(shape: &BenchShape, runs: usize) -> Result<Comparison> {
     let fused = time(runs, || run(true))?;
     let reference = time(runs, || run(false))?;
     Ok(Comparison { fused, reference })
+}
+
+/// The scan kernels alone, without Candle (no packing, no graph): forward with
+/// checkpoints, and backward. Separates kernel time from framework overhead.
+pub fn scan_kernels_only(shape: &BenchShape, runs: usize) -> Result<(Timing, Timing)> {
+    use super::scan::{ScanDims, backward, forward};
+    let dims = ScanDims {
+        b: shape.batch,
+        l: shape.len,
+        e: shape.d_inner,
+        n: shape.d_state,
+        has_z: true,
+        has_s0: false,
+    };
+    let inp = ScanInputs::random(shape)?;
+    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+    let (u, delta) = (flat(&inp.u)?, flat(&inp.delta)?);
+    let parts = [&inp.z, &inp.b, &inp.c, &inp.a, &inp.d, &inp.delta_bias]
+        .map(|v| v.as_tensor().flatten_all());
+    let parts = parts.into_iter().collect::<Result<Vec<_>>>()?;
+    let rest = Tensor::cat(&parts, 0)?.to_vec1::<f32>()?;
+    let grad_y = flat(&inp.upstream)?;
+    let fwd = time(runs, || forward(&dims, &u, &delta, &rest, true).map(|_| ()))?;
+    let (_, slabs) = forward(&dims, &u, &delta, &rest, true)?;
+    let bwd = time(runs, || {
+        backward(&dims, &u, &delta, &rest, &grad_y, &slabs).map(|_| ())
+    })?;
+    Ok((fwd, bwd))
 }

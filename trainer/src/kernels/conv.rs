@@ -88,18 +88,44 @@ impl<'a> Rows<'a> {
 /// `wt` is the weight transposed to `[K][E]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn preact<S: Simd>(s: S, x: &Rows<'_>, wt: &[f32], bias: &[f32], dims: &ConvDims, bi: usize, t: usize, c: usize, w: usize) -> S::V {
+fn preact<S: Simd>(
+    s: S,
+    x: &Rows<'_>,
+    wt: &[f32],
+    bias: &[f32],
+    dims: &ConvDims,
+    bi: usize,
+    t: usize,
+    c: usize,
+    w: usize,
+) -> S::V {
     let mut acc = s.load(bias, c, w);
     for k in 0..dims.k {
         // x_ext row of tap k: t + P - (K-1) + k, skipped while negative.
-        let Some(j) = (t + dims.p + k).checked_sub(dims.k - 1) else { continue };
-        acc = s.mul_add(s.load(wt, k * dims.e + c, w), s.load(x.row(bi, j), c, w), acc);
+        let Some(j) = (t + dims.p + k).checked_sub(dims.k - 1) else {
+            continue;
+        };
+        acc = s.mul_add(
+            s.load(wt, k * dims.e + c, w),
+            s.load(x.row(bi, j), c, w),
+            acc,
+        );
     }
     acc
 }
 
 #[inline(always)]
-fn fwd_rows_impl<S: Simd>(s: S, x: &Rows<'_>, wt: &[f32], bias: &[f32], dims: &ConvDims, bi: usize, t0: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn fwd_rows_impl<S: Simd>(
+    s: S,
+    x: &Rows<'_>,
+    wt: &[f32],
+    bias: &[f32],
+    dims: &ConvDims,
+    bi: usize,
+    t0: usize,
+    out: &mut [f32],
+) {
     let e = dims.e;
     for (dt, y) in out.chunks_exact_mut(e).enumerate() {
         for c in (0..e).step_by(W) {
@@ -143,7 +169,9 @@ fn preact_grad_rows_impl<S: Simd>(
             let gb = s.add(s.load(&gwb, k * e + c, w), g);
             s.store(&mut gwb, k * e + c, w, gb);
             for kk in 0..k {
-                let Some(j) = (t + dims.p + kk).checked_sub(k - 1) else { continue };
+                let Some(j) = (t + dims.p + kk).checked_sub(k - 1) else {
+                    continue;
+                };
                 let at = kk * e + c;
                 let gw = s.mul_add(g, s.load(x.row(bi, j), c, w), s.load(&gwb, at, w));
                 s.store(&mut gwb, at, w, gw);
@@ -170,7 +198,15 @@ with_simd! {
 /// Input gradient for `x_ext` rows `j0..` of batch `bi`:
 /// `gx[j] = Σ_k w[k]·ga[j - P + (K-1) - k]` over valid output rows.
 #[inline(always)]
-fn input_grad_rows_impl<S: Simd>(s: S, wt: &[f32], ga: &[f32], dims: &ConvDims, bi: usize, j0: usize, gx: &mut [f32]) {
+fn input_grad_rows_impl<S: Simd>(
+    s: S,
+    wt: &[f32],
+    ga: &[f32],
+    dims: &ConvDims,
+    bi: usize,
+    j0: usize,
+    gx: &mut [f32],
+) {
     let e = dims.e;
     for (dj, out) in gx.chunks_exact_mut(e).enumerate() {
         let j = j0 + dj;
@@ -178,7 +214,9 @@ fn input_grad_rows_impl<S: Simd>(s: S, wt: &[f32], ga: &[f32], dims: &ConvDims, 
             let w = W.min(e - c);
             let mut acc = s.zero();
             for k in 0..dims.k {
-                let Some(t) = (j + dims.k - 1).checked_sub(dims.p + k) else { continue };
+                let Some(t) = (j + dims.k - 1).checked_sub(dims.p + k) else {
+                    continue;
+                };
                 if t < dims.l {
                     let gar = &ga[(bi * dims.l + t) * e..][..e];
                     acc = s.mul_add(s.load(wt, k * e + c, w), s.load(gar, c, w), acc);

@@ -54,7 +54,10 @@ fn f32_flat(t: &Tensor) -> Result<Tensor> {
 /// Selective scan: `dt = softplus(delta + delta_bias)`,
 /// `s_t = exp(dt_t·A) ⊙ s_{t-1} + dt_t·B_t·u_t`, `y_t = s_t·C_t + D ⊙ u_t`, then `y ⊙ silu(z)`
 /// when `z` is given. Starts from `initial_state` (`[b, E, N]`) or zero. Returns `y`
-/// (`[b, L, E]`) and the last state (`[b, E, N]`, detached from autograd).
+/// (`[b, L, E]`) and the last state (`[b, E, N]`, F32, detached from autograd).
+///
+/// Differentiable in every input (including `A`, `D`, `delta_bias` and `initial_state`); the
+/// backward recomputes states chunk by chunk from boundary states kept by the forward.
 #[allow(clippy::too_many_arguments)]
 pub fn selective_scan(
     u: &Tensor,
@@ -93,8 +96,11 @@ pub fn selective_scan(
         has_z: z.is_some(),
         has_s0: initial_state.is_some(),
     };
-    // One packed input so that one graph node yields every gradient (see `scan`).
-    let mut parts = vec![f32_flat(u)?, f32_flat(delta)?];
+    // u and delta go in as they are; the other inputs are packed (see `scan`).
+    // (`contiguous` is free for already-contiguous tensors.)
+    let dense = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (u32, delta32) = (dense(u)?, dense(delta)?);
+    let mut parts = Vec::with_capacity(7);
     if let Some(z) = z {
         parts.push(f32_flat(z)?);
     }
@@ -104,14 +110,18 @@ pub fn selective_scan(
     if let Some(s) = initial_state {
         parts.push(f32_flat(s)?);
     }
-    let packed = Tensor::cat(&parts, 0)?;
-    let keep_all = packed.track_op();
+    let rest = Tensor::cat(&parts, 0)?;
+    let keep_all = u32.track_op() || delta32.track_op() || rest.track_op();
     let saved = Arc::new(OnceLock::new());
-    let y = packed.apply_op1(scan::ScanOp {
-        dims,
-        keep_all,
-        saved: saved.clone(),
-    })?;
+    let y = u32.apply_op3(
+        &delta32,
+        &rest,
+        scan::ScanOp {
+            dims,
+            keep_all,
+            saved: saved.clone(),
+        },
+    )?;
     let Some(slabs) = saved.get() else {
         bail!("{OP}: the forward saved no state")
     };
@@ -174,7 +184,8 @@ pub fn causal_conv1d_silu(
 }
 
 /// One decode step of the scan: `x`, `delta`, `z` are `[b, E]`, `B`, `C` `[b, N]`, `state`
-/// `[b, E, N]`. Returns `y` `[b, E]` and the new state.
+/// `[b, E, N]`. Returns `y` `[b, E]` and the new state (F32). No autograd: plain loops, O(E·N)
+/// per token, parallel over batch rows and channel segments.
 #[allow(clippy::too_many_arguments)]
 pub fn selective_scan_step(
     state: &Tensor,
@@ -229,7 +240,7 @@ pub fn selective_scan_step(
 
 /// One decode step of the conv: `x` is `[b, E]`, `conv_state` `[b, E, K]` (the last K
 /// inputs). Returns `y` `[b, E]` (after bias and SiLU) and the new conv state, which drops the
-/// oldest input and appends `x`.
+/// oldest input and appends `x` (F32). No autograd.
 pub fn causal_conv1d_step(
     conv_state: &Tensor,
     x: &Tensor,

@@ -36,7 +36,11 @@ pub fn selective_scan(
         let c_t = c.narrow(1, t, 1)?; // [b, 1, N]
         ys.push(s.broadcast_mul(&c_t)?.sum(D::Minus1)?); // [b, E]
     }
-    let y = Tensor::stack(&ys, 1)?; // [b, L, E]
+    let y = if ys.is_empty() {
+        Tensor::zeros((bsz, 0, e), u.dtype(), u.device())?
+    } else {
+        Tensor::stack(&ys, 1)? // [b, L, E]
+    };
     let y = y.add(&u.broadcast_mul(d)?)?;
     let y = match z {
         Some(z) => (y * candle_nn::ops::silu(z)?)?,

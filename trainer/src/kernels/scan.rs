@@ -1,10 +1,11 @@
-//! The fused selective scan: a Candle `CustomOp1` over one packed f32 buffer holding every
-//! input, so that a single graph node carries all nine gradients.
+//! The fused selective scan: a Candle `CustomOp3` over (`u`, `delta`, `rest`), where `rest`
+//! packs every other input, so that a single graph node carries all nine gradients.
 //!
 //! Design:
-//! * `selective_scan` flattens and concatenates the inputs (`u, delta, [z], B, C, A, D,
-//!   delta_bias, [s0]`) into one buffer; Candle's `cat`/`reshape` backward hands each input
-//!   its slice of the packed gradient. The copy is O(b·L·E), against O(b·L·E·N) for the scan.
+//! * `u` and `delta` are passed as they are; `z, B, C, A, D, delta_bias, [s0]` are flattened
+//!   and concatenated into `rest`, and Candle's `cat`/`reshape` backward hands each its
+//!   slice of `rest`'s gradient. (Every graph node between a variable and the op costs two
+//!   input-sized buffers in Candle's backward, so the two largest inputs skip the packing.)
 //! * Channels are processed in blocks of `W` = 8 lanes (one AVX2 register): with the state
 //!   stored `[N][W]` per block, every step is lane-wise (no horizontal sums in the
 //!   recurrence), for any N. Work is split over batch × groups of blocks with rayon.
@@ -17,7 +18,7 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
 use super::simd::{self, Lanes, Portable, Simd, W, with_simd};
@@ -40,11 +41,11 @@ pub(crate) struct ScanDims {
     pub has_s0: bool,
 }
 
-/// Offsets of each input inside the packed buffer (its gradient uses the same layout).
+/// Offsets of each input in the virtual concatenation `[u, delta, rest]`; the backward's
+/// output uses exactly this layout.
 #[derive(Clone, Copy, Debug)]
 struct Offsets {
-    u: usize,
-    delta: usize,
+    // u is at 0 and delta at b·L·E.
     z: usize,
     bm: usize,
     cm: usize,
@@ -87,9 +88,7 @@ impl ScanDims {
     fn offsets(&self) -> Offsets {
         let ble = self.b * self.l * self.e;
         let bln = self.b * self.l * self.n;
-        let u = 0;
-        let delta = u + ble;
-        let z = delta + ble;
+        let z = 2 * ble;
         let bm = z + if self.has_z { ble } else { 0 };
         let cm = bm + bln;
         let a = cm + bln;
@@ -103,8 +102,6 @@ impl ScanDims {
                 0
             };
         Offsets {
-            u,
-            delta,
             z,
             bm,
             cm,
@@ -131,25 +128,29 @@ struct Inputs<'a> {
 }
 
 impl<'a> Inputs<'a> {
-    fn split(dims: &ScanDims, buf: &'a [f32]) -> Result<Self> {
+    fn split(dims: &ScanDims, u: &'a [f32], delta: &'a [f32], rest: &'a [f32]) -> Result<Self> {
         let o = dims.offsets();
-        if buf.len() != o.total {
+        let ble = dims.b * dims.l * dims.e;
+        if u.len() != ble || delta.len() != ble || rest.len() != o.total - o.z {
             bail!(
-                "selective_scan: packed input has {} values, expected {}",
-                buf.len(),
-                o.total
+                "selective_scan: u/delta/packed inputs have {}/{}/{} values, expected {ble}/{ble}/{}",
+                u.len(),
+                delta.len(),
+                rest.len(),
+                o.total - o.z
             )
         }
+        let at = |from: usize, to: usize| &rest[from - o.z..to - o.z];
         Ok(Self {
-            u: &buf[o.u..o.delta],
-            delta: &buf[o.delta..o.z],
-            z: dims.has_z.then(|| &buf[o.z..o.bm]),
-            bm: &buf[o.bm..o.cm],
-            cm: &buf[o.cm..o.a],
-            a: &buf[o.a..o.d],
-            d: &buf[o.d..o.bias],
-            bias: &buf[o.bias..o.s0],
-            s0: dims.has_s0.then(|| &buf[o.s0..o.total]),
+            u,
+            delta,
+            z: dims.has_z.then(|| at(o.z, o.bm)),
+            bm: at(o.bm, o.cm),
+            cm: at(o.cm, o.a),
+            a: at(o.a, o.d),
+            d: at(o.d, o.bias),
+            bias: at(o.bias, o.s0),
+            s0: dims.has_s0.then(|| at(o.s0, o.total)),
         })
     }
 }
@@ -178,7 +179,7 @@ fn block_params<S: Simd>(s: S, inp: &Inputs<'_>, dims: &ScanDims, blk: usize) ->
     BlockParams {
         e0,
         w,
-        a: a.iter().map(|l| s.from_lanes(l)).collect(),
+        a: a.iter().map(|l| s.load_lanes(l)).collect(),
         d: s.load(inp.d, e0, w),
         bias: s.load(inp.bias, e0, w),
     }
@@ -186,7 +187,13 @@ fn block_params<S: Simd>(s: S, inp: &Inputs<'_>, dims: &ScanDims, blk: usize) ->
 
 /// Initial state of block `bp` of batch row `bi`, as `[N]` vectors.
 #[inline(always)]
-fn initial_state<S: Simd>(s: S, inp: &Inputs<'_>, dims: &ScanDims, bi: usize, bp: &BlockParams<S::V>) -> Vec<S::V> {
+fn initial_state<S: Simd>(
+    s: S,
+    inp: &Inputs<'_>,
+    dims: &ScanDims,
+    bi: usize,
+    bp: &BlockParams<S::V>,
+) -> Vec<S::V> {
     let mut st = vec![[0.0; W]; dims.n];
     if let Some(s0) = inp.s0 {
         for i in 0..bp.w {
@@ -196,7 +203,7 @@ fn initial_state<S: Simd>(s: S, inp: &Inputs<'_>, dims: &ScanDims, bi: usize, bp
             }
         }
     }
-    st.iter().map(|l| s.from_lanes(l)).collect()
+    st.iter().map(|l| s.load_lanes(l)).collect()
 }
 
 /// What one forward task produces for its blocks.
@@ -272,10 +279,12 @@ with_simd! {
 /// `[b][block][slab][N][W]` (all chunk boundaries when `keep_all`, else the last state).
 pub(crate) fn forward(
     dims: &ScanDims,
-    packed: &[f32],
+    u: &[f32],
+    delta: &[f32],
+    rest: &[f32],
     keep_all: bool,
 ) -> Result<(Vec<f32>, Vec<Lanes>)> {
-    let inp = Inputs::split(dims, packed)?;
+    let inp = Inputs::split(dims, u, delta, rest)?;
     let tasks: Vec<(usize, usize)> = (0..dims.b)
         .flat_map(|bi| (0..dims.groups()).map(move |g| (bi, g)))
         .collect();
@@ -352,12 +361,19 @@ fn bwd_task_impl<S: Simd>(
 ) -> BwdOut {
     let ScanDims { l, e, n, .. } = *dims;
     let (nblk, nslabs, nb) = (dims.nblk(), dims.nslabs(true), blocks.len());
-    let params: Vec<BlockParams<S::V>> = blocks.clone().map(|blk| block_params(s, inp, dims, blk)).collect();
+    let params: Vec<BlockParams<S::V>> = blocks
+        .clone()
+        .map(|blk| block_params(s, inp, dims, blk))
+        .collect();
     let zl = [0.0f32; W];
     let mut o = BwdOut {
         gu: vec![zl; nb * l],
         gdelta: vec![zl; nb * l],
-        gz: if inp.z.is_some() { vec![zl; nb * l] } else { Vec::new() },
+        gz: if inp.z.is_some() {
+            vec![zl; nb * l]
+        } else {
+            Vec::new()
+        },
         gb: vec![0.0; l * n],
         gc: vec![0.0; l * n],
         ga: vec![zl; nb * n],
@@ -372,8 +388,13 @@ fn bwd_task_impl<S: Simd>(
     // Per-chunk scratch: the state and decay of every step, and per-step lane values.
     let mut ss = vec![z; CHUNK * n];
     let mut das = vec![z; CHUNK * n];
-    let (mut dts, mut sigs, mut gys, mut dus, mut us) =
-        (vec![z; CHUNK], vec![z; CHUNK], vec![z; CHUNK], vec![z; CHUNK], vec![z; CHUNK]);
+    let (mut dts, mut sigs, mut gys, mut dus, mut us) = (
+        vec![z; CHUNK],
+        vec![z; CHUNK],
+        vec![z; CHUNK],
+        vec![z; CHUNK],
+        vec![z; CHUNK],
+    );
     // Lane-wise partial sums of dB and dC over the blocks, reduced once per chunk.
     let mut gbl = vec![z; CHUNK * n];
     let mut gcl = vec![z; CHUNK * n];
@@ -389,10 +410,10 @@ fn bwd_task_impl<S: Simd>(
             let bp = &params[lb];
             let slab = &slabs[((bi * nblk + blk) * nslabs + c) * n..][..n];
             for ((sv, st0), l) in st.iter_mut().zip(start.iter_mut()).zip(slab) {
-                *sv = s.from_lanes(l);
+                *sv = s.load_lanes(l);
                 *st0 = *sv;
             }
-            let (mut gd_acc, mut gbias_acc) = (s.from_lanes(&o.gd[lb]), s.from_lanes(&o.gbias[lb]));
+            let (mut gd_acc, mut gbias_acc) = (s.load_lanes(&o.gd[lb]), s.load_lanes(&o.gbias[lb]));
 
             // Recompute the chunk forward, keeping every state and decay.
             for j in 0..len {
@@ -414,9 +435,13 @@ fn bwd_task_impl<S: Simd>(
                 let brow = (bi * l + t) * n;
                 let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
                 let mut y = z;
-                let steps = ss[j * n..(j + 1) * n].iter_mut().zip(&mut das[j * n..(j + 1) * n]);
+                let steps = ss[j * n..(j + 1) * n]
+                    .iter_mut()
+                    .zip(&mut das[j * n..(j + 1) * n]);
                 let lanes = st.iter_mut().zip(&bp.a).zip(&mut gcl[j * n..(j + 1) * n]);
-                for (((sj, daj), ((sn, &an), gcj)), (&bv, &cv)) in steps.zip(lanes).zip(bt.iter().zip(ct)) {
+                for (((sj, daj), ((sn, &an), gcj)), (&bv, &cv)) in
+                    steps.zip(lanes).zip(bt.iter().zip(ct))
+                {
                     let da = simd::exp(s, s.mul(dt, an));
                     *sn = s.mul_add(da, *sn, s.mul(du, s.splat(bv)));
                     y = s.mul_add(*sn, s.splat(cv), y);
@@ -428,7 +453,8 @@ fn bwd_task_impl<S: Simd>(
                     o.gz[lb * l + t] = s.to_lanes(s.mul(s.mul_add(bp.d, u, y), gate));
                 }
                 gd_acc = s.mul_add(gy, u, gd_acc);
-                (dts[j], sigs[j], gys[j], dus[j], us[j]) = (dt, simd::softplus_slope(s, v, ev), gy, du, u);
+                (dts[j], sigs[j], gys[j], dus[j], us[j]) =
+                    (dt, simd::softplus_slope(s, v, ev), gy, du, u);
             }
 
             // Reverse recurrence over the chunk.
@@ -439,11 +465,20 @@ fn bwd_task_impl<S: Simd>(
                 let brow = (bi * l + t) * n;
                 let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
                 let (dt, gy, du, u) = (dts[j], gys[j], dus[j], us[j]);
-                let prev = if j > 0 { &ss[(j - 1) * n..j * n] } else { &start[..] };
+                let prev = if j > 0 {
+                    &ss[(j - 1) * n..j * n]
+                } else {
+                    &start[..]
+                };
                 let (mut ddt, mut hb_sum) = (z, z);
-                let per_n = h.iter_mut().zip(gab.iter_mut()).zip(&mut gbl[j * n..(j + 1) * n]);
+                let per_n = h
+                    .iter_mut()
+                    .zip(gab.iter_mut())
+                    .zip(&mut gbl[j * n..(j + 1) * n]);
                 let inputs = prev.iter().zip(&das[j * n..(j + 1) * n]).zip(&bp.a);
-                for (((hc, gan), gbj), (((&sp, &da), &an), (&bv, &cv))) in per_n.zip(inputs.zip(bt.iter().zip(ct))) {
+                for (((hc, gan), gbj), (((&sp, &da), &an), (&bv, &cv))) in
+                    per_n.zip(inputs.zip(bt.iter().zip(ct)))
+                {
                     // dL/ds_t: the carried part plus this step's read-out.
                     let hn = s.mul_add(gy, s.splat(cv), *hc);
                     let q = s.mul(s.mul(hn, sp), da);
@@ -464,7 +499,10 @@ fn bwd_task_impl<S: Simd>(
             o.gbias[lb] = s.to_lanes(gbias_acc);
         }
         for j in 0..len {
-            let (gb, gc) = (&mut o.gb[(t0 + j) * n..][..n], &mut o.gc[(t0 + j) * n..][..n]);
+            let (gb, gc) = (
+                &mut o.gb[(t0 + j) * n..][..n],
+                &mut o.gc[(t0 + j) * n..][..n],
+            );
             for (((b, c), bl), cl) in gb.iter_mut().zip(gc).zip(&gbl[j * n..]).zip(&gcl[j * n..]) {
                 *b = s.hsum(*bl);
                 *c = s.hsum(*cl);
@@ -487,15 +525,18 @@ with_simd! {
     ) -> BwdOut = bwd_task_impl;
 }
 
-/// Fused backward: the packed gradient (same layout as the packed input) of
-/// `sum(y · grad_y)`, from the chunk-boundary states saved by `forward(.., keep_all=true)`.
+/// Fused backward: the gradient of `sum(y · grad_y)` w.r.t. `[u, delta, rest]` (one buffer,
+/// laid out as `ScanDims::offsets`), from the chunk-boundary states saved by
+/// `forward(.., keep_all = true)`.
 pub(crate) fn backward(
     dims: &ScanDims,
-    packed: &[f32],
+    u: &[f32],
+    delta: &[f32],
+    rest: &[f32],
     grad_y: &[f32],
     slabs: &[Lanes],
 ) -> Result<Vec<f32>> {
-    let inp = Inputs::split(dims, packed)?;
+    let inp = Inputs::split(dims, u, delta, rest)?;
     let ScanDims { b, l, e, n, .. } = *dims;
     if grad_y.len() != b * l * e {
         bail!(
@@ -605,7 +646,7 @@ pub(crate) fn f32_slice<'a>(
     }
 }
 
-/// The scan as a custom op over the packed inputs; produces `y` `[b, L, E]`.
+/// The scan as a custom op over (`u`, `delta`, packed rest); produces `y` `[b, L, E]`.
 pub(crate) struct ScanOp {
     pub dims: ScanDims,
     /// Whether to keep chunk-boundary states for the backward (only when autograd tracks).
@@ -615,14 +656,24 @@ pub(crate) struct ScanOp {
     pub saved: Arc<OnceLock<Vec<Lanes>>>,
 }
 
-impl CustomOp1 for ScanOp {
+impl CustomOp3 for ScanOp {
     fn name(&self) -> &'static str {
         "molt-selective-scan"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let packed = f32_slice(storage, layout, "selective_scan (packed inputs)")?;
-        let (y, slabs) = forward(&self.dims, packed, self.keep_all)?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let u = f32_slice(s1, l1, "selective_scan (u)")?;
+        let delta = f32_slice(s2, l2, "selective_scan (delta)")?;
+        let rest = f32_slice(s3, l3, "selective_scan (packed inputs)")?;
+        let (y, slabs) = forward(&self.dims, u, delta, rest, self.keep_all)?;
         if self.saved.set(slabs).is_err() {
             bail!("selective_scan: the op was run twice")
         }
@@ -630,23 +681,40 @@ impl CustomOp1 for ScanOp {
         Ok((CpuStorage::F32(y), Shape::from((b, l, e))))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        u: &Tensor,
+        delta: &Tensor,
+        rest: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad_res.to_dtype(DType::F32)?.contiguous()?;
         let op = ScanGradOp {
             dims: self.dims,
             saved: self.saved.clone(),
+            grad,
         };
-        Ok(Some(arg.apply_op2_no_bwd(&grad, &op)?))
+        let g = u.apply_op3_no_bwd(delta, rest, &op)?;
+        let ScanDims { b, l, e, .. } = self.dims;
+        let ble = b * l * e;
+        let g_u = g.narrow(0, 0, ble)?.reshape((b, l, e))?;
+        let g_delta = g.narrow(0, ble, ble)?.reshape((b, l, e))?;
+        let g_rest = g.narrow(0, 2 * ble, g.dim(0)? - 2 * ble)?;
+        Ok((Some(g_u), Some(g_delta), Some(g_rest)))
     }
 }
 
-/// The backward as a (non-differentiable) custom op: (packed inputs, grad y) → packed grads.
+/// The backward as a (non-differentiable) custom op over (`u`, `delta`, rest) → their
+/// gradients, concatenated. A custom op has at most three inputs, so the gradient of `y`
+/// travels in the op itself and is read through its storage lock.
 struct ScanGradOp {
     dims: ScanDims,
     saved: Arc<OnceLock<Vec<Lanes>>>,
+    grad: Tensor,
 }
 
-impl CustomOp2 for ScanGradOp {
+impl CustomOp3 for ScanGradOp {
     fn name(&self) -> &'static str {
         "molt-selective-scan-grad"
     }
@@ -657,14 +725,119 @@ impl CustomOp2 for ScanGradOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let packed = f32_slice(s1, l1, "selective_scan backward (packed inputs)")?;
-        let grad_y = f32_slice(s2, l2, "selective_scan backward (grad of y)")?;
+        let u = f32_slice(s1, l1, "selective_scan backward (u)")?;
+        let delta = f32_slice(s2, l2, "selective_scan backward (delta)")?;
+        let rest = f32_slice(s3, l3, "selective_scan backward (packed inputs)")?;
+        let (guard, layout) = self.grad.storage_and_layout();
+        let Storage::Cpu(grad) = &*guard else {
+            bail!("selective_scan backward: the grad of y is not on the CPU")
+        };
+        let grad_y = f32_slice(grad, layout, "selective_scan backward (grad of y)")?;
         let Some(slabs) = self.saved.get() else {
             bail!("selective_scan backward: the forward saved no states")
         };
-        let grads = backward(&self.dims, packed, grad_y, slabs)?;
+        let grads = backward(&self.dims, u, delta, rest, grad_y, slabs)?;
         let len = grads.len();
         Ok((CpuStorage::F32(grads), Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn noise(len: usize, seed: u64) -> Vec<f32> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn close(what: &str, a: &[Lanes], b: &[Lanes]) {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        let scale = b.iter().flatten().fold(1e-3f32, |m, v| m.max(v.abs()));
+        for (i, (x, y)) in a.iter().flatten().zip(b.iter().flatten()).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * scale + 1e-4 * y.abs(),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    /// Runs every forward and backward task with both implementations and compares them.
+    fn compare<P: Simd, Q: Simd>(p: P, q: Q) {
+        for (b, l, e, n, has_z, has_s0) in [(2, 70, 19, 4, true, true), (1, 5, 3, 16, false, false)]
+        {
+            let dims = ScanDims {
+                b,
+                l,
+                e,
+                n,
+                has_z,
+                has_s0,
+            };
+            let o = dims.offsets();
+            let (u, delta) = (noise(b * l * e, 1), noise(b * l * e, 2));
+            let mut rest = noise(o.total - o.z, 3);
+            // A (at o.a in the virtual layout) must be negative.
+            for v in &mut rest[o.a - o.z..o.d - o.z] {
+                *v = -1.0 - 4.0 * v.abs();
+            }
+            let grad = noise(b * l * e, 4);
+            let inp = Inputs::split(&dims, &u, &delta, &rest).unwrap();
+            let tasks: Vec<(usize, Range<usize>)> = (0..b)
+                .flat_map(|bi| (0..dims.groups()).map(move |g| (bi, g)))
+                .map(|(bi, g)| (bi, dims.group_blocks(g)))
+                .collect();
+            let mut slabs = Vec::new();
+            for (bi, blocks) in &tasks {
+                let x = fwd_task_impl(p, &inp, &dims, *bi, blocks.clone(), true);
+                let y = fwd_task_impl(q, &inp, &dims, *bi, blocks.clone(), true);
+                close("y", &x.y, &y.y);
+                close("states", &x.slabs, &y.slabs);
+                slabs.extend(y.slabs);
+            }
+            let as_lanes = |v: &[f32]| -> Vec<Lanes> {
+                v.chunks(W)
+                    .map(|c| std::array::from_fn(|i| c.get(i).copied().unwrap_or(0.0)))
+                    .collect()
+            };
+            for (bi, blocks) in &tasks {
+                let x = bwd_task_impl(p, &inp, &dims, &grad, &slabs, *bi, blocks.clone());
+                let y = bwd_task_impl(q, &inp, &dims, &grad, &slabs, *bi, blocks.clone());
+                close("du", &x.gu, &y.gu);
+                close("ddelta", &x.gdelta, &y.gdelta);
+                close("dz", &x.gz, &y.gz);
+                close("dA", &x.ga, &y.ga);
+                close("dD", &x.gd, &y.gd);
+                close("dbias", &x.gbias, &y.gbias);
+                close("ds0", &x.gs0, &y.gs0);
+                close("dB", &as_lanes(&x.gb), &as_lanes(&y.gb));
+                close("dC", &as_lanes(&x.gc), &as_lanes(&y.gc));
+            }
+        }
+    }
+
+    /// The portable instantiation against the AVX2 one (which the integration tests check
+    /// against the reference), task by task.
+    #[test]
+    fn portable_and_avx2_kernels_agree() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(avx) = simd::Avx2::detect() {
+            compare(Portable, avx);
+            return;
+        }
+        compare(Portable, Portable);
     }
 }

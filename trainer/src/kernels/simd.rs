@@ -22,7 +22,7 @@ pub(crate) trait Simd: Copy + Send + Sync {
     type V: Copy;
 
     fn splat(self, x: f32) -> Self::V;
-    fn from_lanes(self, l: &Lanes) -> Self::V;
+    fn load_lanes(self, l: &Lanes) -> Self::V;
     fn to_lanes(self, v: Self::V) -> Lanes;
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
@@ -53,11 +53,11 @@ pub(crate) trait Simd: Copy + Send + Sync {
         if w == W
             && let Some(full) = src[at..].first_chunk::<W>()
         {
-            return self.from_lanes(full);
+            return self.load_lanes(full);
         }
         let mut tmp = [0.0; W];
         tmp[..w].copy_from_slice(&src[at..at + w]);
-        self.from_lanes(&tmp)
+        self.load_lanes(&tmp)
     }
 
     /// Writes the first `w ≤ W` lanes of `v` to `dst[at..]`.
@@ -91,7 +91,7 @@ impl Simd for Portable {
         [x; W]
     }
     #[inline(always)]
-    fn from_lanes(self, l: &Lanes) -> Lanes {
+    fn load_lanes(self, l: &Lanes) -> Lanes {
         *l
     }
     #[inline(always)]
@@ -164,7 +164,8 @@ mod avx2 {
         /// The token, if this CPU has AVX2 and FMA.
         #[inline]
         pub(crate) fn detect() -> Option<Self> {
-            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(Self(()))
+            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+                .then_some(Self(()))
         }
     }
 
@@ -178,7 +179,7 @@ mod avx2 {
             unsafe { _mm256_set1_ps(x) }
         }
         #[inline(always)]
-        fn from_lanes(self, l: &Lanes) -> __m256 {
+        fn load_lanes(self, l: &Lanes) -> __m256 {
             unsafe { _mm256_loadu_ps(l.as_ptr()) }
         }
         #[inline(always)]
@@ -259,7 +260,15 @@ pub(crate) fn exp<S: Simd>(s: S, x: S::V) -> S::V {
     let r = s.mul_add(k, s.splat(-LN2_LO), r);
     // |r| ≤ ln2/2: Taylor to r^7 leaves a truncation error below 6e-9 (relative).
     let mut p = s.splat(1.0 / 5040.0);
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         p = s.mul_add(p, r, s.splat(c));
     }
     s.mul(p, s.pow2i(k))
@@ -272,7 +281,15 @@ pub(crate) fn log1p_unit<S: Simd>(s: S, x: S::V) -> S::V {
     let q = s.div(x, s.add(s.splat(2.0), x));
     let q2 = s.mul(q, q);
     let mut p = s.splat(2.0 / 15.0);
-    for c in [2.0 / 13.0, 2.0 / 11.0, 2.0 / 9.0, 2.0 / 7.0, 2.0 / 5.0, 2.0 / 3.0, 2.0] {
+    for c in [
+        2.0 / 13.0,
+        2.0 / 11.0,
+        2.0 / 9.0,
+        2.0 / 7.0,
+        2.0 / 5.0,
+        2.0 / 3.0,
+        2.0,
+    ] {
         p = s.mul_add(p, q2, s.splat(c));
     }
     s.mul(q, p)
@@ -313,7 +330,10 @@ pub(crate) fn silu<S: Simd>(s: S, z: S::V) -> S::V {
 pub(crate) fn silu_and_grad<S: Simd>(s: S, z: S::V) -> (S::V, S::V) {
     let sig = sigmoid(s, z);
     let one = s.splat(1.0);
-    (s.mul(z, sig), s.mul(sig, s.mul_add(z, s.sub(one, sig), one)))
+    (
+        s.mul(z, sig),
+        s.mul(sig, s.mul_add(z, s.sub(one, sig), one)),
+    )
 }
 
 /// Defines `fn $name(args) -> ret` that runs `$imp(Avx2, args)` compiled with AVX2+FMA
@@ -326,6 +346,7 @@ macro_rules! with_simd {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
                 fn avx2(s: $crate::kernels::simd::Avx2, $($arg: $ty),*) $(-> $ret)? {
                     $imp(s, $($arg),*)
                 }
@@ -415,9 +436,16 @@ mod tests {
         each_impl(|f| {
             for ((x, got), slope) in xs.iter().zip(f(&xs, "softplus")).zip(f(&xs, "slope")) {
                 let v = *x as f64;
-                let (want, want_slope) = if v > 20.0 { (v, 1.0) } else { (v.exp().ln_1p(), 1.0 / (1.0 + (-v).exp())) };
+                let (want, want_slope) = if v > 20.0 {
+                    (v, 1.0)
+                } else {
+                    (v.exp().ln_1p(), 1.0 / (1.0 + (-v).exp()))
+                };
                 assert!(ulps(got, want) < 4.0, "softplus({x}) = {got}, want {want}");
-                assert!((slope as f64 - want_slope).abs() <= 4e-7 * want_slope, "slope({x}) = {slope}");
+                assert!(
+                    (slope as f64 - want_slope).abs() <= 4e-7 * want_slope,
+                    "slope({x}) = {slope}"
+                );
             }
             assert!(f(&[f32::NAN], "softplus")[0].is_nan());
         });
@@ -440,8 +468,14 @@ mod tests {
             for ((z, v), g) in xs.iter().zip(f(&xs, "silu")).zip(f(&xs, "dsilu")) {
                 let zf = *z as f64;
                 let sig = 1.0 / (1.0 + (-zf).exp());
-                assert!((v as f64 - zf * sig).abs() <= 1e-6 * (1.0 + (zf * sig).abs()), "silu({z})");
-                assert!((g as f64 - sig * (1.0 + zf * (1.0 - sig))).abs() <= 1e-6, "silu'({z})");
+                assert!(
+                    (v as f64 - zf * sig).abs() <= 1e-6 * (1.0 + (zf * sig).abs()),
+                    "silu({z})"
+                );
+                assert!(
+                    (g as f64 - sig * (1.0 + zf * (1.0 - sig))).abs() <= 1e-6,
+                    "silu'({z})"
+                );
             }
         });
     }

@@ -33,7 +33,14 @@ pub(crate) struct StepInputs<'a> {
 
 /// Channels `e0..e0 + y.len()` of batch row `bi`: writes `y` and the new states `ns`.
 #[inline(always)]
-fn scan_seg_impl<S: Simd>(s: S, inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) {
+fn scan_seg_impl<S: Simd>(
+    s: S,
+    inp: &StepInputs<'_>,
+    bi: usize,
+    e0: usize,
+    y: &mut [f32],
+    ns: &mut [f32],
+) {
     let (e, n) = (inp.e, inp.n);
     let w = y.len();
     let row = bi * e + e0;
@@ -76,15 +83,15 @@ with_simd! {
     fn scan_seg(inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) = scan_seg_impl;
 }
 
-/// One scan step for the whole batch (callers handle N = 0): returns `y` `[b, E]` and the new state
-/// `[b, E, N]`.
-pub(crate) fn scan_step(inp: &StepInputs<'_>, b: usize) -> (Vec<f32>, Vec<f32>) {
+/// One scan step for the whole batch (callers handle N = 0): returns one buffer holding `y`
+/// `[b, E]` followed by the new state `[b, E, N]` (written in place, no concatenation).
+pub(crate) fn scan_step(inp: &StepInputs<'_>, b: usize) -> Vec<f32> {
     let (e, n) = (inp.e, inp.n);
-    let mut y = vec![0.0f32; b * e];
-    let mut ns = vec![0.0f32; b * e * n];
+    let mut out = vec![0.0f32; b * e * (1 + n)];
     if e == 0 || n == 0 {
-        return (y, ns);
+        return out;
     }
+    let (y, ns) = out.split_at_mut(b * e);
     y.par_chunks_mut(e)
         .zip(ns.par_chunks_mut(e * n))
         .enumerate()
@@ -96,7 +103,7 @@ pub(crate) fn scan_step(inp: &StepInputs<'_>, b: usize) -> (Vec<f32>, Vec<f32>) 
                     scan_seg(inp, bi, s * SEG, ys, nss);
                 });
         });
-    (y, ns)
+    out
 }
 
 #[inline(always)]
@@ -137,18 +144,21 @@ with_simd! {
 }
 
 /// One conv step: `state` `[b, E, K]`, `x` `[b, E]`, `w` `[E, K]`, `bias` `[E]` (K ≥ 1).
-/// Returns `y` `[b, E]` and the new state (oldest input dropped, `x` appended).
-pub(crate) fn conv_step(
-    state: &[f32],
-    x: &[f32],
-    w: &[f32],
-    bias: &[f32],
-    k: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let mut y = vec![0.0f32; x.len()];
-    let mut ns = vec![0.0f32; state.len()];
-    conv_rows(state, x, w, bias, k, &mut y, &mut ns);
-    (y, ns)
+/// Returns one buffer holding `y` `[b, E]` followed by the new state (oldest input dropped,
+/// `x` appended).
+pub(crate) fn conv_step(state: &[f32], x: &[f32], w: &[f32], bias: &[f32], k: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; x.len() + state.len()];
+    let e = bias.len();
+    if e == 0 {
+        return out;
+    }
+    let (y, ns) = out.split_at_mut(x.len());
+    // One task per batch row (each row is E·K multiply-adds).
+    y.par_chunks_mut(e)
+        .zip(ns.par_chunks_mut(e * k))
+        .zip(state.par_chunks(e * k).zip(x.par_chunks(e)))
+        .for_each(|((yb, nb), (sb, xb))| conv_rows(sb, xb, w, bias, k, yb, nb));
+    out
 }
 
 /// Scan step as a no-backward op over (state `[b, E, N]`, A `[E, N]`, packed small inputs
@@ -207,10 +217,9 @@ impl CustomOp3 for ScanStepOp {
             d,
             bias,
         };
-        let (mut y, ns) = scan_step(&inp, b);
-        y.extend_from_slice(&ns);
-        let len = y.len();
-        Ok((CpuStorage::F32(y), Shape::from(len)))
+        let out = scan_step(&inp, b);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
 
@@ -249,9 +258,8 @@ impl CustomOp3 for ConvStepOp {
             )
         }
         let (w, bias) = wb.split_at(e * k);
-        let (mut y, ns) = conv_step(state, x, w, bias, k);
-        y.extend_from_slice(&ns);
-        let len = y.len();
-        Ok((CpuStorage::F32(y), Shape::from(len)))
+        let out = conv_step(state, x, w, bias, k);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
     }
 }
