@@ -5,138 +5,49 @@
 //! The API stores the *resolved* hyperparameters (defaults filled in, `"auto"` replaced) on
 //! the job, so `GET /v1/fine_tuning/jobs/{id}` shows exactly what the worker trains with.
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 use crate::error::ApiError;
 
-/// Resolved hyperparameters of a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// Resolved hyperparameters of a job: the trainer's [`trainer::train::Hyperparameters`]
+/// (every field, defaults filled in) plus OpenAI's `learning_rate_multiplier`.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Hyperparameters {
-    /// Passes over the training file (OpenAI's `n_epochs`).
-    pub n_epochs: u32,
-    /// Examples per micro-batch.
-    pub batch_size: u32,
-    /// Peak learning rate = `base_learning_rate × learning_rate_multiplier` unless given
-    /// directly.
-    pub learning_rate: f64,
-    /// OpenAI's multiplier, kept for the response.
+    pub train: trainer::train::Hyperparameters,
     pub learning_rate_multiplier: f64,
-    /// Linear warm-up steps.
-    pub warmup_steps: u32,
-    /// `constant`, `linear` (decay to 0) or `cosine`.
-    pub lr_scheduler: String,
-    /// Longer examples are truncated.
-    pub max_seq_length: u32,
-    /// Micro-batches per optimiser step.
-    pub gradient_accumulation_steps: u32,
-    /// AdamW weight decay.
-    pub weight_decay: f64,
-    /// Save a checkpoint every this many optimiser steps (0: only at the end).
-    pub checkpoint_every: u32,
 }
 
-/// The learning rate a multiplier of 1 means.
-pub const BASE_LEARNING_RATE: f64 = 1e-3;
-
-impl Default for Hyperparameters {
-    fn default() -> Self {
-        Hyperparameters {
-            n_epochs: 3,
-            batch_size: 4,
-            learning_rate: BASE_LEARNING_RATE,
-            learning_rate_multiplier: 1.0,
-            warmup_steps: 0,
-            lr_scheduler: "linear".into(),
-            max_seq_length: 512,
-            gradient_accumulation_steps: 1,
-            weight_decay: 0.0,
-            checkpoint_every: 10,
-        }
-    }
+/// The learning rate a multiplier of 1 means (the trainer's default learning rate).
+pub fn base_learning_rate() -> f64 {
+    trainer::train::Hyperparameters::default().learning_rate
 }
 
-/// The schedules the trainer knows.
-pub const SCHEDULERS: &[&str] = &["constant", "linear", "cosine"];
+/// How many checkpoints a job gets when it does not say (`checkpoint_every` is derived from
+/// the estimated total steps), so that a reclaimed job always has something to resume from.
+pub const DEFAULT_CHECKPOINTS_PER_JOB: u64 = 10;
 
 fn hp_error(field: &str, message: String) -> ApiError {
     ApiError::bad_request("invalid_hyperparameter", message)
         .param(format!("hyperparameters.{field}"))
 }
 
-/// `None` for absent, null or `"auto"`.
-fn given<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<Option<&'a Value>, ApiError> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s == "auto" => Ok(None),
-        Some(Value::String(s)) => Err(hp_error(
-            field,
-            format!("hyperparameters.{field} must be a number or \"auto\", got \"{s}\""),
-        )),
-        Some(v) => Ok(Some(v)),
-    }
-}
-
-fn int_in(
-    obj: &Map<String, Value>,
-    field: &str,
-    lo: u64,
-    hi: u64,
-    default: u32,
-) -> Result<u32, ApiError> {
-    let Some(v) = given(obj, field)? else {
-        return Ok(default);
+/// The trainer's field names (from its serialised defaults), plus OpenAI's extras.
+fn known_fields() -> Vec<String> {
+    let mut out: Vec<String> = match serde_json::to_value(trainer::train::Hyperparameters::default())
+    {
+        Ok(Value::Object(m)) => m.keys().cloned().collect(),
+        _ => Vec::new(),
     };
-    let n = v.as_u64().or_else(|| {
-        v.as_f64()
-            .filter(|f| f.fract() == 0.0 && *f >= 0.0)
-            .map(|f| f as u64)
-    });
-    match n {
-        Some(n) if (lo..=hi).contains(&n) => Ok(n as u32),
-        _ => Err(hp_error(
-            field,
-            format!("hyperparameters.{field} must be an integer between {lo} and {hi}, got {v}"),
-        )),
-    }
+    out.push("learning_rate_multiplier".into());
+    out.push("epochs".into());
+    out
 }
-
-fn float_in(
-    obj: &Map<String, Value>,
-    field: &str,
-    lo_exclusive: f64,
-    hi: f64,
-) -> Result<Option<f64>, ApiError> {
-    let Some(v) = given(obj, field)? else {
-        return Ok(None);
-    };
-    match v.as_f64() {
-        Some(x) if x > lo_exclusive && x <= hi && x.is_finite() => Ok(Some(x)),
-        _ => Err(hp_error(
-            field,
-            format!("hyperparameters.{field} must be a number in ({lo_exclusive}, {hi}], got {v}"),
-        )),
-    }
-}
-
-const KNOWN_FIELDS: &[&str] = &[
-    "n_epochs",
-    "epochs",
-    "batch_size",
-    "learning_rate",
-    "learning_rate_multiplier",
-    "warmup_steps",
-    "lr_scheduler",
-    "max_seq_length",
-    "gradient_accumulation_steps",
-    "weight_decay",
-    "checkpoint_every",
-];
 
 impl Hyperparameters {
-    /// Parses and range-checks the request's hyperparameters (`null` or absent → defaults).
-    pub fn from_request(value: Option<&Value>) -> Result<Self, ApiError> {
-        let d = Hyperparameters::default();
+    /// Parses and range-checks the request's hyperparameters (`null`, absent or `"auto"` →
+    /// the trainer's defaults). `examples` estimates the steps for the default
+    /// `checkpoint_every`.
+    pub fn from_request(value: Option<&Value>, examples: u64) -> Result<Self, ApiError> {
         let empty = Map::new();
         let obj = match value {
             None | Some(Value::Null) => &empty,
@@ -149,89 +60,109 @@ impl Hyperparameters {
                 .param("hyperparameters"));
             }
         };
-        if let Some(unknown) = obj.keys().find(|k| !KNOWN_FIELDS.contains(&k.as_str())) {
-            return Err(hp_error(
-                unknown,
-                format!(
-                    "unknown hyperparameter '{unknown}'; known: {}",
-                    KNOWN_FIELDS.join(", ")
-                ),
-            ));
-        }
-        let epochs_field = if obj.contains_key("n_epochs") {
-            "n_epochs"
-        } else {
-            "epochs"
-        };
-        let n_epochs = int_in(obj, epochs_field, 1, 100, d.n_epochs)?;
-        let batch_size = int_in(obj, "batch_size", 1, 1024, d.batch_size)?;
-        let multiplier = float_in(obj, "learning_rate_multiplier", 0.0, 100.0)?;
-        let lr = float_in(obj, "learning_rate", 0.0, 1.0)?;
-        let (learning_rate, learning_rate_multiplier) = match (lr, multiplier) {
-            (Some(lr), Some(m)) => (lr * m, m),
-            (Some(lr), None) => (lr, lr / BASE_LEARNING_RATE),
-            (None, Some(m)) => (BASE_LEARNING_RATE * m, m),
-            (None, None) => (d.learning_rate, d.learning_rate_multiplier),
-        };
-        let warmup_steps = int_in(obj, "warmup_steps", 0, 1_000_000, d.warmup_steps)?;
-        let lr_scheduler = match obj.get("lr_scheduler") {
-            None | Some(Value::Null) => d.lr_scheduler.clone(),
-            Some(Value::String(s)) if s == "auto" => d.lr_scheduler.clone(),
-            Some(Value::String(s)) if SCHEDULERS.contains(&s.as_str()) => s.clone(),
-            Some(v) => {
+        let known = known_fields();
+        let mut resolved = Map::new();
+        for (k, v) in obj {
+            if !known.iter().any(|f| f == k) {
                 return Err(hp_error(
-                    "lr_scheduler",
-                    format!(
-                        "hyperparameters.lr_scheduler must be one of {}, got {v}",
-                        SCHEDULERS.join(", ")
-                    ),
+                    k,
+                    format!("unknown hyperparameter '{k}'; known: {}", known.join(", ")),
                 ));
             }
-        };
-        let max_seq_length = int_in(obj, "max_seq_length", 8, 65_536, d.max_seq_length)?;
-        let gradient_accumulation_steps = int_in(
-            obj,
-            "gradient_accumulation_steps",
-            1,
-            1024,
-            d.gradient_accumulation_steps,
-        )?;
-        let weight_decay = match given(obj, "weight_decay")? {
-            None => d.weight_decay,
+            match v {
+                Value::Null => {}
+                Value::String(s) if s == "auto" => {}
+                Value::Number(_) => {
+                    resolved.insert(k.clone(), v.clone());
+                }
+                Value::String(s) if k == "lr_scheduler" => {
+                    resolved.insert(k.clone(), Value::String(s.clone()));
+                }
+                other => {
+                    return Err(hp_error(
+                        k,
+                        format!("hyperparameters.{k} must be a number or \"auto\", got {other}"),
+                    ));
+                }
+            }
+        }
+        if let Some(v) = resolved.remove("epochs") {
+            resolved.entry("n_epochs").or_insert(v);
+        }
+        let multiplier = match resolved.remove("learning_rate_multiplier") {
+            None => None,
             Some(v) => match v.as_f64() {
-                Some(x) if (0.0..=1.0).contains(&x) => x,
+                Some(m) if m > 0.0 && m <= 100.0 => Some(m),
                 _ => {
                     return Err(hp_error(
-                        "weight_decay",
-                        format!("hyperparameters.weight_decay must be in [0, 1], got {v}"),
+                        "learning_rate_multiplier",
+                        format!(
+                            "hyperparameters.learning_rate_multiplier must be in (0, 100], got {v}"
+                        ),
                     ));
                 }
             },
         };
-        let checkpoint_every = int_in(obj, "checkpoint_every", 0, 1_000_000, d.checkpoint_every)?;
+        let base = base_learning_rate();
+        let learning_rate_multiplier = match (
+            resolved.get("learning_rate").and_then(Value::as_f64),
+            multiplier,
+        ) {
+            (Some(lr), Some(m)) => {
+                resolved.insert("learning_rate".into(), json!(lr * m));
+                m
+            }
+            (Some(lr), None) => lr / base,
+            (None, Some(m)) => {
+                resolved.insert("learning_rate".into(), json!(base * m));
+                m
+            }
+            (None, None) => 1.0,
+        };
+        let user_checkpoints = resolved.contains_key("checkpoint_every");
+        let mut train: trainer::train::Hyperparameters =
+            serde_json::from_value(Value::Object(resolved)).map_err(|e| {
+                let msg = e.to_string();
+                let field = known
+                    .iter()
+                    .find(|f| msg.contains(&format!("`{f}`")))
+                    .cloned()
+                    .unwrap_or_else(|| "?".into());
+                hp_error(&field, format!("hyperparameters: {msg}"))
+            })?;
+        train.validate().map_err(|e| match e {
+            trainer::train::TrainError::Hyperparameter { field, reason } => {
+                hp_error(&field, format!("hyperparameters.{field}: {reason}"))
+            }
+            other => hp_error("?", other.to_string()),
+        })?;
+        if !user_checkpoints {
+            let total = train.steps_per_epoch(examples as usize).max(1) * u64::from(train.n_epochs);
+            train.checkpoint_every = total.div_ceil(DEFAULT_CHECKPOINTS_PER_JOB).max(1);
+        }
         Ok(Hyperparameters {
-            n_epochs,
-            batch_size,
-            learning_rate,
+            train,
             learning_rate_multiplier,
-            warmup_steps,
-            lr_scheduler,
-            max_seq_length,
-            gradient_accumulation_steps,
-            weight_decay,
-            checkpoint_every,
         })
     }
 
-    /// Optimiser steps for `examples` training examples.
+    /// Optimiser steps for `examples` training examples (an estimate: the trainer may split
+    /// long texts into several windows).
     pub fn total_steps(&self, examples: u64) -> i64 {
-        let batches = examples.div_ceil(u64::from(self.batch_size.max(1)));
-        let steps_per_epoch = batches.div_ceil(u64::from(self.gradient_accumulation_steps.max(1)));
-        i64::try_from(steps_per_epoch.max(1) * u64::from(self.n_epochs)).unwrap_or(i64::MAX)
+        let per_epoch = self.train.steps_per_epoch(examples as usize).max(1);
+        i64::try_from(per_epoch * u64::from(self.train.n_epochs)).unwrap_or(i64::MAX)
     }
 
+    /// What is stored on the job and shown in its `hyperparameters`.
     pub fn to_value(&self) -> Value {
-        serde_json::to_value(self).unwrap_or_else(|_| json!({}))
+        let mut v = serde_json::to_value(&self.train).unwrap_or_else(|_| json!({}));
+        if let Value::Object(m) = &mut v {
+            m.insert(
+                "learning_rate_multiplier".into(),
+                json!(self.learning_rate_multiplier),
+            );
+        }
+        v
     }
 }
 
@@ -316,9 +247,10 @@ pub struct RunSpec {
     pub validation_file: Option<std::path::PathBuf>,
     /// The PEFT method config (tagged by `type`).
     pub method: Value,
-    pub hyperparameters: Hyperparameters,
+    /// The job's stored hyperparameters (the trainer ignores the API's extra fields).
+    pub hyperparameters: Value,
     pub seed: u64,
-    /// Where the trainer writes checkpoints; holds the last one when `resume` is set.
+    /// Where the trainer keeps its checkpoint; holds the last one when `resume` is set.
     pub checkpoint_dir: std::path::PathBuf,
     pub resume: bool,
     /// Where the trainer writes the final adapter.
@@ -330,6 +262,13 @@ pub struct RunSpec {
 /// What a run reports while it trains.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEvent {
+    /// Data and model are loaded; `start_step` > 0 when resuming.
+    Started {
+        total_steps: i64,
+        start_step: i64,
+        trainable_parameters: i64,
+        train_examples: i64,
+    },
     /// An optimiser step finished.
     Step {
         step: i64,
@@ -337,8 +276,10 @@ pub enum RunEvent {
         tokens_seen: i64,
         loss: f64,
         learning_rate: f64,
+        grad_norm: f64,
         tokens_per_second: f64,
         step_seconds: f64,
+        eta_seconds: f64,
     },
     /// A validation pass finished.
     Validation {
@@ -346,9 +287,9 @@ pub enum RunEvent {
         loss: f64,
         accuracy: Option<f64>,
     },
-    /// A checkpoint is complete in `checkpoint_dir` (the run waits until the observer
-    /// returns, so the files can be uploaded safely).
-    Checkpoint { step: i64 },
+    /// A complete checkpoint is in `dir` (the run waits until the observer returns, so the
+    /// files can be uploaded safely).
+    Checkpoint { step: i64, dir: std::path::PathBuf },
 }
 
 /// The observer's answer: go on or stop at the next step boundary.
@@ -381,24 +322,126 @@ pub enum RunError {
     Failed(String),
 }
 
-/// Runs one training job on the current thread (call it from `spawn_blocking`).
-///
-/// INTEGRATION(train): build `trainer::train::TrainRequest` from `spec` (model_dir,
-/// training/validation files, `AdapterSpec` parsed from `spec.method`, `Hyperparameters`
-/// from `spec.hyperparameters`, seed, checkpoint_dir, resume, output dir, device), call
-/// `trainer::train::run(&request, &mut adapter)` where the adapter turns
-/// `TrainEvent::{Step, Validation, Checkpoint}` into [`RunEvent`]s for `observe` and maps
-/// [`RunControl::Stop`] to `Control::Stop`; map `TrainError`'s dataset errors to
-/// [`RunError::Dataset`] (with the line), spec errors to [`RunError::Invalid`], the rest to
-/// [`RunError::Failed`].
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Parses `cpu` / `cuda:N`.
+pub fn parse_device(device: &str) -> Result<candle_core::Device, String> {
+    match device {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(n)) => candle_core::Device::new_cuda(n)
+                .map_err(|e| format!("device {d} is not available: {e}")),
+            _ => Err(format!("unknown device '{d}': use cpu or cuda:N")),
+        },
+    }
+}
+
+/// Runs one training job on the current thread (call it from `spawn_blocking`) through
+/// `trainer::train::run`, translating its events and errors.
 pub fn run_training(
     spec: &RunSpec,
     observe: &mut dyn FnMut(RunEvent) -> RunControl,
 ) -> Result<RunOutcome, RunError> {
-    let _ = (spec, observe);
-    Err(RunError::Invalid(
-        "this build of molt cannot train yet: the trainer's training loop \
-         (trainer::train) is not integrated"
-            .into(),
-    ))
+    use trainer::train::{Control, TrainError, TrainEvent, TrainOutcome, TrainRequest};
+    let hyper: trainer::train::Hyperparameters =
+        serde_json::from_value(spec.hyperparameters.clone())
+            .map_err(|e| RunError::Invalid(format!("stored hyperparameters: {e}")))?;
+    let device = parse_device(&spec.device).map_err(RunError::Invalid)?;
+    let request = TrainRequest {
+        model_dir: spec.model_dir.clone(),
+        train_file: spec.training_file.clone(),
+        validation_file: spec.validation_file.clone(),
+        method: spec.method.clone(),
+        hyper,
+        seed: spec.seed,
+        out_dir: spec.output_dir.clone(),
+        checkpoint_dir: spec.checkpoint_dir.clone(),
+        resume: spec.resume,
+        device,
+    };
+    let mut observer = |ev: &TrainEvent| -> Control {
+        let mapped = match ev {
+            TrainEvent::Started {
+                total_steps,
+                start_step,
+                train_examples,
+                trainable_parameters,
+                ..
+            } => RunEvent::Started {
+                total_steps: to_i64(*total_steps),
+                start_step: to_i64(*start_step),
+                trainable_parameters: i64::try_from(*trainable_parameters).unwrap_or(i64::MAX),
+                train_examples: i64::try_from(*train_examples).unwrap_or(i64::MAX),
+            },
+            TrainEvent::Step {
+                step,
+                total_steps,
+                loss,
+                lr,
+                grad_norm,
+                tokens_seen,
+                tokens_per_second,
+                step_seconds,
+                eta_seconds,
+                ..
+            } => RunEvent::Step {
+                step: to_i64(*step),
+                total_steps: to_i64(*total_steps),
+                tokens_seen: to_i64(*tokens_seen),
+                loss: *loss,
+                learning_rate: *lr,
+                grad_norm: *grad_norm,
+                tokens_per_second: *tokens_per_second,
+                step_seconds: *step_seconds,
+                eta_seconds: *eta_seconds,
+            },
+            TrainEvent::Validation {
+                step,
+                loss,
+                accuracy,
+                ..
+            } => RunEvent::Validation {
+                step: to_i64(*step),
+                loss: *loss,
+                accuracy: *accuracy,
+            },
+            TrainEvent::Checkpoint { step, dir } => RunEvent::Checkpoint {
+                step: to_i64(*step),
+                dir: dir.clone(),
+            },
+            _ => return Control::Continue,
+        };
+        match observe(mapped) {
+            RunControl::Continue => Control::Continue,
+            RunControl::Stop => Control::Stop,
+        }
+    };
+    match trainer::train::run(&request, &mut observer) {
+        Ok(TrainOutcome::Finished { tokens_seen, .. }) => Ok(RunOutcome::Finished {
+            trained_tokens: to_i64(tokens_seen),
+        }),
+        Ok(TrainOutcome::Stopped { .. }) => Ok(RunOutcome::Stopped),
+        Err(TrainError::Dataset { errors }) => {
+            let line = errors
+                .iter()
+                .find_map(|e| e.line)
+                .map(|l| i64::try_from(l).unwrap_or(i64::MAX));
+            let shown: Vec<String> = errors
+                .iter()
+                .take(10)
+                .map(|e| match e.line {
+                    Some(l) => format!("line {l}: {}", e.message),
+                    None => e.message.clone(),
+                })
+                .collect();
+            Err(RunError::Dataset {
+                line,
+                message: format!("invalid training data: {}", shown.join("; ")),
+            })
+        }
+        Err(e) if e.is_user_error() => Err(RunError::Invalid(e.to_string())),
+        Err(e) => Err(RunError::Failed(e.to_string())),
+    }
 }

@@ -23,7 +23,7 @@ use storage::{BlobStore, Db, EventLevel, Job, JobError, JobMetric, JobResult, Pr
 use tokio::sync::{mpsc, oneshot};
 
 use crate::registry;
-use crate::training::{self, Hyperparameters, RunControl, RunError, RunEvent, RunOutcome, RunSpec};
+use crate::training::{self, RunControl, RunError, RunEvent, RunOutcome, RunSpec};
 
 /// `molt worker` flags.
 #[derive(clap::Args, Debug, Clone)]
@@ -189,6 +189,7 @@ enum Msg {
     Event(RunEvent),
     Checkpoint {
         step: i64,
+        dir: PathBuf,
         done: oneshot::Sender<()>,
     },
 }
@@ -323,8 +324,6 @@ async fn attempt(
     let _ = std::fs::remove_dir_all(job_dir);
     std::fs::create_dir_all(job_dir).map_err(|e| io_failure(job_dir, e))?;
 
-    let hyperparameters: Hyperparameters = serde_json::from_value(job.hyperparameters.clone())
-        .map_err(|e| Failure::fatal("invalid_job", format!("stored hyperparameters: {e}")))?;
     let base = match db.get_base_model(&job.model).await {
         Ok(b) => b,
         Err(storage::Error::NotFound { .. }) => {
@@ -382,7 +381,7 @@ async fn attempt(
         training_file,
         validation_file,
         method: job.method.clone(),
-        hyperparameters,
+        hyperparameters: job.hyperparameters.clone(),
         seed: u64::try_from(job.seed).unwrap_or(0),
         checkpoint_dir: checkpoint_dir.clone(),
         resume,
@@ -396,9 +395,9 @@ async fn attempt(
     let trainer = tokio::task::spawn_blocking(move || {
         let mut observe = |ev: RunEvent| -> RunControl {
             match ev {
-                RunEvent::Checkpoint { step } => {
+                RunEvent::Checkpoint { step, dir } => {
                     let (done, wait) = oneshot::channel();
-                    if tx.send(Msg::Checkpoint { step, done }).is_ok() {
+                    if tx.send(Msg::Checkpoint { step, dir, done }).is_ok() {
                         let _ = wait.blocking_recv();
                     }
                 }
@@ -422,10 +421,10 @@ async fn attempt(
     while let Some(msg) = rx.recv().await {
         match msg {
             Msg::Event(ev) => reporter.on_event(ctx, ev).await,
-            Msg::Checkpoint { step, done } => {
+            Msg::Checkpoint { step, dir, done } => {
                 reporter.flush(ctx).await;
                 let prefix = format!("checkpoints/{}/step-{step:08}", job.id);
-                match ctx.blobs.upload_dir(&checkpoint_dir, &prefix).await {
+                match ctx.blobs.upload_dir(&dir, &prefix).await {
                     Ok(_) => {
                         if let Err(e) = db
                             .add_checkpoint(
@@ -527,8 +526,6 @@ async fn fetch_file(ctx: &Ctx, job: &Job, file_id: &str, dest: &Path) -> Result<
 /// about once a second (metric rows are buffered, none is dropped).
 struct Reporter {
     job_id: String,
-    started: Instant,
-    first_step: Option<i64>,
     last_step: i64,
     total_steps: Option<i64>,
     tokens_seen: i64,
@@ -542,8 +539,6 @@ impl Reporter {
     fn new(job: &Job) -> Self {
         Reporter {
             job_id: job.id.clone(),
-            started: Instant::now(),
-            first_step: None,
             last_step: job.step,
             total_steps: job.total_steps,
             tokens_seen: job.tokens_seen,
@@ -556,22 +551,57 @@ impl Reporter {
 
     async fn on_event(&mut self, ctx: &Ctx, ev: RunEvent) {
         match ev {
+            RunEvent::Started {
+                total_steps,
+                start_step,
+                trainable_parameters,
+                train_examples,
+            } => {
+                self.total_steps = Some(total_steps);
+                self.last_step = start_step;
+                let message = if start_step > 0 {
+                    format!(
+                        "Training resumed at step {start_step} of {total_steps} \
+                         ({train_examples} examples, {trainable_parameters} trainable parameters)"
+                    )
+                } else {
+                    format!(
+                        "Training started: {total_steps} steps over {train_examples} examples, \
+                         {trainable_parameters} trainable parameters"
+                    )
+                };
+                let _ = ctx
+                    .db
+                    .add_job_event(
+                        &self.job_id,
+                        EventLevel::Info,
+                        "message",
+                        &message,
+                        Some(json!({
+                            "total_steps": total_steps,
+                            "start_step": start_step,
+                            "trainable_parameters": trainable_parameters,
+                            "train_examples": train_examples,
+                        })),
+                    )
+                    .await;
+                self.flush(ctx).await;
+            }
             RunEvent::Step {
                 step,
                 total_steps,
                 tokens_seen,
                 loss,
                 learning_rate,
+                grad_norm,
                 tokens_per_second,
                 step_seconds,
+                eta_seconds,
             } => {
-                let first = *self.first_step.get_or_insert(step - 1);
                 self.last_step = step;
                 self.total_steps = Some(total_steps);
                 self.tokens_seen = tokens_seen;
-                let done = (step - first).max(1) as f64;
-                let per_step = self.started.elapsed().as_secs_f64() / done;
-                self.eta = Some(((total_steps - step).max(0) as f64 * per_step).round() as i64);
+                self.eta = Some(eta_seconds.max(0.0).round() as i64);
                 let metric = JobMetric {
                     step,
                     train_loss: Some(loss),
@@ -580,7 +610,7 @@ impl Reporter {
                     tokens_seen: Some(tokens_seen),
                     valid_loss: None,
                     valid_accuracy: None,
-                    extra: Some(json!({"step_seconds": step_seconds})),
+                    extra: Some(json!({"step_seconds": step_seconds, "grad_norm": grad_norm})),
                     created_at: 0,
                 };
                 self.latest = Some(json!({

@@ -62,7 +62,7 @@ async fn bad_input_answers_4xx_with_the_envelope() {
         "line 3",
     )
     .await;
-    assert!(msg.contains("invalid JSON"), "{msg}");
+    assert!(msg.contains("not valid JSON"), "{msg}");
 
     // Empty file.
     bad_dataset(&s, "empty.jsonl", b"", "empty").await;
@@ -85,7 +85,7 @@ async fn bad_input_answers_4xx_with_the_envelope() {
         "line 2",
     )
     .await;
-    assert!(msg.contains("wrong schema"), "{msg}");
+    assert!(msg.contains("no known fields"), "{msg}");
 
     // Over the size limit (the server runs with --max-upload-bytes 4096): 413, nothing kept.
     let (status, body) = s.upload("big.jsonl", common::text_dataset(200)).await;

@@ -17,7 +17,7 @@ use storage::{Db, FileRecord, FileStatus, NewFile};
 
 use super::{ListParams, ListResponse, idempotency_key};
 use crate::auth::Tenant;
-use crate::dataset::{JsonlValidator, PURPOSE_FINE_TUNE};
+use crate::dataset::{DatasetValidator, PURPOSE_FINE_TUNE};
 use crate::error::{ApiError, Json, Path, Query};
 use crate::state::AppState;
 
@@ -152,7 +152,7 @@ pub async fn create(
 
     let mut purpose: Option<String> = None;
     // (object key, filename, committed blob, validator)
-    let mut uploaded: Option<(String, String, storage::CommittedBlob, JsonlValidator)> = None;
+    let mut uploaded: Option<(String, String, storage::CommittedBlob, DatasetValidator)> = None;
     let file_id = Db::new_file_id();
     let key = format!("files/{file_id}");
 
@@ -183,7 +183,7 @@ pub async fn create(
                         )
                         .param("file"));
                     }
-                    let mut validator = JsonlValidator::new();
+                    let mut validator = DatasetValidator::new(&filename);
                     let blob = state
                         .blobs
                         .put_stream(

@@ -298,13 +298,13 @@ pub async fn create(
         (Some(inner), None) => Some(inner),
         (_, outer) => outer,
     };
-    let hp = Hyperparameters::from_request(hp_value.as_ref())?;
     let checked = training::check_method(&method, &base.config)?;
     let training_file = usable_file(&state, &tenant, &req.training_file, "training_file").await?;
     if let Some(v) = &req.validation_file {
         usable_file(&state, &tenant, v, "validation_file").await?;
     }
     let examples = training_file.line_count.unwrap_or(0).max(0) as u64;
+    let hp = Hyperparameters::from_request(hp_value.as_ref(), examples)?;
     let seed = match req.seed {
         Some(s) if s >= 0 && s <= i64::from(i32::MAX) => s,
         Some(s) => {
