@@ -175,9 +175,10 @@ pub struct CheckedMethod {
     pub trainable_parameters: Option<i64>,
 }
 
-/// The method a job without one gets.
+/// The method a job without one gets (and what OpenAI's `{"type": "supervised"}` means):
+/// LoRA on both projectors, with the trainer's default rank.
 pub fn default_method() -> Value {
-    json!({"type": "lora"})
+    json!({"type": "lora", "targets": ["in_proj", "out_proj"]})
 }
 
 /// Checks a PEFT method config against a base model's `config.json`.
@@ -198,41 +199,17 @@ pub fn check_method(method: &Value, model_config: &Value) -> Result<CheckedMetho
     peft_check(method, &cfg).map_err(bad)
 }
 
-/// The PEFT families of DESIGN.md, by `type` tag.
-/// INTEGRATION(peft): replaced by `trainer::peft::AdapterSpec` once it is published.
-pub const METHOD_TYPES: &[&str] = &[
-    "lora",
-    "lora_p",
-    "dora",
-    "parallel_adapter",
-    "prompt",
-    "affix",
-    "partial",
-    "additional_scan",
-    "prodial",
-    "full",
-    "linear_probe",
-    "bitfit",
-    "sll_lora",
-    "hybrid",
-];
-
-/// INTEGRATION(peft): parse `trainer::peft::AdapterSpec`, call `validate(&cfg)` and
-/// `trainable_parameters(&cfg)`, and return the re-serialised spec (defaults filled in).
-fn peft_check(method: &Value, _cfg: &trainer::model::MambaConfig) -> Result<CheckedMethod, String> {
-    let kind = method
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    if !METHOD_TYPES.contains(&kind) {
-        return Err(format!(
-            "unknown method type '{kind}'; known: {}",
-            METHOD_TYPES.join(", ")
-        ));
-    }
+/// Parses the method as `trainer::peft::AdapterSpec`, checks it against the model
+/// (`validate`), counts its trainable parameters, and returns it re-serialised with every
+/// default filled in.
+fn peft_check(method: &Value, cfg: &trainer::model::MambaConfig) -> Result<CheckedMethod, String> {
+    let spec = trainer::peft::AdapterSpec::from_value(method).map_err(|e| e.to_string())?;
+    spec.validate(cfg)
+        .map_err(|e| format!("method is not valid for this model: {e}"))?;
+    let n = spec.trainable_parameters(cfg);
     Ok(CheckedMethod {
-        method: method.clone(),
-        trainable_parameters: None,
+        method: spec.to_value(),
+        trainable_parameters: Some(i64::try_from(n).unwrap_or(i64::MAX)),
     })
 }
 
@@ -353,7 +330,8 @@ pub fn run_training(
         model_dir: spec.model_dir.clone(),
         train_file: spec.training_file.clone(),
         validation_file: spec.validation_file.clone(),
-        method: spec.method.clone(),
+        method: trainer::peft::AdapterSpec::from_value(&spec.method)
+            .map_err(|e| RunError::Invalid(format!("method: {e}")))?,
         hyper,
         seed: spec.seed,
         out_dir: spec.output_dir.clone(),

@@ -132,16 +132,30 @@ async fn bad_input_answers_4xx_with_the_envelope() {
     assert_eq!(body["error"]["param"], "model");
     assert!(msg.contains("mamba-9000b") && msg.contains("tiny"), "{msg}");
 
-    // A method that is not valid for the model.
-    let (status, body) = s
-        .call(s.req(Method::POST, "/v1/fine_tuning/jobs").json(&json!({
-            "model": "tiny", "training_file": good_id,
-            "method": {"type": "no-such-method"}
-        })))
-        .await;
-    let msg = assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_method");
-    assert_eq!(body["error"]["param"], "method");
-    assert!(msg.contains("no-such-method"), "{msg}");
+    // A method that is not valid for the model (rank above the projector's size; blocks
+    // that do not divide its width), and one that does not exist.
+    for (method, needles) in [
+        (
+            json!({"type": "lora", "targets": "in_proj", "r": 100000}),
+            vec!["not valid for this model", "100000", "in_proj"],
+        ),
+        (
+            json!({"type": "prodial", "r_b": 7}),
+            vec!["not valid for this model", "r_b = 7"],
+        ),
+        (json!({"type": "no-such-method"}), vec!["no-such-method"]),
+    ] {
+        let (status, body) = s
+            .call(s.req(Method::POST, "/v1/fine_tuning/jobs").json(&json!({
+                "model": "tiny", "training_file": good_id, "method": method
+            })))
+            .await;
+        let msg = assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_method");
+        assert_eq!(body["error"]["param"], "method");
+        for n in needles {
+            assert!(msg.contains(n), "{msg:?} lacks {n:?}");
+        }
+    }
 
     // Hyperparameters out of range.
     for (hp, field) in [

@@ -18,10 +18,8 @@ use trainer::model::{LoadOptions, MambaForCausalLM, causal_lm_loss};
 use trainer::tokenizer::Tokenizer;
 
 /// The PEFT method the end-to-end tests train.
-/// INTEGRATION(peft): switch to `{"type": "lora", ...}` once trainer::peft methods train;
-/// today the trainer builds only `full`.
 pub fn method() -> Value {
-    json!({"type": "full"})
+    json!({"type": "lora", "targets": ["in_proj", "out_proj"], "r": 4})
 }
 
 const PROMPT: &str = "The mamba slides over the warm stone";
@@ -51,15 +49,12 @@ fn loss_and_logits(model: &MambaForCausalLM, tok: &Tokenizer, text: &str) -> (f3
     (loss, logits)
 }
 
-/// Loads what a job produced on top of the base model.
-fn load_trained(dir: &Path, base: &Path) -> MambaForCausalLM {
+/// Loads what a job produced: a PEFT adapter applied to the base model, or (for `full`) a
+/// whole model folder.
+fn load_trained(dir: &Path, base: &MambaForCausalLM) -> MambaForCausalLM {
     if dir.join("adapter_config.json").is_file() {
-        // INTEGRATION(peft): `trainer::peft::Adapter::load(dir)` + `apply(&base_model)`.
-        panic!(
-            "{} is a PEFT adapter; loading adapters needs trainer::peft (base {})",
-            dir.display(),
-            base.display()
-        );
+        let adapter = trainer::peft::Adapter::load(dir, base).expect("load the adapter");
+        return adapter.apply(base).expect("apply the adapter");
     }
     MambaForCausalLM::load(dir, &LoadOptions::default()).expect("load the trained model")
 }
@@ -133,6 +128,11 @@ async fn end_to_end(backend: Backend) {
     assert_eq!(job["status"], "queued");
     assert_eq!(job["seed"], 7);
     assert_eq!(job["hyperparameters"]["n_epochs"], 3);
+    assert!(
+        job["trainable_parameters"].as_i64().unwrap_or(0) > 0,
+        "no trainable-parameter count: {job}"
+    );
+    assert_eq!(job["method"]["type"], "lora");
     let job_id = job["id"].as_str().expect("id").to_string();
 
     let job = s.wait_job(&job_id, Duration::from_secs(240)).await;
@@ -230,7 +230,9 @@ async fn end_to_end(backend: Backend) {
         .expect("tokenizer")
         .expect("tokenizer.json");
     let base = MambaForCausalLM::load(&base_dir, &LoadOptions::default()).expect("base");
-    let trained = load_trained(&dest, &base_dir);
+    assert!(dest.join("adapter_model.safetensors").is_file());
+    assert!(dest.join("adapter_config.json").is_file());
+    let trained = load_trained(&dest, &base);
     let text = format!("{PROMPT} and sings song number 3.");
     let (base_loss, base_logits) = loss_and_logits(&base, &tok, &text);
     let (trained_loss, trained_logits) = loss_and_logits(&trained, &tok, &text);

@@ -89,9 +89,11 @@ async fn official_openai_client_drives_files_and_jobs() {
                 .env("MOLT_API_KEY", key)
                 .env("MOLT_DATASET", dataset)
                 .env("MOLT_MODEL", "tiny")
-                // INTEGRATION(peft): OpenAI's {"type": "supervised", ...} (default LoRA) once
-                // the trainer trains PEFT methods.
-                .env("MOLT_METHOD", r#"{"type": "full"}"#)
+                // OpenAI's own method form: supervised, which molt trains as its default LoRA.
+                .env(
+                    "MOLT_METHOD",
+                    r#"{"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}"#,
+                )
                 .env_remove("OPENAI_API_KEY")
                 .env_remove("OPENAI_BASE_URL")
                 .output()

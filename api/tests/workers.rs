@@ -12,9 +12,9 @@ use common::{ServeOptions, Server, Worker, text_dataset, tiny_model_dir};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-/// The method the queue tests train (cheap). INTEGRATION(peft): any PEFT method works here.
+/// The method the queue tests train (small and cheap).
 fn method() -> Value {
-    json!({"type": "full"})
+    json!({"type": "lora", "targets": "in_proj", "r": 2})
 }
 
 async fn create_job(s: &Server, file_id: &str, hyperparameters: Value) -> String {

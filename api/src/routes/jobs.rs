@@ -624,7 +624,7 @@ mod tests {
             "supervised": {"hyperparameters": {"n_epochs": 2}}
         })))
         .unwrap();
-        assert_eq!(m, json!({"type": "lora"}));
+        assert_eq!(m, training::default_method());
         assert_eq!(hp, Some(json!({"n_epochs": 2})));
         let (m, hp) = split_method(Some(json!({"type": "lora", "r": 4}))).unwrap();
         assert_eq!(m, json!({"type": "lora", "r": 4}));
