@@ -284,6 +284,8 @@ impl From<storage::Error> for Failure {
     }
 }
 
+/// Renews the lease every `lease/3`, and in between looks at the job about once a second so
+/// that a cancel is noticed within a step or two (a read, not a write).
 async fn heartbeat_loop(
     db: Db,
     job_id: String,
@@ -292,8 +294,20 @@ async fn heartbeat_loop(
     flags: Arc<Flags>,
 ) {
     let every = (lease / 3).max(Duration::from_millis(200));
+    let poll = every.min(Duration::from_secs(1));
+    let mut last = Instant::now();
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(poll).await;
+        if last.elapsed() + poll / 2 < every {
+            if let Ok(job) = db.get_job_unscoped(&job_id).await
+                && (job.cancel_requested || job.status == storage::JobStatus::Cancelling)
+                && !flags.cancel.swap(true, Ordering::SeqCst)
+            {
+                tracing::info!(job_id = %job_id, "cancel requested");
+            }
+            continue;
+        }
+        last = Instant::now();
         match db.heartbeat(&job_id, &worker, lease).await {
             Ok(cancel) => {
                 if cancel && !flags.cancel.swap(true, Ordering::SeqCst) {
