@@ -68,7 +68,34 @@ async fn end_to_end(backend: Backend) {
         ..ServeOptions::default()
     })
     .await;
-    s.register_model("tiny", &tiny_model_dir()).await;
+    match s.options.backend.store.clone() {
+        // On S3 the base model is registered from an object-store URL (left in place).
+        Some(store) => {
+            let url = format!("{store}-model");
+            let blobs = storage::BlobStore::from_url(&url).expect("model store");
+            blobs
+                .upload_dir(&tiny_model_dir(), "")
+                .await
+                .expect("upload the model to S3");
+            let (status, m) = s
+                .call(
+                    s.admin(Method::POST, "/admin/models")
+                        .json(&json!({"id": "tiny", "source": url})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::CREATED, "register from {url}: {m}");
+            assert_eq!(m["location"], url.as_str());
+        }
+        None => {
+            let m = s.register_model("tiny", &tiny_model_dir()).await;
+            assert!(
+                m["location"]
+                    .as_str()
+                    .is_some_and(|l| l.starts_with("store:")),
+                "{m}"
+            );
+        }
+    }
 
     // The model list shows the base model.
     let models = s.get_ok("/v1/models").await;

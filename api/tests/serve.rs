@@ -145,6 +145,37 @@ async fn launcher_first_key_restarts_workers_and_stops_on_one_signal() {
         assert!(text.contains(needle), "/metrics lacks {needle:?}:\n{text}");
     }
 
+    // `molt admin` talks to the admin API.
+    let out = Command::new(molt_exe())
+        .args(["admin", "create-tenant", "acme"])
+        .env("MOLT_URL", &s.url)
+        .env("MOLT_ADMIN_TOKEN", common::ADMIN_TOKEN)
+        .output()
+        .expect("molt admin");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tenant: serde_json::Value = serde_json::from_slice(&out.stdout).expect("tenant json");
+    assert_eq!(tenant["name"], "acme");
+    let out = Command::new(molt_exe())
+        .args(["admin", "create-key"])
+        .arg(tenant["id"].as_str().expect("id"))
+        .env("MOLT_URL", &s.url)
+        .env("MOLT_ADMIN_TOKEN", common::ADMIN_TOKEN)
+        .output()
+        .expect("molt admin create-key");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).expect("key json");
+    let secret = key["secret"].as_str().expect("secret");
+    let (status, _) = s.call(s.req_as(secret, Method::GET, "/v1/files")).await;
+    assert_eq!(status, StatusCode::OK);
+
     // One SIGTERM stops everything.
     let workers = children(pid);
     assert_eq!(workers.len(), 2);
@@ -214,4 +245,23 @@ async fn cancelling_a_running_job_stops_its_worker() {
         events.iter().any(|e| e["message"] == "Job cancelled"),
         "{events:?}"
     );
+}
+
+#[test]
+fn migrate_applies_migrations_and_is_idempotent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for _ in 0..2 {
+        let out = Command::new(molt_exe())
+            .args(["migrate", "--data-dir"])
+            .arg(dir.path())
+            .env_remove("MOLT_DATABASE_URL")
+            .output()
+            .expect("molt migrate");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(dir.path().join("molt.db").is_file());
 }
