@@ -77,10 +77,16 @@ impl Adapter {
             }
             owners.push(names);
         }
-        let mut extra: Vec<_> = tensors.into_iter().map(|(n, t)| (n, t.dims().to_vec())).collect();
+        let mut extra: Vec<_> = tensors
+            .into_iter()
+            .map(|(n, t)| (n, t.dims().to_vec()))
+            .collect();
         extra.sort();
         for (n, s) in extra {
-            problems.push(format!("unexpected `{n}` with shape {s:?} (not part of {})", spec.kind()));
+            problems.push(format!(
+                "unexpected `{n}` with shape {s:?} (not part of {})",
+                spec.kind()
+            ));
         }
         if !problems.is_empty() {
             return Err(PeftError::Tensors { problems });

@@ -169,9 +169,7 @@ impl PeftMethod for AdditionalScanConfig {
                         .contiguous()?
                 }
                 AInit::S4d => {
-                    let v: Vec<f32> = (0..self.n_add)
-                        .map(|j| ((n + 1 + j) as f32).ln())
-                        .collect();
+                    let v: Vec<f32> = (0..self.n_add).map(|j| ((n + 1 + j) as f32).ln()).collect();
                     Tensor::from_vec(v, (1, self.n_add), rng.device())?
                         .broadcast_as((e, self.n_add))?
                         .contiguous()?

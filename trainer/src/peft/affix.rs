@@ -13,7 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
-use super::prompt::{MAX_TOKENS, PromptKind, Table, interleave, layout, positions, table_init, table_shapes};
+use super::prompt::{
+    MAX_TOKENS, PromptKind, Table, interleave, layout, positions, table_init, table_shapes,
+};
 use super::spec::check_range;
 use super::{MergePlan, MethodConfig, ParamShape, Params, PeftMethod, Sites};
 use crate::model::{MambaConfig, MambaForCausalLM, MixerHook};

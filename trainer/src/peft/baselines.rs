@@ -20,7 +20,10 @@ use crate::model::{MambaConfig, MambaForCausalLM};
 pub(crate) fn base_shapes(cfg: &MambaConfig) -> Vec<ParamShape> {
     let (d, e, n, r) = dims(cfg);
     let k = cfg.conv_kernel;
-    let mut out = vec![("backbone.embeddings.weight".to_string(), vec![cfg.vocab_size, d])];
+    let mut out = vec![(
+        "backbone.embeddings.weight".to_string(),
+        vec![cfg.vocab_size, d],
+    )];
     for i in 0..cfg.num_hidden_layers {
         let p = format!("backbone.layers.{i}");
         let m = format!("{p}.mixer");
@@ -192,9 +195,15 @@ impl PeftMethod for BitFitConfig {
         for (i, block) in base.backbone.layers.iter().enumerate() {
             let m = &block.mixer;
             if let Some(b) = &m.conv_bias {
-                out.push((format!("layers.{i}.conv1d.bias"), b.base().to_dtype(rng.dtype())?.copy()?));
+                out.push((
+                    format!("layers.{i}.conv1d.bias"),
+                    b.base().to_dtype(rng.dtype())?.copy()?,
+                ));
             }
-            out.push((format!("layers.{i}.dt_proj.bias"), m.dt_bias.base().to_dtype(rng.dtype())?.copy()?));
+            out.push((
+                format!("layers.{i}.dt_proj.bias"),
+                m.dt_bias.base().to_dtype(rng.dtype())?.copy()?,
+            ));
         }
         Ok(out)
     }
@@ -300,7 +309,11 @@ pub struct SllLoraConfig {
 
 impl SllLoraConfig {
     fn as_lora(&self) -> LoraConfig {
-        let mut l = LoraConfig::new(&["x_proj", "in_proj", "out_proj", "embedding"], self.r, self.s);
+        let mut l = LoraConfig::new(
+            &["x_proj", "in_proj", "out_proj", "embedding"],
+            self.r,
+            self.s,
+        );
         l.lr = self.lr;
         l.weight_decay = self.weight_decay;
         l

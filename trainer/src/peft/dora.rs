@@ -241,7 +241,11 @@ pub struct DoraPConfig {
 
 fn dora_p_names(slice: Slice, i: usize) -> [String; 3] {
     let (a, b) = lora_p_names(slice, i, "dora_p");
-    let m = format!("layers.{i}.{}.dora_p_{}.magnitude", slice.proj().name(), slice.name());
+    let m = format!(
+        "layers.{i}.{}.dora_p_{}.magnitude",
+        slice.proj().name(),
+        slice.name()
+    );
     [a, b, m]
 }
 

@@ -14,13 +14,13 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde_json::{Value, json};
 
+use super::MethodConfig;
 use super::adapter::Adapter;
 use super::dora::DoraConfig;
 use super::error::{PeftError, PeftResult};
 use super::identity::{base_identity, describe};
 use super::lora::{LoraConfig, LoraTarget};
 use super::spec::AdapterSpec;
-use super::MethodConfig;
 use crate::model::MambaForCausalLM;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -75,6 +75,19 @@ fn peft_view(spec: &AdapterSpec) -> Option<PeftView> {
     }
 }
 
+fn same_peft_view(a: &AdapterSpec, b: &AdapterSpec) -> bool {
+    match (peft_view(a), peft_view(b)) {
+        (Some(x), Some(y)) => {
+            x.use_dora == y.use_dora
+                && x.r == y.r
+                && x.alpha == y.alpha
+                && x.targets == y.targets
+                && x.use_rslora == y.use_rslora
+        }
+        _ => false,
+    }
+}
+
 fn peft_module(t: LoraTarget) -> &'static str {
     match t {
         LoraTarget::Embedding => "embeddings",
@@ -82,10 +95,14 @@ fn peft_module(t: LoraTarget) -> &'static str {
     }
 }
 
-/// molt name → (PEFT name, transpose?).
-fn to_peft_name(name: &str) -> Option<(String, bool)> {
+/// A molt adapter tensor name → its HF PEFT key, and whether PEFT stores it transposed
+/// (the embedding factors). `None` for tensors PEFT has no name for.
+pub fn to_peft_name(name: &str) -> Option<(String, bool)> {
     if let Some(which) = name.strip_prefix("embeddings.lora_") {
-        return Some((format!("{PEFT_PREFIX}embeddings.lora_embedding_{which}"), true));
+        return Some((
+            format!("{PEFT_PREFIX}embeddings.lora_embedding_{which}"),
+            true,
+        ));
     }
     let rest = name.strip_prefix("layers.")?;
     let (i, rest) = rest.split_once('.')?;
@@ -96,7 +113,10 @@ fn to_peft_name(name: &str) -> Option<(String, bool)> {
         "dora.magnitude" => "lora_magnitude_vector",
         _ => return None,
     };
-    Some((format!("{PEFT_PREFIX}layers.{i}.mixer.{proj}.{leaf}"), false))
+    Some((
+        format!("{PEFT_PREFIX}layers.{i}.mixer.{proj}.{leaf}"),
+        false,
+    ))
 }
 
 /// PEFT name → (molt name, transpose?).
@@ -121,8 +141,7 @@ fn from_peft_name(name: &str, use_dora: bool) -> Option<(String, bool)> {
 }
 
 fn write_json(path: &Path, v: &Value) -> PeftResult<()> {
-    let text =
-        serde_json::to_string_pretty(v).map_err(|e| PeftError::file(path, e.to_string()))?;
+    let text = serde_json::to_string_pretty(v).map_err(|e| PeftError::file(path, e.to_string()))?;
     std::fs::write(path, text).map_err(|source| PeftError::Io {
         path: path.to_path_buf(),
         source,
@@ -159,7 +178,12 @@ pub(crate) fn save(a: &Adapter, dir: &Path) -> PeftResult<()> {
                 "peft_type": "LORA",
                 "task_type": null,
                 "r": v.r,
-                "lora_alpha": v.alpha,
+                // PEFT writes an integer alpha as an integer.
+                "lora_alpha": if v.alpha.fract() == 0.0 && v.alpha.abs() < 1e15 {
+                    json!(v.alpha as i64)
+                } else {
+                    json!(v.alpha)
+                },
                 "lora_dropout": v.dropout,
                 "target_modules": v.targets.iter().map(|t| peft_module(*t)).collect::<Vec<_>>(),
                 "use_dora": v.use_dora,
@@ -196,7 +220,8 @@ pub(crate) fn save(a: &Adapter, dir: &Path) -> PeftResult<()> {
     };
     write_json(&dir.join(CONFIG_FILE), &config)?;
     let path = dir.join(WEIGHTS_FILE);
-    candle_core::safetensors::save(&tensors, &path).map_err(|e| PeftError::file(&path, e.to_string()))
+    candle_core::safetensors::save(&tensors, &path)
+        .map_err(|e| PeftError::file(&path, e.to_string()))
 }
 
 fn check_identity(recorded: &Value, base: &MambaForCausalLM) -> PeftResult<()> {
@@ -274,23 +299,40 @@ fn load_peft(
         .ok_or_else(|| bad("r", "missing or not a positive integer".into()))? as usize;
     let alpha = c.get("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
     let use_dora = c.get("use_dora").and_then(Value::as_bool).unwrap_or(false);
-    let use_rslora = c.get("use_rslora").and_then(Value::as_bool).unwrap_or(false);
+    let use_rslora = c
+        .get("use_rslora")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let dropout = c.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0);
     if let Some(b) = c.get("bias").and_then(Value::as_str)
         && b != "none"
     {
-        return Err(bad("bias", format!("{b:?} is not supported; valid: \"none\"")));
+        return Err(bad(
+            "bias",
+            format!("{b:?} is not supported; valid: \"none\""),
+        ));
     }
     if c.get("fan_in_fan_out").and_then(Value::as_bool) == Some(true) {
-        return Err(bad("fan_in_fan_out", "true is not supported; valid: false".into()));
+        return Err(bad(
+            "fan_in_fan_out",
+            "true is not supported; valid: false".into(),
+        ));
     }
     for key in ["rank_pattern", "alpha_pattern"] {
-        if c.get(key).and_then(Value::as_object).is_some_and(|m| !m.is_empty()) {
-            return Err(bad(key, "per-module ranks/alphas are not supported; valid: {}".into()));
+        if c.get(key)
+            .and_then(Value::as_object)
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(bad(
+                key,
+                "per-module ranks/alphas are not supported; valid: {}".into(),
+            ));
         }
     }
     for key in ["layers_to_transform", "modules_to_save"] {
-        if c.get(key).is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty())) {
+        if c.get(key)
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
             return Err(bad(key, "not supported; valid: null".into()));
         }
     }
@@ -298,7 +340,11 @@ fn load_peft(
         Some(Value::String(s)) => vec![s.clone()],
         Some(Value::Array(a)) => a
             .iter()
-            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad("target_modules", "expected strings".into())))
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| bad("target_modules", "expected strings".into()))
+            })
             .collect::<PeftResult<_>>()?,
         _ => return Err(bad("target_modules", "missing".into())),
     };
@@ -307,7 +353,11 @@ fn load_peft(
         .into_iter()
         .map(|t| {
             let leaf = t.rsplit('.').next().unwrap_or(&t).to_string();
-            if leaf == "embeddings" { "embedding".to_string() } else { leaf }
+            if leaf == "embeddings" {
+                "embedding".to_string()
+            } else {
+                leaf
+            }
         })
         .collect();
     let method = if use_dora {
@@ -331,7 +381,20 @@ fn load_peft(
         l.dropout = Some(dropout);
         MethodConfig::Lora(l)
     };
-    let spec = AdapterSpec::single(method);
+    // A molt-written PEFT folder also records the full spec (lr, weight decay, ...): prefer
+    // it when it describes the same adapter.
+    let spec = match c.get("molt").and_then(|m| m.get("spec")) {
+        Some(v) => match AdapterSpec::from_value(v) {
+            Ok(s)
+                if s.methods.len() == 1
+                    && same_peft_view(&s, &AdapterSpec::single(method.clone())) =>
+            {
+                s
+            }
+            _ => AdapterSpec::single(method),
+        },
+        None => AdapterSpec::single(method),
+    };
     let mut renamed = HashMap::new();
     let mut problems = Vec::new();
     for (name, t) in tensors {
@@ -369,7 +432,9 @@ mod tests {
             assert_eq!(tr, tr2);
         }
         assert_eq!(
-            to_peft_name("layers.0.in_proj.lora_A").map(|p| p.0).as_deref(),
+            to_peft_name("layers.0.in_proj.lora_A")
+                .map(|p| p.0)
+                .as_deref(),
             Some("base_model.model.backbone.layers.0.mixer.in_proj.lora_A.weight")
         );
         assert!(to_peft_name("prompt.table").is_none());

@@ -45,13 +45,24 @@ impl InitRng {
         let n = shape.iter().product();
         let b = bound as f32;
         let v = (0..n)
-            .map(|_| if b > 0.0 { rng.random_range(-b..=b) } else { 0.0 })
+            .map(|_| {
+                if b > 0.0 {
+                    rng.random_range(-b..=b)
+                } else {
+                    0.0
+                }
+            })
             .collect();
         self.tensor(v, shape)
     }
 
     /// PyTorch's default Linear/Conv init, Uniform(±1/√fan_in) (kaiming-uniform, a = √5).
-    pub fn kaiming_uniform(&self, name: &str, shape: &[usize], fan_in: usize) -> PeftResult<Tensor> {
+    pub fn kaiming_uniform(
+        &self,
+        name: &str,
+        shape: &[usize],
+        fan_in: usize,
+    ) -> PeftResult<Tensor> {
         self.uniform(name, shape, 1.0 / (fan_in.max(1) as f64).sqrt())
     }
 
@@ -97,16 +108,31 @@ mod tests {
     #[test]
     fn streams_depend_on_seed_and_name_only() -> PeftResult<()> {
         let g = InitRng::new(7, &Device::Cpu, DType::F32);
-        let a = g.uniform("x", &[3, 4], 0.5)?.flatten_all()?.to_vec1::<f32>()?;
-        let b = g.uniform("x", &[3, 4], 0.5)?.flatten_all()?.to_vec1::<f32>()?;
-        let c = g.uniform("y", &[3, 4], 0.5)?.flatten_all()?.to_vec1::<f32>()?;
+        let a = g
+            .uniform("x", &[3, 4], 0.5)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let b = g
+            .uniform("x", &[3, 4], 0.5)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let c = g
+            .uniform("y", &[3, 4], 0.5)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(a.iter().all(|v| v.abs() <= 0.5));
-        let n = g.normal("n", &[10_000], 2.0)?.flatten_all()?.to_vec1::<f32>()?;
+        let n = g
+            .normal("n", &[10_000], 2.0)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let mean = n.iter().sum::<f32>() / n.len() as f32;
         let var = n.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / n.len() as f32;
-        assert!(mean.abs() < 0.1 && (var.sqrt() - 2.0).abs() < 0.1, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.1 && (var.sqrt() - 2.0).abs() < 0.1,
+            "{mean} {var}"
+        );
         Ok(())
     }
 }

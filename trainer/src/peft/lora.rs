@@ -176,7 +176,13 @@ pub(crate) fn lora_names(t: LoraTarget, i: Option<usize>) -> (String, String) {
 
 /// Rank bounds: at least 1, at most the larger side of the matrix (more is pointless; the
 /// papers' over-parameterised ranks, e.g. 64 on dt_proj's 48 inputs, stay inside).
-pub(crate) fn check_rank(method: &str, target: &str, r: usize, out: usize, inp: usize) -> PeftResult<()> {
+pub(crate) fn check_rank(
+    method: &str,
+    target: &str,
+    r: usize,
+    out: usize,
+    inp: usize,
+) -> PeftResult<()> {
     check_range(
         method,
         "r",

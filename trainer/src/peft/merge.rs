@@ -47,12 +47,18 @@ impl InitialState {
             .iter()
             .map(|(conv, ssm)| {
                 let (e, _) = conv.dims2()?;
-                let conv = Tensor::cat(&[&Tensor::zeros((e, 1), conv.dtype(), conv.device())?, conv], 1)?
-                    .to_dtype(dtype)?;
+                let conv = Tensor::cat(
+                    &[&Tensor::zeros((e, 1), conv.dtype(), conv.device())?, conv],
+                    1,
+                )?
+                .to_dtype(dtype)?;
                 let k = conv.dim(1)?;
                 let n = ssm.dim(1)?;
                 Ok(LayerCache {
-                    conv: conv.unsqueeze(0)?.broadcast_as((batch, e, k))?.contiguous()?,
+                    conv: conv
+                        .unsqueeze(0)?
+                        .broadcast_as((batch, e, k))?
+                        .contiguous()?,
                     ssm: ssm
                         .to_dtype(DType::F32)?
                         .unsqueeze(0)?
@@ -190,7 +196,10 @@ pub(crate) fn merge(
 }
 
 /// Reads the merged value of every seam of `adapted` (built on `base`).
-fn merged_weights(adapted: &MambaForCausalLM, base: &MambaForCausalLM) -> PeftResult<MambaForCausalLM> {
+fn merged_weights(
+    adapted: &MambaForCausalLM,
+    base: &MambaForCausalLM,
+) -> PeftResult<MambaForCausalLM> {
     let not_mergeable = |what: &str| PeftError::NotMergeable {
         method: what.to_string(),
         reason: "a part attached there has no merged form".into(),
@@ -241,11 +250,17 @@ fn merged_weights(adapted: &MambaForCausalLM, base: &MambaForCausalLM) -> PeftRe
         }
         t.insert(format!("{p}.mixer.A_log"), a_log);
         t.insert(format!("{p}.mixer.D"), m.d.value()?.detach());
-        t.insert(format!("{p}.mixer.conv1d.weight"), m.conv_weight.value()?.detach());
+        t.insert(
+            format!("{p}.mixer.conv1d.weight"),
+            m.conv_weight.value()?.detach(),
+        );
         if let Some(b) = &m.conv_bias {
             t.insert(format!("{p}.mixer.conv1d.bias"), b.value()?.detach());
         }
-        t.insert(format!("{p}.mixer.dt_proj.bias"), m.dt_bias.value()?.detach());
+        t.insert(
+            format!("{p}.mixer.dt_proj.bias"),
+            m.dt_bias.value()?.detach(),
+        );
     }
     t.insert(
         "backbone.norm_f.weight".into(),
@@ -284,7 +299,10 @@ fn fold_prefix(merged: &mut MergedModel) -> PeftResult<()> {
         }
     }
     let model = residual.apply(&merged.base)?;
-    let prompt = residual.vars().get("prompt.table").map(|v| v.as_tensor().detach());
+    let prompt = residual
+        .vars()
+        .get("prompt.table")
+        .map(|v| v.as_tensor().detach());
     let mut layers = Vec::new();
     match prompt {
         Some(table) => {

@@ -61,6 +61,7 @@ pub use affix::{AffixConfig, AffixKind};
 pub use baselines::{BitFitConfig, FullConfig, LinearProbeConfig, SllLoraConfig};
 pub use dora::{DoraConfig, DoraPConfig};
 pub use error::{PeftError, PeftResult};
+pub use files::{CONFIG_FILE, WEIGHTS_FILE, to_peft_name};
 pub use identity::{base_identity, model_identity};
 pub use init::InitRng;
 pub use lora::{LoraConfig, LoraPConfig, LoraTarget, Slice};

@@ -87,7 +87,11 @@ fn default_wd() -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProdialConfig {
-    #[serde(default = "default_targets", alias = "target", deserialize_with = "one_or_many")]
+    #[serde(
+        default = "default_targets",
+        alias = "target",
+        deserialize_with = "one_or_many"
+    )]
     pub targets: Vec<String>,
     #[serde(default = "default_r_b")]
     pub r_b: BlockCount,
@@ -160,8 +164,18 @@ impl ProdialConfig {
     fn blocks(&self, t: ProdialTarget) -> PeftResult<usize> {
         match (&self.r_b, t) {
             (BlockCount::All(n), _) => Ok(*n),
-            (BlockCount::PerTarget { in_proj: Some(n), .. }, ProdialTarget::InProj)
-            | (BlockCount::PerTarget { out_proj: Some(n), .. }, ProdialTarget::OutProj) => Ok(*n),
+            (
+                BlockCount::PerTarget {
+                    in_proj: Some(n), ..
+                },
+                ProdialTarget::InProj,
+            )
+            | (
+                BlockCount::PerTarget {
+                    out_proj: Some(n), ..
+                },
+                ProdialTarget::OutProj,
+            ) => Ok(*n),
             (BlockCount::PerTarget { .. }, _) => Err(PeftError::config(
                 "prodial",
                 format!("`r_b` gives no block count for {}", t.proj().name()),
@@ -187,7 +201,7 @@ fn names(p: Proj, i: usize) -> [String; 4] {
 /// A few divisors of `n`, for the error message.
 fn divisors(n: usize) -> String {
     let d: Vec<String> = (1..=n)
-        .filter(|k| n % k == 0)
+        .filter(|k| n.is_multiple_of(*k))
         .map(|k| k.to_string())
         .collect();
     if d.len() > 12 {
@@ -216,7 +230,7 @@ impl PeftMethod for ProdialConfig {
             let (d_out, d_in) = p.shape(cfg);
             let r_b = self.blocks(t)?;
             check_range("prodial", "r_b", p.name(), r_b, 1, d_in)?;
-            if d_in % r_b != 0 {
+            if !d_in.is_multiple_of(r_b) {
                 return Err(PeftError::BlocksDoNotDivide {
                     target: p.name().into(),
                     r_b,

@@ -99,7 +99,11 @@ pub(crate) fn interleave(x: &Tensor, soft: &Tensor, order: &[Pos]) -> Result<Ten
                     k += 1;
                 }
                 let run = soft.narrow(0, j0, k - start)?;
-                pieces.push(run.unsqueeze(0)?.broadcast_as((b, k - start, c))?.contiguous()?);
+                pieces.push(
+                    run.unsqueeze(0)?
+                        .broadcast_as((b, k - start, c))?
+                        .contiguous()?,
+                );
             }
         }
     }
@@ -232,7 +236,10 @@ pub(crate) fn table_shapes(
 
 /// Tables and projection inputs ~ N(0, 1); the MLP's Linear layers PyTorch's default,
 /// Uniform(±1/√fan_in) for weights and biases alike.
-pub(crate) fn table_init(rng: &InitRng, shapes: Vec<ParamShape>) -> PeftResult<Vec<(String, Tensor)>> {
+pub(crate) fn table_init(
+    rng: &InitRng,
+    shapes: Vec<ParamShape>,
+) -> PeftResult<Vec<(String, Tensor)>> {
     let fan_in = |stem: &str| {
         shapes
             .iter()
@@ -328,7 +335,11 @@ struct PromptHook {
 }
 
 impl InputHook for PromptHook {
-    fn insert(&self, embeds: &Tensor, mask: Option<&Tensor>) -> Result<(Tensor, Option<Tensor>, Tensor)> {
+    fn insert(
+        &self,
+        embeds: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>, Tensor)> {
         let table = self.table.columns(None)?;
         let (b, len, _) = embeds.dims3()?;
         let n = table.dim(0)?;
@@ -348,7 +359,10 @@ impl InputHook for PromptHook {
 
 /// The logits of the whole augmented sequence `[b, L+n, V]` and the positions of the real
 /// tokens in it, for a model with a prompt (or the plain logits and `0..L` without one).
-pub fn augmented_logits(model: &MambaForCausalLM, input_ids: &Tensor) -> PeftResult<(Tensor, Vec<u32>)> {
+pub fn augmented_logits(
+    model: &MambaForCausalLM,
+    input_ids: &Tensor,
+) -> PeftResult<(Tensor, Vec<u32>)> {
     let input = crate::model::ModelInput::new(input_ids, None, model.vocab_size())?;
     let embeds = model.embed(&input.input_ids)?;
     let len = embeds.dim(1)?;
@@ -380,7 +394,10 @@ mod tests {
         );
         // torch.tensor_split(13 tokens, 4) → sizes 4, 3, 3, 3.
         let o = layout(PromptKind::Infix, 13, 3);
-        assert_eq!(positions(&o), vec![0, 1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15]);
+        assert_eq!(
+            positions(&o),
+            vec![0, 1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15]
+        );
         assert_eq!(o[4], Soft(0));
         assert_eq!(o[8], Soft(1));
         assert_eq!(o[12], Soft(2));

@@ -111,7 +111,8 @@ impl AdapterSpec {
                 full.method().kind()
             )));
         }
-        let count = |pred: fn(&MethodConfig) -> bool| self.methods.iter().filter(|m| pred(m)).count();
+        let count =
+            |pred: fn(&MethodConfig) -> bool| self.methods.iter().filter(|m| pred(m)).count();
         if count(|m| matches!(m, MethodConfig::Prompt(_))) > 1 {
             return Err(PeftError::Contradictory(
                 "more than one `prompt` method; use one with a larger `n`".into(),
