@@ -184,6 +184,10 @@ fn spawn_signal_watch(
     });
 }
 
+/// Checkpoints of one attempt whose files are kept in the store (older ones are deleted;
+/// their rows stay, so `/checkpoints` still lists them).
+pub const KEEP_CHECKPOINT_FILES: usize = 3;
+
 /// Messages from the training thread to the async side.
 enum Msg {
     Event(RunEvent),
@@ -432,6 +436,7 @@ async fn attempt(
     });
 
     let mut reporter = Reporter::new(job);
+    let mut kept: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     while let Some(msg) = rx.recv().await {
         match msg {
             Msg::Event(ev) => reporter.on_event(ctx, ev).await,
@@ -451,6 +456,16 @@ async fn attempt(
                             .await
                         {
                             tracing::warn!(job_id = %job.id, step, error = %e, "could not record checkpoint");
+                        } else {
+                            kept.push_back(prefix);
+                            // Only the newest few checkpoints keep their files.
+                            while kept.len() > KEEP_CHECKPOINT_FILES {
+                                if let Some(old) = kept.pop_front()
+                                    && let Err(e) = ctx.blobs.delete_prefix(&old).await
+                                {
+                                    tracing::warn!(job_id = %job.id, prefix = %old, error = %e, "could not delete an old checkpoint");
+                                }
+                            }
                         }
                     }
                     Err(e) => {

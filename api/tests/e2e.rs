@@ -128,6 +128,26 @@ async fn end_to_end(backend: Backend) {
     assert_eq!(file["status"], "processed", "{file}");
     assert_eq!(file["line_count"], 12, "{file}");
     let file_id = file["id"].as_str().expect("id").to_string();
+    // A retried upload with the same idempotency key returns the same file.
+    let again = Command::new(molt_exe())
+        .args(["files", "upload"])
+        .arg(&data_file)
+        .args(["--idempotency-key", "upload-1"])
+        .env("MOLT_URL", &s.url)
+        .env("MOLT_API_KEY", &s.key)
+        .output()
+        .expect("molt files upload (retry)");
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let again: Value = serde_json::from_slice(&again.stdout).expect("file json");
+    assert_eq!(again["id"], file_id.as_str());
+    assert_eq!(
+        s.get_ok("/v1/files").await["data"].as_array().map(Vec::len),
+        Some(1)
+    );
     // The content round-trips.
     let content = s
         .req(Method::GET, &format!("/v1/files/{file_id}/content"))
