@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use serde_json::json;
+use trainer::peft::AdapterSpec;
 use trainer::train::{
     Control, Hyperparameters, LrScheduler, TrainError, TrainEvent, TrainOutcome, TrainRequest, run,
 };
@@ -51,7 +52,7 @@ fn request(dir: &Path, train: PathBuf, hyper: Hyperparameters, seed: u64) -> Tra
         model_dir: tiny_model(),
         train_file: train,
         validation_file: None,
-        method: json!({"type": "full"}),
+        method: AdapterSpec::from_value(&json!({"type": "full"})).unwrap(),
         hyper,
         seed,
         out_dir: dir.join("out"),
@@ -75,7 +76,7 @@ fn hyper() -> Hyperparameters {
 
 /// Every tensor of the saved output, as raw bits.
 fn saved(dir: &Path) -> BTreeMap<String, Vec<u32>> {
-    let t = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     t.into_iter()
         .map(|(k, v)| {
             let bits = v

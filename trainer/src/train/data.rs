@@ -565,7 +565,7 @@ impl Encoder<'_> {
     }
 
     /// Windows of `max_len` tokens overlapping by one (see the module docs).
-    fn windows(&self, ids: &[u32]) -> Vec<Example> {
+    pub fn windows(&self, ids: &[u32]) -> Vec<Example> {
         let max = self.max_len.max(2);
         let mut out = Vec::new();
         let mut start = 0;

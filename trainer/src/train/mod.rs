@@ -16,6 +16,7 @@ pub mod data;
 pub mod engine;
 pub mod full;
 pub mod optim;
+pub mod pretrain;
 pub mod schedule;
 
 use std::io::Read;
@@ -25,12 +26,14 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Checkpoint, LoadOptions, MambaConfig};
+use crate::model::{Checkpoint, LoadOptions, MambaConfig, MambaForCausalLM};
+use crate::peft::{Adapter, AdapterSpec, PeftError};
 use crate::tokenizer::Tokenizer;
 use engine::{BTreeFingerprint, LoopConfig, Trainable};
 
 pub use data::{DatasetError, DatasetKind, DatasetSummary, validate_dataset};
 pub use optim::{AdamW, ParamGroup, ParamGroupState};
+pub use pretrain::{PretrainOutcome, PretrainRequest, pretrain};
 pub use schedule::Schedule;
 
 /// What to train. The worker builds one per job; `molt train` builds one from its flags.
@@ -43,9 +46,8 @@ pub struct TrainRequest {
     /// Same format as `train_file`; validation loss (and accuracy for multiple choice) is
     /// computed on it every `hyper.eval_every` steps and at the end.
     pub validation_file: Option<PathBuf>,
-    /// The PEFT method (`{"type": "lora", ...}`).
-    // INTEGRATION(peft): becomes `crate::peft::AdapterSpec` once trainer::peft lands.
-    pub method: serde_json::Value,
+    /// The PEFT method(s) (`{"type": "lora", ...}`, or a hybrid of several).
+    pub method: AdapterSpec,
     pub hyper: Hyperparameters,
     /// Seeds the adapter's initialisation and the order of every epoch.
     pub seed: u64,
@@ -422,9 +424,15 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
     } else {
         None
     };
-    let trainable = build_trainable(req, ck, resume.as_ref().map(|r| r.0.as_path()))?;
+    let base = ck.into_frozen()?;
+    let trainable = AdapterTrainable::new(
+        &req.method,
+        &base,
+        req.seed,
+        resume.as_ref().map(|r| r.0.as_path()),
+    )?;
     let end = engine::train(
-        trainable.as_ref(),
+        &trainable,
         LoopConfig {
             hyper: &req.hyper,
             seed: req.seed,
@@ -464,43 +472,81 @@ pub fn special_tokens(cfg: &MambaConfig) -> (Option<u32>, u32) {
     (eos, pad)
 }
 
-/// The adapter to train: fresh from `req.seed`, or loaded from a checkpoint folder.
-// INTEGRATION(peft): every method goes through `peft::Adapter` once trainer::peft lands;
-// until then only full fine-tuning is available.
-fn build_trainable(
-    req: &TrainRequest,
-    ck: Checkpoint,
-    resume_from: Option<&Path>,
-) -> Result<Box<dyn Trainable>, TrainError> {
-    let kind = req
-        .method
-        .get("type")
-        .and_then(|t| t.as_str())
-        .unwrap_or("");
-    if kind != "full" {
-        return Err(TrainError::Method(format!(
-            "method type `{kind}` is not available in this build (only `full`)"
-        )));
-    }
-    let wd = req
-        .method
-        .get("weight_decay")
-        .and_then(|w| w.as_f64())
-        .unwrap_or(0.0);
-    let ck = match resume_from {
-        None => ck,
-        Some(dir) => {
-            let path = dir.join("model.safetensors");
-            let tensors = candle_core::safetensors::load(&path, &req.device).map_err(|e| {
-                TrainError::Checkpoint {
+/// A PEFT adapter on a frozen base: what [`run`] trains.
+pub struct AdapterTrainable {
+    adapter: Adapter,
+    model: MambaForCausalLM,
+}
+
+impl AdapterTrainable {
+    /// A fresh adapter (initialised from `seed`), or the one saved in `resume_from`. Dropout
+    /// masks are drawn from a seed derived from `seed` and a counter the checkpoint keeps.
+    pub fn new(
+        spec: &AdapterSpec,
+        base: &MambaForCausalLM,
+        seed: u64,
+        resume_from: Option<&Path>,
+    ) -> Result<Self, TrainError> {
+        spec.validate(base.config()).map_err(method_error)?;
+        let adapter = match resume_from {
+            None => Adapter::init(spec, base, seed).map_err(method_error)?,
+            Some(dir) => {
+                let a = Adapter::load(dir, base).map_err(|e| TrainError::Checkpoint {
                     dir: dir.to_path_buf(),
-                    reason: format!("model.safetensors: {e}"),
+                    reason: e.to_string(),
+                })?;
+                if a.spec() != spec {
+                    return Err(TrainError::Checkpoint {
+                        dir: dir.to_path_buf(),
+                        reason: "its adapter has a different method config".into(),
+                    });
                 }
-            })?;
-            Checkpoint::from_tensors(&path.to_string_lossy(), ck.config.clone(), tensors)?
-        }
-    };
-    Ok(Box::new(full::FullModel::new(ck, wd)?))
+                a
+            }
+        };
+        adapter.set_dropout_seed(engine::order_seed(seed, u32::MAX));
+        let model = adapter.apply(base).map_err(method_error)?;
+        Ok(AdapterTrainable { adapter, model })
+    }
+
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+}
+
+/// A spec the model cannot take is the request's fault; anything else from PEFT (tensors,
+/// files) is reported as is.
+fn method_error(e: PeftError) -> TrainError {
+    TrainError::Method(e.to_string())
+}
+
+impl Trainable for AdapterTrainable {
+    fn model(&self) -> &MambaForCausalLM {
+        &self.model
+    }
+
+    fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {
+        Ok(self.adapter.param_groups())
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        self.adapter.save(dir).map_err(|e| TrainError::Checkpoint {
+            dir: dir.to_path_buf(),
+            reason: format!("saving the adapter: {e}"),
+        })
+    }
+
+    fn set_training(&self, on: bool) {
+        self.adapter.set_training(on);
+    }
+
+    fn rng_counter(&self) -> u64 {
+        self.adapter.dropout_counter()
+    }
+
+    fn set_rng_counter(&self, counter: u64) {
+        self.adapter.set_dropout_counter(counter);
+    }
 }
 
 /// Hashes of everything the numbers of a run depend on (see `engine::check_resume`).
@@ -511,7 +557,10 @@ fn fingerprint(req: &TrainRequest, cfg: &MambaConfig) -> Result<BTreeFingerprint
         "base model config".into(),
         hex(cfg.to_hf_json().to_string().as_bytes()),
     );
-    fp.insert("method".into(), hex(req.method.to_string().as_bytes()));
+    fp.insert(
+        "method".into(),
+        hex(req.method.to_value().to_string().as_bytes()),
+    );
     // Validation and checkpoint frequency do not change the trained numbers, so a resumed
     // run may change them.
     let mut h = req.hyper.clone();

@@ -22,18 +22,9 @@ use candle_core::{DType, Tensor, Var};
 
 use super::TrainError;
 
-/// A set of parameters trained with one learning rate and weight decay (the trainer-side
-/// description; `peft::ParamGroup` has the same fields).
-#[derive(Debug, Clone)]
-pub struct ParamGroup {
-    pub name: String,
-    pub params: Vec<(String, Var)>,
-    /// `None`: the job's learning rate.
-    pub lr: Option<f64>,
-    pub weight_decay: f64,
-    /// When set (one tensor per param), decay pulls toward these values instead of zero.
-    pub decay_toward: Option<Vec<Tensor>>,
-}
+/// A set of parameters trained with one learning rate and weight decay (PEFT methods
+/// produce them; pretraining builds its own).
+pub use crate::peft::ParamGroup;
 
 /// A group inside the optimizer, with its Adam moments.
 #[derive(Debug)]
