@@ -131,6 +131,18 @@ fn hp_or<'a>(hp: &'a Value, specific: &str, key: &str) -> &'a Value {
     }
 }
 
+/// A method's scale: `s_<component>`, `s_<suffix>`, else `s`.
+fn scale(hp: &Value, component: &str, suffix: &str) -> f64 {
+    [
+        format!("s_{component}"),
+        format!("s_{suffix}"),
+        "s".to_string(),
+    ]
+    .iter()
+    .find_map(|k| hp.get(k).and_then(Value::as_f64))
+    .unwrap_or_else(|| panic!("no scale `s` for {component} in {hp}"))
+}
+
 /// One method's spec JSON from its family and hyperparameters.
 fn method_json(
     family: &str,
@@ -179,9 +191,7 @@ fn method_json(
             )
             .or_else(|| hp_or(hp, &format!("r_{suffix}"), "r").as_u64())
             .expect("lora rank");
-            let s = hp_or(hp, &format!("s_{suffix}"), "s")
-                .as_f64()
-                .expect("lora s");
+            let s = scale(hp, component, &suffix);
             json!({"type": "lora", "targets": target, "r": r, "s": s, "dropout": 0.0})
         }
         "lora_p" | "dora_p" => {
@@ -192,7 +202,7 @@ fn method_json(
             let r = rank_from(adapter, &format!(".{family}_{slice}."), "lora_A")
                 .or_else(|| hp_or(hp, &format!("r_p_{slice}"), "r").as_u64())
                 .expect("rank");
-            let s = hp_or(hp, &format!("s_p_{slice}"), "s").as_f64().expect("s");
+            let s = scale(hp, component, &format!("p_{slice}"));
             let mut v = json!({"type": family, "slice": slice, "r": r, "s": s});
             if family == "lora_p" {
                 v["dropout"] = json!(0.0);
@@ -202,15 +212,28 @@ fn method_json(
         "parallel_adapter" => json!({
             "type": "parallel_adapter",
             "r": rank_from(adapter, "parallel_adapter", "W_down").or_else(|| hp["r"].as_u64()),
-            "s": hp["s"], "dropout": 0.0,
+            "s": scale(hp, component, &suffix), "dropout": 0.0,
         }),
         "prompt" | "affix" => {
-            let mut v = json!({
-                "type": family, "n": hp["n"], "kind": hp["kind"],
-                "projection": hp["proj"].as_bool().unwrap_or(false),
-            });
-            if let Some(h) = hp.get("hidden").filter(|h| !h.is_null()) {
-                v["hidden"] = h.clone();
+            // Structure from the tensors (n, projection, hidden), layout from the
+            // hyperparameters or the component name (`prompt_infix`).
+            let dim0 = |leaf: &str| {
+                adapter
+                    .get(&format!("{family}.{leaf}"))
+                    .and_then(|t| t.dims().first().copied())
+            };
+            let projection = adapter.contains_key(&format!("{family}.embedding"));
+            let n = dim0(if projection { "embedding" } else { "table" })
+                .map(|n| n as u64)
+                .or_else(|| hp["n"].as_u64());
+            let kind = hp
+                .get("kind")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| suffix.trim_end_matches("_proj").to_string());
+            let mut v = json!({"type": family, "n": n, "kind": kind, "projection": projection});
+            if projection {
+                v["hidden"] = json!(dim0("fc1.weight"));
             }
             v
         }
@@ -231,12 +254,40 @@ fn method_json(
             let n_add = rank_from(adapter, "x_proj_scan_addi", "weight")
                 .map(|two| two / 2)
                 .or_else(|| hp["n_add"].as_u64());
-            json!({"type": "additional_scan", "n_add": n_add, "placement": placement})
+            // "copy A_log[:, 0]" (the fixtures' wording), "s4d", "constant ...".
+            let a_init = hp
+                .get("A_init")
+                .and_then(Value::as_str)
+                .map(|a| a.to_lowercase())
+                .unwrap_or_default();
+            let mut v = json!({"type": "additional_scan", "n_add": n_add, "placement": placement});
+            if a_init.contains("s4d") {
+                v["a_init"] = json!("s4d");
+            } else if a_init.contains("const") {
+                v["a_init"] = json!("constant");
+                if let Some(c) = hp.get("A_const").or_else(|| hp.get("a_value")) {
+                    v["a_value"] = c.clone();
+                }
+            }
+            v
         }
-        "prodial" => json!({
-            "type": "prodial", "targets": hp["targets"], "r_b": hp["r_b"],
-            "r_eps": hp["r_eps"], "alpha": hp["alpha"], "dropout": 0.0,
-        }),
+        "prodial" => {
+            // Targets and block counts from the tensors; alpha and r_eps as given.
+            let mut targets = Vec::new();
+            let mut r_b = serde_json::Map::new();
+            for t in ["in_proj", "out_proj"] {
+                let key = format!("layers.0.{t}.prodial.blocks");
+                if let Some(b) = adapter.get(&key) {
+                    targets.push(t);
+                    r_b.insert(t.to_string(), json!(b.dims()[0]));
+                }
+            }
+            let r_eps = rank_from(adapter, ".prodial.", "lora_A").or_else(|| hp["r_eps"].as_u64());
+            json!({
+                "type": "prodial", "targets": targets, "r_b": r_b,
+                "r_eps": r_eps, "alpha": hp["alpha"], "dropout": 0.0,
+            })
+        }
         other => panic!("no spec mapping for family `{other}`"),
     }
 }
@@ -988,4 +1039,34 @@ fn adapter_for_another_base_is_refused() {
             && msg.contains("has shape [3, 3], expected [128, 2]"),
         "{msg}"
     );
+}
+
+/// Spec §4.9: the placement of the new states has no computational effect — the top and
+/// bottom forms with the same parameters give the same logits.
+#[test]
+fn additional_scan_placement_has_no_effect() {
+    let c = cases();
+    let Some(top) = c.iter().find(|c| c.meta["family"] == "additional_scan") else {
+        return;
+    };
+    let base = load_base(&top.base_dir);
+    let ids = &top.expected["input_ids"];
+    let mut out = Vec::new();
+    for placement in ["top", "bottom"] {
+        let spec = AdapterSpec::from_value(&json!({
+            "type": "additional_scan",
+            "n_add": top.adapter["layers.0.x_proj_scan_addi.weight"].dims()[0] / 2,
+            "placement": placement,
+        }))
+        .expect("spec");
+        let a = Adapter::from_tensors(&spec, &base, top.adapter.clone()).expect("adapter");
+        out.push(
+            a.apply(&base)
+                .expect("apply")
+                .forward(ids, None)
+                .expect("forward"),
+        );
+    }
+    let d = diff(&out[0], &out[1]);
+    assert!(d <= 2e-6, "top vs bottom with the same parameters: {d}");
 }

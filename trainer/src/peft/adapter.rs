@@ -70,6 +70,20 @@ impl Adapter {
                     )),
                     Some(t) => {
                         let t = t.to_dtype(base.dtype())?.to_device(base.device())?;
+                        // Nothing trains on garbage: NaN/inf would poison every step.
+                        let bad = t
+                            .to_dtype(candle_core::DType::F32)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?
+                            .iter()
+                            .filter(|v| !v.is_finite())
+                            .count();
+                        if bad > 0 {
+                            problems.push(format!(
+                                "`{name}` has {bad} non-finite value(s) (NaN or infinity)"
+                            ));
+                            continue;
+                        }
                         vars.insert(name.clone(), Var::from_tensor(&t)?);
                         names.push(name);
                     }

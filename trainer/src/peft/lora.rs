@@ -174,8 +174,13 @@ pub(crate) fn lora_names(t: LoraTarget, i: Option<usize>) -> (String, String) {
     }
 }
 
+/// The largest rank any LoRA-style factor may have: far above the papers' ranks (≤ 128)
+/// and small enough that a typo cannot allocate vocab × rank gigabytes.
+pub(crate) const MAX_RANK: usize = 1024;
+
 /// Rank bounds: at least 1, at most the larger side of the matrix (more is pointless; the
-/// papers' over-parameterised ranks, e.g. 64 on dt_proj's 48 inputs, stay inside).
+/// papers' over-parameterised ranks, e.g. 64 on dt_proj's 48 inputs, stay inside) and at
+/// most [`MAX_RANK`].
 pub(crate) fn check_rank(
     method: &str,
     target: &str,
@@ -189,7 +194,7 @@ pub(crate) fn check_rank(
         &format!("{target} ({out}×{inp})"),
         r,
         1,
-        out.max(inp),
+        out.max(inp).min(MAX_RANK),
     )
 }
 

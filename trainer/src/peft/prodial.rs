@@ -406,3 +406,62 @@ impl LinearPart for DiagBlocks {
         scaled.to_dtype(w.dtype())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn grads(diagonal: Diagonal) -> Result<(Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 2., 3., 4.], [0.5, -1., 2., 0.]], &dev)?;
+        let blocks = Var::zeros((2, 2, 2), DType::F32, &dev)?;
+        let s = Var::ones(2, DType::F32, &dev)?;
+        let part = DiagBlocks {
+            blocks: blocks.as_tensor().clone(),
+            s: s.as_tensor().clone(),
+            diagonal,
+        };
+        let w2 = part.weight(&w)?;
+        // W' = W at init.
+        assert_eq!(w2.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
+        let g = (w2 * Tensor::new(&[[1f32, -2., 3., 1.], [2., 1., -1., 0.5]], &dev)?)?
+            .sum_all()?
+            .backward()?;
+        let gb = g
+            .get(blocks.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("no gradient for the blocks".into()))?;
+        let mask = Tensor::eye(2, DType::F32, &dev)?
+            .unsqueeze(0)?
+            .broadcast_as((2, 2, 2))?;
+        Ok(((gb.clone() * &mask)?, (gb * (1.0 - mask)?)?))
+    }
+
+    #[test]
+    fn diagonal_is_fixed_unless_opted_in() -> Result<()> {
+        let (diag, off) = grads(Diagonal::Fixed)?;
+        assert_eq!(diag.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        assert!(off.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        let (diag, _) = grads(Diagonal::Trainable)?;
+        assert!(diag.abs()?.sum_all()?.to_scalar::<f32>()? > 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn block_orientation_matches_the_reference_formula() -> Result<()> {
+        // D_b[j·q+a, j·q+b] = blocks[j, a, b] (a ≠ b): W·D_b mixes input columns in a block.
+        let dev = Device::Cpu;
+        let w = Tensor::new(&[[1f32, 10., 100., 1000.]], &dev)?;
+        let blocks = Tensor::new(&[[[0f32, 0.5], [0., 0.]], [[0., 0.], [2., 0.]]], &dev)?;
+        let part = DiagBlocks {
+            blocks,
+            s: Tensor::new(&[3f32], &dev)?,
+            diagonal: Diagonal::Fixed,
+        };
+        let got = part.weight(&w)?.to_vec2::<f32>()?;
+        // Column 1 = w0·0.5 + w1; column 2 = w2 + w3·2; then ×3.
+        assert_eq!(got, vec![vec![3., 3. * 10.5, 3. * 2100., 3000.]]);
+        Ok(())
+    }
+}

@@ -467,3 +467,33 @@ pub(crate) fn f32(x: &Tensor) -> Result<Tensor> {
         x.to_dtype(DType::F32)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn dropout_is_off_in_eval_and_reproducible_in_training() -> Result<()> {
+        let rt = Runtime::default();
+        let x = Tensor::ones((64, 64), DType::F32, &Device::Cpu)?;
+        let eval = rt.dropout(&x, 0.5)?;
+        assert_eq!(eval.sum_all()?.to_scalar::<f32>()?, 4096.0);
+        rt.set_training(true);
+        rt.set_dropout_seed(11);
+        let a = rt.dropout(&x, 0.5)?.flatten_all()?.to_vec1::<f32>()?;
+        let b = rt.dropout(&x, 0.5)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_ne!(a, b, "consecutive masks differ");
+        assert!(
+            a.iter().all(|v| *v == 0.0 || *v == 2.0),
+            "inverted dropout scales by 1/(1-p)"
+        );
+        let kept = a.iter().filter(|v| **v > 0.0).count() as f32 / a.len() as f32;
+        assert!((kept - 0.5).abs() < 0.05, "{kept}");
+        // Restoring the counter replays the masks (exact resume).
+        rt.set_dropout_counter(0);
+        assert_eq!(rt.dropout(&x, 0.5)?.flatten_all()?.to_vec1::<f32>()?, a);
+        assert_eq!(rt.dropout_counter(), 1);
+        Ok(())
+    }
+}

@@ -293,3 +293,34 @@ pub(crate) fn check_float(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_and_hybrid_round_trip_with_defaults() -> PeftResult<()> {
+        let s = AdapterSpec::from_json_str(r#"{"type": "lora_p", "slice": "X"}"#)?;
+        let v = s.to_value();
+        // The papers' defaults are filled in and written back.
+        assert_eq!(v["r"], 64);
+        assert_eq!(v["s"], 0.1);
+        assert_eq!(AdapterSpec::from_value(&v)?, s);
+        let h = AdapterSpec::from_json_str(
+            r#"{"type": "hybrid", "methods": [
+                {"type": "additional_scan"}, {"type": "prodial", "r_b": {"in_proj": 8, "out_proj": 16}},
+                {"type": "affix", "kind": "inner_single_infix"}]}"#,
+        )?;
+        assert_eq!(h.methods.len(), 3);
+        assert_eq!(h.kind(), "hybrid(additional_scan+prodial+affix)");
+        let v = h.to_value();
+        assert_eq!(v["type"], "hybrid");
+        assert_eq!(v["methods"][0]["n_add"], 6);
+        assert_eq!(v["methods"][2]["kind"], "infix");
+        assert_eq!(AdapterSpec::from_value(&v)?, h);
+        let back: AdapterSpec =
+            serde_json::from_value(v).map_err(|e| PeftError::config("x", e.to_string()))?;
+        assert_eq!(back, h);
+        Ok(())
+    }
+}
