@@ -283,10 +283,15 @@ fn method_json(
                 }
             }
             let r_eps = rank_from(adapter, ".prodial.", "lora_A").or_else(|| hp["r_eps"].as_u64());
-            json!({
-                "type": "prodial", "targets": targets, "r_b": r_b,
-                "r_eps": r_eps, "alpha": hp["alpha"], "dropout": 0.0,
-            })
+            {
+                let mut v = json!({
+                    "type": "prodial", "targets": targets, "r_b": r_b, "r_eps": r_eps, "dropout": 0.0,
+                });
+                if let Some(a) = hp.get("alpha").filter(|a| !a.is_null()) {
+                    v["alpha"] = a.clone();
+                }
+                v
+            }
         }
         other => panic!("no spec mapping for family `{other}`"),
     }
@@ -1069,4 +1074,134 @@ fn additional_scan_placement_has_no_effect() {
     }
     let d = diff(&out[0], &out[1]);
     assert!(d <= 2e-6, "top vs bottom with the same parameters: {d}");
+}
+
+/// Shapes the public fixtures do not cover (odd sizes, K = 3, N = 5, R = 3, three layers,
+/// no conv bias): for every method with non-trivial values, the merged model equals the
+/// unmerged one (≤ 1e-5) and the autograd gradient matches a central finite difference of
+/// the loss along a random direction (float32: 3% relative plus the
+/// difference's own rounding noise).
+#[test]
+fn other_shapes_merge_and_gradients_agree() {
+    let mut cfg = MambaConfig::new(24, 3, 97);
+    cfg.state_size = 5;
+    cfg.time_step_rank = 3;
+    cfg.conv_kernel = 3;
+    cfg.use_conv_bias = false;
+    let base = trainer::model::Checkpoint::random(&cfg, 77, &Device::Cpu)
+        .and_then(|c| c.into_frozen())
+        .expect("random model");
+    let ids = Tensor::new(
+        &[
+            [3u32, 17, 42, 5, 96, 0, 11, 23, 8],
+            [1, 2, 3, 4, 5, 6, 7, 8, 9],
+        ],
+        &Device::Cpu,
+    )
+    .expect("ids");
+    let specs = [
+        json!({"type": "lora", "targets": ["embedding", "in_proj", "x_proj", "dt_proj", "out_proj"], "r": 3, "s": 0.7}),
+        json!({"type": "hybrid", "methods": [
+            {"type": "lora_p", "slice": "X", "r": 2}, {"type": "lora_p", "slice": "Z", "r": 2},
+            {"type": "lora_p", "slice": "dt", "r": 2}, {"type": "lora_p", "slice": "B", "r": 2},
+            {"type": "lora_p", "slice": "C", "r": 2}]}),
+        json!({"type": "dora", "targets": ["in_proj", "x_proj", "out_proj"], "r": 2, "alpha": 3}),
+        json!({"type": "dora_p", "slice": "B", "r": 2}),
+        json!({"type": "hybrid", "methods": [
+            {"type": "partial", "target": "A_log"}, {"type": "partial", "target": "D"},
+            {"type": "partial", "target": "conv1d.weight"}, {"type": "partial", "target": "dt_proj.bias"}]}),
+        json!({"type": "hybrid", "methods": [
+            {"type": "additional_scan", "n_add": 3, "placement": "bottom"},
+            {"type": "lora_p", "slice": "C", "r": 2}, {"type": "partial", "target": "A_log"}]}),
+        json!({"type": "prodial", "targets": "both", "r_b": {"in_proj": 8, "out_proj": 16}, "r_eps": 2, "alpha": 4}),
+        json!({"type": "prodial", "targets": "in_proj", "r_b": 24, "r_eps": 2, "diagonal": "trainable"}),
+        json!({"type": "hybrid", "methods": [{"type": "bitfit"}, {"type": "linear_probe"}]}),
+        json!({"type": "full"}),
+        json!({"type": "prompt", "n": 4, "kind": "prefix_suffix", "projection": true, "hidden": 7}),
+        json!({"type": "affix", "n": 2, "kind": "infix", "projection": true, "hidden": 5}),
+        json!({"type": "affix", "n": 1, "kind": "suffix"}),
+        json!({"type": "parallel_adapter", "r": 3, "s": 0.5}),
+    ];
+    for v in specs {
+        let spec = AdapterSpec::from_value(&v).expect("spec");
+        let adapter = Adapter::init(&spec, &base, 5).expect("init");
+        // Non-trivial values everywhere (zero-init factors would hide half the paths).
+        let noise = trainer::peft::InitRng::new(99, &Device::Cpu, DType::F32);
+        for (name, var) in adapter.vars() {
+            let n = noise.normal(name, var.dims(), 0.05).expect("noise");
+            var.set(&(var.as_tensor() + n).expect("add")).expect("set");
+        }
+        let model = adapter.apply(&base).expect("apply");
+        let logits = model.forward(&ids, None).expect("forward");
+        assert_eq!(
+            logits.dims(),
+            &[2, 9, 97],
+            "{v}: output keeps the input's length"
+        );
+        let loss = causal_lm_loss(&logits, &ids).expect("loss");
+        let grads = loss.backward().expect("backward");
+
+        // Directional derivative vs central difference.
+        let dir = trainer::peft::InitRng::new(123, &Device::Cpu, DType::F32);
+        let mut dot = 0f64;
+        let mut dirs = Vec::new();
+        for (name, var) in adapter.vars() {
+            let d = dir.normal(name, var.dims(), 1.0).expect("dir");
+            if let Some(g) = grads.get(var.as_tensor()) {
+                dot += f64::from(
+                    (g * &d)
+                        .expect("mul")
+                        .sum_all()
+                        .expect("sum")
+                        .to_scalar::<f32>()
+                        .expect("f32"),
+                );
+            }
+            dirs.push((var.clone(), d));
+        }
+        let eps = 2e-3f64;
+        let loss_at = |sign: f64| -> f64 {
+            for (var, d) in &dirs {
+                var.set(&(var.as_tensor() + (d * (sign * eps)).expect("mul")).expect("add"))
+                    .expect("set");
+            }
+            let l = causal_lm_loss(&model.forward(&ids, None).expect("f"), &ids)
+                .expect("loss")
+                .to_scalar::<f32>()
+                .expect("f32");
+            for (var, d) in &dirs {
+                var.set(&(var.as_tensor() - (d * (sign * eps)).expect("mul")).expect("sub"))
+                    .expect("set");
+            }
+            f64::from(l)
+        };
+        // DoRA's gradient treats the weight norm as a constant (stop-grad, by design), so
+        // it is not the derivative a finite difference measures; its gradients are checked
+        // against the fixtures instead.
+        let is_dora = v["type"].as_str().is_some_and(|t| t.starts_with("dora"));
+        let fd = if is_dora {
+            dot
+        } else {
+            (loss_at(1.0) - loss_at(-1.0)) / (2.0 * eps)
+        };
+        // f32 loss rounding (~5e-7) over 2·eps bounds the difference's own noise.
+        let err = (fd - dot).abs();
+        assert!(
+            err <= 3e-2 * dot.abs() + 5e-4,
+            "{v}: finite difference {fd} vs autograd {dot} (|diff| {err})"
+        );
+
+        if v["type"] == "parallel_adapter" {
+            assert!(adapter.merge(&base).is_err());
+            continue;
+        }
+        let merged = adapter
+            .merge(&base)
+            .unwrap_or_else(|e| panic!("{v}: merge: {e}"));
+        let d = diff(
+            &merged.forward(&ids, None).expect("merged forward"),
+            &logits,
+        );
+        assert!(d <= 1e-5, "{v}: merged vs unmerged logits differ by {d}");
+    }
 }
