@@ -1205,3 +1205,79 @@ fn other_shapes_merge_and_gradients_agree() {
         assert!(d <= 1e-5, "{v}: merged vs unmerged logits differ by {d}");
     }
 }
+
+/// Cached decoding with an adapter (prefill inserts prompt/affix tokens once, every step
+/// uses the same adapted weights and the widened state) gives the logits of a full forward
+/// over the growing sequence.
+#[test]
+fn cached_generation_with_adapters_matches_full_forwards() {
+    use trainer::generate::{GenerationConfig, generate};
+    let c = cases();
+    let base = load_base(&c[0].base_dir);
+    let prompt: Vec<u32> = vec![5, 99, 7, 300, 12];
+    for v in [
+        json!({"type": "prompt", "n": 3, "projection": true}),
+        json!({"type": "affix", "n": 2}),
+        json!({"type": "hybrid", "methods": [
+            {"type": "additional_scan", "n_add": 2},
+            {"type": "prodial", "targets": "both", "r_b": 16, "r_eps": 2},
+            {"type": "dora_p", "slice": "X", "r": 2, "zero_init": false},
+            {"type": "lora", "targets": "embedding", "r": 2, "zero_init": false},
+            {"type": "parallel_adapter", "r": 2, "zero_init": false},
+        ]}),
+    ] {
+        let spec = AdapterSpec::from_value(&v).expect("spec");
+        let adapter = Adapter::init(&spec, &base, 21).expect("init");
+        let noise = trainer::peft::InitRng::new(4, &Device::Cpu, DType::F32);
+        for (name, var) in adapter.vars() {
+            let n = noise.normal(name, var.dims(), 0.05).expect("noise");
+            var.set(&(var.as_tensor() + n).expect("add")).expect("set");
+        }
+        let model = adapter.apply(&base).expect("apply");
+        let cfg = GenerationConfig {
+            max_new_tokens: 4,
+            keep_step_logits: true,
+            ..GenerationConfig::default()
+        };
+        let out = generate(&model, std::slice::from_ref(&prompt), &cfg).expect("generate");
+        let mut seq = prompt.clone();
+        for (k, step) in out.step_logits.iter().enumerate() {
+            let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("ids");
+            let full = model.forward(&ids, None).expect("forward");
+            let last = full
+                .narrow(1, seq.len() - 1, 1)
+                .and_then(|t| t.squeeze(1))
+                .expect("last");
+            let d = diff(step, &last);
+            assert!(
+                d <= 1e-4,
+                "{v}: step {k}: cached vs full forward logits differ by {d}"
+            );
+            seq.push(out.tokens[0][k]);
+        }
+    }
+}
+
+/// The serving model (merged where possible) computes what the adapted model computes.
+#[test]
+fn inference_model_equals_the_adapted_model() {
+    let c = cases();
+    let base = load_base(&c[0].base_dir);
+    let ids = &c[0].expected["input_ids"];
+    for case in &c {
+        let spec = spec_for(&case.meta, base.config(), &case.adapter);
+        let adapter = Adapter::from_tensors(&spec, &base, case.adapter.clone()).expect("adapter");
+        let a = adapter
+            .apply(&base)
+            .and_then(|m| Ok(m.forward(ids, None)?))
+            .expect("apply");
+        let b = adapter
+            .inference_model(&base)
+            .and_then(|m| Ok(m.forward(ids, None)?))
+            .expect("inference model");
+        let d = diff(&a, &b);
+        assert!(d <= 1e-5, "{}: inference model differs by {d}", case.name);
+    }
+}

@@ -110,7 +110,8 @@ fn load_model(dir: &Path, adapter: Option<&Path>) -> Result<MambaForCausalLM> {
     };
     let adapter = trainer::peft::Adapter::load(a, &base)
         .with_context(|| format!("--adapter {}: loading the adapter", a.display()))?;
-    adapter.apply(&base).with_context(|| {
+    // Merged where possible: generation then pays nothing per token for the adapter.
+    adapter.inference_model(&base).with_context(|| {
         format!(
             "--adapter {}: applying it to {}",
             a.display(),

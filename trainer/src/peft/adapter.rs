@@ -222,6 +222,18 @@ impl Adapter {
         sites.build()
     }
 
+    /// The model to serve this adapter with: merged where the methods allow it (no
+    /// per-token cost for DoRA/ProDiaL weight transforms; Additional-scan as an expanded
+    /// state; prompt/affix tables collapsed), the plain adapted model otherwise
+    /// (ParallelAdapter). Same function as [`Self::apply`] up to float rounding.
+    pub fn inference_model(&self, base: &MambaForCausalLM) -> PeftResult<MambaForCausalLM> {
+        match self.merge(base) {
+            Ok(m) => m.model(),
+            Err(PeftError::NotMergeable { .. }) => self.apply(base),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Merges into the base weights (see [`MergedModel`]); an error for methods without a
     /// merged form (ParallelAdapter).
     pub fn merge(&self, base: &MambaForCausalLM) -> PeftResult<MergedModel> {
