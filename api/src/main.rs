@@ -17,9 +17,9 @@ use clap::{Parser, Subcommand};
 )]
 struct Cli {
     /// Log filter in tracing's EnvFilter syntax (e.g. `info`, `trainer=debug`). Logs go to
-    /// stderr.
-    #[arg(long, env = "MOLT_LOG", default_value = "warn", global = true)]
-    log: String,
+    /// stderr. Default: `info` for `serve` and `worker`, `warn` otherwise.
+    #[arg(long, env = "MOLT_LOG", global = true)]
+    log: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -32,6 +32,49 @@ enum Command {
     Model(cli::model::ModelCommand),
     /// Speed benchmark on random-init models (forward, generation, training step, scan).
     Bench(cli::bench::BenchArgs),
+    /// Run the service: the HTTP API plus local worker processes (SQLite and local files
+    /// under --data-dir unless told otherwise).
+    Serve(api::serve::ServeArgs),
+    /// Run a queue worker: claim jobs from the database, train, write results to the store.
+    Worker(api::worker::WorkerArgs),
+    /// Apply the database migrations.
+    Migrate(cli::admin::MigrateArgs),
+    /// Tenants, API keys and base models (through the admin API).
+    Admin(cli::admin::AdminArgs),
+    /// Upload, list, show and delete dataset files.
+    Files {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        #[command(subcommand)]
+        command: cli::client::FilesCommand,
+    },
+    /// Create, list, show, watch and cancel fine-tuning jobs.
+    Jobs {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        #[command(subcommand)]
+        command: cli::client::JobsCommand,
+    },
+    /// Show and download trained adapters.
+    Adapters {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        #[command(subcommand)]
+        command: cli::client::AdaptersCommand,
+    },
+}
+
+/// Runs an async service command on a multi-threaded runtime.
+fn block_on<F, E>(fut: F) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(fut)?;
+    Ok(())
 }
 
 fn init_tracing(filter: &str) {
@@ -48,10 +91,21 @@ fn init_tracing(filter: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log);
+    let default_log = match cli.command {
+        Command::Serve(_) | Command::Worker(_) => "info",
+        _ => "warn",
+    };
+    init_tracing(cli.log.as_deref().unwrap_or(default_log));
     let result = match cli.command {
         Command::Model(cmd) => cli::model::run(cmd),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Serve(args) => block_on(api::serve::run(args)),
+        Command::Worker(args) => block_on(api::worker::run(args)),
+        Command::Migrate(args) => cli::admin::migrate(args),
+        Command::Admin(args) => cli::admin::run(args),
+        Command::Files { client, command } => cli::client::files(&client, command),
+        Command::Jobs { client, command } => cli::client::jobs(&client, command),
+        Command::Adapters { client, command } => cli::client::adapters(&client, command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -174,7 +174,7 @@ fn forward_rejects_bad_input_with_a_message() {
     assert!(!out.status.success());
     assert!(err.contains("input_ids") && err.contains("F32"), "{err}");
 
-    // A model folder that does not exist, and an adapter (not supported yet).
+    // A model folder that does not exist, and an adapter folder that does not exist.
     let out = molt(&[
         "model",
         "forward",
@@ -200,9 +200,44 @@ fn forward_rejects_bad_input_with_a_message() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("/some/adapter") && err.contains("not supported yet"),
+        err.contains("/some/adapter") && err.contains("adapter_config.json"),
         "{err}"
     );
+}
+
+/// `--adapter` applies a PEFT adapter folder (here HF PEFT's own LoRA files): the logits are
+/// the fixture's adapted logits.
+#[test]
+fn forward_with_an_adapter_matches_the_reference() {
+    let case = case_dir().join("../tiny_lora");
+    let r = candle_core::safetensors::load(case.join("reference.safetensors"), &Device::Cpu)
+        .expect("tiny_lora reference");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let input = tmp.path().join("in.safetensors");
+    let output = tmp.path().join("out.safetensors");
+    let inputs = HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]);
+    candle_core::safetensors::save(&inputs, &input).expect("save input");
+    let model = model_dir();
+    let adapter = case.join("adapter");
+    let out = molt(&[
+        "model",
+        "forward",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--adapter",
+        adapter.to_str().expect("utf-8 path"),
+        "--input",
+        input.to_str().expect("utf-8 path"),
+        "--output",
+        output.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = candle_core::safetensors::load(&output, &Device::Cpu).expect("output");
+    assert_close("logits", &got["logits"], &r["logits"], tol("logits"));
 }
 
 #[test]

@@ -4,6 +4,8 @@ pub mod error;
 pub mod generate;
 pub mod kernels;
 pub mod model;
+pub mod peft;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{CheckpointProblem, Error, Result};

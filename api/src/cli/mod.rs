@@ -1,5 +1,7 @@
 //! The `molt` subcommands, one module each. A new subcommand is a module here plus one
 //! variant in `Command` in `main.rs`.
 
+pub mod admin;
 pub mod bench;
+pub mod client;
 pub mod model;

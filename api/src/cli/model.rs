@@ -103,14 +103,21 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
 }
 
 fn load_model(dir: &Path, adapter: Option<&Path>) -> Result<MambaForCausalLM> {
-    if let Some(a) = adapter {
-        bail!(
-            "--adapter {}: applying PEFT adapters is not supported yet (it comes with the PEFT methods)",
-            a.display()
-        );
-    }
-    MambaForCausalLM::load(dir, &LoadOptions::default())
-        .with_context(|| format!("loading the model from {}", dir.display()))
+    let base = MambaForCausalLM::load(dir, &LoadOptions::default())
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    let Some(a) = adapter else {
+        return Ok(base);
+    };
+    let adapter = trainer::peft::Adapter::load(a, &base)
+        .with_context(|| format!("--adapter {}: loading the adapter", a.display()))?;
+    // Merged where possible: generation then pays nothing per token for the adapter.
+    adapter.inference_model(&base).with_context(|| {
+        format!(
+            "--adapter {}: applying it to {}",
+            a.display(),
+            dir.display()
+        )
+    })
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {

@@ -94,6 +94,7 @@ mod adapters;
 mod files;
 mod jobs;
 mod queue;
+mod stats;
 mod tenants;
 
 pub use adapters::NewAdapter;

@@ -189,6 +189,10 @@ impl Param {
         &self.base
     }
 
+    pub fn adapter(&self) -> Option<&Arc<dyn ParamAdapter>> {
+        self.adapter.as_ref()
+    }
+
     pub fn set_adapter(
         &mut self,
         adapter: Option<Arc<dyn ParamAdapter>>,
@@ -209,6 +213,12 @@ impl Param {
 /// `ids` are `u32` of any shape; returns `[..., hidden]`.
 pub trait EmbeddingAdapter: Send + Sync + fmt::Debug {
     fn forward(&self, weight: &Tensor, ids: &Tensor) -> Result<Tensor>;
+
+    /// The embedding matrix this adapted lookup is equivalent to (for merging); `None`
+    /// when it cannot be merged.
+    fn merged_weight(&self, _weight: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -227,6 +237,10 @@ impl Embedding {
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    pub fn adapter(&self) -> Option<&Arc<dyn EmbeddingAdapter>> {
+        self.adapter.as_ref()
     }
 
     pub fn set_adapter(

@@ -39,6 +39,19 @@ pub trait MixerHook: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// Hook on the model's input sequence, for methods that add positions to it (prompt-tuning
+/// inserts soft tokens after the embedding lookup and drops them before the LM head).
+pub trait InputHook: Send + Sync + std::fmt::Debug {
+    /// Receives the embeddings `[b, L, D]` and the mask `[b, L]`; returns the augmented
+    /// embeddings `[b, L', D]`, their mask, and the index of each of the L real tokens in
+    /// the augmented sequence (`u32`, `[L]`, increasing).
+    fn insert(
+        &self,
+        embeds: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)>;
+}
+
 /// The selective-SSM mixer of one layer.
 #[derive(Clone, Debug)]
 pub struct MambaMixer {
@@ -520,6 +533,9 @@ pub struct MambaForCausalLM {
     pub backbone: MambaModel,
     /// `Some` when the head is untied (`lm_head.weight`), `None` when tied.
     pub lm_head: Option<Tensor>,
+    /// Inserts positions into the input sequence (prompt-tuning); the logits keep the
+    /// input's length and positions.
+    pub input_hook: Option<Arc<dyn InputHook>>,
     config: MambaConfig,
     device: Device,
     dtype: DType,
@@ -542,6 +558,7 @@ impl MambaForCausalLM {
         Ok(MambaForCausalLM {
             backbone,
             lm_head,
+            input_hook: None,
             config: cfg.clone(),
             device: vb.device().clone(),
             dtype: vb.dtype(),
@@ -637,6 +654,7 @@ impl MambaForCausalLM {
             Some(m) => Some(m.to_device(&self.device)?),
             None => None,
         };
+        let (embeds, mask, positions) = self.insert_hooked(embeds, mask)?;
         let mut hidden = Vec::new();
         let h = self.backbone.forward_embeds(
             &embeds,
@@ -644,10 +662,30 @@ impl MambaForCausalLM {
             None,
             output_hidden_states.then_some(&mut hidden),
         )?;
+        let h = match &positions {
+            Some(p) => h.index_select(p, 1)?,
+            None => h,
+        };
         Ok(ForwardOutput {
             logits: self.logits(&h)?,
             hidden_states: hidden,
         })
+    }
+
+    /// Applies [`Self::input_hook`], if any: the augmented embeddings and mask, and the
+    /// positions of the real tokens.
+    pub fn insert_hooked(
+        &self,
+        embeds: Tensor,
+        mask: Option<Tensor>,
+    ) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        match &self.input_hook {
+            Some(hook) => {
+                let (e, m, p) = hook.insert(&embeds, mask.as_ref())?;
+                Ok((e, m, Some(p.to_device(&self.device)?)))
+            }
+            None => Ok((embeds, mask, None)),
+        }
     }
 
     /// An empty (zero) cache for `batch` sequences.
@@ -673,8 +711,39 @@ impl MambaForCausalLM {
 
     /// Runs a prompt (or the next chunk of one) through the full-sequence path, updating
     /// `cache`. Returns the logits of the last position, `[b, V]`.
+    /// An input hook (prompt tokens) applies to the first chunk only, so the tokens enter
+    /// the cache once.
     pub fn prefill(&self, input: &ModelInput, cache: &mut MambaCache) -> Result<Tensor> {
         let embeds = self.embed(&input.input_ids)?;
+        if self.input_hook.is_some() && cache.seqlen_offset == 0 {
+            let mask = match &input.attention_mask {
+                Some(m) => Some(m.to_device(&self.device)?),
+                None => None,
+            };
+            let (embeds, mask, positions) = self.insert_hooked(embeds, mask)?;
+            let (b, l, _) = embeds.dims3()?;
+            if cache.batch_size()? != b {
+                return Err(Error::input(
+                    "cache",
+                    format!(
+                        "cache holds {} sequences, input is [{b}, {l}]",
+                        cache.batch_size()?
+                    ),
+                ));
+            }
+            let h = self
+                .backbone
+                .forward_embeds(&embeds, mask.as_ref(), Some(cache), None)?;
+            // The last *real* token feeds generation (a suffix prompt comes after it).
+            let last = match positions {
+                Some(p) => {
+                    let n = p.dim(0)?;
+                    p.narrow(0, n.saturating_sub(1), 1)?
+                }
+                None => Tensor::new(&[l as u32 - 1], &self.device)?,
+            };
+            return self.logits(&h.index_select(&last, 1)?.squeeze(1)?);
+        }
         self.prefill_embeds(&embeds, input.attention_mask.as_ref(), cache)
     }
 

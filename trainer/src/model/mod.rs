@@ -23,5 +23,6 @@ pub use layers::{
 };
 pub use loss::{IGNORE_INDEX, causal_lm_loss};
 pub use mamba::{
-    ForwardOutput, MambaBlock, MambaForCausalLM, MambaMixer, MambaModel, MixerHook, ModelInput,
+    ForwardOutput, InputHook, MambaBlock, MambaForCausalLM, MambaMixer, MambaModel, MixerHook,
+    ModelInput,
 };

@@ -1,0 +1,22 @@
+//! molt's service side: the HTTP API (axum), the queue worker, and the `molt serve`
+//! launcher. The `molt` binary (`src/main.rs`) wires them to subcommands.
+//!
+//! Modules by concept: `routes/` (one file per resource), [`auth`] (API keys, admin token),
+//! [`error`] (the OpenAI error envelope), [`state`] (`State<AppState>`), [`metrics`]
+//! (Prometheus text), [`dataset`] (upload validation), [`training`] (hyperparameters and
+//! PEFT method checks), [`registry`] (base models), [`worker`] (queue consumer),
+//! [`serve`] (API + local worker processes).
+
+pub mod auth;
+pub mod dataset;
+pub mod error;
+pub mod metrics;
+pub mod registry;
+pub mod routes;
+pub mod serve;
+pub mod state;
+pub mod training;
+pub mod worker;
+
+pub use error::ApiError;
+pub use state::{ApiConfig, AppState};

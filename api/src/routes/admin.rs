@@ -1,0 +1,221 @@
+//! `/admin/…`: tenants, their API keys, and base-model registration. Every route needs
+//! `Authorization: Bearer $MOLT_ADMIN_TOKEN`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use storage::{ApiKey, BaseModel, Tenant};
+
+use super::{ListParams, ListResponse};
+use crate::auth::Admin;
+use crate::error::{ApiError, Json, Path, Query};
+use crate::registry::{self, RegistryError};
+use crate::state::AppState;
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Invalid(msg) => ApiError::bad_request("invalid_model", msg),
+            RegistryError::Storage(s) => s.into(),
+            RegistryError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+                ApiError::bad_request(
+                    "model_source_not_found",
+                    format!("{} does not exist on the server", path.display()),
+                )
+                .param("source")
+            }
+            other => ApiError::internal("registering a model", &other),
+        }
+    }
+}
+
+/// Body of `POST /admin/tenants`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTenant {
+    pub name: String,
+}
+
+/// `POST /admin/tenants`.
+pub async fn create_tenant(
+    State(state): State<AppState>,
+    _: Admin,
+    Json(req): Json<CreateTenant>,
+) -> Result<(StatusCode, Json<Tenant>), ApiError> {
+    let tenant = state.db.create_tenant(req.name.trim()).await?;
+    Ok((StatusCode::CREATED, Json(tenant)))
+}
+
+/// `GET /admin/tenants`.
+pub async fn list_tenants(
+    State(state): State<AppState>,
+    _: Admin,
+    Query(q): Query<ListParams>,
+) -> Result<Json<ListResponse<Tenant>>, ApiError> {
+    let limit = q.limit(100, 10_000)?;
+    let page = state.db.list_tenants(q.after.as_deref(), limit).await?;
+    Ok(Json(ListResponse::from_page(page, |t| t, |t| t.id.clone())))
+}
+
+/// `GET /admin/tenants/{tenant_id}`.
+pub async fn get_tenant(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<Tenant>, ApiError> {
+    Ok(Json(state.db.get_tenant(&id).await?))
+}
+
+/// Body of `POST /admin/tenants/{tenant_id}/keys`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    pub name: Option<String>,
+}
+
+/// A new key: its metadata and the secret, shown this once.
+#[derive(Debug, Serialize)]
+pub struct NewKey {
+    #[serde(flatten)]
+    pub key: ApiKey,
+    pub secret: String,
+}
+
+/// `POST /admin/tenants/{tenant_id}/keys`.
+pub async fn create_key(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(tenant_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<NewKey>), ApiError> {
+    // The body is optional: none, or `{"name": "…"}`.
+    let req: CreateKey = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateKey::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!("the request body is not valid: {e}"),
+            )
+        })?
+    };
+    let (key, secret) = state
+        .db
+        .create_api_key(&tenant_id, req.name.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(NewKey { key, secret })))
+}
+
+/// `GET /admin/tenants/{tenant_id}/keys`.
+pub async fn list_keys(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(tenant_id): Path<String>,
+    Query(q): Query<ListParams>,
+) -> Result<Json<ListResponse<ApiKey>>, ApiError> {
+    state.db.get_tenant(&tenant_id).await?;
+    let limit = q.limit(100, 10_000)?;
+    let page = state
+        .db
+        .list_api_keys(&tenant_id, q.after.as_deref(), limit)
+        .await?;
+    Ok(Json(ListResponse::from_page(page, |k| k, |k| k.id.clone())))
+}
+
+/// `DELETE /admin/tenants/{tenant_id}/keys/{key_id}`: revokes the key.
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    _: Admin,
+    Path((tenant_id, key_id)): Path<(String, String)>,
+) -> Result<Json<ApiKey>, ApiError> {
+    Ok(Json(state.db.revoke_api_key(&tenant_id, &key_id).await?))
+}
+
+/// Body of `POST /admin/models`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterModel {
+    /// The name users pass as `model`.
+    pub id: String,
+    /// A folder on the server (or `file://…`) or an object-store URL (`s3://bucket/prefix`).
+    pub source: String,
+    /// Copy a local folder into the blob store (default) or register it in place.
+    #[serde(default = "yes")]
+    pub copy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A base model as the admin API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BaseModelObject {
+    pub id: String,
+    pub object: String,
+    pub location: String,
+    pub config_hash: String,
+    pub config: Value,
+    pub created_at: i64,
+}
+
+impl From<BaseModel> for BaseModelObject {
+    fn from(m: BaseModel) -> Self {
+        BaseModelObject {
+            id: m.id,
+            object: "base_model".into(),
+            location: m.location,
+            config_hash: m.config_hash,
+            config: m.config,
+            created_at: m.created_at,
+        }
+    }
+}
+
+/// `POST /admin/models`.
+pub async fn register_model(
+    State(state): State<AppState>,
+    _: Admin,
+    Json(req): Json<RegisterModel>,
+) -> Result<(StatusCode, Json<BaseModelObject>), ApiError> {
+    let model = registry::register(&state.db, &state.blobs, &req.id, &req.source, req.copy)
+        .await
+        .map_err(ApiError::from)
+        .map_err(|e| {
+            if e.param.is_none() {
+                e.param("source")
+            } else {
+                e
+            }
+        })?;
+    Ok((StatusCode::CREATED, Json(model.into())))
+}
+
+/// `GET /admin/models`.
+pub async fn list_models(
+    State(state): State<AppState>,
+    _: Admin,
+) -> Result<Json<ListResponse<BaseModelObject>>, ApiError> {
+    let models: Vec<BaseModelObject> = state
+        .db
+        .list_base_models()
+        .await?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    Ok(Json(ListResponse::complete(models, |m| m.id.clone())))
+}
+
+/// `DELETE /admin/models/{model}`.
+pub async fn delete_model(
+    State(state): State<AppState>,
+    _: Admin,
+    Path(id): Path<String>,
+) -> Result<Json<BaseModelObject>, ApiError> {
+    Ok(Json(
+        registry::unregister(&state.db, &state.blobs, &id)
+            .await?
+            .into(),
+    ))
+}

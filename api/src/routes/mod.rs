@@ -1,0 +1,317 @@
+//! The router: every route path is a constant in [`paths`], every route is mounted through
+//! [`Routes::add`], which records `(method, path)` so that [`router`] can hand the exact list
+//! to the OpenAPI test (openapi.yaml must document precisely these).
+
+pub mod adapters;
+pub mod admin;
+pub mod files;
+pub mod health;
+pub mod jobs;
+pub mod models;
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderName, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use serde::{Deserialize, Serialize};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::error::{self, ApiError};
+use crate::metrics;
+use crate::state::AppState;
+
+/// Every route path, in axum's syntax (OpenAPI's `{param}` is the same).
+pub mod paths {
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const METRICS: &str = "/metrics";
+    pub const OPENAPI: &str = "/openapi.yaml";
+
+    pub const FILES: &str = "/v1/files";
+    pub const FILE: &str = "/v1/files/{file_id}";
+    pub const FILE_CONTENT: &str = "/v1/files/{file_id}/content";
+
+    pub const JOBS: &str = "/v1/fine_tuning/jobs";
+    pub const JOB: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}";
+    pub const JOB_CANCEL: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel";
+    pub const JOB_EVENTS: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events";
+    pub const JOB_CHECKPOINTS: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints";
+    pub const JOB_METRICS: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/metrics";
+
+    pub const MODELS: &str = "/v1/models";
+    pub const MODEL: &str = "/v1/models/{model}";
+
+    pub const ADAPTERS: &str = "/v1/adapters";
+    pub const ADAPTER: &str = "/v1/adapters/{adapter_id}";
+    pub const ADAPTER_FILE: &str = "/v1/adapters/{adapter_id}/files/{name}";
+
+    pub const ADMIN_TENANTS: &str = "/admin/tenants";
+    pub const ADMIN_TENANT: &str = "/admin/tenants/{tenant_id}";
+    pub const ADMIN_KEYS: &str = "/admin/tenants/{tenant_id}/keys";
+    pub const ADMIN_KEY: &str = "/admin/tenants/{tenant_id}/keys/{key_id}";
+    pub const ADMIN_MODELS: &str = "/admin/models";
+    pub const ADMIN_MODEL: &str = "/admin/models/{model}";
+}
+
+/// Builds the router while recording what it mounts.
+#[derive(Default)]
+pub struct Routes {
+    router: Router<AppState>,
+    mounted: Vec<(Method, &'static str)>,
+}
+
+impl Routes {
+    /// Mounts `handler` at `path`; `methods` lists the methods it answers ("GET POST").
+    fn add(
+        mut self,
+        path: &'static str,
+        methods: &'static str,
+        handler: MethodRouter<AppState>,
+    ) -> Self {
+        for m in methods.split_whitespace() {
+            let m = Method::from_bytes(m.as_bytes()).unwrap_or(Method::GET);
+            self.mounted.push((m, path));
+        }
+        self.router = self.router.route(path, handler);
+        self
+    }
+}
+
+/// The routes the router serves, as `(method, path)` (for the OpenAPI test).
+pub fn mounted_routes() -> Vec<(Method, &'static str)> {
+    routes().mounted
+}
+
+fn routes() -> Routes {
+    use axum::routing::{delete, get, post};
+    use paths::*;
+    Routes::default()
+        .add(HEALTHZ, "GET", get(health::healthz))
+        .add(READYZ, "GET", get(health::readyz))
+        .add(METRICS, "GET", get(metrics::render))
+        .add(OPENAPI, "GET", get(health::openapi))
+        .add(
+            FILES,
+            "POST GET",
+            // Uploads are bounded by --max-upload-bytes inside the handler instead.
+            post(files::create)
+                .layer(DefaultBodyLimit::disable())
+                .get(files::list),
+        )
+        .add(FILE, "GET DELETE", get(files::get).delete(files::delete))
+        .add(FILE_CONTENT, "GET", get(files::content))
+        .add(JOBS, "POST GET", post(jobs::create).get(jobs::list))
+        .add(JOB, "GET", get(jobs::get))
+        .add(JOB_CANCEL, "POST", post(jobs::cancel))
+        .add(JOB_EVENTS, "GET", get(jobs::events))
+        .add(JOB_CHECKPOINTS, "GET", get(jobs::checkpoints))
+        .add(JOB_METRICS, "GET", get(jobs::metrics))
+        .add(MODELS, "GET", get(models::list))
+        .add(MODEL, "GET DELETE", get(models::get).delete(models::delete))
+        .add(ADAPTERS, "GET", get(adapters::list))
+        .add(
+            ADAPTER,
+            "GET DELETE",
+            get(adapters::get).delete(adapters::delete),
+        )
+        .add(ADAPTER_FILE, "GET", get(adapters::download))
+        .add(
+            ADMIN_TENANTS,
+            "POST GET",
+            post(admin::create_tenant).get(admin::list_tenants),
+        )
+        .add(ADMIN_TENANT, "GET", get(admin::get_tenant))
+        .add(
+            ADMIN_KEYS,
+            "POST GET",
+            post(admin::create_key).get(admin::list_keys),
+        )
+        .add(ADMIN_KEY, "DELETE", delete(admin::revoke_key))
+        .add(
+            ADMIN_MODELS,
+            "POST GET",
+            post(admin::register_model).get(admin::list_models),
+        )
+        .add(ADMIN_MODEL, "DELETE", delete(admin::delete_model))
+}
+
+/// The whole HTTP application: routes, fallbacks, limits, timeouts, request ids, tracing
+/// and metrics.
+pub fn router(state: AppState) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let body_limit = state.config.max_body_bytes;
+    routes()
+        .router
+        .fallback(error::route_not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), timeout))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::track_http,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let request_id = req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-");
+            tracing::info_span!(
+                "request",
+                method = %req.method(),
+                path = %req.uri().path(),
+                request_id = %request_id,
+                tenant_id = tracing::field::Empty,
+            )
+        }))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Middleware: a time limit per request, answered with the error envelope (504). Uploads
+/// get `upload_timeout`; a streamed response (events, downloads) is only limited until its
+/// headers are sent.
+async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let limit: Duration = if req.method() == Method::POST && req.uri().path() == paths::FILES {
+        state.config.upload_timeout
+    } else {
+        state.config.request_timeout
+    };
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(res) => res,
+        Err(_) => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!("the request took longer than {} s", limit.as_secs_f64()),
+        )
+        .into_response(),
+    }
+}
+
+/// OpenAI's list envelope.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListResponse<T> {
+    pub object: &'static str,
+    pub data: Vec<T>,
+    pub has_more: bool,
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
+}
+
+impl<T> ListResponse<T> {
+    /// Maps a storage page, with `first_id`/`last_id` taken from the rows.
+    pub fn from_page<R>(
+        page: storage::Page<R>,
+        map: impl Fn(R) -> T,
+        id: impl Fn(&R) -> String,
+    ) -> Self {
+        let first_id = page.data.first().map(&id);
+        let last_id = page.data.last().map(&id);
+        ListResponse {
+            object: "list",
+            data: page.data.into_iter().map(map).collect(),
+            has_more: page.has_more,
+            first_id,
+            last_id,
+        }
+    }
+
+    /// A list that is complete in one page.
+    pub fn complete(data: Vec<T>, id: impl Fn(&T) -> String) -> Self {
+        ListResponse {
+            object: "list",
+            first_id: data.first().map(&id),
+            last_id: data.last().map(&id),
+            data,
+            has_more: false,
+        }
+    }
+}
+
+/// Pagination parameters (`after` = the last id of the previous page).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    pub after: Option<String>,
+    pub limit: Option<u32>,
+    /// Only `desc` (newest first) is supported.
+    pub order: Option<String>,
+}
+
+impl ListParams {
+    /// The page size, checked against `max`.
+    pub fn limit(&self, default: u32, max: u32) -> Result<u32, ApiError> {
+        if let Some(order) = &self.order
+            && order != "desc"
+        {
+            return Err(ApiError::bad_request(
+                "invalid_order",
+                format!("order '{order}' is not supported; lists are newest first ('desc')"),
+            )
+            .param("order"));
+        }
+        match self.limit {
+            None => Ok(default),
+            Some(n) if (1..=max).contains(&n) => Ok(n),
+            Some(n) => Err(ApiError::bad_request(
+                "invalid_limit",
+                format!("limit must be between 1 and {max}, got {n}"),
+            )
+            .param("limit")),
+        }
+    }
+}
+
+/// The `Idempotency-Key` header, checked (1–255 visible ASCII characters).
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+        )
+        .param("Idempotency-Key")
+    };
+    let s = v.to_str().map_err(|_| bad())?;
+    if s.is_empty() || s.len() > 255 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(s.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_recorded_once() {
+        let routes = mounted_routes();
+        let mut seen = std::collections::HashSet::new();
+        for (m, p) in &routes {
+            assert!(seen.insert((m.clone(), *p)), "{m} {p} mounted twice");
+        }
+        assert!(routes.len() > 20);
+    }
+
+    #[test]
+    fn limits_are_checked() {
+        let p = ListParams {
+            limit: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            p.limit(20, 100).unwrap_err().status,
+            StatusCode::BAD_REQUEST
+        );
+        let p = ListParams::default();
+        assert_eq!(p.limit(20, 100).unwrap(), 20);
+    }
+}

@@ -1,0 +1,398 @@
+//! `molt serve`: the one-command start. Opens (and migrates) the database, creates a
+//! default tenant on first start (its key is printed once and written to `DATA_DIR/first-key`,
+//! mode 0600), registers the demo model when `models/demo/` is present, serves the API, and
+//! runs local workers as child processes: a worker that dies is restarted (with back-off),
+//! and one signal (SIGINT/SIGTERM) shuts the server and every worker down.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use storage::{BlobStore, Db};
+use tokio::process::{Child, Command};
+
+use crate::registry::{self, RegistryError};
+use crate::routes;
+use crate::state::{ApiConfig, AppState};
+
+/// `molt serve` flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "MOLT_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Data directory: the SQLite database, local blobs, worker scratch space, first-key.
+    #[arg(long, env = "MOLT_DATA_DIR", default_value = "./molt-data")]
+    pub data_dir: PathBuf,
+
+    /// Database URL (`postgres://…`); default: SQLite `DATA_DIR/molt.db`.
+    #[arg(long, env = "MOLT_DATABASE_URL")]
+    pub database_url: Option<String>,
+
+    /// Blob store (`s3://bucket/prefix` or a directory); default: `DATA_DIR/blobs`.
+    #[arg(long, env = "MOLT_STORE")]
+    pub store: Option<String>,
+
+    /// Local worker processes to run (0: API only; run `molt worker` elsewhere).
+    #[arg(long, env = "MOLT_WORKERS", default_value_t = 1)]
+    pub workers: usize,
+
+    /// Device for the local workers (`cpu` or `cuda:N`).
+    #[arg(long, env = "MOLT_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Bearer token for the admin routes (`/admin/…`); unset disables them.
+    #[arg(long, env = "MOLT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Demo base model folder, registered as `demo` on start when present.
+    #[arg(long, env = "MOLT_DEMO_MODEL", default_value = "models/demo")]
+    pub demo_model: PathBuf,
+
+    /// Largest dataset upload in bytes.
+    #[arg(long, env = "MOLT_MAX_UPLOAD_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+
+    /// Largest JSON request body in bytes.
+    #[arg(long, env = "MOLT_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Time limit for a request, in seconds (uploads: --upload-timeout-secs).
+    #[arg(long, env = "MOLT_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    pub request_timeout_secs: u64,
+
+    /// Time limit for one upload, in seconds.
+    #[arg(long, env = "MOLT_UPLOAD_TIMEOUT_SECS", default_value_t = 3600)]
+    pub upload_timeout_secs: u64,
+
+    /// Attempts of a job before it fails for good.
+    #[arg(long, env = "MOLT_JOB_MAX_ATTEMPTS", default_value_t = 3)]
+    pub job_max_attempts: i64,
+
+    /// Lease length of the local workers, in seconds.
+    #[arg(long, env = "MOLT_LEASE_SECONDS", default_value_t = 60)]
+    pub lease_seconds: u64,
+
+    /// Queue poll interval of the local workers, in milliseconds.
+    #[arg(long, env = "MOLT_POLL_INTERVAL_MS", default_value_t = 1000)]
+    pub poll_interval_ms: u64,
+}
+
+/// Why `molt serve` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("storage: {0}")]
+    Storage(#[from] storage::Error),
+    #[error("demo model: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Name of the file holding the first tenant's key.
+pub const FIRST_KEY_FILE: &str = "first-key";
+/// Name the demo model is registered under.
+pub const DEMO_MODEL_ID: &str = "demo";
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// Runs the service until SIGINT/SIGTERM.
+pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    let data_dir = absolute(&args.data_dir);
+    std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::Io {
+        what: "cannot create the data directory",
+        path: data_dir.clone(),
+        source,
+    })?;
+    let database_url = args.database_url.clone().unwrap_or_else(|| {
+        data_dir
+            .join(storage::db::SQLITE_FILE_NAME)
+            .display()
+            .to_string()
+    });
+    let db = Db::connect(&database_url).await?;
+    db.migrate().await?;
+    let store = args
+        .store
+        .clone()
+        .unwrap_or_else(|| data_dir.join("blobs").display().to_string());
+    let blobs = BlobStore::from_url(&store)?;
+
+    first_start(&db, &data_dir).await?;
+    register_demo(&db, &blobs, &args.demo_model).await;
+    spawn_upload_cleanup(blobs.clone());
+
+    let config = ApiConfig {
+        admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
+        max_upload_bytes: args.max_upload_bytes,
+        max_body_bytes: args.max_body_bytes,
+        request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+        upload_timeout: Duration::from_secs(args.upload_timeout_secs.max(1)),
+        job_max_attempts: args.job_max_attempts.max(1),
+        ..ApiConfig::default()
+    };
+    tracing::info!(?config, store = %blobs, workers = args.workers, "starting molt");
+    let state = AppState::new(db.clone(), blobs, config);
+    let app = routes::router(state);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().unwrap_or(args.listen);
+    eprintln!(
+        "molt: listening on http://{addr} (data in {})",
+        data_dir.display()
+    );
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut supervisors = Vec::new();
+    for i in 0..args.workers {
+        let cmd = WorkerCommand {
+            index: i,
+            database_url: database_url.clone(),
+            store: store.clone(),
+            work_dir: data_dir.join("work").join(format!("worker-{i}")),
+            device: args.device.clone(),
+            lease_seconds: args.lease_seconds,
+            poll_interval_ms: args.poll_interval_ms,
+        };
+        supervisors.push(tokio::spawn(supervise(cmd, stop_rx.clone())));
+    }
+
+    let shutdown = {
+        let stopping = stopping.clone();
+        async move {
+            wait_for_signal().await;
+            stopping.store(true, Ordering::SeqCst);
+            eprintln!("molt: shutting down");
+            let _ = stop_tx.send(true);
+        }
+    };
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await;
+    if let Err(e) = served {
+        tracing::error!(error = %e, "server error");
+    }
+    for s in supervisors {
+        let _ = s.await;
+    }
+    db.close().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// On an empty database: creates tenant `default` and its first key, prints the key once
+/// and writes it to `DATA_DIR/first-key` (mode 0600).
+async fn first_start(db: &Db, data_dir: &Path) -> Result<(), ServeError> {
+    if !db.list_tenants(None, 1).await?.data.is_empty() {
+        return Ok(());
+    }
+    let tenant = db.create_tenant("default").await?;
+    let (_, secret) = db.create_api_key(&tenant.id, Some("first key")).await?;
+    let path = data_dir.join(FIRST_KEY_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| ServeError::Io {
+            what: "cannot write",
+            path: path.clone(),
+            source,
+        })?;
+    writeln!(f, "{secret}").map_err(|source| ServeError::Io {
+        what: "cannot write",
+        path: path.clone(),
+        source,
+    })?;
+    println!(
+        "molt: first start — created tenant 'default'. Its API key (shown once; also in {}):",
+        path.display()
+    );
+    println!("{secret}");
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+/// Registers `demo` from the demo folder when it exists and is not registered yet.
+async fn register_demo(db: &Db, blobs: &BlobStore, dir: &Path) {
+    if !dir.join("config.json").is_file() {
+        tracing::info!(dir = %dir.display(), "no demo model folder; skipping");
+        return;
+    }
+    match db.get_base_model(DEMO_MODEL_ID).await {
+        Ok(_) => return,
+        Err(storage::Error::NotFound { .. }) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look the demo model up");
+            return;
+        }
+    }
+    match registry::register_folder(db, blobs, DEMO_MODEL_ID, dir, true).await {
+        Ok(m) => eprintln!(
+            "molt: registered the demo base model '{}' from {}",
+            m.id,
+            dir.display()
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %dir.display(), "could not register the demo model")
+        }
+    }
+}
+
+/// Removes unfinished uploads left by killed processes, at start and then hourly.
+fn spawn_upload_cleanup(blobs: BlobStore) {
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = blobs.cleanup_stale_uploads(Duration::from_secs(3600)).await {
+                tracing::warn!(error = %e, "stale upload clean-up failed");
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    });
+}
+
+/// How to start one local worker.
+#[derive(Debug, Clone)]
+struct WorkerCommand {
+    index: usize,
+    database_url: String,
+    store: String,
+    work_dir: PathBuf,
+    device: String,
+    lease_seconds: u64,
+    poll_interval_ms: u64,
+}
+
+impl WorkerCommand {
+    fn spawn(&self) -> std::io::Result<Child> {
+        let exe = std::env::current_exe()?;
+        Command::new(exe)
+            .arg("worker")
+            .arg("--database-url")
+            .arg(&self.database_url)
+            .arg("--store")
+            .arg(&self.store)
+            .arg("--work-dir")
+            .arg(&self.work_dir)
+            .arg("--device")
+            .arg(&self.device)
+            .arg("--lease-seconds")
+            .arg(self.lease_seconds.to_string())
+            .arg("--poll-interval-ms")
+            .arg(self.poll_interval_ms.to_string())
+            .arg("--worker-id")
+            .arg(format!(
+                "{}-w{}",
+                crate::worker::default_worker_id(),
+                self.index
+            ))
+            .arg("--exit-with-parent")
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+    }
+}
+
+/// Keeps one worker process alive: restarts it when it dies (back-off from 1 s to 30 s,
+/// reset after a minute of uptime); on stop, SIGTERM then SIGKILL after 30 s.
+async fn supervise(cmd: WorkerCommand, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let started = Instant::now();
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(worker = cmd.index, error = %e, "cannot start a worker");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        let pid = child.id();
+        tracing::info!(worker = cmd.index, pid, "worker started");
+        tokio::select! {
+            status = child.wait() => {
+                if *stop.borrow() {
+                    return;
+                }
+                tracing::warn!(worker = cmd.index, pid, status = ?status.ok(), "worker exited; restarting");
+                eprintln!("molt: worker {} (pid {}) exited; restarting", cmd.index, pid.unwrap_or(0));
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_secs(1);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            _ = stop.changed() => {
+                stop_child(&mut child, cmd.index).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn stop_child(child: &mut Child, index: usize) {
+    if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+        Ok(_) => tracing::info!(worker = index, "worker stopped"),
+        Err(_) => {
+            tracing::warn!(worker = index, "worker did not stop in 30 s; killing it");
+            let _ = child.kill().await;
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Merging an adapter into its base model (spec §4–§5 "Merge"):
+//! - LoRA family, DoRA, ProDiaL, partial deltas, BitFit, probe, full: into the base weights
+//!   (read back from each seam's composite, so merged = the adapted forward's own weights).
+//! - LoRA(embedding): the merged matrix becomes the input embedding and the original stays
+//!   as an untied `lm_head.weight`.
+//! - Additional-scan: into an expanded-state model (d_state N + N′, A_log and x_proj
+//!   widened); the config records the new state size.
+//! - Prompt/affix: a projection collapses to its fixed table, kept as a residual adapter on
+//!   the merged model; with [`MergeOptions::prefix_as_initial_state`] a prefix prompt/affix
+//!   becomes per-layer initial conv inputs and SSM states instead (spec §4.8).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Tensor};
+
+use super::adapter::Adapter;
+use super::affix::AffixKind;
+use super::error::{PeftError, PeftResult};
+use super::prompt::PromptKind;
+use super::sites::Sites;
+use super::spec::AdapterSpec;
+use super::{MergePlan, MethodConfig};
+use crate::kernels;
+use crate::model::{Checkpoint, LayerCache, MambaCache, MambaForCausalLM, MambaMixer, ModelInput};
+
+/// How to merge.
+#[derive(Clone, Debug, Default)]
+pub struct MergeOptions {
+    /// Fold a prefix prompt/affix into per-layer initial states (no extra positions at
+    /// inference).
+    pub prefix_as_initial_state: bool,
+}
+
+/// Per layer, the state a prefix leaves behind: the last K−1 pre-conv inputs `[E, K−1]`
+/// (oldest first) and the SSM state `[E, N]`.
+#[derive(Clone, Debug)]
+pub struct InitialState {
+    pub layers: Vec<(Tensor, Tensor)>,
+}
+
+impl InitialState {
+    /// A decoding cache for `batch` sequences that starts from this state.
+    pub fn to_cache(&self, batch: usize, dtype: DType) -> PeftResult<MambaCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(conv, ssm)| {
+                let (e, _) = conv.dims2()?;
+                let conv = Tensor::cat(
+                    &[&Tensor::zeros((e, 1), conv.dtype(), conv.device())?, conv],
+                    1,
+                )?
+                .to_dtype(dtype)?;
+                let k = conv.dim(1)?;
+                let n = ssm.dim(1)?;
+                Ok(LayerCache {
+                    conv: conv
+                        .unsqueeze(0)?
+                        .broadcast_as((batch, e, k))?
+                        .contiguous()?,
+                    ssm: ssm
+                        .to_dtype(DType::F32)?
+                        .unsqueeze(0)?
+                        .broadcast_as((batch, e, n))?
+                        .contiguous()?,
+                })
+            })
+            .collect::<PeftResult<Vec<_>>>()?;
+        Ok(MambaCache {
+            layers,
+            seqlen_offset: 0,
+        })
+    }
+}
+
+/// A merged model: plain weights (HF names), plus what has no weight form.
+#[derive(Debug)]
+pub struct MergedModel {
+    /// The merged weights as a plain model (config updated: state size, untied head).
+    pub base: MambaForCausalLM,
+    /// Collapsed prompt/affix tables, as an adapter on `base`.
+    pub residual: Option<Adapter>,
+    pub initial_state: Option<InitialState>,
+}
+
+impl MergedModel {
+    /// Every merged weight under its HF checkpoint name.
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.base.named_weights().into_iter().collect()
+    }
+
+    /// The runnable model: merged weights plus the residual adapter (the initial state, if
+    /// any, is applied by [`Self::forward`] through the cache).
+    pub fn model(&self) -> PeftResult<MambaForCausalLM> {
+        match &self.residual {
+            Some(r) => r.apply(&self.base),
+            None => Ok(self.base.clone()),
+        }
+    }
+
+    /// Logits `[b, L, V]`.
+    pub fn forward(&self, input_ids: &Tensor, mask: Option<&Tensor>) -> PeftResult<Tensor> {
+        let model = self.model()?;
+        let Some(state) = &self.initial_state else {
+            return Ok(model.forward(input_ids, mask)?);
+        };
+        let input = ModelInput::new(input_ids, mask, model.vocab_size())?;
+        let embeds = model.embed(&input.input_ids)?;
+        let mut cache = state.to_cache(embeds.dim(0)?, model.dtype())?;
+        let h = model.backbone.forward_embeds(
+            &embeds,
+            input.attention_mask.as_ref(),
+            Some(&mut cache),
+            None,
+        )?;
+        Ok(model.logits(&h)?)
+    }
+
+    /// Writes an HF-format checkpoint (`config.json` + `model.safetensors`) that molt's
+    /// loader reads; a residual adapter goes beside it (`adapter_config.json` +
+    /// `adapter_model.safetensors`), an initial state to `initial_state.safetensors`.
+    pub fn save(&self, dir: &Path) -> PeftResult<()> {
+        std::fs::create_dir_all(dir).map_err(|source| PeftError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let config = serde_json::to_string_pretty(&self.base.config().to_hf_json())
+            .map_err(|e| PeftError::file(dir.join("config.json"), e.to_string()))?;
+        let path = dir.join("config.json");
+        std::fs::write(&path, config).map_err(|source| PeftError::Io { path, source })?;
+        let tensors: HashMap<String, Tensor> = self
+            .base
+            .named_weights()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.contiguous()?)))
+            .collect::<PeftResult<_>>()?;
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path)
+            .map_err(|e| PeftError::file(&path, e.to_string()))?;
+        if let Some(r) = &self.residual {
+            r.save(dir)?;
+        }
+        if let Some(s) = &self.initial_state {
+            let mut t = HashMap::new();
+            for (i, (conv, ssm)) in s.layers.iter().enumerate() {
+                t.insert(format!("layers.{i}.conv_inputs"), conv.contiguous()?);
+                t.insert(format!("layers.{i}.ssm_state"), ssm.contiguous()?);
+            }
+            let path = dir.join("initial_state.safetensors");
+            candle_core::safetensors::save(&t, &path)
+                .map_err(|e| PeftError::file(&path, e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn merge(
+    adapter: &Adapter,
+    base: &MambaForCausalLM,
+    opts: &MergeOptions,
+) -> PeftResult<MergedModel> {
+    let params = adapter.params();
+    let mut sites = Sites::new(base, adapter.runtime().clone());
+    let mut residual_cfgs = Vec::new();
+    let mut residual_tensors = HashMap::new();
+    for m in &adapter.spec().methods {
+        match m.method().merge_plan(&params)? {
+            MergePlan::Weights => m.method().attach(&params, &mut sites)?,
+            MergePlan::Residual(cfg, tensors) => {
+                residual_cfgs.push(cfg);
+                residual_tensors.extend(tensors);
+            }
+        }
+    }
+    let adapted = sites.build()?;
+    let merged_base = merged_weights(&adapted, base)?;
+    let residual = if residual_cfgs.is_empty() {
+        None
+    } else {
+        Some(Adapter::from_tensors(
+            &AdapterSpec::hybrid(residual_cfgs),
+            &merged_base,
+            residual_tensors,
+        )?)
+    };
+    let mut merged = MergedModel {
+        base: merged_base,
+        residual,
+        initial_state: None,
+    };
+    if opts.prefix_as_initial_state {
+        fold_prefix(&mut merged)?;
+    }
+    Ok(merged)
+}
+
+/// Reads the merged value of every seam of `adapted` (built on `base`).
+fn merged_weights(
+    adapted: &MambaForCausalLM,
+    base: &MambaForCausalLM,
+) -> PeftResult<MambaForCausalLM> {
+    let not_mergeable = |what: &str| PeftError::NotMergeable {
+        method: what.to_string(),
+        reason: "a part attached there has no merged form".into(),
+    };
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    let emb = &adapted.backbone.embeddings;
+    let emb_w = match emb.adapter() {
+        Some(a) => a
+            .merged_weight(emb.weight())?
+            .ok_or_else(|| not_mergeable("embedding"))?,
+        None => emb.weight().detach(),
+    };
+    t.insert("backbone.embeddings.weight".into(), emb_w);
+    let head = match (&adapted.lm_head, emb.adapter()) {
+        (Some(h), _) => Some(h.detach()),
+        // The embedding LoRA changes the input lookup only: untie, keep the original head.
+        (None, Some(_)) => Some(base.backbone.embeddings.weight().detach()),
+        (None, None) => None,
+    };
+    let mut state_size = None;
+    for (i, block) in adapted.backbone.layers.iter().enumerate() {
+        let p = format!("backbone.layers.{i}");
+        let m = &block.mixer;
+        t.insert(format!("{p}.norm.weight"), block.norm.weight().detach());
+        let mut proj = |name: &str, pr: &crate::model::Projection| -> PeftResult<()> {
+            let w = match pr.adapter() {
+                Some(a) => a
+                    .merged_weight(pr.base())?
+                    .ok_or_else(|| not_mergeable(&format!("layer {i} {name}")))?,
+                None => pr.base().weight().detach(),
+            };
+            t.insert(format!("{p}.mixer.{name}.weight"), w);
+            if let Some(b) = pr.base().bias() {
+                t.insert(format!("{p}.mixer.{name}.bias"), b.detach());
+            }
+            Ok(())
+        };
+        proj("in_proj", &m.in_proj)?;
+        proj("x_proj", &m.x_proj)?;
+        proj("dt_proj", &m.dt_proj)?;
+        proj("out_proj", &m.out_proj)?;
+        let a_log = m.a_log.value()?.detach();
+        let n = a_log.dim(1)?;
+        if *state_size.get_or_insert(n) != n {
+            return Err(PeftError::Contradictory(
+                "layers end up with different state sizes; a merged checkpoint needs one".into(),
+            ));
+        }
+        t.insert(format!("{p}.mixer.A_log"), a_log);
+        t.insert(format!("{p}.mixer.D"), m.d.value()?.detach());
+        t.insert(
+            format!("{p}.mixer.conv1d.weight"),
+            m.conv_weight.value()?.detach(),
+        );
+        if let Some(b) = &m.conv_bias {
+            t.insert(format!("{p}.mixer.conv1d.bias"), b.value()?.detach());
+        }
+        t.insert(
+            format!("{p}.mixer.dt_proj.bias"),
+            m.dt_bias.value()?.detach(),
+        );
+    }
+    t.insert(
+        "backbone.norm_f.weight".into(),
+        adapted.backbone.norm_f.weight().detach(),
+    );
+    let mut cfg = base.config().clone();
+    if let Some(n) = state_size {
+        cfg.state_size = n;
+    }
+    if let Some(h) = head {
+        t.insert("lm_head.weight".into(), h);
+        cfg.tie_word_embeddings = false;
+    }
+    Ok(Checkpoint::from_tensors("merged adapter", cfg, t)?.into_frozen()?)
+}
+
+/// Replaces a residual prefix prompt/affix by the states it leaves in each layer.
+fn fold_prefix(merged: &mut MergedModel) -> PeftResult<()> {
+    let Some(residual) = merged.residual.take() else {
+        return Err(PeftError::Contradictory(
+            "prefix_as_initial_state: the adapter has no prompt or affix to fold".into(),
+        ));
+    };
+    for m in &residual.spec().methods {
+        let ok = match m {
+            MethodConfig::Prompt(p) => p.kind == PromptKind::Prefix,
+            MethodConfig::Affix(a) => a.kind == AffixKind::Prefix,
+            _ => false,
+        };
+        if !ok {
+            return Err(PeftError::Contradictory(format!(
+                "prefix_as_initial_state folds prefix prompts/affixes only; `{}` is {}",
+                m.method().kind(),
+                serde_json::to_string(m).unwrap_or_default()
+            )));
+        }
+    }
+    let model = residual.apply(&merged.base)?;
+    let prompt = residual
+        .vars()
+        .get("prompt.table")
+        .map(|v| v.as_tensor().detach());
+    let mut layers = Vec::new();
+    match prompt {
+        Some(table) => {
+            // The prompt runs through every layer (with the affix hooks, if any); the cache
+            // then holds exactly what the prefix leaves behind.
+            let mut cache = model.new_cache(1)?;
+            let embeds = table.unsqueeze(0)?.to_dtype(model.dtype())?;
+            model
+                .backbone
+                .forward_embeds(&embeds, None, Some(&mut cache), None)?;
+            for l in &cache.layers {
+                let k = l.conv.dim(2)?;
+                let conv = l.conv.narrow(2, 1, k - 1)?.squeeze(0)?.contiguous()?;
+                layers.push((conv, l.ssm.squeeze(0)?));
+            }
+        }
+        None => {
+            let table = residual
+                .vars()
+                .get("affix.table")
+                .map(|v| v.as_tensor().detach())
+                .ok_or_else(|| PeftError::Tensors {
+                    problems: vec!["missing `affix.table`".into()],
+                })?;
+            let width = 2 * model.config().intermediate_size;
+            for (i, block) in model.backbone.layers.iter().enumerate() {
+                let tokens = table.narrow(1, i * width, width)?;
+                layers.push(affix_state(&block.mixer, &tokens)?);
+            }
+        }
+    }
+    merged.initial_state = Some(InitialState { layers });
+    Ok(())
+}
+
+/// The conv inputs and SSM state after running a layer's conv and scan on affix tokens
+/// `[n, 2E]` alone (their X half; the Z half gates only dropped outputs).
+fn affix_state(m: &MambaMixer, tokens: &Tensor) -> PeftResult<(Tensor, Tensor)> {
+    let e = m.d_inner();
+    let n_tok = tokens.dim(0)?;
+    let x = tokens.narrow(1, 0, e)?.unsqueeze(0)?.contiguous()?; // [1, n, E]
+    let w = m.conv_weight.value()?;
+    let k = w.dim(2)?;
+    let w = w.reshape((e, k))?;
+    let b = match &m.conv_bias {
+        Some(b) => b.value()?,
+        None => Tensor::zeros(e, w.dtype(), w.device())?,
+    };
+    let xc = kernels::causal_conv1d_silu(&x, &w, &b, None)?;
+    let a = m.a_log.value()?.to_dtype(DType::F32)?.exp()?.neg()?;
+    let n = a.dim(1)?;
+    let ssm = m.x_proj.forward(&xc)?;
+    let r = ssm.dim(2)?.checked_sub(2 * n).ok_or_else(|| {
+        PeftError::Contradictory(format!("x_proj gives fewer than 2·{n} outputs"))
+    })?;
+    let delta = m.dt_proj.forward(&ssm.narrow(2, 0, r)?)?;
+    let bm = ssm.narrow(2, r, n)?.contiguous()?;
+    let cm = ssm.narrow(2, r + n, n)?.contiguous()?;
+    let (_, last) = kernels::selective_scan(
+        &xc,
+        &delta,
+        &a,
+        &bm,
+        &cm,
+        &m.d.value()?,
+        &m.dt_bias.value()?,
+        None,
+        None,
+    )?;
+    let xt = x.squeeze(0)?.t()?; // [E, n]
+    let conv = if n_tok >= k - 1 {
+        xt.narrow(1, n_tok - (k - 1), k - 1)?
+    } else {
+        xt.pad_with_zeros(1, k - 1 - n_tok, 0)?
+    };
+    Ok((conv.contiguous()?, last.squeeze(0)?))
+}

@@ -1,0 +1,600 @@
+//! The training loop: epochs of seeded-shuffled micro-batches, gradient accumulation,
+//! clipping, AdamW, validation, checkpoints and exact resume.
+//!
+//! The loop knows nothing of PEFT: it trains anything that is a [`Trainable`] (a model whose
+//! trainable tensors come in parameter groups, and a way to save them).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{D, DType, Device, Tensor};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+
+use super::data::{Batch, Tokenized, collate};
+use super::optim::{self, AdamW, Grads, ParamGroup};
+use super::schedule::Schedule;
+use super::{Control, Hyperparameters, TrainError, TrainEvent, TrainObserver};
+use crate::model::{MambaForCausalLM, causal_lm_loss};
+
+/// What the loop trains.
+pub trait Trainable {
+    /// The model whose forward uses the trainable tensors.
+    fn model(&self) -> &MambaForCausalLM;
+    /// The trainable tensors, grouped by optimizer setting. Called once per run.
+    fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError>;
+    /// Writes the trained tensors to `dir` (which exists).
+    fn save(&self, dir: &Path) -> Result<(), TrainError>;
+    /// Switches dropout (where the method has any) on for training steps, off for
+    /// validation.
+    fn set_training(&self, on: bool) {
+        let _ = on;
+    }
+    /// The position of the method's random stream (dropout masks are drawn from a seed and
+    /// this counter), saved in checkpoints so a resumed run draws the same masks.
+    fn rng_counter(&self) -> u64 {
+        0
+    }
+    fn set_rng_counter(&self, counter: u64) {
+        let _ = counter;
+    }
+}
+
+/// `trainer_state.json` in a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Bumped when the meaning of a field changes; older checkpoints are refused.
+    pub format: u32,
+    /// Optimizer steps done.
+    pub step: u64,
+    pub total_steps: u64,
+    /// The epoch the next step belongs to (0-based) and the number of micro-batches of its
+    /// shuffled order already consumed. Derivable from `step`, recorded for humans and
+    /// checked on resume.
+    pub epoch: u32,
+    pub micro_batches_done: u64,
+    /// The data order of epoch e is a shuffle by `StdRng::seed_from_u64(order_seed(seed,
+    /// e))`: the whole "RNG state" is the seed and the epoch.
+    pub seed: u64,
+    pub tokens_seen: u64,
+    /// The trainable's random-stream position ([`Trainable::rng_counter`]).
+    pub rng_counter: u64,
+    pub last_loss: Option<f64>,
+    /// What the run was started with; a resume with anything else is refused.
+    pub fingerprint: BTreeFingerprint,
+}
+
+/// Hashes of what a run depends on, by name, so a mismatch can be named.
+pub type BTreeFingerprint = std::collections::BTreeMap<String, String>;
+
+const STATE_FORMAT: u32 = 1;
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// The seed of epoch `epoch`'s shuffle: the run seed mixed with the epoch by a SplitMix64
+/// round, so nearby seeds and epochs give unrelated orders.
+pub fn order_seed(seed: u64, epoch: u32) -> u64 {
+    let mut z = seed ^ (u64::from(epoch).wrapping_add(1)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The example order of one epoch.
+pub fn epoch_order(n: usize, seed: u64, epoch: u32) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut StdRng::seed_from_u64(order_seed(seed, epoch)));
+    idx
+}
+
+/// Everything the loop needs besides the trainable.
+pub struct LoopConfig<'a> {
+    pub hyper: &'a Hyperparameters,
+    pub seed: u64,
+    pub train: &'a Tokenized,
+    pub validation: Option<&'a Tokenized>,
+    pub pad: u32,
+    pub device: Device,
+    pub checkpoint_dir: Option<&'a Path>,
+    pub out_dir: &'a Path,
+    pub fingerprint: BTreeFingerprint,
+    /// A checkpoint's state when resuming (its tensors are already loaded into the
+    /// trainable); its optimizer moments are read from `checkpoint_dir`.
+    pub resume: Option<TrainerState>,
+}
+
+/// The result of a finished loop.
+pub struct LoopEnd {
+    pub stopped: bool,
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub last_loss: Option<f64>,
+    pub validation: Option<(f64, Option<f64>)>,
+}
+
+/// Runs the loop. Emits `Started` … `Finished` (the caller's out_dir receives the trained
+/// tensors through [`Trainable::save`]).
+pub fn train(
+    trainable: &dyn Trainable,
+    cfg: LoopConfig<'_>,
+    obs: &mut dyn TrainObserver,
+) -> Result<LoopEnd, TrainError> {
+    let h = cfg.hyper;
+    let n = cfg.train.examples.len();
+    let batch = h.batch_size as usize;
+    let accum = h.gradient_accumulation_steps as usize;
+    let batches_per_epoch = n.div_ceil(batch);
+    let steps_per_epoch = h.steps_per_epoch(n);
+    let total = steps_per_epoch * u64::from(h.n_epochs);
+    let schedule = Schedule::new(h.lr_scheduler, h.warmup_for(total), total);
+
+    let groups = trainable.param_groups()?;
+    let groups = override_weight_decay(groups, h);
+    let mut opt = AdamW::new(
+        groups,
+        h.learning_rate,
+        h.adam_beta1,
+        h.adam_beta2,
+        h.adam_epsilon,
+    )?;
+    if opt.num_parameters() == 0 {
+        return Err(TrainError::Method(
+            "the method has no trainable parameters".into(),
+        ));
+    }
+
+    let (mut step, mut tokens_seen, mut last_loss) = (0u64, 0u64, None);
+    if let Some(state) = &cfg.resume {
+        let dir = cfg.checkpoint_dir.unwrap_or(Path::new("."));
+        check_resume(state, &cfg.fingerprint, total, dir)?;
+        let path = dir.join(OPTIMIZER_FILE);
+        let tensors = candle_core::safetensors::load(&path, &cfg.device).map_err(|e| {
+            TrainError::Checkpoint {
+                dir: dir.to_path_buf(),
+                reason: format!("{OPTIMIZER_FILE}: {e}"),
+            }
+        })?;
+        opt.load_state(&tensors, state.step)
+            .map_err(|reason| TrainError::Checkpoint {
+                dir: dir.to_path_buf(),
+                reason,
+            })?;
+        trainable.set_rng_counter(state.rng_counter);
+        step = state.step;
+        tokens_seen = state.tokens_seen;
+        last_loss = state.last_loss;
+    }
+
+    let ev = TrainEvent::Started {
+        total_steps: total,
+        start_step: step,
+        n_epochs: h.n_epochs,
+        train_examples: n,
+        validation_examples: cfg.validation.map(|v| v.examples.len()).unwrap_or(0),
+        trainable_parameters: opt.num_parameters(),
+        dataset_kind: cfg.train.kind,
+    };
+    if obs.event(&ev) == Control::Stop {
+        return Ok(stopped(step, tokens_seen, last_loss));
+    }
+
+    let model = trainable.model();
+    let started = Instant::now();
+    let start_step = step;
+    let mut tokens_this_run = 0u64;
+    let mut validation = None;
+    let mut order: Option<(u32, Vec<usize>)> = None;
+    while step < total {
+        let epoch = (step / steps_per_epoch) as u32;
+        let k = (step % steps_per_epoch) as usize;
+        if order.as_ref().map(|o| o.0) != Some(epoch) {
+            order = Some((epoch, epoch_order(n, cfg.seed, epoch)));
+        }
+        let Some((_, ord)) = order.as_ref() else {
+            unreachable!("order is set just above")
+        };
+        let t0 = Instant::now();
+        let first_mb = k * accum;
+        let last_mb = ((k + 1) * accum).min(batches_per_epoch);
+        let mut batches = Vec::with_capacity(last_mb - first_mb);
+        for mb in first_mb..last_mb {
+            let idx = &ord[mb * batch..((mb + 1) * batch).min(n)];
+            let exs: Vec<_> = idx.iter().map(|&i| &cfg.train.examples[i]).collect();
+            batches.push(collate(&exs, cfg.pad, &cfg.device)?);
+        }
+        let scored: usize = batches.iter().map(|b| b.scored).sum();
+        let mut grads: Grads = Vec::new();
+        let mut loss_sum = 0f64;
+        trainable.set_training(true);
+        for b in &batches {
+            let logits = model.forward(&b.input_ids, None)?;
+            let mean = causal_lm_loss(&logits, &b.labels)?;
+            // Token-weighted over the whole optimizer step, so k micro-batches of b examples
+            // give the gradient of one batch of k·b (up to float rounding).
+            let weight = b.scored as f64 / scored as f64;
+            let scaled = (mean * weight)?;
+            loss_sum += f64::from(scaled.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+            let store = scaled.backward()?;
+            optim::accumulate(&mut grads, opt.grads_from(&store))?;
+            tokens_this_run += b.tokens as u64;
+            tokens_seen += b.tokens as u64;
+        }
+        trainable.set_training(false);
+        step += 1;
+        if !loss_sum.is_finite() {
+            return Err(TrainError::Diverged {
+                step,
+                what: format!("the loss ({loss_sum})"),
+            });
+        }
+        let grad_norm = optim::clip_grad_norm(&mut grads, h.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(TrainError::Diverged {
+                step,
+                what: format!("the gradient norm ({grad_norm})"),
+            });
+        }
+        let factor = schedule.factor(step);
+        opt.step(&grads, factor)?;
+        drop(grads);
+        last_loss = Some(loss_sum);
+
+        let elapsed = started.elapsed().as_secs_f64();
+        let done_here = (step - start_step) as f64;
+        let ev = TrainEvent::Step {
+            step,
+            total_steps: total,
+            epoch,
+            loss: loss_sum,
+            lr: opt.groups.first().map(|g| g.lr * factor).unwrap_or(0.0),
+            grad_norm,
+            tokens_seen,
+            tokens_per_second: if elapsed > 0.0 {
+                tokens_this_run as f64 / elapsed
+            } else {
+                0.0
+            },
+            step_seconds: t0.elapsed().as_secs_f64(),
+            eta_seconds: elapsed / done_here * (total - step) as f64,
+        };
+        if obs.event(&ev) == Control::Stop {
+            return Ok(stopped(step, tokens_seen, last_loss));
+        }
+
+        if let Some(v) = cfg.validation
+            && h.eval_every > 0
+            && step % h.eval_every == 0
+            && step < total
+        {
+            let (loss, acc) = evaluate(model, v, batch, cfg.pad, &cfg.device)?;
+            validation = Some((loss, acc));
+            let ev = TrainEvent::Validation {
+                step,
+                loss,
+                accuracy: acc,
+                examples: v.records,
+            };
+            if obs.event(&ev) == Control::Stop {
+                return Ok(stopped(step, tokens_seen, last_loss));
+            }
+        }
+
+        if let Some(dir) = cfg.checkpoint_dir
+            && h.checkpoint_every > 0
+            && step % h.checkpoint_every == 0
+            && step < total
+        {
+            let micro_done = ((step % steps_per_epoch) as usize * accum) as u64;
+            let state = TrainerState {
+                format: STATE_FORMAT,
+                step,
+                total_steps: total,
+                epoch: (step / steps_per_epoch) as u32,
+                micro_batches_done: micro_done,
+                seed: cfg.seed,
+                tokens_seen,
+                rng_counter: trainable.rng_counter(),
+                last_loss,
+                fingerprint: cfg.fingerprint.clone(),
+            };
+            write_checkpoint(dir, trainable, &opt, &state)?;
+            let ev = TrainEvent::Checkpoint {
+                step,
+                dir: dir.to_path_buf(),
+            };
+            if obs.event(&ev) == Control::Stop {
+                return Ok(stopped(step, tokens_seen, last_loss));
+            }
+        }
+    }
+
+    if let Some(v) = cfg.validation {
+        let (loss, acc) = evaluate(model, v, batch, cfg.pad, &cfg.device)?;
+        validation = Some((loss, acc));
+        let ev = TrainEvent::Validation {
+            step,
+            loss,
+            accuracy: acc,
+            examples: v.records,
+        };
+        if obs.event(&ev) == Control::Stop {
+            return Ok(stopped(step, tokens_seen, last_loss));
+        }
+    }
+    save_to(cfg.out_dir, trainable)?;
+    let ev = TrainEvent::Finished {
+        step,
+        tokens_seen,
+        train_loss: last_loss,
+        out_dir: cfg.out_dir.to_path_buf(),
+    };
+    // The run is complete: a Stop now has nothing left to stop.
+    let _ = obs.event(&ev);
+    Ok(LoopEnd {
+        stopped: false,
+        step,
+        tokens_seen,
+        last_loss,
+        validation,
+    })
+}
+
+fn stopped(step: u64, tokens_seen: u64, last_loss: Option<f64>) -> LoopEnd {
+    LoopEnd {
+        stopped: true,
+        step,
+        tokens_seen,
+        last_loss,
+        validation: None,
+    }
+}
+
+/// The job-level `weight_decay`, when set, replaces the decay of every group that decays;
+/// groups with decay 0 are the spec's exemptions (A_log additions, norms, biases, ...) and
+/// stay at 0.
+fn override_weight_decay(groups: Vec<ParamGroup>, h: &Hyperparameters) -> Vec<ParamGroup> {
+    let Some(wd) = h.weight_decay else {
+        return groups;
+    };
+    groups
+        .into_iter()
+        .map(|mut g| {
+            if g.weight_decay > 0.0 {
+                g.weight_decay = wd;
+            }
+            g
+        })
+        .collect()
+}
+
+/// Validation: the mean token loss over `data`, and for multiple choice the accuracy of
+/// picking the choice with the highest summed log-likelihood.
+pub fn evaluate(
+    model: &MambaForCausalLM,
+    data: &Tokenized,
+    batch: usize,
+    pad: u32,
+    device: &Device,
+) -> Result<(f64, Option<f64>), TrainError> {
+    let (mut total, mut count) = (0f64, 0usize);
+    for chunk in data.examples.chunks(batch.max(1)) {
+        let exs: Vec<_> = chunk.iter().collect();
+        let b = collate(&exs, pad, device)?;
+        let (sums, counts) = sequence_logprobs(model, &b)?;
+        total += sums.iter().sum::<f64>();
+        count += counts.iter().sum::<usize>();
+    }
+    let loss = if count > 0 {
+        -total / count as f64
+    } else {
+        f64::NAN
+    };
+    if data.choice_sets.is_empty() {
+        return Ok((loss, None));
+    }
+    // Every choice of every example, in batches of `batch` sequences.
+    let flat: Vec<(usize, usize)> = data
+        .choice_sets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| (0..s.choices.len()).map(move |c| (i, c)))
+        .collect();
+    let mut scores: Vec<Vec<f64>> = data
+        .choice_sets
+        .iter()
+        .map(|s| vec![f64::NEG_INFINITY; s.choices.len()])
+        .collect();
+    for chunk in flat.chunks(batch.max(1)) {
+        let exs: Vec<_> = chunk
+            .iter()
+            .map(|&(i, c)| &data.choice_sets[i].choices[c])
+            .collect();
+        let b = collate(&exs, pad, device)?;
+        let (sums, _) = sequence_logprobs(model, &b)?;
+        for (&(i, c), s) in chunk.iter().zip(sums) {
+            scores[i][c] = s;
+        }
+    }
+    let correct = data
+        .choice_sets
+        .iter()
+        .zip(&scores)
+        .filter(|(set, sc)| argmax(sc) == Some(set.label))
+        .count();
+    Ok((loss, Some(correct as f64 / data.choice_sets.len() as f64)))
+}
+
+/// The first index of the maximum (ties go to the earlier choice, as numpy's argmax).
+fn argmax(v: &[f64]) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for (i, &x) in v.iter().enumerate() {
+        if best.is_none_or(|(_, b)| x > b) {
+            best = Some((i, x));
+        }
+    }
+    best.map(|b| b.0)
+}
+
+/// Per sequence of a batch: the summed log-probability of its scored labels, and how many
+/// there are.
+pub fn sequence_logprobs(
+    model: &MambaForCausalLM,
+    b: &Batch,
+) -> Result<(Vec<f64>, Vec<usize>), TrainError> {
+    let logits = model.forward(&b.input_ids, None)?.detach();
+    let (bs, t, v) = logits.dims3()?;
+    let labels: Vec<i64> = b.labels.flatten_all()?.to_vec1::<i64>()?;
+    let flat = logits
+        .narrow(1, 0, t - 1)?
+        .to_dtype(DType::F32)?
+        .reshape((bs * (t - 1), v))?;
+    let max = flat.max_keepdim(D::Minus1)?;
+    let shifted = flat.broadcast_sub(&max)?;
+    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
+    let logp = shifted.broadcast_sub(&lse)?;
+    let mut targets = Vec::with_capacity(bs * (t - 1));
+    let mut keep = Vec::with_capacity(bs * (t - 1));
+    for r in 0..bs {
+        for p in 1..t {
+            let y = labels[r * t + p];
+            let scored = y >= 0 && (y as usize) < v;
+            targets.push(if scored { y as u32 } else { 0 });
+            keep.push(scored);
+        }
+    }
+    let targets = Tensor::from_vec(targets, (bs * (t - 1), 1), logits.device())?;
+    let picked = logp.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+    let mut sums = vec![0f64; bs];
+    let mut counts = vec![0usize; bs];
+    for (i, (lp, k)) in picked.iter().zip(&keep).enumerate() {
+        if *k {
+            sums[i / (t - 1)] += f64::from(*lp);
+            counts[i / (t - 1)] += 1;
+        }
+    }
+    Ok((sums, counts))
+}
+
+/// Refuses a checkpoint from another run or another format.
+fn check_resume(
+    state: &TrainerState,
+    fingerprint: &BTreeFingerprint,
+    total: u64,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    let bad = |reason: String| TrainError::Checkpoint {
+        dir: dir.to_path_buf(),
+        reason,
+    };
+    if state.format != STATE_FORMAT {
+        return Err(bad(format!(
+            "{STATE_FILE} has format {}, this build reads format {STATE_FORMAT}",
+            state.format
+        )));
+    }
+    for (k, v) in fingerprint {
+        match state.fingerprint.get(k) {
+            Some(w) if w == v => {}
+            _ => {
+                return Err(bad(format!(
+                    "it was written by a run with a different {k}; resume only with the \
+                     same model, method, data, seed and hyperparameters"
+                )));
+            }
+        }
+    }
+    if state.total_steps != total || state.step > total {
+        return Err(bad(format!(
+            "it is at step {} of {}, but this run has {total} steps",
+            state.step, state.total_steps
+        )));
+    }
+    Ok(())
+}
+
+/// Reads a checkpoint's state; falls back to the previous checkpoint kept while a new one
+/// was being swapped in (a crash between the two renames of [`write_checkpoint`]).
+pub fn find_checkpoint(dir: &Path) -> Result<(PathBuf, TrainerState), TrainError> {
+    let mut candidates = vec![dir.to_path_buf()];
+    if let Some(old) = sibling(dir, "old") {
+        candidates.push(old);
+    }
+    for d in candidates {
+        let p = d.join(STATE_FILE);
+        if !p.is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).map_err(|e| TrainError::io(&p, e))?;
+        let state: TrainerState =
+            serde_json::from_str(&text).map_err(|e| TrainError::Checkpoint {
+                dir: d.clone(),
+                reason: format!("{STATE_FILE}: {e}"),
+            })?;
+        return Ok((d, state));
+    }
+    Err(TrainError::Checkpoint {
+        dir: dir.to_path_buf(),
+        reason: format!("resume was requested but there is no {STATE_FILE} here"),
+    })
+}
+
+/// `dir` with `.{suffix}` appended to its last component.
+fn sibling(dir: &Path, suffix: &str) -> Option<PathBuf> {
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    Some(dir.with_file_name(format!("{name}.{suffix}")))
+}
+
+/// Writes a complete checkpoint beside `dir`, then swaps it in, so `dir` only ever holds a
+/// whole checkpoint (the state file, written last, marks it complete).
+fn write_checkpoint(
+    dir: &Path,
+    trainable: &dyn Trainable,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<(), TrainError> {
+    let tmp = sibling(dir, "tmp").ok_or_else(|| TrainError::Checkpoint {
+        dir: dir.to_path_buf(),
+        reason: "the checkpoint folder needs a name".into(),
+    })?;
+    let old = sibling(dir, "old").ok_or_else(|| TrainError::Checkpoint {
+        dir: dir.to_path_buf(),
+        reason: "the checkpoint folder needs a name".into(),
+    })?;
+    remove_dir(&tmp)?;
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::io(&tmp, e))?;
+    trainable.save(&tmp)?;
+    let opt_path = tmp.join(OPTIMIZER_FILE);
+    let tensors: HashMap<String, Tensor> = opt.state_tensors();
+    candle_core::safetensors::save(&tensors, &opt_path)?;
+    let json = serde_json::to_string_pretty(state).map_err(|e| TrainError::Checkpoint {
+        dir: tmp.clone(),
+        reason: e.to_string(),
+    })?;
+    let sp = tmp.join(STATE_FILE);
+    std::fs::write(&sp, json).map_err(|e| TrainError::io(&sp, e))?;
+    remove_dir(&old)?;
+    if dir.exists() {
+        std::fs::rename(dir, &old).map_err(|e| TrainError::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| TrainError::io(dir, e))?;
+    remove_dir(&old)?;
+    Ok(())
+}
+
+fn remove_dir(p: &Path) -> Result<(), TrainError> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(TrainError::io(p, e)),
+    }
+}
+
+/// Saves the final tensors into `out_dir` (created if needed; files of the same names are
+/// overwritten, nothing else there is touched).
+fn save_to(out_dir: &Path, trainable: &dyn Trainable) -> Result<(), TrainError> {
+    std::fs::create_dir_all(out_dir).map_err(|e| TrainError::io(out_dir, e))?;
+    trainable.save(out_dir)
+}
