@@ -76,7 +76,8 @@ fn hyper() -> Hyperparameters {
 
 /// Every tensor of the saved output, as raw bits.
 fn saved(dir: &Path) -> BTreeMap<String, Vec<u32>> {
-    let t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
     t.into_iter()
         .map(|(k, v)| {
             let bits = v
