@@ -30,6 +30,10 @@ enum Command {
     /// Check a model folder: forward pass (logits, loss) and text generation.
     #[command(subcommand)]
     Model(cli::model::ModelCommand),
+    /// Fine-tune a base model with a PEFT method on a local JSONL file, printing progress.
+    Train(cli::train::TrainArgs),
+    /// Train a small Mamba and its BPE tokenizer from random init on a text corpus.
+    Pretrain(cli::train::PretrainArgs),
     /// Speed benchmark on random-init models (forward, generation, training step, scan).
     Bench(cli::bench::BenchArgs),
     /// Run the service: the HTTP API plus local worker processes (SQLite and local files
@@ -99,6 +103,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Model(cmd) => cli::model::run(cmd),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Train(args) => cli::train::train(args),
+        Command::Pretrain(args) => cli::train::pretrain_cmd(args),
         Command::Serve(args) => block_on(api::serve::run(args)),
         Command::Worker(args) => block_on(api::worker::run(args)),
         Command::Migrate(args) => cli::admin::migrate(args),

@@ -439,7 +439,7 @@ fn every_method_lowers_the_loss() {
             100.0 * margin,
             t0.elapsed().as_secs_f64()
         );
-        // NaN must fail too.
+        // A NaN drop fails too.
         if drop.is_nan() || drop < margin {
             failures.push(format!(
                 "{name}: {before:.4} → {after:.4}, wanted −{margin}"

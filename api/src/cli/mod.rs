@@ -5,3 +5,4 @@ pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod model;
+pub mod train;

@@ -11,8 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
 use super::lora::{LoraConfig, check_rank, check_scale};
-use super::partial::Delta;
-use super::sites::{Sites, Slot, dims};
+use super::sites::{ParamPart, Sites, Slot, Stage, dims};
 use super::{ParamGroup, ParamShape, Params, PeftMethod};
 use crate::model::{MambaConfig, MambaForCausalLM};
 
@@ -224,12 +223,37 @@ impl PeftMethod for BitFitConfig {
                     _ => Some(mixer.dt_bias.base().clone()),
                 };
                 let Some(base) = base else { continue };
-                // Trained bias − pretrained bias, as a delta: composes with partial tuning.
-                let delta = (params.get(&format!("layers.{i}.{n}"))? - base.detach())?;
-                sites.add_param(i, slot, Arc::new(Delta { delta }));
+                sites.add_param(
+                    i,
+                    slot,
+                    Arc::new(Shift {
+                        trained: params.get(&format!("layers.{i}.{n}"))?,
+                        pretrained: base,
+                    }),
+                );
             }
         }
         Ok(())
+    }
+}
+
+/// The trained bias as a shift of the current value, `P + (trained − pretrained)`, so it
+/// composes with partial tuning. Computed on every call: the trained tensor changes in place
+/// with each optimizer step.
+#[derive(Debug)]
+struct Shift {
+    trained: Tensor,
+    pretrained: Tensor,
+}
+
+impl ParamPart for Shift {
+    fn stage(&self) -> Stage {
+        Stage::Transform
+    }
+
+    fn value(&self, current: &Tensor) -> candle_core::Result<Tensor> {
+        let delta = (&self.trained - self.pretrained.to_dtype(self.trained.dtype())?)?;
+        current + delta.to_dtype(current.dtype())?
     }
 }
 
