@@ -121,8 +121,8 @@ def main(argv):
         w(f"### {shape} shape ({fmt(params / 1e6 if params else None)} M parameters)")
         w("")
         w("| measurement | B×L | molt tokens/s | PyTorch tokens/s | molt / PyTorch | molt % of matmul peak "
-          "| molt peak RSS MiB | PyTorch peak RSS MiB | cpu/wall, others: molt | … PyTorch |")
-        w("|---|---|---|---|---|---|---|---|---|---|")
+          "| molt / PyTorch per CPU-second | molt peak RSS MiB | PyTorch peak RSS MiB | cpu/wall, others: molt | … PyTorch |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|")
         rows = defaultdict(list)
         for r in molt_rows + torch_rows:
             if r.get("shape") == shape and r.get("unit") == "tokens/s":
@@ -146,12 +146,18 @@ def main(argv):
                 mv = mr.get("value") if mr else None
                 pv = pr.get("value") if pr else None
                 ratio = mv / pv if mv and pv else None
+                # Tokens per CPU-second of each process: under contention the two sides get
+                # different shares of the cores, and this ratio takes that out (spin-waiting
+                # still counts as CPU time, so it does not flatter either side).
+                cpu_ratio = None
+                if ratio and mr.get("cpu_wall") and pr.get("cpu_wall"):
+                    cpu_ratio = ratio * pr["cpu_wall"] / mr["cpu_wall"]
                 label, k = labels[metric]
                 util = None
                 if mv and params and peak:
                     util = 100.0 * mv * k * params / (peak * 1e9)
                 size = f"{b}×{l}" if metric != "generate_tokens_per_s" else f"batch {b}, {l} new"
-                w(f"| {label} | {size} | {fmt(mv)} | {fmt(pv)} | {fmt(ratio, 2)}× | {fmt(util)} % "
+                w(f"| {label} | {size} | {fmt(mv)} | {fmt(pv)} | {fmt(ratio, 2)}× | {fmt(util)} % | {fmt(cpu_ratio, 2)}× "
                   f"| {fmt(mr.get('peak_rss_mib') if mr else None)} | {fmt(pr.get('peak_rss_mib') if pr else None)} "
                   f"| {load_note(mr)} | {load_note(pr)} |")
                 if metric == "forward_tokens_per_s" and ratio is not None:
