@@ -194,6 +194,8 @@ def main(argv):
                 w(f"{side} process peak RSS ({shape}): {fmt(r.get('value'))} MiB. ")
         w("")
 
+    methods_table(molt_rows, w)
+
     if checks:
         w(f"### {TARGETS_NOTE}")
         w("")
@@ -206,6 +208,30 @@ def main(argv):
       "it has the cores to itself). others: CPU used by every other process, as a share of all cores "
       "(0 = quiet machine).")
     print("\n".join(out))
+
+
+def methods_table(molt_rows, w):
+    """Issue 3: every PEFT method's training step, relative to the first row (LoRA(in_proj))."""
+    rows = [r for r in molt_rows if r.get("metric") == "method_train_tokens_per_s"]
+    for shape in dict.fromkeys(r.get("shape") for r in rows):
+        for size in dict.fromkeys((r.get("batch"), r.get("seq")) for r in rows if r.get("shape") == shape):
+            sel = [r for r in rows if r.get("shape") == shape and (r.get("batch"), r.get("seq")) == size]
+            ref = sel[0]
+            w(f"### PEFT methods, {shape} shape, training step at {size[0]}×{size[1]} "
+              f"(relative to {ref.get('method')})")
+            w("")
+            w("| method | trainable params (molt) | the papers' count | tokens/s | vs "
+              f"{ref.get('method')} | peak RSS MiB | vs {ref.get('method')} | cpu/wall, others |")
+            w("|---|---|---|---|---|---|---|---|")
+            for r in sel:
+                tps, mem = r.get("value"), r.get("peak_rss_mib")
+                rel = tps / ref["value"] if tps and ref.get("value") else None
+                rel_mem = mem / ref["peak_rss_mib"] if mem and ref.get("peak_rss_mib") else None
+                paper = r.get("paper_params")
+                w(f"| {r.get('method')} | {r.get('trainable_params', 0):,} | "
+                  f"{f'{paper:,}' if paper else '–'} | {fmt(tps)} | {fmt(rel, 2)}× | {fmt(mem)} | "
+                  f"{fmt(rel_mem, 2)}× | {load_note(r)} |")
+            w("")
 
 
 if __name__ == "__main__":

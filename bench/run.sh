@@ -2,7 +2,8 @@
 # molt's speed benchmark (issue 2): `molt bench` and the PyTorch reference stack back to back,
 # on the same machine, in one run, then a side-by-side table with ratios.
 #
-# Usage: bench/run.sh [--quick] [--shapes small,130m] [--reps N] [--sizes 1x512,4x128]
+# Usage: bench/run.sh [--quick] [--shapes small,130m] [--reps N] [--sizes 1x512,4x128] [--methods]
+#        --methods: also issue 3's table (every PEFT method's training step, 130m shape, 4×128)
 # Env:   THREADS (default 2)  threads for both sides (RAYON_NUM_THREADS / torch.set_num_threads)
 #        MOLT_BIN             use this molt binary instead of building target/release/molt
 #        OUT_DIR              where results go (default target/bench/<UTC time>)
@@ -17,13 +18,15 @@ cd "$root"
 
 threads="${THREADS:-2}"
 shapes="small,130m"
+methods=0
 extra=()
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) extra+=(--quick); shift ;;
+        --methods) methods=1; shift ;;
         --shapes) shapes="$2"; shift 2 ;;
         --reps|--sizes) extra+=("$1" "$2"); shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -61,6 +64,13 @@ for s in "${shape_list[@]}"; do
     bench/.venv/bin/python bench/pytorch_bench.py --shapes "$s" --threads "$threads" "${extra[@]}" \
         >> "$out/pytorch.jsonl" 2> >(tee -a "$out/pytorch.log" >&2) || status=1
 done
+if [[ "$methods" == 1 ]]; then
+    echo "== molt bench --metrics methods --shapes 130m --sizes 4x128" >&2
+    reps=()
+    [[ " ${extra[*]} " == *" --quick "* ]] && reps=(--reps 1)
+    RAYON_NUM_THREADS="$threads" "$MOLT_BIN" bench --metrics methods --shapes 130m --sizes 4x128 "${reps[@]}" \
+        >> "$out/molt.jsonl" 2> >(tee -a "$out/molt.log" >&2) || status=1
+fi
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$out/machine.txt"
 
 python3 bench/report.py "$out/molt.jsonl" "$out/pytorch.jsonl" "$out/machine.txt" | tee "$out/report.md"

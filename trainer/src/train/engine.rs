@@ -90,6 +90,69 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u32) -> Vec<usize> {
     idx
 }
 
+/// What one optimizer step did.
+#[derive(Clone, Copy, Debug)]
+pub struct StepStats {
+    /// The token-weighted mean loss over the step's micro-batches.
+    pub loss: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real (non-padding) tokens in the step's micro-batches.
+    pub tokens: u64,
+}
+
+/// One optimizer step over its micro-batches: forward, loss, backward and gradient
+/// accumulation per micro-batch, then global-norm clipping and the AdamW update scaled by
+/// `lr_factor`. `step` (1-based) only names the step in a divergence error. The loop and
+/// `molt bench` both train through this, so the benchmark measures the real step.
+pub fn optimizer_step(
+    trainable: &dyn Trainable,
+    opt: &mut AdamW,
+    batches: &[Batch],
+    max_grad_norm: f64,
+    lr_factor: f64,
+    step: u64,
+) -> Result<StepStats, TrainError> {
+    let model = trainable.model();
+    let scored: usize = batches.iter().map(|b| b.scored).sum();
+    let mut grads: Grads = Vec::new();
+    let mut loss_sum = 0f64;
+    let mut tokens = 0u64;
+    trainable.set_training(true);
+    for b in batches {
+        let logits = model.forward(&b.input_ids, None)?;
+        let mean = causal_lm_loss(&logits, &b.labels)?;
+        // Token-weighted over the whole optimizer step, so k micro-batches of b examples
+        // give the gradient of one batch of k·b (up to float rounding).
+        let weight = b.scored as f64 / scored as f64;
+        let scaled = (mean * weight)?;
+        loss_sum += f64::from(scaled.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        let store = scaled.backward()?;
+        optim::accumulate(&mut grads, opt.grads_from(&store))?;
+        tokens += b.tokens as u64;
+    }
+    trainable.set_training(false);
+    if !loss_sum.is_finite() {
+        return Err(TrainError::Diverged {
+            step,
+            what: format!("the loss ({loss_sum})"),
+        });
+    }
+    let grad_norm = optim::clip_grad_norm(&mut grads, max_grad_norm)?;
+    if !grad_norm.is_finite() {
+        return Err(TrainError::Diverged {
+            step,
+            what: format!("the gradient norm ({grad_norm})"),
+        });
+    }
+    opt.step(&grads, lr_factor)?;
+    Ok(StepStats {
+        loss: loss_sum,
+        grad_norm,
+        tokens,
+    })
+}
+
 /// Everything the loop needs besides the trainable.
 pub struct LoopConfig<'a> {
     pub hyper: &'a Hyperparameters,
@@ -205,41 +268,15 @@ pub fn train(
             let exs: Vec<_> = idx.iter().map(|&i| &cfg.train.examples[i]).collect();
             batches.push(collate(&exs, cfg.pad, &cfg.device)?);
         }
-        let scored: usize = batches.iter().map(|b| b.scored).sum();
-        let mut grads: Grads = Vec::new();
-        let mut loss_sum = 0f64;
-        trainable.set_training(true);
-        for b in &batches {
-            let logits = model.forward(&b.input_ids, None)?;
-            let mean = causal_lm_loss(&logits, &b.labels)?;
-            // Token-weighted over the whole optimizer step, so k micro-batches of b examples
-            // give the gradient of one batch of k·b (up to float rounding).
-            let weight = b.scored as f64 / scored as f64;
-            let scaled = (mean * weight)?;
-            loss_sum += f64::from(scaled.to_dtype(DType::F32)?.to_scalar::<f32>()?);
-            let store = scaled.backward()?;
-            optim::accumulate(&mut grads, opt.grads_from(&store))?;
-            tokens_this_run += b.tokens as u64;
-            tokens_seen += b.tokens as u64;
-        }
-        trainable.set_training(false);
         step += 1;
-        if !loss_sum.is_finite() {
-            return Err(TrainError::Diverged {
-                step,
-                what: format!("the loss ({loss_sum})"),
-            });
-        }
-        let grad_norm = optim::clip_grad_norm(&mut grads, h.max_grad_norm)?;
-        if !grad_norm.is_finite() {
-            return Err(TrainError::Diverged {
-                step,
-                what: format!("the gradient norm ({grad_norm})"),
-            });
-        }
         let factor = schedule.factor(step);
-        opt.step(&grads, factor)?;
-        drop(grads);
+        let StepStats {
+            loss: loss_sum,
+            grad_norm,
+            tokens,
+        } = optimizer_step(trainable, &mut opt, &batches, h.max_grad_norm, factor, step)?;
+        tokens_this_run += tokens;
+        tokens_seen += tokens;
         last_loss = Some(loss_sum);
 
         let elapsed = started.elapsed().as_secs_f64();
