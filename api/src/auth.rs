@@ -53,6 +53,10 @@ impl FromRequestParts<AppState> for Tenant {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Already authenticated by the rate limiter (see ratelimit.rs).
+        if let Some(t) = parts.extensions.get::<Tenant>() {
+            return Ok(t.clone());
+        }
         let Some(token) = bearer(parts)? else {
             return Err(ApiError::unauthorized(
                 "missing_api_key",

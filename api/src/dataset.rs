@@ -3,7 +3,8 @@
 //! exactly what a worker can train on.
 //!
 //! Formats (one per file; the first example decides): `{"text"}`,
-//! `{"prompt", "completion"}`, `{"context", "choices", "label"}`. Blank lines are skipped.
+//! `{"prompt", "completion"}`, `{"context", "choices", "label"}` and OpenAI's chat format
+//! `{"messages": [{"role", "content"}, ...]}`. Blank lines are skipped.
 //!
 //! The trainer's validator reads synchronously, so it runs on its own thread, fed through a
 //! bounded channel of chunks (memory stays bounded: at most [`CHANNEL_CHUNKS`] chunks are
@@ -98,7 +99,7 @@ impl DatasetValidator {
         }
     }
 
-    /// The dataset's format (`text`, `prompt_completion`, `multiple_choice`) when valid.
+    /// The dataset's format (`text`, `prompt_completion`, `multiple_choice`, `chat`) when valid.
     pub fn kind(&self) -> Option<String> {
         match self.outcome() {
             Some(Ok(s)) => Some(s.kind.to_string()),
@@ -210,6 +211,25 @@ mod tests {
         assert!(!v.is_valid());
         let details = v.status_details().unwrap();
         assert!(details.contains("line 2"), "{details}");
+    }
+
+    #[test]
+    fn chat_files_are_validated() {
+        let v = run(&[
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, ",
+            b"{\"role\": \"assistant\", \"content\": \"hello\"}]}\n",
+        ]);
+        assert!(v.is_valid(), "{:?}", v.status_details());
+        assert_eq!(v.kind().as_deref(), Some("chat"));
+        let v = run(&[
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"a\"}]}\n",
+            b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+        ]);
+        let details = v.status_details().unwrap();
+        assert!(
+            details.starts_with("1 invalid line: line 2: no assistant message to train on"),
+            "{details}"
+        );
     }
 
     #[test]

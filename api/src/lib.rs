@@ -3,7 +3,7 @@
 //!
 //! Modules by concept: `routes/` (one file per resource), [`auth`] (API keys, admin token),
 //! [`error`] (the OpenAI error envelope), [`state`] (`State<AppState>`), [`metrics`]
-//! (Prometheus text), [`dataset`] (upload validation), [`training`] (hyperparameters and
+//! (Prometheus text), [`ratelimit`] (per-key request limits), [`dataset`] (upload validation), [`training`] (hyperparameters and
 //! PEFT method checks), [`registry`] (base models), [`worker`] (queue consumer),
 //! [`serve`] (API + local worker processes).
 
@@ -11,6 +11,7 @@ pub mod auth;
 pub mod dataset;
 pub mod error;
 pub mod metrics;
+pub mod ratelimit;
 pub mod registry;
 pub mod routes;
 pub mod serve;

@@ -102,7 +102,10 @@ fn main() -> ExitCode {
     init_tracing(cli.log.as_deref().unwrap_or(default_log));
     let result = match cli.command {
         Command::Model(cmd) => cli::model::run(cmd),
-        Command::Bench(args) => cli::bench::run(args),
+        Command::Bench(mut args) => match args.command.take() {
+            Some(cmd) => cli::bench_service::run(cmd),
+            None => cli::bench::run(args),
+        },
         Command::Train(args) => cli::train::train(args),
         Command::Pretrain(args) => cli::train::pretrain_cmd(args),
         Command::Serve(args) => block_on(api::serve::run(args)),

@@ -2,7 +2,8 @@
 //!
 //! HTTP: `molt_http_requests_total` and `molt_http_request_duration_seconds` (histogram with
 //! explicit buckets), labelled by method, route template (never the raw path, so ids do not
-//! explode the label set) and status. Uploads: `molt_upload_bytes_total`.
+//! explode the label set) and status. Uploads: `molt_upload_bytes_total`. Rate limiting:
+//! `molt_rate_limited_requests_total{route}` (requests answered 429 by the per-key limit).
 //! Queue and training (read from the database at scrape time, so they cover every worker
 //! process): `molt_queue_depth`, `molt_jobs{status}`, `molt_training_tokens_per_second`
 //! (sum over running jobs of their latest rate) and `molt_training_step_seconds` (mean of the
@@ -56,6 +57,8 @@ pub struct Metrics {
     /// (method, route, status) → latency histogram.
     http: Mutex<BTreeMap<(String, String, u16), Histogram>>,
     upload_bytes: AtomicU64,
+    /// route → requests refused by the rate limiter.
+    rate_limited: Mutex<BTreeMap<String, u64>>,
 }
 
 impl Metrics {
@@ -77,6 +80,15 @@ impl Metrics {
     /// Counts uploaded dataset bytes.
     pub fn add_upload_bytes(&self, n: u64) {
         self.upload_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one request refused by the rate limiter.
+    pub fn add_rate_limited(&self, route: &str) {
+        let mut map = match self.rate_limited.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *map.entry(route.to_string()).or_default() += 1;
     }
 
     /// Renders the process-local part.
@@ -132,6 +144,21 @@ impl Metrics {
             "molt_upload_bytes_total {}",
             self.upload_bytes.load(Ordering::Relaxed)
         );
+        out.push_str(
+            "# HELP molt_rate_limited_requests_total Requests refused (429) by the per-key rate limit.\n",
+        );
+        out.push_str("# TYPE molt_rate_limited_requests_total counter\n");
+        let limited = match self.rate_limited.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        for (route, n) in limited.iter() {
+            let _ = writeln!(
+                out,
+                "molt_rate_limited_requests_total{{route=\"{}\"}} {n}",
+                escape(route)
+            );
+        }
     }
 }
 
@@ -235,5 +262,10 @@ mod tests {
         assert!(out.contains("le=\"0.005\"} 1"));
         assert!(out.contains("le=\"2.5\"} 2"));
         assert!(out.contains("le=\"+Inf\"} 2"));
+        m.add_rate_limited("/v1/files");
+        m.add_rate_limited("/v1/files");
+        let mut out = String::new();
+        m.render_http(&mut out);
+        assert!(out.contains("molt_rate_limited_requests_total{route=\"/v1/files\"} 2"));
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use storage::{BlobStore, Db};
 use tokio::process::{Child, Command};
 
+use crate::ratelimit::RateLimit;
 use crate::registry::{self, RegistryError};
 use crate::routes;
 use crate::state::{ApiConfig, AppState};
@@ -81,6 +82,15 @@ pub struct ServeArgs {
     /// Queue poll interval of the local workers, in milliseconds.
     #[arg(long, env = "MOLT_POLL_INTERVAL_MS", default_value_t = 1000)]
     pub poll_interval_ms: u64,
+
+    /// Requests an API key may make per --rate-limit-window-secs on /v1/… (a token bucket:
+    /// bursts up to this many, refilled evenly over the window); 0 turns the limit off.
+    #[arg(long, env = "MOLT_RATE_LIMIT_REQUESTS", default_value_t = 600)]
+    pub rate_limit_requests: u32,
+
+    /// The rate limit's window, in seconds.
+    #[arg(long, env = "MOLT_RATE_LIMIT_WINDOW_SECS", default_value_t = 60)]
+    pub rate_limit_window_secs: u64,
 }
 
 /// Why `molt serve` could not run.
@@ -147,6 +157,10 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
         upload_timeout: Duration::from_secs(args.upload_timeout_secs.max(1)),
         job_max_attempts: args.job_max_attempts.max(1),
+        rate_limit: RateLimit {
+            requests: args.rate_limit_requests,
+            window: Duration::from_secs(args.rate_limit_window_secs.max(1)),
+        },
         ..ApiConfig::default()
     };
     tracing::info!(?config, store = %blobs, workers = args.workers, "starting molt");

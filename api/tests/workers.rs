@@ -121,7 +121,7 @@ async fn killed_worker_job_is_reclaimed_and_resumes_from_checkpoint() {
             break step;
         }
         assert!(Instant::now() < deadline, "no checkpoint in time: {job}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
     };
     first.kill9();
     let killed_at = s.get_ok(&format!("/v1/fine_tuning/jobs/{job_id}")).await;

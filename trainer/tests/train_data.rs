@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use trainer::model::IGNORE_INDEX;
 use trainer::tokenizer::Tokenizer;
-use trainer::train::data::{Encoder, collate, read_dataset, validate_reader};
+use trainer::train::data::{
+    ChatMessage, ChatRole, Encoder, chat_prompt, collate, read_dataset, validate_reader,
+};
 use trainer::train::{DatasetKind, validate_dataset};
 
 fn tiny_tokenizer() -> Tokenizer {
@@ -333,4 +335,148 @@ fn batches_are_right_padded_with_ignored_labels() {
     assert!(labels[1][n1..].iter().all(|&x| x == IGNORE_INDEX));
     assert_eq!(b.tokens, n0 + n1);
     assert_eq!(b.scored, n0 - 1 + n1 - 1);
+}
+
+#[test]
+fn chat_errors_name_the_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = concat!(
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#,
+        "\n",
+        r#"{"messages": []}"#,
+        "\n",
+        r#"{"messages": "hi"}"#,
+        "\n",
+        r#"{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 0}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "y"}]}"#,
+        "\n",
+        r#"{"messages": [{"role": "user", "content": "x"}], "text": "y"}"#,
+        "\n",
+        r#"{"prompt": "a", "completion": "b"}"#,
+        "\n",
+    );
+    let f = write(dir.path(), "chat.jsonl", body.as_bytes());
+    let got = errors(&f);
+    let file = f.display().to_string();
+    let want = [
+        (2, "field `messages` is empty"),
+        (
+            3,
+            "field `messages` must be an array of {\"role\", \"content\"} objects, found a string",
+        ),
+        (
+            4,
+            "messages[0].role must be \"system\", \"user\" or \"assistant\", found \"robot\"",
+        ),
+        (
+            5,
+            "messages[0].content is missing (a string); tool and function calls are not supported",
+        ),
+        (
+            6,
+            "no assistant message to train on (the loss is on assistant replies; `\"weight\": 0` \
+             ones do not count)",
+        ),
+        (7, "messages[1].weight must be 0 or 1, found 2"),
+        (
+            8,
+            "messages[1].role is \"tool\"; tool and function messages are not supported",
+        ),
+        (9, "messages[0].content must be a string, found a number"),
+        (10, "fields of more than one format on one line"),
+        (
+            11,
+            "this is a prompt/completion example ({\"prompt\", \"completion\"}) but the file's \
+             first example (line 1) is a chat example ({\"messages\"})",
+        ),
+    ];
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for (g, (line, msg)) in got.iter().zip(want) {
+        let prefix = format!("{file}:{line}: {msg}");
+        assert!(g.starts_with(&prefix), "got  {g}\nwant {prefix}…");
+    }
+}
+
+/// The template's tokens of one message: header (never scored) and body.
+fn chat_parts(tok: &Tokenizer, role: &str, content: &str, first: bool) -> (Vec<u32>, Vec<u32>) {
+    let enc = |s: &str, special: bool| tok.inner().encode(s, special).unwrap().get_ids().to_vec();
+    (
+        enc(&format!("<|{role}|>\n"), first),
+        enc(&format!("{content}\n"), false),
+    )
+}
+
+#[test]
+fn chat_trains_on_assistant_replies_only() {
+    let tok = tiny_tokenizer();
+    let enc = Encoder {
+        tokenizer: &tok,
+        max_len: 256,
+        eos: Some(0),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let line = r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Colour of grass?"}, {"role": "assistant", "content": "Green.", "weight": 0}, {"role": "user", "content": "And the sky?"}, {"role": "assistant", "content": [{"type": "text", "text": "Blue."}]}, {"role": "user", "content": "Thanks"}]}"#;
+    let f = write(dir.path(), "chat.jsonl", format!("{line}\n").as_bytes());
+    let (s, recs) = read_dataset(&f, None).unwrap();
+    assert_eq!(s.kind, DatasetKind::Chat);
+    let t = enc.tokenize(&f, s.kind, &recs).unwrap();
+    let e = &t.examples[0];
+
+    let mut want_ids = Vec::new();
+    let mut want_labels = Vec::new();
+    let msgs = [
+        ("system", "Be brief.", false),
+        ("user", "Colour of grass?", false),
+        ("assistant", "Green.", false),
+        ("user", "And the sky?", false),
+        ("assistant", "Blue.", true),
+        // The last user message follows the last trained reply: dropped.
+    ];
+    for (i, (role, content, trained)) in msgs.iter().enumerate() {
+        let (h, b) = chat_parts(&tok, role, content, i == 0);
+        want_labels.extend(std::iter::repeat_n(IGNORE_INDEX, h.len()));
+        want_ids.extend(h);
+        if *trained {
+            want_labels.extend(b.iter().map(|&x| i64::from(x)));
+            want_ids.extend(b);
+            want_ids.push(0);
+            want_labels.push(0);
+        } else {
+            want_labels.extend(std::iter::repeat_n(IGNORE_INDEX, b.len()));
+            want_ids.extend(b);
+        }
+    }
+    assert_eq!(e.ids, want_ids);
+    assert_eq!(e.labels, want_labels);
+    let blue = chat_parts(&tok, "assistant", "Blue.", false).1;
+    assert_eq!(e.scored(), blue.len() + 1);
+
+    // Too long: the earliest tokens go first, the last reply stays whole.
+    let short = Encoder {
+        tokenizer: &tok,
+        max_len: blue.len() + 4,
+        eos: Some(0),
+    };
+    let t = short.tokenize(&f, s.kind, &recs).unwrap();
+    let e = &t.examples[0];
+    assert_eq!(e.ids.len(), blue.len() + 4);
+    assert_eq!(&e.ids[..], &want_ids[want_ids.len() - e.ids.len()..]);
+    assert_eq!(e.scored(), blue.len() + 1);
+
+    // Generation prompts use the same template.
+    let prompt = chat_prompt(&[ChatMessage {
+        role: ChatRole::User,
+        content: "And the sky?".into(),
+        train: false,
+    }]);
+    assert_eq!(prompt, "<|user|>\nAnd the sky?\n<|assistant|>\n");
 }

@@ -475,8 +475,6 @@ fn suffix_tokens_cannot_change_a_causal_loss() {
 
 /// BitFit trains the biases themselves, so it must learn like partial dt-bias tuning does.
 #[test]
-#[ignore = "peft BitFit computes `trained − pretrained` once in attach (baselines.rs), which \
-            freezes the forward at the initial biases; un-ignore when fixed"]
 fn bitfit_lowers_the_loss() {
     let dir = tempfile::tempdir().unwrap();
     let prompt = task(dir.path());

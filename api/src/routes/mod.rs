@@ -23,6 +23,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::error::{self, ApiError};
 use crate::metrics;
+use crate::ratelimit;
 use crate::state::AppState;
 
 /// Every route path, in axum's syntax (OpenAPI's `{param}` is the same).
@@ -149,6 +150,10 @@ pub fn router(state: AppState) -> Router {
         .router
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            ratelimit::limit,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), timeout))
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -1,7 +1,7 @@
 //! JSONL datasets: parsing with file:line errors, tokenization into training examples, and
 //! right-padded batches with loss masks.
 //!
-//! Three formats, one per file (the first example decides, every later line must match):
+//! Four formats, one per file (the first example decides, every later line must match):
 //! - `{"text": ...}`: language modelling on every token. Texts longer than `max_seq_length`
 //!   are split into windows that overlap by one token, so every next-token pair is scored
 //!   exactly once and nothing is thrown away.
@@ -12,10 +12,21 @@
 //!   benchmarks score the choice alone); evaluated by the summed log-likelihood of each
 //!   choice given the context (lm-eval-harness's `acc`). Choices are appended to the context
 //!   as they are, so include the leading space a choice needs (" yes", not "yes").
+//! - `{"messages": [{"role": ..., "content": ...}, ...]}`: OpenAI's chat fine-tuning format.
+//!   Roles `system`, `user`, `assistant`; `content` a string (or OpenAI's list of
+//!   `{"type": "text", "text"}` parts); an assistant message may carry `"weight": 0` to be
+//!   context only. The loss is on assistant replies only. Each message becomes the plain
+//!   text `<|{role}|>\n{content}\n` ([`render_chat`]); an assistant reply's content and
+//!   newline are scored and followed by a scored end-of-sequence token. Messages after the
+//!   last trained reply are dropped (a causal model's loss cannot depend on them). To
+//!   generate a reply, a server renders the conversation the same way and appends
+//!   `<|assistant|>\n` ([`chat_prompt`]). Tool and function calls are not supported.
 //!
 //! Too long prompt/completion and multiple-choice examples lose tokens from the *start* of
 //! the prompt/context (what is closest to the completion matters most), and only then from
-//! the end of the completion. Other fields on a line are ignored; blank lines are skipped.
+//! the end of the completion; too long conversations likewise lose their earliest tokens,
+//! down to the start of the last trained reply, and only then the end of that reply. Other
+//! fields on a line are ignored; blank lines are skipped.
 
 use std::fmt;
 use std::io::{BufRead, BufReader, Read};
@@ -30,7 +41,7 @@ use crate::tokenizer::Tokenizer;
 
 use super::TrainError;
 
-/// The three dataset formats.
+/// The dataset formats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DatasetKind {
@@ -40,6 +51,8 @@ pub enum DatasetKind {
     PromptCompletion,
     /// `{"context", "choices", "label"}`
     MultipleChoice,
+    /// `{"messages": [{"role", "content"}, ...]}`
+    Chat,
 }
 
 impl DatasetKind {
@@ -52,6 +65,7 @@ impl DatasetKind {
             DatasetKind::MultipleChoice => {
                 "a multiple-choice example ({\"context\", \"choices\", \"label\"})"
             }
+            DatasetKind::Chat => "a chat example ({\"messages\"})",
         }
     }
 }
@@ -62,6 +76,7 @@ impl fmt::Display for DatasetKind {
             DatasetKind::Text => "text",
             DatasetKind::PromptCompletion => "prompt_completion",
             DatasetKind::MultipleChoice => "multiple_choice",
+            DatasetKind::Chat => "chat",
         })
     }
 }
@@ -135,6 +150,7 @@ pub enum Record {
         choices: Vec<String>,
         label: usize,
     },
+    Chat(Vec<ChatMessage>),
 }
 
 impl Record {
@@ -143,8 +159,62 @@ impl Record {
             Record::Text(_) => DatasetKind::Text,
             Record::PromptCompletion { .. } => DatasetKind::PromptCompletion,
             Record::MultipleChoice { .. } => DatasetKind::MultipleChoice,
+            Record::Chat(_) => DatasetKind::Chat,
         }
     }
+}
+
+/// Who speaks a chat message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatRole {
+    System,
+    User,
+    Assistant,
+}
+
+impl ChatRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatRole::System => "system",
+            ChatRole::User => "user",
+            ChatRole::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message of a chat example.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatMessage {
+    pub role: ChatRole,
+    pub content: String,
+    /// Whether the loss trains on it: assistant messages unless `"weight": 0`.
+    pub train: bool,
+}
+
+/// The header that opens a message in the chat template: `<|user|>\n`.
+pub fn chat_header(role: ChatRole) -> String {
+    format!("<|{}|>\n", role.as_str())
+}
+
+/// A conversation in the plain-text chat template (see the module docs), without the
+/// end-of-sequence tokens that follow trained replies in training.
+pub fn render_chat(messages: &[ChatMessage]) -> String {
+    let mut s = String::new();
+    for m in messages {
+        s.push_str(&chat_header(m.role));
+        s.push_str(&m.content);
+        s.push('\n');
+    }
+    s
+}
+
+/// The text a model continues to write the assistant's next reply: the conversation
+/// followed by the assistant header. Generation should stop at the end-of-sequence token.
+pub fn chat_prompt(messages: &[ChatMessage]) -> String {
+    let mut s = render_chat(messages);
+    s.push_str(&chat_header(ChatRole::Assistant));
+    s
 }
 
 /// Reads every line of `path`, checking each, and calls `each` with the valid records.
@@ -268,8 +338,9 @@ fn scan_reader(
                 None,
                 format!(
                     "the dataset is empty ({lines} line(s), no examples); expected JSON lines \
-                     like {{\"text\": ...}}, {{\"prompt\": ..., \"completion\": ...}} or \
-                     {{\"context\": ..., \"choices\": [...], \"label\": 0}}"
+                     like {{\"text\": ...}}, {{\"prompt\": ..., \"completion\": ...}}, \
+                     {{\"context\": ..., \"choices\": [...], \"label\": 0}} or \
+                     {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}}"
                 ),
             ),
         );
@@ -373,6 +444,13 @@ fn parse_line(text: &str) -> Result<Record, String> {
     let text_fmt = has("text");
     let pc_fmt = has("prompt") || has("completion");
     let mc_fmt = has("context") || has("choices") || has("label");
+    let chat_fmt = has("messages");
+    if chat_fmt {
+        if text_fmt || pc_fmt || mc_fmt {
+            return Err(MIXED_FORMATS.into());
+        }
+        return parse_chat(&obj);
+    }
     match (text_fmt, pc_fmt, mc_fmt) {
         (true, false, false) => {
             let t = string_field(&obj, "text")?;
@@ -395,7 +473,8 @@ fn parse_line(text: &str) -> Result<Record, String> {
             keys.sort_unstable();
             Err(format!(
                 "no known fields (found {}); expected {{\"text\"}}, {{\"prompt\", \
-                 \"completion\"}} or {{\"context\", \"choices\", \"label\"}}",
+                 \"completion\"}}, {{\"context\", \"choices\", \"label\"}} or \
+                 {{\"messages\"}}",
                 if keys.is_empty() {
                     "none".to_string()
                 } else {
@@ -406,12 +485,135 @@ fn parse_line(text: &str) -> Result<Record, String> {
                 }
             ))
         }
-        _ => Err(
-            "fields of more than one format on one line (`text`, `prompt`/`completion`, \
-             `context`/`choices`/`label`); use one format"
-                .into(),
-        ),
+        _ => Err(MIXED_FORMATS.into()),
     }
+}
+
+const MIXED_FORMATS: &str = "fields of more than one format on one line (`text`, \
+     `prompt`/`completion`, `context`/`choices`/`label`, `messages`); use one format";
+
+/// A chat message's `content`: a string, or OpenAI's list of `{"type": "text", "text"}`
+/// parts (joined).
+fn chat_content(v: Option<&Value>, at: &str) -> Result<String, String> {
+    match v {
+        None | Some(Value::Null) => Err(format!(
+            "{at}.content is missing (a string); tool and function calls are not supported"
+        )),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for (j, p) in parts.iter().enumerate() {
+                let kind = p.get("type").and_then(Value::as_str);
+                match (kind, p.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => out.push_str(t),
+                    (Some("text"), _) => {
+                        return Err(format!("{at}.content[{j}].text must be a string"));
+                    }
+                    (Some(other), _) => {
+                        return Err(format!(
+                            "{at}.content[{j}] has type \"{other}\"; only \"text\" parts are \
+                             supported"
+                        ));
+                    }
+                    (None, _) => {
+                        return Err(format!(
+                            "{at}.content[{j}] must be {{\"type\": \"text\", \"text\": ...}}"
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Some(v) => Err(format!(
+            "{at}.content must be a string, found {}",
+            type_name(v)
+        )),
+    }
+}
+
+fn parse_chat(obj: &Map<String, Value>) -> Result<Record, String> {
+    let messages = match obj.get("messages") {
+        Some(Value::Array(a)) if !a.is_empty() => a,
+        Some(Value::Array(_)) => return Err("field `messages` is empty".into()),
+        Some(v) => {
+            return Err(format!(
+                "field `messages` must be an array of {{\"role\", \"content\"}} objects, found {}",
+                type_name(v)
+            ));
+        }
+        None => return Err("missing field `messages`".into()),
+    };
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let Value::Object(m) = m else {
+            return Err(format!(
+                "{at} must be an object {{\"role\", \"content\"}}, found {}",
+                type_name(m)
+            ));
+        };
+        let role = match m.get("role") {
+            Some(Value::String(r)) => match r.as_str() {
+                "system" | "developer" => ChatRole::System,
+                "user" => ChatRole::User,
+                "assistant" => ChatRole::Assistant,
+                "tool" | "function" => {
+                    return Err(format!(
+                        "{at}.role is \"{r}\"; tool and function messages are not supported"
+                    ));
+                }
+                other => {
+                    return Err(format!(
+                        "{at}.role must be \"system\", \"user\" or \"assistant\", found \"{other}\""
+                    ));
+                }
+            },
+            Some(v) => {
+                return Err(format!(
+                    "{at}.role must be a string, found {}",
+                    type_name(v)
+                ));
+            }
+            None => return Err(format!("{at} has no `role`")),
+        };
+        if m.contains_key("tool_calls") || m.contains_key("function_call") {
+            return Err(format!(
+                "{at} has tool or function calls, which are not supported"
+            ));
+        }
+        let content = chat_content(m.get("content"), &at)?;
+        let train = match m.get("weight") {
+            None => role == ChatRole::Assistant,
+            Some(w) if role != ChatRole::Assistant => {
+                return Err(format!(
+                    "{at}.weight ({w}) is only allowed on assistant messages"
+                ));
+            }
+            Some(w) => match w.as_f64() {
+                Some(0.0) => false,
+                Some(1.0) => true,
+                _ => return Err(format!("{at}.weight must be 0 or 1, found {w}")),
+            },
+        };
+        if train && content.is_empty() {
+            return Err(format!(
+                "{at}.content is empty; an assistant reply that is trained on needs text"
+            ));
+        }
+        out.push(ChatMessage {
+            role,
+            content,
+            train,
+        });
+    }
+    if !out.iter().any(|m| m.train) {
+        return Err(
+            "no assistant message to train on (the loss is on assistant replies; \
+             `\"weight\": 0` ones do not count)"
+                .into(),
+        );
+    }
+    Ok(Record::Chat(out))
 }
 
 fn parse_choice(obj: &Map<String, Value>) -> Result<Record, String> {
@@ -564,6 +766,46 @@ impl Encoder<'_> {
         Example { ids, labels }
     }
 
+    /// A conversation in the chat template, scored on the trained replies and their
+    /// end-of-sequence tokens; truncated as the module docs say.
+    fn chat(&self, messages: &[ChatMessage]) -> Result<Example, String> {
+        let last = messages
+            .iter()
+            .rposition(|m| m.train)
+            .ok_or("no assistant message to train on")?;
+        let (mut ids, mut labels) = (Vec::new(), Vec::new());
+        // Where the last trained reply starts.
+        let mut reply_start = 0;
+        for (i, m) in messages[..=last].iter().enumerate() {
+            let header = self.encode(&chat_header(m.role), i == 0)?;
+            labels.extend(std::iter::repeat_n(IGNORE_INDEX, header.len()));
+            ids.extend(header);
+            let body = self.encode(&format!("{}\n", m.content), false)?;
+            if m.train {
+                reply_start = ids.len();
+                labels.extend(body.iter().map(|&t| i64::from(t)));
+                ids.extend(body);
+                if let Some(e) = self.eos {
+                    ids.push(e);
+                    labels.push(i64::from(e));
+                }
+            } else {
+                labels.extend(std::iter::repeat_n(IGNORE_INDEX, body.len()));
+                ids.extend(body);
+            }
+        }
+        let max = self.max_len.max(2);
+        if ids.len() > max {
+            // Keep one token before the reply so that its first token is still scored.
+            let drop = (ids.len() - max).min(reply_start.saturating_sub(1));
+            ids.drain(..drop);
+            labels.drain(..drop);
+            ids.truncate(max);
+            labels.truncate(max);
+        }
+        Ok(Example { ids, labels })
+    }
+
     /// Windows of `max_len` tokens overlapping by one (see the module docs).
     pub fn windows(&self, ids: &[u32]) -> Vec<Example> {
         let max = self.max_len.max(2);
@@ -636,6 +878,7 @@ impl Encoder<'_> {
                             label: *label,
                         });
                     }
+                    Record::Chat(messages) => examples.push(self.chat(messages)?),
                 }
                 Ok(())
             })();
