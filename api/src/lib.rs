@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod registry;
 pub mod routes;
 pub mod serve;
+pub mod serving;
 pub mod state;
 pub mod training;
 pub mod worker;

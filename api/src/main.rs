@@ -34,8 +34,9 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Train a small Mamba and its BPE tokenizer from random init on a text corpus.
     Pretrain(cli::train::PretrainArgs),
-    /// Speed benchmark on random-init models (forward, generation, training step, scan).
-    Bench(cli::bench::BenchArgs),
+    /// Speed benchmark on random-init models (forward, generation, training step, scan);
+    /// `molt bench serve`: the serving engine.
+    Bench(BenchCommand),
     /// Run the service: the HTTP API plus local worker processes (SQLite and local files
     /// under --data-dir unless told otherwise).
     Serve(api::serve::ServeArgs),
@@ -66,6 +67,22 @@ enum Command {
         #[command(subcommand)]
         command: cli::client::AdaptersCommand,
     },
+}
+
+/// `molt bench [FLAGS]` or `molt bench serve [FLAGS]`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCommand {
+    #[command(subcommand)]
+    sub: Option<BenchSub>,
+    #[command(flatten)]
+    args: cli::bench::BenchArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchSub {
+    /// Serving: tokens/s for base, merged and hot-swapped adapters; cold-adapter latency.
+    Serve(cli::bench_serve::BenchServeArgs),
 }
 
 /// Runs an async service command on a multi-threaded runtime.
@@ -102,7 +119,10 @@ fn main() -> ExitCode {
     init_tracing(cli.log.as_deref().unwrap_or(default_log));
     let result = match cli.command {
         Command::Model(cmd) => cli::model::run(cmd),
-        Command::Bench(args) => cli::bench::run(args),
+        Command::Bench(b) => match b.sub {
+            Some(BenchSub::Serve(args)) => cli::bench_serve::run(args),
+            None => cli::bench::run(b.args),
+        },
         Command::Train(args) => cli::train::train(args),
         Command::Pretrain(args) => cli::train::pretrain_cmd(args),
         Command::Serve(args) => block_on(api::serve::run(args)),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use storage::{BlobStore, Db};
 
 use crate::metrics::Metrics;
+use crate::serving::{Engine, ServingConfig};
 
 /// Limits and settings of the HTTP side.
 #[derive(Clone)]
@@ -24,6 +25,8 @@ pub struct ApiConfig {
     pub job_max_attempts: i64,
     /// How often an event stream (`stream=true`) looks for new events.
     pub event_poll_interval: Duration,
+    /// Completions and scoring: limits, adapter cache budget, batching.
+    pub serving: ServingConfig,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -39,6 +42,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("request_timeout", &self.request_timeout)
             .field("upload_timeout", &self.upload_timeout)
             .field("job_max_attempts", &self.job_max_attempts)
+            .field("serving", &self.serving)
             .finish()
     }
 }
@@ -53,6 +57,7 @@ impl Default for ApiConfig {
             upload_timeout: Duration::from_secs(3600),
             job_max_attempts: 3,
             event_poll_interval: Duration::from_millis(500),
+            serving: ServingConfig::default(),
         }
     }
 }
@@ -64,6 +69,7 @@ pub struct AppState {
     pub blobs: BlobStore,
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
+    pub serving: Arc<Engine>,
 }
 
 impl AppState {
@@ -71,6 +77,7 @@ impl AppState {
         AppState {
             db,
             blobs,
+            serving: Arc::new(Engine::new(config.serving.clone())),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()),
         }
