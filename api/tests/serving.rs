@@ -296,7 +296,15 @@ async fn a_mixed_batch_equals_the_requests_one_at_a_time() {
     for b in &bodies {
         alone.push(env.complete(b.clone()).await);
     }
+    let (steps, rows) = (
+        env.metric("molt_serving_decode_steps_total").await,
+        env.metric("molt_serving_decode_rows_total").await,
+    );
     let together = futures::future::join_all(bodies.iter().map(|b| env.complete(b.clone()))).await;
+    // They did run together: more sequences per step on average than any one request has.
+    let steps = env.metric("molt_serving_decode_steps_total").await - steps;
+    let rows = env.metric("molt_serving_decode_rows_total").await - rows;
+    assert!(rows / steps > 4.0, "mean batch {}", rows / steps);
     for (a, t) in alone.iter().zip(&together) {
         let (ca, ct) = (
             a["choices"].as_array().unwrap(),
@@ -380,6 +388,22 @@ async fn bad_input_and_other_tenants() {
         .call(s.req_as(&other, Method::POST, &format!("/v1/adapters/{id}/load")))
         .await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+    // `<base>:<adapter>`: served when the base is the adapter's, refused otherwise.
+    let (st, v) = post(
+        &key,
+        json!({"model": format!("demo:{id}"), "prompt": "a", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) = post(
+        &key,
+        json!({"model": format!("demo:{name}"), "prompt": "a", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) = post(&key, json!({"model": format!("tiny:{id}"), "prompt": "a"})).await;
+    assert_error(st, &v, StatusCode::BAD_REQUEST, "adapter_base_mismatch");
+    assert_eq!(v["error"]["param"], "model");
     let (st, v) = post(&key, json!({"model": "nope", "prompt": "a"})).await;
     assert_error(st, &v, StatusCode::NOT_FOUND, "model_not_found");
     let (st, v) = post(&key, json!({"model": "ft:demo:nope:1", "prompt": "a"})).await;

@@ -52,8 +52,9 @@ fn model_not_found(name: &str) -> ApiError {
     .param("model")
 }
 
-/// Resolves `model`: a base model id, a fine-tuned model name (`ft:…`) or an adapter id of
-/// this tenant. Another tenant's adapter is as absent as an unknown one (404).
+/// Resolves `model`: a base model id, a fine-tuned model name (`ft:…`), an adapter id of
+/// this tenant, either of those as `<base>:<adapter>`, or a merged model (`merged:…`).
+/// Another tenant's adapter is as absent as an unknown one (404).
 pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Resolved, ApiError> {
     let engine = &state.serving;
     let not_found = |e: storage::Error| match e {
@@ -97,17 +98,20 @@ pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Re
             base,
         });
     }
-    let adapter = if name.starts_with("ft:") {
-        Some(
-            state
-                .db
-                .get_adapter_by_name(&tenant.id, name)
-                .await
-                .map_err(not_found)?,
-        )
+    // `<base>:<adapter>` (base ids have no ':'): the adapter must be made for that base.
+    let (wanted_base, adapter_ref) = match name.split_once(':') {
+        Some((b, rest)) if b != "ft" => (Some(b), rest),
+        _ => (None, name),
+    };
+    let a = if adapter_ref.starts_with("ft:") {
+        state
+            .db
+            .get_adapter_by_name(&tenant.id, adapter_ref)
+            .await
+            .map_err(not_found)?
     } else {
-        match state.db.get_base_model(name).await {
-            Ok(m) => {
+        match state.db.get_base_model(adapter_ref).await {
+            Ok(m) if wanted_base.is_none() => {
                 let base = engine.base(&m, &state.blobs).await?;
                 return Ok(Resolved {
                     name: name.to_string(),
@@ -115,19 +119,26 @@ pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Re
                     base,
                 });
             }
-            Err(storage::Error::NotFound { .. }) => Some(
-                state
-                    .db
-                    .get_adapter(&tenant.id, name)
-                    .await
-                    .map_err(not_found)?,
-            ),
+            Ok(_) | Err(storage::Error::NotFound { .. }) => state
+                .db
+                .get_adapter(&tenant.id, adapter_ref)
+                .await
+                .map_err(not_found)?,
             Err(e) => return Err(e.into()),
         }
     };
-    let Some(a) = adapter else {
-        return Err(model_not_found(name));
-    };
+    if let Some(b) = wanted_base
+        && b != a.base_model
+    {
+        return Err(ApiError::bad_request(
+            "adapter_base_mismatch",
+            format!(
+                "adapter '{adapter_ref}' was trained on base model '{}', not '{b}'",
+                a.base_model
+            ),
+        )
+        .param("model"));
+    }
     let base_row = state
         .db
         .get_base_model(&a.base_model)
@@ -865,6 +876,51 @@ pub async fn create(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn stream(stops: &[&str]) -> (TextStream, Vec<u32>, String) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/demo");
+        let tok = Tokenizer::from_file(&dir.join("tokenizer.json")).expect("tokenizer");
+        let text = "Elizabeth said that Mr. Darcy was proud.";
+        let ids = tok.encode(text).expect("encode");
+        let full = tok.decode(&ids, true).expect("decode");
+        let ts = TextStream {
+            tokenizer: Arc::new(tok),
+            stops: stops.iter().map(|s| s.to_string()).collect(),
+            ids: Vec::new(),
+            emitted: 0,
+        };
+        (ts, ids, full)
+    }
+
+    #[test]
+    fn text_streams_cut_at_stop_sequences_and_hold_back_prefixes() {
+        let (mut ts, ids, full) = stream(&[]);
+        let mut got = String::new();
+        for &id in &ids {
+            let (d, stopped) = ts.push(id);
+            assert!(!stopped);
+            got.push_str(&d);
+        }
+        got.push_str(&ts.flush());
+        assert_eq!(got, full);
+
+        let (mut ts, ids, full) = stream(&[" Mr.", "zzz"]);
+        let cut = &full[..full.find(" Mr.").expect("stop in text")];
+        let mut got = String::new();
+        let mut stopped = false;
+        for &id in &ids {
+            let (d, s) = ts.push(id);
+            got.push_str(&d);
+            // Nothing after the cut is ever handed out, not even the stop's first bytes.
+            assert!(cut.starts_with(&got), "{got:?} is not a prefix of {cut:?}");
+            if s {
+                stopped = true;
+                break;
+            }
+        }
+        assert!(stopped);
+        assert_eq!(got, cut);
+    }
 
     #[test]
     fn stop_parsing() {

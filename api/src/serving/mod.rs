@@ -80,13 +80,16 @@ pub struct Stats {
     pub sequences_running: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    pub decode_steps: AtomicU64,
+    /// Sum over decode steps of the sequences in the step (÷ steps = mean batch size).
+    pub decode_rows: AtomicU64,
 }
 
 impl Stats {
     /// Appends the serving metrics in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 10] = [
+        let rows: [(&str, &str, &str, u64); 12] = [
             (
                 "molt_adapter_cache_hits_total",
                 "counter",
@@ -146,6 +149,18 @@ impl Stats {
                 "counter",
                 "Tokens generated.",
                 g(&self.generated_tokens),
+            ),
+            (
+                "molt_serving_decode_steps_total",
+                "counter",
+                "Scheduler steps (one token for every running sequence).",
+                g(&self.decode_steps),
+            ),
+            (
+                "molt_serving_decode_rows_total",
+                "counter",
+                "Sequences summed over scheduler steps (÷ steps: mean batch size).",
+                g(&self.decode_rows),
             ),
         ];
         for (name, kind, help, v) in rows {

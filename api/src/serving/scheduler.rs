@@ -209,6 +209,12 @@ fn run(
         stats
             .sequences_running
             .store(active as u64, Ordering::Relaxed);
+        if active > 0 {
+            stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+            stats
+                .decode_rows
+                .fetch_add(active as u64, Ordering::Relaxed);
+        }
         for g in &mut groups {
             let before = g.seqs.len();
             if let Err(e) = advance(g, &stats) {
