@@ -262,7 +262,9 @@ impl Engine {
         model: &storage::BaseModel,
         blobs: &BlobStore,
     ) -> Result<Arc<LoadedBase>, ServingError> {
-        let cell = Self::cell(&self.bases, &model.id);
+        // Keyed by config hash too: a model re-registered under the same id with other
+        // weights is loaded afresh.
+        let cell = Self::cell(&self.bases, &format!("{}@{}", model.id, model.config_hash));
         let loaded = cell
             .get_or_try_init(|| async {
                 let dir = registry::materialize(model, blobs, &self.config.cache_dir).await?;
