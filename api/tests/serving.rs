@@ -893,3 +893,58 @@ async fn merged_models_match_and_download_in_hf_format() {
         .await;
     assert_error(st, &v, StatusCode::NOT_FOUND, "model_not_found");
 }
+
+/// The whole path: a fine-tuning job trains an adapter, and its `fine_tuned_model` serves
+/// completions that match the downloaded adapter run by the trainer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trained_adapter_serves_what_it_learned() {
+    let s = Server::start(ServeOptions {
+        workers: 1,
+        ..ServeOptions::default()
+    })
+    .await;
+    s.register_model("demo", &demo_dir()).await;
+    let (st, f) = s.upload("train.jsonl", common::text_dataset(16)).await;
+    assert_eq!(st, StatusCode::OK, "{f}");
+    let (st, job) = s
+        .call(s.req(Method::POST, "/v1/fine_tuning/jobs").json(&json!({
+            "model": "demo", "training_file": f["id"],
+            "method": {"type": "lora", "targets": "in_proj", "r": 4},
+            "hyperparameters": {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 20}
+        })))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{job}");
+    let job = s
+        .wait_job(job["id"].as_str().unwrap(), Duration::from_secs(300))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let name = job["fine_tuned_model"].as_str().expect("fine_tuned_model");
+    let meta = s.get_ok(&format!("/v1/adapters/{name}")).await;
+    let dir = s.data_dir.join("downloaded");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in meta["files"].as_array().unwrap() {
+        let res = s
+            .req(Method::GET, f["url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        std::fs::write(
+            dir.join(f["name"].as_str().unwrap()),
+            res.bytes().await.unwrap(),
+        )
+        .unwrap();
+    }
+    let base = base_model();
+    let adapted = Adapter::load(&dir, &base).unwrap().apply(&base).unwrap();
+    let tok = tokenizer();
+    let prompt = "The mamba 3 slides";
+    let (toks, lps) = reference(&adapted, &tok.encode(prompt).unwrap(), 8);
+    let (st, v) = s
+        .call(s.req(Method::POST, "/v1/completions").json(&json!({
+            "model": name, "prompt": prompt, "max_tokens": 8, "temperature": 0, "logprobs": 0
+        })))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["choices"][0]["text"], tok.decode(&toks, true).unwrap());
+    assert_close(&token_logprobs(&v["choices"][0]), &lps, "trained");
+}
