@@ -15,6 +15,7 @@ pub mod ratelimit;
 pub mod registry;
 pub mod routes;
 pub mod serve;
+pub mod serving;
 pub mod state;
 pub mod training;
 pub mod worker;

@@ -41,8 +41,9 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Train a small Mamba and its BPE tokenizer from random init on a text corpus.
     Pretrain(cli::train::PretrainArgs),
-    /// Speed benchmark on random-init models (forward, generation, training step, scan).
-    Bench(cli::bench::BenchArgs),
+    /// Speed benchmark on random-init models (forward, generation, training step, scan);
+    /// `molt bench serve`: the serving engine; `molt bench service`: the HTTP service.
+    Bench(BenchCommand),
     /// Run the service: the HTTP API plus local worker processes (SQLite and local files
     /// under --data-dir unless told otherwise).
     Serve(api::serve::ServeArgs),
@@ -73,6 +74,25 @@ enum Command {
         #[command(subcommand)]
         command: cli::client::AdaptersCommand,
     },
+}
+
+/// `molt bench [FLAGS]` or `molt bench serve [FLAGS]`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchCommand {
+    #[command(subcommand)]
+    sub: Option<BenchSub>,
+    #[command(flatten)]
+    args: cli::bench::BenchArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchSub {
+    /// Serving: tokens/s for base, merged and hot-swapped adapters; cold-adapter latency.
+    Serve(cli::bench_serve::BenchServeArgs),
+    /// Service speed: upload throughput and memory, job-GET latency under load, queue
+    /// claims per second (see BENCHMARKS.md, "Service").
+    Service(cli::bench_service::ServiceBenchArgs),
 }
 
 /// Runs an async service command on a multi-threaded runtime.
@@ -109,9 +129,10 @@ fn main() -> ExitCode {
     init_tracing(cli.log.as_deref().unwrap_or(default_log));
     let result = match cli.command {
         Command::Model(cmd) => cli::model::run(cmd),
-        Command::Bench(mut args) => match args.command.take() {
-            Some(cmd) => cli::bench_service::run(cmd),
-            None => cli::bench::run(args),
+        Command::Bench(b) => match b.sub {
+            Some(BenchSub::Serve(args)) => cli::bench_serve::run(args),
+            Some(BenchSub::Service(args)) => cli::bench_service::run(args),
+            None => cli::bench::run(b.args),
         },
         Command::Train(args) => cli::train::train(args),
         Command::Pretrain(args) => cli::train::pretrain_cmd(args),

@@ -191,6 +191,7 @@ pub async fn track_http(State(state): State<AppState>, req: Request, next: Next)
 pub async fn render(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     state.metrics.render_http(&mut out);
+    state.serving.stats.render(&mut out);
     if let Err(e) = render_queue(&state, &mut out).await {
         tracing::warn!(error = %e, "metrics: could not read the queue state");
         out.push_str("# molt_queue metrics unavailable: database error\n");

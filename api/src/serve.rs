@@ -79,6 +79,27 @@ pub struct ServeArgs {
     #[arg(long, env = "MOLT_LEASE_SECONDS", default_value_t = 60)]
     pub lease_seconds: u64,
 
+    /// Budget of the hot-swap adapter cache, in bytes of adapter tensors (least recently
+    /// used adapters are evicted beyond it).
+    #[arg(long, env = "MOLT_ADAPTER_CACHE_BYTES", default_value_t = 1 << 30)]
+    pub adapter_cache_bytes: u64,
+
+    /// Sequences decoded together per base model (continuous batching).
+    #[arg(long, env = "MOLT_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+
+    /// Sequences that may wait per base model; beyond it completions answer 429.
+    #[arg(long, env = "MOLT_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+
+    /// Longest accepted prompt, in tokens (completions and scoring).
+    #[arg(long, env = "MOLT_MAX_PROMPT_TOKENS", default_value_t = 4096)]
+    pub max_prompt_tokens: usize,
+
+    /// Largest accepted `max_tokens` of a completion.
+    #[arg(long, env = "MOLT_MAX_NEW_TOKENS", default_value_t = 2048)]
+    pub max_new_tokens: usize,
+
     /// Queue poll interval of the local workers, in milliseconds.
     #[arg(long, env = "MOLT_POLL_INTERVAL_MS", default_value_t = 1000)]
     pub poll_interval_ms: u64,
@@ -160,6 +181,14 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         rate_limit: RateLimit {
             requests: args.rate_limit_requests,
             window: Duration::from_secs(args.rate_limit_window_secs.max(1)),
+        },
+        serving: crate::serving::ServingConfig {
+            cache_dir: data_dir.join("serving"),
+            adapter_cache_bytes: args.adapter_cache_bytes,
+            max_batch: args.max_batch.max(1),
+            max_queue: args.max_queue,
+            max_prompt_tokens: args.max_prompt_tokens.max(1),
+            max_new_tokens: args.max_new_tokens.max(1),
         },
         ..ApiConfig::default()
     };

@@ -7,6 +7,7 @@ use storage::{BlobStore, Db};
 
 use crate::metrics::Metrics;
 use crate::ratelimit::{RateLimit, RateLimiter};
+use crate::serving::{Engine, ServingConfig};
 
 /// Limits and settings of the HTTP side.
 #[derive(Clone)]
@@ -27,6 +28,8 @@ pub struct ApiConfig {
     pub event_poll_interval: Duration,
     /// Requests per API key and window on `/v1/…`.
     pub rate_limit: RateLimit,
+    /// Completions and scoring: limits, adapter cache budget, batching.
+    pub serving: ServingConfig,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -43,6 +46,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("upload_timeout", &self.upload_timeout)
             .field("job_max_attempts", &self.job_max_attempts)
             .field("rate_limit", &self.rate_limit)
+            .field("serving", &self.serving)
             .finish()
     }
 }
@@ -58,6 +62,7 @@ impl Default for ApiConfig {
             job_max_attempts: 3,
             event_poll_interval: Duration::from_millis(500),
             rate_limit: RateLimit::default(),
+            serving: ServingConfig::default(),
         }
     }
 }
@@ -70,6 +75,7 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     pub metrics: Arc<Metrics>,
     pub rate_limiter: Arc<RateLimiter>,
+    pub serving: Arc<Engine>,
 }
 
 impl AppState {
@@ -78,6 +84,7 @@ impl AppState {
             db,
             blobs,
             rate_limiter: Arc::new(RateLimiter::new(config.rate_limit)),
+            serving: Arc::new(Engine::new(config.serving.clone())),
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()),
         }

@@ -111,3 +111,43 @@ async fn official_openai_client_drives_files_and_jobs() {
     );
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_openai_client_streams_a_completion() {
+    let python = match openai_python() {
+        Ok(p) => p,
+        Err(reason) => {
+            eprintln!("skipped: {reason}");
+            return;
+        }
+    };
+    let s = Server::start(ServeOptions::default()).await;
+    s.register_model("demo", &repo_root().join("models/demo"))
+        .await;
+    let script = repo_root().join("api/tests/python/openai_completions.py");
+    let out = tokio::task::spawn_blocking({
+        let url = s.url.clone();
+        let key = s.key.clone();
+        move || {
+            Command::new(python)
+                .arg(script)
+                .env("MOLT_URL", url)
+                .env("MOLT_API_KEY", key)
+                .env("MOLT_MODEL", "demo")
+                .env_remove("OPENAI_API_KEY")
+                .env_remove("OPENAI_BASE_URL")
+                .output()
+                .expect("run python")
+        }
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "the openai completions flow failed:\nstdout: {}\nstderr: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s.log_text()
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -203,7 +203,7 @@ fn left_pad(prompts: &[Vec<u32>], pad: u32) -> (Vec<u32>, Vec<u32>) {
 }
 
 /// Index of the largest finite logit (the first on ties, as torch's argmax).
-fn argmax(row: &[f32]) -> Option<u32> {
+pub fn argmax(row: &[f32]) -> Option<u32> {
     let mut best: Option<(usize, f32)> = None;
     for (i, &v) in row.iter().enumerate() {
         if v.is_nan() {
@@ -216,8 +216,9 @@ fn argmax(row: &[f32]) -> Option<u32> {
     best.map(|(i, _)| i as u32)
 }
 
-/// Samples from `softmax(row / temperature)` restricted to the top-p nucleus.
-fn sample(row: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> Option<u32> {
+/// Samples from `softmax(row / temperature)` restricted to the top-p nucleus. Serving
+/// draws with this too, so a seed gives the same tokens there as here.
+pub fn sample(row: &[f32], temperature: f64, top_p: f64, rng: &mut StdRng) -> Option<u32> {
     let max = row
         .iter()
         .filter(|v| !v.is_nan())

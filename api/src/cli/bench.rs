@@ -137,10 +137,6 @@ pub struct BenchArgs {
     /// Seed of the random weights and inputs.
     #[arg(long, env = "MOLT_BENCH_SEED", default_value_t = 0)]
     pub seed: u64,
-
-    /// Another benchmark (`molt bench service`); without one, the model benchmark runs.
-    #[command(subcommand)]
-    pub command: Option<super::bench_service::BenchCommand>,
 }
 
 fn parse_size(s: &str) -> std::result::Result<(usize, usize), String> {

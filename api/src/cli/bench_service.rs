@@ -87,17 +87,8 @@ pub struct ServiceBenchArgs {
     pub tenants: usize,
 }
 
-/// `molt bench` subcommands beside the default model benchmark.
-#[derive(clap::Subcommand, Debug, Clone)]
-pub enum BenchCommand {
-    /// Service speed: upload throughput and memory, job-GET latency under load, queue
-    /// claims per second (see BENCHMARKS.md, "Service").
-    Service(ServiceBenchArgs),
-}
-
-/// Runs a `molt bench` subcommand.
-pub fn run(cmd: BenchCommand) -> Result<()> {
-    let BenchCommand::Service(args) = cmd;
+/// Runs `molt bench service`.
+pub fn run(args: ServiceBenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

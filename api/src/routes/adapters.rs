@@ -153,6 +153,16 @@ pub async fn download(
 pub async fn remove(state: &AppState, tenant: &Tenant, id: &str) -> Result<Adapter, ApiError> {
     let a = find(state, tenant, id).await?;
     let a = state.db.delete_adapter(&tenant.id, &a.id).await?;
+    // A running request keeps its copy; nothing new can resolve the adapter now.
+    state.serving.adapters.forget(&a.id);
+    state
+        .serving
+        .adapters
+        .forget(&format!("{}{}", crate::serving::MERGED_PREFIX, a.id));
+    let merged = crate::serving::merged_blob_prefix(&a.id);
+    if let Err(e) = state.blobs.delete_prefix(&merged).await {
+        tracing::warn!(adapter_id = %a.id, error = %e, "adapter deleted but its merged model remains");
+    }
     if let Err(e) = state.blobs.delete_prefix(&a.object_prefix).await {
         tracing::warn!(adapter_id = %a.id, error = %e, "adapter row deleted but its files remain");
     }
@@ -171,4 +181,101 @@ pub async fn delete(
         object: "adapter",
         deleted: true,
     }))
+}
+
+/// The answer of the warm/evict routes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AdapterResidency {
+    pub id: String,
+    pub object: String,
+    /// Whether the adapter is now in the serving cache.
+    pub resident: bool,
+    /// Bytes of its tensors in the cache (0 when not resident).
+    pub bytes: u64,
+}
+
+/// `POST /v1/adapters/{adapter_id}/load`: loads the adapter into the serving cache (as the
+/// first request for it would), so that request does not wait for it.
+pub async fn warm(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<AdapterResidency>, ApiError> {
+    let a = find(&state, &tenant, &id).await?;
+    let r = super::completions::resolve(&state, &tenant, &a.id).await?;
+    let bytes = r.served.pin.as_ref().map_or(0, |p| p.bytes);
+    Ok(Json(AdapterResidency {
+        id: a.id,
+        object: "adapter.residency".into(),
+        resident: true,
+        bytes,
+    }))
+}
+
+/// `DELETE /v1/adapters/{adapter_id}/load`: evicts the adapter from the serving cache
+/// (409 while a request is using it).
+pub async fn evict(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<AdapterResidency>, ApiError> {
+    let a = find(&state, &tenant, &id).await?;
+    match state.serving.adapters.evict(&a.id) {
+        crate::serving::Evicted::Pinned => Err(ApiError::conflict(
+            "adapter_in_use",
+            format!(
+                "adapter '{}' is serving a request; evict it when the request ends",
+                a.id
+            ),
+        )),
+        _ => Ok(Json(AdapterResidency {
+            id: a.id,
+            object: "adapter.residency".into(),
+            resident: false,
+            bytes: 0,
+        })),
+    }
+}
+
+/// `POST /v1/adapters/{adapter_id}/merge` options.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeRequest {
+    /// Fold a prefix prompt/affix into per-layer initial states instead of keeping it as a
+    /// residual adapter.
+    #[serde(default)]
+    pub prefix_as_initial_state: bool,
+}
+
+/// `POST /v1/adapters/{adapter_id}/merge`: materialises the merged model (stored in the
+/// object store, served as `merged:…`, downloadable from `/v1/models/{model}/files/{name}`).
+pub async fn merge(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<super::models::ModelObject>, ApiError> {
+    // The body is optional: none means the defaults.
+    let opts: MergeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        MergeRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request("invalid_request_body", format!("the merge options: {e}"))
+        })?
+    };
+    let a = find(&state, &tenant, &id).await?;
+    let base_row = state.db.get_base_model(&a.base_model).await?;
+    let base = state.serving.base(&base_row, &state.blobs).await?;
+    let files = state
+        .serving
+        .merge(
+            &base,
+            &a,
+            &state.blobs,
+            trainer::peft::MergeOptions {
+                prefix_as_initial_state: opts.prefix_as_initial_state,
+            },
+        )
+        .await?;
+    Ok(Json(super::models::merged_object(&a, &files)))
 }

@@ -4,10 +4,12 @@
 
 pub mod adapters;
 pub mod admin;
+pub mod completions;
 pub mod files;
 pub mod health;
 pub mod jobs;
 pub mod models;
+pub mod scores;
 
 use std::time::Duration;
 
@@ -46,10 +48,16 @@ pub mod paths {
 
     pub const MODELS: &str = "/v1/models";
     pub const MODEL: &str = "/v1/models/{model}";
+    pub const MODEL_FILE: &str = "/v1/models/{model}/files/{name}";
 
     pub const ADAPTERS: &str = "/v1/adapters";
     pub const ADAPTER: &str = "/v1/adapters/{adapter_id}";
     pub const ADAPTER_FILE: &str = "/v1/adapters/{adapter_id}/files/{name}";
+    pub const ADAPTER_LOAD: &str = "/v1/adapters/{adapter_id}/load";
+    pub const ADAPTER_MERGE: &str = "/v1/adapters/{adapter_id}/merge";
+
+    pub const COMPLETIONS: &str = "/v1/completions";
+    pub const SCORES: &str = "/v1/scores";
 
     pub const ADMIN_TENANTS: &str = "/admin/tenants";
     pub const ADMIN_TENANT: &str = "/admin/tenants/{tenant_id}";
@@ -121,6 +129,15 @@ fn routes() -> Routes {
             get(adapters::get).delete(adapters::delete),
         )
         .add(ADAPTER_FILE, "GET", get(adapters::download))
+        .add(
+            ADAPTER_LOAD,
+            "POST DELETE",
+            post(adapters::warm).delete(adapters::evict),
+        )
+        .add(ADAPTER_MERGE, "POST", post(adapters::merge))
+        .add(MODEL_FILE, "GET", get(models::download))
+        .add(COMPLETIONS, "POST", post(completions::create))
+        .add(SCORES, "POST", post(scores::create))
         .add(
             ADMIN_TENANTS,
             "POST GET",

@@ -131,9 +131,13 @@ impl RowTargets {
 }
 
 /// The rows of a contiguous F32 `[n, V]` storage.
-fn f32_rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<(&'a [f32], usize)> {
+fn f32_rows<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<(&'a [f32], usize)> {
     let CpuStorage::F32(data) = s else {
-        candle_core::bail!("{op}: expected F32 logits, got {:?}", s.dtype())
+        candle_core::bail!("{op}: expected F32 logits")
     };
     let Some((a, z)) = l.contiguous_offsets() else {
         candle_core::bail!("{op}: logits must be contiguous")
@@ -213,7 +217,11 @@ impl CustomOp2 for NllGradOp {
         let n = x.len() / v;
         let RowTargets { targets, weights } = &self.0;
         if g.len() != n || targets.len() != n {
-            candle_core::bail!("nll grad: {} gradients, {} targets for {n} rows", g.len(), targets.len())
+            candle_core::bail!(
+                "nll grad: {} gradients, {} targets for {n} rows",
+                g.len(),
+                targets.len()
+            )
         }
         let mut out = vec![0f32; n * v];
         out.par_chunks_mut(v).enumerate().for_each(|(i, o)| {
@@ -303,10 +311,17 @@ mod tests {
         let (f, r) = (fused.to_scalar::<f32>()?, reference.to_scalar::<f32>()?);
         assert!((f - r).abs() <= 1e-5 * r.abs().max(1.0), "loss {f} vs {r}");
         let gf = fused.backward()?.get(&x).cloned().expect("fused grad");
-        let gr = reference.backward()?.get(&x).cloned().expect("reference grad");
+        let gr = reference
+            .backward()?
+            .get(&x)
+            .cloned()
+            .expect("reference grad");
         let diff = (gf - &gr)?.abs()?.max_all()?.to_scalar::<f32>()?;
         let scale = gr.abs()?.max_all()?.to_scalar::<f32>()?;
-        assert!(scale > 0.0 && diff <= 1e-6 * scale.max(1.0), "grad diff {diff} (max {scale})");
+        assert!(
+            scale > 0.0 && diff <= 1e-6 * scale.max(1.0),
+            "grad diff {diff} (max {scale})"
+        );
         Ok(())
     }
 }

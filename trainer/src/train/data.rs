@@ -806,6 +806,29 @@ impl Encoder<'_> {
         Ok(Example { ids, labels })
     }
 
+    /// One sequence per choice (context + choice, the choice's tokens scored), as the
+    /// evaluation and the serving API's scoring both use.
+    pub fn choice_set(
+        &self,
+        context: &str,
+        choices: &[String],
+        label: usize,
+    ) -> Result<ChoiceExample, String> {
+        let ctx = self.encode(context, true)?;
+        let mut set = Vec::with_capacity(choices.len());
+        for (i, ch) in choices.iter().enumerate() {
+            let c = self.encode(ch, false)?;
+            if c.is_empty() {
+                return Err(format!("choices[{i}] has no tokens"));
+            }
+            set.push(self.pair(ctx.clone(), c));
+        }
+        Ok(ChoiceExample {
+            choices: set,
+            label,
+        })
+    }
+
     /// Windows of `max_len` tokens overlapping by one (see the module docs).
     pub fn windows(&self, ids: &[u32]) -> Vec<Example> {
         let max = self.max_len.max(2);
@@ -860,23 +883,12 @@ impl Encoder<'_> {
                         choices,
                         label,
                     } => {
-                        let ctx = self.encode(context, true)?;
-                        let mut set = Vec::with_capacity(choices.len());
-                        for (i, ch) in choices.iter().enumerate() {
-                            let c = self.encode(ch, false)?;
-                            if c.is_empty() {
-                                return Err(format!("choices[{i}] has no tokens"));
-                            }
-                            set.push(self.pair(ctx.clone(), c));
-                        }
-                        let Some(train) = set.get(*label).cloned() else {
+                        let set = self.choice_set(context, choices, *label)?;
+                        let Some(train) = set.choices.get(*label).cloned() else {
                             return Err(format!("label {label} is out of range"));
                         };
                         examples.push(train);
-                        choice_sets.push(ChoiceExample {
-                            choices: set,
-                            label: *label,
-                        });
+                        choice_sets.push(set);
                     }
                     Record::Chat(messages) => examples.push(self.chat(messages)?),
                 }

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use super::data::{Batch, Tokenized, collate};
+use super::data::{Batch, ChoiceExample, Tokenized, collate};
 use super::optim::{self, AdamW, Grads, ParamGroup};
 use super::schedule::Schedule;
 use super::{Control, Hyperparameters, TrainError, TrainEvent, TrainObserver};
@@ -432,40 +432,51 @@ pub fn evaluate(
     if data.choice_sets.is_empty() {
         return Ok((loss, None));
     }
-    // Every choice of every example, in batches of `batch` sequences.
-    let flat: Vec<(usize, usize)> = data
-        .choice_sets
-        .iter()
-        .enumerate()
-        .flat_map(|(i, s)| (0..s.choices.len()).map(move |c| (i, c)))
-        .collect();
-    let mut scores: Vec<Vec<f64>> = data
-        .choice_sets
-        .iter()
-        .map(|s| vec![f64::NEG_INFINITY; s.choices.len()])
-        .collect();
-    for chunk in flat.chunks(batch.max(1)) {
-        let exs: Vec<_> = chunk
-            .iter()
-            .map(|&(i, c)| &data.choice_sets[i].choices[c])
-            .collect();
-        let b = collate(&exs, pad, device)?;
-        let (sums, _) = sequence_logprobs(model, &b)?;
-        for (&(i, c), s) in chunk.iter().zip(sums) {
-            scores[i][c] = s;
-        }
-    }
+    let scores = score_choice_sets(model, &data.choice_sets, batch, pad, device)?;
     let correct = data
         .choice_sets
         .iter()
         .zip(&scores)
-        .filter(|(set, sc)| argmax(sc) == Some(set.label))
+        .filter(|(set, sc)| {
+            let sums: Vec<f64> = sc.iter().map(|s| s.0).collect();
+            argmax(&sums) == Some(set.label)
+        })
         .count();
     Ok((loss, Some(correct as f64 / data.choice_sets.len() as f64)))
 }
 
+/// Per set, per choice: the summed log-likelihood of the choice's tokens given the context,
+/// and how many tokens were scored. Every choice of every set runs in batches of `batch`
+/// sequences (right-padded; padding is not scored).
+pub fn score_choice_sets(
+    model: &MambaForCausalLM,
+    sets: &[ChoiceExample],
+    batch: usize,
+    pad: u32,
+    device: &Device,
+) -> Result<Vec<Vec<(f64, usize)>>, TrainError> {
+    let flat: Vec<(usize, usize)> = sets
+        .iter()
+        .enumerate()
+        .flat_map(|(i, s)| (0..s.choices.len()).map(move |c| (i, c)))
+        .collect();
+    let mut scores: Vec<Vec<(f64, usize)>> = sets
+        .iter()
+        .map(|s| vec![(f64::NEG_INFINITY, 0); s.choices.len()])
+        .collect();
+    for chunk in flat.chunks(batch.max(1)) {
+        let exs: Vec<_> = chunk.iter().map(|&(i, c)| &sets[i].choices[c]).collect();
+        let b = collate(&exs, pad, device)?;
+        let (sums, counts) = sequence_logprobs(model, &b)?;
+        for ((&(i, c), s), n) in chunk.iter().zip(sums).zip(counts) {
+            scores[i][c] = (s, n);
+        }
+    }
+    Ok(scores)
+}
+
 /// The first index of the maximum (ties go to the earlier choice, as numpy's argmax).
-fn argmax(v: &[f64]) -> Option<usize> {
+pub fn argmax(v: &[f64]) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
     for (i, &x) in v.iter().enumerate() {
         if best.is_none_or(|(_, b)| x > b) {

@@ -1,0 +1,513 @@
+//! Serving what molt trains: one shared copy of each base model's weights (loaded on first
+//! use), tenants' adapters hot-swapped on top of it ([`cache`]), and a continuous-batching
+//! scheduler per base model ([`scheduler`]). The HTTP side is `routes::completions` and
+//! `routes::scores`; this module knows nothing of HTTP or tenants.
+
+pub mod cache;
+pub mod scheduler;
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use storage::BlobStore;
+use tokio::sync::OnceCell;
+use trainer::model::{LoadOptions, MambaForCausalLM};
+use trainer::peft::{Adapter, InitialState, MergeOptions, PeftError};
+use trainer::tokenizer::Tokenizer;
+
+pub use cache::{AdapterCache, Evicted, LoadedAdapter};
+pub use scheduler::{Scheduler, SeqEvent, SeqParams, SeqRequest};
+
+use crate::registry;
+
+/// Serving limits and places.
+#[derive(Debug, Clone)]
+pub struct ServingConfig {
+    /// Local scratch space: downloaded base models and adapters.
+    pub cache_dir: PathBuf,
+    /// Budget of the hot-swap adapter cache, in bytes of adapter tensors.
+    pub adapter_cache_bytes: u64,
+    /// Sequences decoded together per base model.
+    pub max_batch: usize,
+    /// Sequences that may wait per base model; beyond it requests get 429.
+    pub max_queue: usize,
+    /// Longest accepted prompt, in tokens.
+    pub max_prompt_tokens: usize,
+    /// Largest accepted `max_tokens`.
+    pub max_new_tokens: usize,
+}
+
+impl Default for ServingConfig {
+    fn default() -> Self {
+        ServingConfig {
+            cache_dir: std::env::temp_dir().join("molt-serving"),
+            adapter_cache_bytes: 1 << 30,
+            max_batch: 32,
+            max_queue: 256,
+            max_prompt_tokens: 4096,
+            max_new_tokens: 2048,
+        }
+    }
+}
+
+/// Why a model could not be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("{0}")]
+    Registry(#[from] registry::RegistryError),
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    #[error("loading failed: {0}")]
+    Load(String),
+    /// The adapter has no merged form (or not the one asked for).
+    #[error("{0}")]
+    Unmergeable(String),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub adapter_hits: AtomicU64,
+    pub adapter_misses: AtomicU64,
+    pub adapter_loads: AtomicU64,
+    pub adapter_evictions: AtomicU64,
+    pub adapter_resident_bytes: AtomicU64,
+    pub adapters_resident: AtomicU64,
+    pub rejected: AtomicU64,
+    pub sequences_running: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+    pub decode_steps: AtomicU64,
+    /// Sum over decode steps of the sequences in the step (÷ steps = mean batch size).
+    pub decode_rows: AtomicU64,
+}
+
+impl Stats {
+    /// Appends the serving metrics in Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let rows: [(&str, &str, &str, u64); 12] = [
+            (
+                "molt_adapter_cache_hits_total",
+                "counter",
+                "Requests that found their adapter resident.",
+                g(&self.adapter_hits),
+            ),
+            (
+                "molt_adapter_cache_misses_total",
+                "counter",
+                "Requests that had to wait for their adapter to load.",
+                g(&self.adapter_misses),
+            ),
+            (
+                "molt_adapter_loads_total",
+                "counter",
+                "Adapters loaded from the object store.",
+                g(&self.adapter_loads),
+            ),
+            (
+                "molt_adapter_evictions_total",
+                "counter",
+                "Adapters evicted from the cache.",
+                g(&self.adapter_evictions),
+            ),
+            (
+                "molt_adapter_resident_bytes",
+                "gauge",
+                "Bytes of adapter tensors resident in the cache.",
+                g(&self.adapter_resident_bytes),
+            ),
+            (
+                "molt_adapters_resident",
+                "gauge",
+                "Adapters resident in the cache.",
+                g(&self.adapters_resident),
+            ),
+            (
+                "molt_serving_rejected_total",
+                "counter",
+                "Sequences refused with 429 (admission queue full).",
+                g(&self.rejected),
+            ),
+            (
+                "molt_serving_sequences_running",
+                "gauge",
+                "Sequences in the decode batches.",
+                g(&self.sequences_running),
+            ),
+            (
+                "molt_serving_prompt_tokens_total",
+                "counter",
+                "Prompt tokens prefilled.",
+                g(&self.prompt_tokens),
+            ),
+            (
+                "molt_serving_generated_tokens_total",
+                "counter",
+                "Tokens generated.",
+                g(&self.generated_tokens),
+            ),
+            (
+                "molt_serving_decode_steps_total",
+                "counter",
+                "Scheduler steps (one token for every running sequence).",
+                g(&self.decode_steps),
+            ),
+            (
+                "molt_serving_decode_rows_total",
+                "counter",
+                "Sequences summed over scheduler steps (÷ steps: mean batch size).",
+                g(&self.decode_rows),
+            ),
+        ];
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        }
+    }
+}
+
+/// A base model in memory, with its tokenizer and scheduler.
+pub struct LoadedBase {
+    pub id: String,
+    /// The local model folder it was loaded from.
+    pub dir: PathBuf,
+    pub model: Arc<MambaForCausalLM>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub scheduler: Scheduler,
+}
+
+impl LoadedBase {
+    /// End-of-sequence ids and the padding id, from the model's config.
+    pub fn special_tokens(&self) -> (Vec<u32>, u32) {
+        let c = self.model.config();
+        let (eos, pad) = trainer::train::special_tokens(c);
+        let mut all = c.eos_token_ids.clone();
+        if all.is_empty() {
+            all.extend(eos);
+        }
+        (all, pad)
+    }
+}
+
+/// The model a request runs on.
+#[derive(Clone)]
+pub struct ServedModel {
+    /// Groups sequences of the same model in a batch (base id, adapter id, merged id).
+    pub key: String,
+    pub model: Arc<MambaForCausalLM>,
+    /// A merged prefix prompt/affix: the state every sequence starts from.
+    pub initial_state: Option<Arc<InitialState>>,
+    /// Keeps a hot-swapped adapter resident while the request runs.
+    pub pin: Option<Arc<LoadedAdapter>>,
+}
+
+impl ServedModel {
+    pub fn base(b: &LoadedBase) -> Self {
+        ServedModel {
+            key: b.id.clone(),
+            model: b.model.clone(),
+            initial_state: None,
+            pin: None,
+        }
+    }
+
+    pub fn adapter(a: Arc<LoadedAdapter>) -> Self {
+        ServedModel {
+            key: a.id.clone(),
+            model: a.model.clone(),
+            initial_state: a.initial_state.clone(),
+            pin: Some(a),
+        }
+    }
+}
+
+type Cell<T> = Arc<OnceCell<Arc<T>>>;
+
+/// The serving engine, shared by every handler.
+pub struct Engine {
+    pub config: ServingConfig,
+    pub stats: Arc<Stats>,
+    pub adapters: AdapterCache,
+    bases: Mutex<HashMap<String, Cell<LoadedBase>>>,
+}
+
+impl Engine {
+    pub fn new(config: ServingConfig) -> Self {
+        let stats = Arc::new(Stats::default());
+        Engine {
+            adapters: AdapterCache::new(config.adapter_cache_bytes, stats.clone()),
+            stats,
+            config,
+            bases: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cell<T>(map: &Mutex<HashMap<String, Cell<T>>>, key: &str) -> Cell<T> {
+        let mut g = match map.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.entry(key.to_string()).or_default().clone()
+    }
+
+    /// The base model, loaded (and its scheduler started) on first use.
+    pub async fn base(
+        &self,
+        model: &storage::BaseModel,
+        blobs: &BlobStore,
+    ) -> Result<Arc<LoadedBase>, ServingError> {
+        // Keyed by config hash too: a model re-registered under the same id with other
+        // weights is loaded afresh.
+        let cell = Self::cell(&self.bases, &format!("{}@{}", model.id, model.config_hash));
+        let loaded = cell
+            .get_or_try_init(|| async {
+                let dir = registry::materialize(model, blobs, &self.config.cache_dir).await?;
+                let id = model.id.clone();
+                let from = dir.clone();
+                let (m, tok) = blocking(move || load_base(&from)).await?;
+                let scheduler = Scheduler::start(
+                    &id,
+                    self.config.max_batch,
+                    self.config.max_queue,
+                    self.stats.clone(),
+                );
+                tracing::info!(model = %id, "base model loaded for serving");
+                Ok::<_, ServingError>(Arc::new(LoadedBase {
+                    id,
+                    dir,
+                    model: Arc::new(m),
+                    tokenizer: Arc::new(tok),
+                    scheduler,
+                }))
+            })
+            .await?;
+        Ok(loaded.clone())
+    }
+
+    /// A tenant's adapter on `base`, from the cache or loaded from the object store.
+    pub async fn adapter(
+        &self,
+        base: &Arc<LoadedBase>,
+        adapter: &storage::Adapter,
+        blobs: &BlobStore,
+    ) -> Result<Arc<LoadedAdapter>, ServingError> {
+        let dir = self.config.cache_dir.join("adapters").join(format!(
+            "{}.{}",
+            adapter.id,
+            std::process::id()
+        ));
+        let prefix = adapter.object_prefix.trim_end_matches('/').to_string();
+        let id = adapter.id.clone();
+        let base = base.clone();
+        self.adapters
+            .get_or_load(&adapter.id, || async move {
+                let _ = std::fs::remove_dir_all(&dir);
+                blobs.download_dir(&prefix, &dir).await?;
+                let loaded = blocking(move || {
+                    let res = Adapter::load(&dir, &base.model)
+                        .map_err(|e| ServingError::Load(format!("adapter {id}: {e}")))
+                        .and_then(|a| LoadedAdapter::new(&id, a, &base.model));
+                    let _ = std::fs::remove_dir_all(&dir);
+                    res
+                })
+                .await?;
+                Ok(loaded)
+            })
+            .await
+    }
+}
+
+/// Model names of merged models: `merged:` + the adapter's fine-tuned name without `ft:`
+/// (or + the adapter id).
+pub const MERGED_PREFIX: &str = "merged:";
+
+/// Where a merged model's files live in the blob store.
+pub fn merged_blob_prefix(adapter_id: &str) -> String {
+    format!("merged/{adapter_id}")
+}
+
+/// The merged model's name for an adapter.
+pub fn merged_name(adapter: &storage::Adapter) -> String {
+    match adapter.name.strip_prefix("ft:") {
+        Some(rest) => format!("{MERGED_PREFIX}{rest}"),
+        None => format!("{MERGED_PREFIX}{}", adapter.id),
+    }
+}
+
+/// Files of a merged model in the blob store, as (name, bytes); empty when not merged.
+pub async fn merged_files(
+    blobs: &BlobStore,
+    adapter_id: &str,
+) -> Result<Vec<(String, u64)>, ServingError> {
+    let prefix = merged_blob_prefix(adapter_id);
+    Ok(blobs
+        .list(&prefix)
+        .await?
+        .into_iter()
+        .filter_map(|m| {
+            let name = m
+                .key
+                .strip_prefix(&prefix)?
+                .trim_start_matches('/')
+                .to_string();
+            (!name.is_empty() && !name.contains('/')).then_some((name, m.size))
+        })
+        .collect())
+}
+
+impl Engine {
+    /// Materialises the merged model of `adapter` (see `trainer::peft::merge`) with the base's
+    /// tokenizer beside it, and stores it in the blob store (replacing an earlier merge).
+    /// Returns its files.
+    pub async fn merge(
+        &self,
+        base: &Arc<LoadedBase>,
+        adapter: &storage::Adapter,
+        blobs: &BlobStore,
+        opts: MergeOptions,
+    ) -> Result<Vec<(String, u64)>, ServingError> {
+        let work = self.config.cache_dir.join("merge").join(format!(
+            "{}.{}",
+            adapter.id,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let res = async {
+            let adir = work.join("adapter");
+            let out = work.join("merged");
+            blobs
+                .download_dir(adapter.object_prefix.trim_end_matches('/'), &adir)
+                .await?;
+            let b = base.clone();
+            let o = out.clone();
+            blocking(move || {
+                let a = Adapter::load(&adir, &b.model)
+                    .map_err(|e| ServingError::Load(format!("adapter: {e}")))?;
+                let merged = a.merge_with(&b.model, &opts).map_err(|e| match e {
+                    PeftError::NotMergeable { .. } | PeftError::Contradictory(_) => {
+                        ServingError::Unmergeable(e.to_string())
+                    }
+                    other => ServingError::Load(format!("merging: {other}")),
+                })?;
+                merged
+                    .save(&o)
+                    .map_err(|e| ServingError::Load(format!("saving the merged model: {e}")))?;
+                let tok = b.dir.join("tokenizer.json");
+                std::fs::copy(&tok, o.join("tokenizer.json"))
+                    .map_err(|e| ServingError::Load(format!("copying {}: {e}", tok.display())))?;
+                Ok(())
+            })
+            .await?;
+            let prefix = merged_blob_prefix(&adapter.id);
+            blobs.delete_prefix(&prefix).await?;
+            blobs.upload_dir(&out, &prefix).await?;
+            Ok::<_, ServingError>(())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&work);
+        res?;
+        // A request still running on the old merge keeps its copy; new ones load this one.
+        self.adapters
+            .forget(&format!("{MERGED_PREFIX}{}", adapter.id));
+        merged_files(blobs, &adapter.id).await
+    }
+
+    /// The merged model of `adapter`, from the cache or loaded from the blob store
+    /// (`Ok(None)` when it has not been merged).
+    pub async fn merged(
+        &self,
+        adapter: &storage::Adapter,
+        blobs: &BlobStore,
+    ) -> Result<Option<Arc<LoadedAdapter>>, ServingError> {
+        let key = format!("{MERGED_PREFIX}{}", adapter.id);
+        if self.adapters.resident(&key).is_none()
+            && merged_files(blobs, &adapter.id).await?.is_empty()
+        {
+            return Ok(None);
+        }
+        let dir = self.config.cache_dir.join("merged").join(format!(
+            "{}.{}",
+            adapter.id,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let prefix = merged_blob_prefix(&adapter.id);
+        let k = key.clone();
+        let loaded = self
+            .adapters
+            .get_or_load(&key, || async move {
+                blobs.download_dir(&prefix, &dir).await?;
+                blocking(move || {
+                    let res = load_merged(&k, &dir);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    res
+                })
+                .await
+            })
+            .await?;
+        Ok(Some(loaded))
+    }
+}
+
+/// Loads a folder written by `MergedModel::save`: the weights, a residual prompt/affix
+/// adapter, an initial state.
+fn load_merged(key: &str, dir: &Path) -> Result<LoadedAdapter, ServingError> {
+    let err = |e: &dyn std::fmt::Display| ServingError::Load(format!("{key}: {e}"));
+    let base = MambaForCausalLM::load(dir, &LoadOptions::default()).map_err(|e| err(&e))?;
+    let bytes = base
+        .named_weights()
+        .iter()
+        .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
+        .sum();
+    let model = if dir.join(trainer::peft::CONFIG_FILE).is_file() {
+        let residual = Adapter::load(dir, &base).map_err(|e| err(&e))?;
+        residual.apply(&base).map_err(|e| err(&e))?
+    } else {
+        base
+    };
+    let state_file = dir.join("initial_state.safetensors");
+    let initial_state = if state_file.is_file() {
+        let mut t = candle_core::safetensors::load(&state_file, &candle_core::Device::Cpu)
+            .map_err(|e| err(&e))?;
+        let mut layers = Vec::new();
+        for i in 0..model.config().num_hidden_layers {
+            let conv = t.remove(&format!("layers.{i}.conv_inputs"));
+            let ssm = t.remove(&format!("layers.{i}.ssm_state"));
+            match (conv, ssm) {
+                (Some(c), Some(s)) => layers.push((c, s)),
+                _ => return Err(err(&format!("initial_state.safetensors lacks layer {i}"))),
+            }
+        }
+        Some(Arc::new(InitialState { layers }))
+    } else {
+        None
+    };
+    Ok(LoadedAdapter {
+        id: key.to_string(),
+        model: Arc::new(model),
+        initial_state,
+        bytes,
+    })
+}
+
+/// Runs blocking model work off the async runtime's workers.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ServingError> + Send + 'static,
+) -> Result<T, ServingError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ServingError::Load(format!("loader task failed: {e}")))?
+}
+
+fn load_base(dir: &Path) -> Result<(MambaForCausalLM, Tokenizer), ServingError> {
+    let model = MambaForCausalLM::load(dir, &LoadOptions::default())
+        .map_err(|e| ServingError::Load(format!("{}: {e}", dir.display())))?;
+    let tok = Tokenizer::from_model_dir(dir)
+        .map_err(|e| ServingError::Load(format!("{}: {e}", dir.display())))?
+        .ok_or_else(|| ServingError::Load(format!("{} has no tokenizer.json", dir.display())))?;
+    Ok((model, tok))
+}

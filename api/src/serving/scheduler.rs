@@ -1,0 +1,411 @@
+//! Continuous batching: one scheduler thread per base model decodes every running sequence
+//! of that base together, one token per step.
+//!
+//! A Mamba sequence's whole state is a fixed-size cache row, so a new request joins between
+//! two steps by running its prompt (prefill, batch of one) and appending its cache row to
+//! its group; a finished or abandoned sequence leaves by dropping its row
+//! (`MambaCache::select_rows`). Sequences are grouped by the model they run on (the base,
+//! one adapted model per hot-swapped adapter, a merged model): each group is a sub-batch of
+//! the same scheduler step. The thread is outside the async runtime, so the model never
+//! blocks an axum worker; requests reach it over a channel, tokens go back over one channel
+//! per sequence, and a closed channel (client gone, stop string found) frees the slot at
+//! the next step.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, mpsc};
+
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::mpsc::UnboundedSender;
+use trainer::generate::{argmax, sample};
+use trainer::model::{LayerCache, MambaCache, MambaForCausalLM, ModelInput};
+
+use super::{ServedModel, Stats};
+
+/// Sampling settings of one sequence.
+#[derive(Debug, Clone)]
+pub struct SeqParams {
+    pub max_tokens: usize,
+    /// 0: greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    pub seed: u64,
+    /// How many alternatives to report per token (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+    pub eos: Vec<u32>,
+}
+
+/// One sequence to generate.
+pub struct SeqRequest {
+    pub model: ServedModel,
+    pub prompt: Vec<u32>,
+    pub params: SeqParams,
+    pub tx: UnboundedSender<SeqEvent>,
+}
+
+/// A produced token, with its log-probability under the model (before temperature/top-p)
+/// and the top alternatives when asked.
+#[derive(Debug, Clone)]
+pub struct TokenOut {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// The model produced an end-of-sequence token (not reported as a token).
+    Eos,
+    /// `max_tokens` reached.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub enum SeqEvent {
+    Token(TokenOut),
+    Done(Finish),
+    Failed(String),
+}
+
+/// The admission queue is full.
+#[derive(Debug, Clone, Copy)]
+pub struct Overloaded;
+
+/// Handle to a base model's scheduler thread.
+pub struct Scheduler {
+    tx: Mutex<mpsc::Sender<SeqRequest>>,
+    in_flight: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl Scheduler {
+    /// Starts the thread. At most `max_batch` sequences decode at once; `max_queue` more may
+    /// wait; beyond that [`Self::submit`] refuses.
+    pub fn start(name: &str, max_batch: usize, max_queue: usize, stats: Arc<Stats>) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let counter = in_flight.clone();
+        let max_batch = max_batch.max(1);
+        let spawned = std::thread::Builder::new()
+            .name(format!("molt-sched-{name}"))
+            .spawn(move || run(rx, counter, max_batch, stats));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start a scheduler thread");
+        }
+        Scheduler {
+            tx: Mutex::new(tx),
+            in_flight,
+            capacity: max_batch + max_queue,
+        }
+    }
+
+    /// The most sequences that may be in flight at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Sequences running or waiting.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Queues all of `reqs`, or none of them when that would exceed the capacity.
+    pub fn submit(&self, reqs: Vec<SeqRequest>) -> Result<(), Overloaded> {
+        let n = reqs.len();
+        let admitted = self
+            .in_flight
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |cur| {
+                (cur + n <= self.capacity).then_some(cur + n)
+            });
+        if admitted.is_err() {
+            return Err(Overloaded);
+        }
+        let tx = match self.tx.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        for (i, r) in reqs.into_iter().enumerate() {
+            if let Err(mpsc::SendError(r)) = tx.send(r) {
+                // The thread is gone (it could not start): fail what is left.
+                let _ = r.tx.send(SeqEvent::Failed(
+                    "the model's scheduler is not running".into(),
+                ));
+                self.in_flight.fetch_sub(n - i, Ordering::SeqCst);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Seq {
+    req: SeqRequest,
+    rng: StdRng,
+    produced: usize,
+}
+
+/// Sequences on one model, decoded as one sub-batch.
+struct Group {
+    key: String,
+    model: Arc<MambaForCausalLM>,
+    cache: MambaCache,
+    /// `[b, V]`: the distribution each row draws its next token from.
+    logits: Tensor,
+    seqs: Vec<Seq>,
+}
+
+fn run(
+    rx: mpsc::Receiver<SeqRequest>,
+    in_flight: Arc<AtomicUsize>,
+    max_batch: usize,
+    stats: Arc<Stats>,
+) {
+    let mut pending: VecDeque<SeqRequest> = VecDeque::new();
+    let mut groups: Vec<Group> = Vec::new();
+    let release = |n: usize| {
+        if n > 0 {
+            in_flight.fetch_sub(n, Ordering::SeqCst);
+        }
+    };
+    loop {
+        let mut active: usize = groups.iter().map(|g| g.seqs.len()).sum();
+        if active == 0 && pending.is_empty() {
+            match rx.recv() {
+                Ok(r) => pending.push_back(r),
+                Err(_) => return,
+            }
+        }
+        while let Ok(r) = rx.try_recv() {
+            pending.push_back(r);
+        }
+        // Join: new sequences enter between two decode steps.
+        while active < max_batch {
+            let Some(r) = pending.pop_front() else { break };
+            if r.tx.is_closed() {
+                release(1);
+                continue;
+            }
+            match prefill(&r) {
+                Ok((logits, cache)) => {
+                    stats
+                        .prompt_tokens
+                        .fetch_add(r.prompt.len() as u64, Ordering::Relaxed);
+                    if let Err(e) = join(&mut groups, r, logits, cache) {
+                        tracing::error!(error = %e, "scheduler: joining a batch failed");
+                        release(1);
+                        continue;
+                    }
+                    active += 1;
+                }
+                Err(e) => {
+                    let _ = r.tx.send(SeqEvent::Failed(e.to_string()));
+                    release(1);
+                }
+            }
+        }
+        stats
+            .sequences_running
+            .store(active as u64, Ordering::Relaxed);
+        if active > 0 {
+            stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+            stats
+                .decode_rows
+                .fetch_add(active as u64, Ordering::Relaxed);
+        }
+        for g in &mut groups {
+            let before = g.seqs.len();
+            if let Err(e) = advance(g, &stats) {
+                tracing::error!(model = %g.key, error = %e, "decode step failed");
+                for s in g.seqs.drain(..) {
+                    let _ = s.req.tx.send(SeqEvent::Failed(e.to_string()));
+                }
+            }
+            release(before - g.seqs.len());
+        }
+        groups.retain(|g| !g.seqs.is_empty());
+        let running: usize = groups.iter().map(|g| g.seqs.len()).sum();
+        stats
+            .sequences_running
+            .store(running as u64, Ordering::Relaxed);
+    }
+}
+
+/// Runs a prompt alone; returns the last position's logits `[1, V]` and the cache row.
+fn prefill(r: &SeqRequest) -> trainer::Result<(Tensor, MambaCache)> {
+    let m = &r.model.model;
+    let mut cache = match &r.model.initial_state {
+        Some(s) => s
+            .to_cache(1, m.dtype())
+            .map_err(|e| trainer::Error::Input {
+                field: "initial_state".into(),
+                reason: e.to_string(),
+            })?,
+        None => m.new_cache(1)?,
+    };
+    let ids = Tensor::from_vec(r.prompt.clone(), (1, r.prompt.len()), &Device::Cpu)?;
+    let input = ModelInput::new(&ids, None, m.vocab_size())?;
+    let logits = m.prefill(&input, &mut cache)?;
+    Ok((logits, cache))
+}
+
+fn join(
+    groups: &mut Vec<Group>,
+    r: SeqRequest,
+    logits: Tensor,
+    cache: MambaCache,
+) -> candle_core::Result<()> {
+    let seq = Seq {
+        rng: StdRng::seed_from_u64(r.params.seed),
+        produced: 0,
+        req: r,
+    };
+    let key = seq.req.model.key.clone();
+    match groups.iter_mut().find(|g| g.key == key) {
+        Some(g) => {
+            let layers = g
+                .cache
+                .layers
+                .iter()
+                .zip(&cache.layers)
+                .map(|(a, b)| {
+                    Ok(LayerCache {
+                        conv: Tensor::cat(&[&a.conv, &b.conv], 0)?,
+                        ssm: Tensor::cat(&[&a.ssm, &b.ssm], 0)?,
+                    })
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            g.cache.layers = layers;
+            g.cache.seqlen_offset = g.cache.seqlen_offset.max(cache.seqlen_offset);
+            g.logits = Tensor::cat(&[&g.logits, &logits], 0)?;
+            g.seqs.push(seq);
+        }
+        None => groups.push(Group {
+            key,
+            model: seq.req.model.model.clone(),
+            cache,
+            logits,
+            seqs: vec![seq],
+        }),
+    }
+    Ok(())
+}
+
+/// Picks each row's token, reports it, drops finished rows, and steps the rest.
+fn advance(g: &mut Group, stats: &Stats) -> trainer::Result<()> {
+    let rows = g.logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let mut keep: Vec<u32> = Vec::new();
+    let mut feed: Vec<u32> = Vec::new();
+    // The last event of each leaving sequence, sent once its row (and the adapter pin it
+    // holds) is gone, so a client that sees the end finds the slot free.
+    let mut last: Vec<Option<SeqEvent>> = vec![None; g.seqs.len()];
+    for (i, (seq, row)) in g.seqs.iter_mut().zip(&rows).enumerate() {
+        if seq.req.tx.is_closed() {
+            continue;
+        }
+        let p = &seq.req.params;
+        let tok = if p.temperature == 0.0 {
+            argmax(row)
+        } else {
+            sample(row, p.temperature, p.top_p, &mut seq.rng)
+        };
+        let Some(tok) = tok else {
+            last[i] = Some(SeqEvent::Failed(
+                "the model produced no finite logit".into(),
+            ));
+            continue;
+        };
+        if p.eos.contains(&tok) {
+            last[i] = Some(SeqEvent::Done(Finish::Eos));
+            continue;
+        }
+        let (logprob, top) = match p.logprobs {
+            Some(k) => logprobs(row, tok, k),
+            None => (0.0, Vec::new()),
+        };
+        let out = TokenOut {
+            id: tok,
+            logprob,
+            top,
+        };
+        if seq.req.tx.send(SeqEvent::Token(out)).is_err() {
+            continue;
+        }
+        stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        seq.produced += 1;
+        if seq.produced >= p.max_tokens {
+            last[i] = Some(SeqEvent::Done(Finish::Length));
+            continue;
+        }
+        keep.push(i as u32);
+        feed.push(tok);
+    }
+    if keep.len() < g.seqs.len() {
+        if !keep.is_empty() {
+            g.cache.select_rows(&keep)?;
+        }
+        let mut kept = Vec::with_capacity(keep.len());
+        for (i, s) in g.seqs.drain(..).enumerate() {
+            if keep.contains(&(i as u32)) {
+                kept.push(s);
+                continue;
+            }
+            let SeqRequest { tx, model, .. } = s.req;
+            drop(model);
+            if let Some(ev) = last[i].take() {
+                let _ = tx.send(ev);
+            }
+        }
+        g.seqs = kept;
+        if g.seqs.is_empty() {
+            return Ok(());
+        }
+    }
+    g.logits = g.model.step(&feed, &mut g.cache)?;
+    Ok(())
+}
+
+/// log softmax(row)[tok] and the `k` most likely tokens with theirs.
+pub fn logprobs(row: &[f32], tok: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = row
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let lse = f64::from(max)
+        + row
+            .iter()
+            .filter(|v| !v.is_nan())
+            .map(|&v| (f64::from(v) - f64::from(max)).exp())
+            .sum::<f64>()
+            .ln();
+    let lp = |v: f32| (f64::from(v) - lse) as f32;
+    let chosen = row.get(tok as usize).map(|&v| lp(v)).unwrap_or(f32::NAN);
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        let mut idx: Vec<usize> = (0..row.len()).filter(|&i| !row[i].is_nan()).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        top = idx
+            .into_iter()
+            .take(k)
+            .map(|i| (i as u32, lp(row[i])))
+            .collect();
+    }
+    (chosen, top)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logprobs_normalise() {
+        let row = [0.0f32, (2.0f32).ln(), f32::NAN];
+        let (lp, top) = logprobs(&row, 1, 2);
+        assert!((lp - (2.0f32 / 3.0).ln()).abs() < 1e-6);
+        assert_eq!(top[0].0, 1);
+        assert_eq!(top[1].0, 0);
+        assert!((top[1].1 - (1.0f32 / 3.0).ln()).abs() < 1e-6);
+    }
+}
