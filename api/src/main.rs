@@ -36,6 +36,9 @@ enum Command {
     Pretrain(cli::train::PretrainArgs),
     /// Speed benchmark on random-init models (forward, generation, training step, scan).
     Bench(cli::bench::BenchArgs),
+    /// GPU benchmark (build with `--features cuda`): fused scan throughput and bandwidth,
+    /// LoRA training and generation tokens/s at the mamba-130m shape.
+    BenchCuda(cli::bench_cuda::BenchCudaArgs),
     /// Run the service: the HTTP API plus local worker processes (SQLite and local files
     /// under --data-dir unless told otherwise).
     Serve(api::serve::ServeArgs),
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Model(cmd) => cli::model::run(cmd),
         Command::Bench(args) => cli::bench::run(args),
+        Command::BenchCuda(args) => cli::bench_cuda::run(args),
         Command::Train(args) => cli::train::train(args),
         Command::Pretrain(args) => cli::train::pretrain_cmd(args),
         Command::Serve(args) => block_on(api::serve::run(args)),

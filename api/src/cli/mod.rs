@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod bench_cuda;
 pub mod client;
 pub mod model;
 pub mod train;
