@@ -42,7 +42,8 @@ enum Command {
     /// Train a small Mamba and its BPE tokenizer from random init on a text corpus.
     Pretrain(cli::train::PretrainArgs),
     /// Speed benchmark on random-init models (forward, generation, training step, scan);
-    /// `molt bench serve`: the serving engine; `molt bench service`: the HTTP service.
+    /// `molt bench serve`: the serving engine; `molt bench service`: the HTTP service;
+    /// `molt bench cuda`: the GPU path.
     Bench(BenchCommand),
     /// Run the service: the HTTP API plus local worker processes (SQLite and local files
     /// under --data-dir unless told otherwise).
@@ -93,6 +94,9 @@ enum BenchSub {
     /// Service speed: upload throughput and memory, job-GET latency under load, queue
     /// claims per second (see BENCHMARKS.md, "Service").
     Service(cli::bench_service::ServiceBenchArgs),
+    /// GPU (build with `--features cuda`): fused scan throughput and bandwidth, LoRA
+    /// training and generation tokens/s at the mamba-130m shape.
+    Cuda(cli::bench_cuda::BenchCudaArgs),
 }
 
 /// Runs an async service command on a multi-threaded runtime.
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
         Command::Bench(b) => match b.sub {
             Some(BenchSub::Serve(args)) => cli::bench_serve::run(args),
             Some(BenchSub::Service(args)) => cli::bench_service::run(args),
+            Some(BenchSub::Cuda(args)) => cli::bench_cuda::run(args),
             None => cli::bench::run(b.args),
         },
         Command::Train(args) => cli::train::train(args),

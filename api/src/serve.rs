@@ -128,6 +128,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--device: {0}")]
+    Device(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -147,6 +149,9 @@ fn absolute(p: &Path) -> PathBuf {
 
 /// Runs the service until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
+    if args.workers > 0 {
+        crate::training::parse_device(&args.device).map_err(ServeError::Device)?;
+    }
     let data_dir = absolute(&args.data_dir);
     std::fs::create_dir_all(&data_dir).map_err(|source| ServeError::Io {
         what: "cannot create the data directory",

@@ -303,16 +303,29 @@ fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Parses `cpu` / `cuda:N`.
+/// Parses `cpu` / `cuda:N` and opens the device.
 pub fn parse_device(device: &str) -> Result<candle_core::Device, String> {
     match device {
         "cpu" => Ok(candle_core::Device::Cpu),
         d => match d.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => candle_core::Device::new_cuda(n)
-                .map_err(|e| format!("device {d} is not available: {e}")),
+            Some(Ok(n)) => open_cuda(d, n),
             _ => Err(format!("unknown device '{d}': use cpu or cuda:N")),
         },
     }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(d: &str, n: usize) -> Result<candle_core::Device, String> {
+    candle_core::Device::new_cuda(n)
+        .map_err(|e| format!("device {d} is not available (no NVIDIA GPU {n}, or no driver): {e}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(d: &str, _n: usize) -> Result<candle_core::Device, String> {
+    Err(format!(
+        "device {d}: this molt was built without CUDA support; rebuild with \
+         `cargo build --release --features cuda` (see the README's CUDA section)"
+    ))
 }
 
 /// Runs one training job on the current thread (call it from `spawn_blocking`) through

@@ -74,6 +74,8 @@ pub enum WorkerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("--device: {0}")]
+    Device(String),
 }
 
 /// The default worker id: `<host>-<pid>`.
@@ -101,6 +103,8 @@ struct Ctx {
 
 /// Runs the worker until a shutdown signal.
 pub async fn run(args: WorkerArgs) -> Result<(), WorkerError> {
+    // Fail at start, not on every job, when the device cannot be used.
+    crate::training::parse_device(&args.device).map_err(WorkerError::Device)?;
     let db = Db::connect(&args.database_url).await?;
     db.migrate().await?;
     let blobs = BlobStore::from_url(&args.store)?;

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod bench_cuda;
 pub mod bench_serve;
 pub mod bench_service;
 pub mod client;

@@ -47,6 +47,10 @@ pub struct ForwardArgs {
     /// positions (attention_mask 0) not scored.
     #[arg(long)]
     pub loss: bool,
+
+    /// Device: `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, env = "MOLT_DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,6 +97,10 @@ pub struct GenerateArgs {
 
     #[arg(long, value_enum, default_value = "text")]
     pub format: OutputFormat,
+
+    /// Device: `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, env = "MOLT_DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
@@ -102,8 +110,13 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
     }
 }
 
-fn load_model(dir: &Path, adapter: Option<&Path>) -> Result<MambaForCausalLM> {
-    let base = MambaForCausalLM::load(dir, &LoadOptions::default())
+fn load_model(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<MambaForCausalLM> {
+    let opts = LoadOptions {
+        device: api::training::parse_device(device)
+            .map_err(|e| anyhow::anyhow!("--device: {e}"))?,
+        ..LoadOptions::default()
+    };
+    let base = MambaForCausalLM::load(dir, &opts)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
     let Some(a) = adapter else {
         return Ok(base);
@@ -122,7 +135,7 @@ fn load_model(dir: &Path, adapter: Option<&Path>) -> Result<MambaForCausalLM> {
 
 fn forward(a: ForwardArgs) -> Result<()> {
     let inputs = read_inputs(&a.input)?;
-    let model = load_model(&a.model, a.adapter.as_deref())?;
+    let model = load_model(&a.model, a.adapter.as_deref(), &a.device)?;
     let label = a.input.display().to_string();
     let ids = inputs
         .get("input_ids")
@@ -154,11 +167,12 @@ fn forward(a: ForwardArgs) -> Result<()> {
             }
             None => default_labels(&input)?,
         };
+        let labels = labels.to_device(logits.device())?;
         let loss = causal_lm_loss(&logits, &labels).with_context(|| label.clone())?;
         tracing::info!(loss = loss.to_scalar::<f32>()?, "loss");
-        out.insert("loss".into(), loss.reshape(1)?);
+        out.insert("loss".into(), loss.reshape(1)?.to_device(&Device::Cpu)?);
     }
-    out.insert("logits".into(), logits);
+    out.insert("logits".into(), logits.to_device(&Device::Cpu)?);
     write_atomically(&a.output, &out)
 }
 
@@ -212,7 +226,7 @@ fn write_atomically(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let model = load_model(&a.model, a.adapter.as_deref())?;
+    let model = load_model(&a.model, a.adapter.as_deref(), &a.device)?;
     let tok = Tokenizer::from_model_dir(&a.model)?.with_context(|| {
         format!(
             "{}: no tokenizer.json; `molt model generate` needs one to turn text into tokens",

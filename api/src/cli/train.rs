@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use trainer::peft::AdapterSpec;
 use trainer::train::{
     Control, Hyperparameters, LrScheduler, PretrainRequest, TrainEvent, TrainOutcome, TrainRequest,
@@ -156,6 +155,9 @@ pub struct TrainArgs {
     /// Print events as JSON lines instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Device: `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, env = "MOLT_DEVICE", default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn train(args: TrainArgs) -> Result<()> {
@@ -174,7 +176,8 @@ pub fn train(args: TrainArgs) -> Result<()> {
             .unwrap_or_else(|| args.out.join("checkpoint")),
         out_dir: args.out,
         resume: args.resume,
-        device: Device::Cpu,
+        device: api::training::parse_device(&args.device)
+            .map_err(|e| anyhow::anyhow!("--device: {e}"))?,
     };
     let mut printer = Printer::new(args.json);
     match run(&req, &mut |ev: &TrainEvent| printer.event(ev))? {

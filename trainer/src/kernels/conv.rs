@@ -302,6 +302,19 @@ impl CustomOp3 for ConvOp {
         Ok((CpuStorage::F32(y), Shape::from((dims.b, dims.l, dims.e))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::conv_fwd(&self.dims, s1, l1, s2, l2, s3, l3)
+    }
+
     fn bwd(
         &self,
         x_ext: &Tensor,
@@ -325,7 +338,11 @@ impl CustomOp3 for ConvOp {
                 .apply_op3_no_bwd(&wb, &grad, &ConvGradOp { dims: self.dims })?;
         let ConvDims { b, l, e, k, p } = self.dims;
         let nx = b * (p + l) * e;
-        let gx = packed.narrow(0, 0, nx)?.reshape((b, p + l, e))?;
+        // f32 grads; on CUDA x may be f16/bf16.
+        let gx = packed
+            .narrow(0, 0, nx)?
+            .reshape((b, p + l, e))?
+            .to_dtype(x_ext.dtype())?;
         let gw = packed.narrow(0, nx, e * k)?.reshape((e, k))?;
         let gb = packed.narrow(0, nx + e * k, e)?;
         Ok((Some(gx), Some(gw), Some(gb)))
@@ -402,5 +419,18 @@ impl CustomOp3 for ConvGradOp {
         }
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::conv_bwd(&self.dims, s1, l1, s2, l2, s3, l3)
     }
 }

@@ -8,12 +8,15 @@
 //!
 //! On CPU these are fused kernels (Candle custom ops with their own backward, see `scan`
 //! and `conv`); they compute in f32 whatever the input dtype, return outputs in the input's
-//! dtype and states in F32. On other devices they fall back to `reference`, which holds the
-//! same functions written as plain Candle ops: slow, obviously right, and what the fused
-//! kernels are tested against.
+//! dtype and states in F32. With the `cuda` feature the same ops run CUDA kernels on CUDA
+//! devices (see `cuda`; the large inputs may stay f16/bf16 there, the math is f32). On other
+//! devices they fall back to `reference`, which holds the same functions written as plain
+//! Candle ops: slow, obviously right, and what the fused kernels are tested against.
 
 pub mod bench;
 mod conv;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod reference;
 mod scan;
 mod simd;
@@ -21,7 +24,25 @@ mod step;
 
 use std::sync::{Arc, OnceLock};
 
-use candle_core::{DType, Result, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor, bail};
+
+/// Whether the fused kernels run on `dev`: always on CPU, on CUDA when built with `cuda`.
+fn fused(dev: &Device) -> bool {
+    dev.is_cpu() || (cfg!(feature = "cuda") && dev.is_cuda())
+}
+
+/// The largest state size N with a CUDA scan kernel (the state lives in registers); larger
+/// N on a GPU runs through `reference`.
+const CUDA_MAX_N: usize = 64;
+
+/// The dtype the large inputs (`u`, `delta`, conv `x`) are handed to a kernel in: f32 on
+/// CPU; on CUDA f16/bf16 stay as they are (the kernels convert on load).
+fn kernel_dtype(t: &Tensor) -> DType {
+    match t.dtype() {
+        d @ (DType::F16 | DType::BF16) if t.device().is_cuda() => d,
+        _ => DType::F32,
+    }
+}
 
 /// Fails with `"{op}: {name} has shape [..], expected [..]"` unless `t` has shape `want`.
 fn expect_shape(op: &str, name: &str, t: &Tensor, want: &[usize]) -> Result<()> {
@@ -85,7 +106,8 @@ pub fn selective_scan(
     if let Some(s) = initial_state {
         expect_shape(OP, "initial_state", s, &[bsz, e, n])?;
     }
-    if !u.device().is_cpu() {
+    let on_gpu = u.device().is_cuda();
+    if !fused(u.device()) || (on_gpu && n > CUDA_MAX_N) {
         return reference::selective_scan(u, delta, a, b, c, d, delta_bias, z, initial_state);
     }
     let dims = scan::ScanDims {
@@ -98,7 +120,8 @@ pub fn selective_scan(
     };
     // u and delta go in as they are; the other inputs are packed (see `scan`).
     // (`contiguous` is free for already-contiguous tensors.)
-    let dense = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let io = kernel_dtype(u);
+    let dense = |t: &Tensor| t.to_dtype(io)?.contiguous();
     let (u32, delta32) = (dense(u)?, dense(delta)?);
     let mut parts = Vec::with_capacity(7);
     if let Some(z) = z {
@@ -122,6 +145,19 @@ pub fn selective_scan(
             saved: saved.clone(),
         },
     )?;
+    if on_gpu {
+        // The CUDA op returns `[y | states [b][slab][E][N]]`; the last slab is the state.
+        let ble = bsz * len * e;
+        let nslabs = (y.dim(0)? - ble) / (bsz * e * n).max(1);
+        let last = y
+            .detach()
+            .narrow(0, ble, y.dim(0)? - ble)?
+            .reshape((bsz, nslabs, e * n))?
+            .narrow(1, nslabs.saturating_sub(1), nslabs.min(1))?
+            .reshape((bsz, e, n))?;
+        let y = y.narrow(0, 0, ble)?.reshape((bsz, len, e))?;
+        return Ok((y.to_dtype(u.dtype())?, last));
+    }
     let Some(slabs) = saved.get() else {
         bail!("{OP}: the forward saved no state")
     };
@@ -150,15 +186,16 @@ pub fn causal_conv1d_silu(
     if let Some(h) = history {
         expect_shape(OP, "history", h, &[bsz, e, k - 1])?;
     }
-    if !x.device().is_cpu() {
+    if !fused(x.device()) {
         return reference::causal_conv1d_silu(x, weight, bias, history);
     }
     let out_dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let io = kernel_dtype(x);
+    let x = x.to_dtype(io)?;
     // History rows go in front of x; Candle's cat returns their gradient.
     let (x_ext, p) = match history {
         Some(h) if k > 1 => (
-            Tensor::cat(&[&h.to_dtype(DType::F32)?.transpose(1, 2)?, &x], 1)?,
+            Tensor::cat(&[&h.to_dtype(io)?.transpose(1, 2)?, &x], 1)?,
             k - 1,
         ),
         _ => (x, 0),
@@ -210,7 +247,7 @@ pub fn selective_scan_step(
     if let Some(z) = z {
         expect_shape(OP, "z", z, &[bsz, e])?;
     }
-    if !x.device().is_cpu() || n == 0 {
+    if !fused(x.device()) || n == 0 {
         return reference::selective_scan_step(state, x, delta, a, b, c, d, delta_bias, z);
     }
     let mut small = vec![f32_flat(x)?, f32_flat(delta)?];
@@ -258,7 +295,7 @@ pub fn causal_conv1d_step(
     expect_shape(OP, "x", x, &[bsz, e])?;
     expect_shape(OP, "weight", weight, &[e, k])?;
     expect_shape(OP, "bias", bias, &[e])?;
-    if !x.device().is_cpu() {
+    if !fused(x.device()) {
         return reference::causal_conv1d_step(conv_state, x, weight, bias);
     }
     let st = conv_state.to_dtype(DType::F32)?.contiguous()?;

@@ -44,16 +44,16 @@ pub(crate) struct ScanDims {
 /// Offsets of each input in the virtual concatenation `[u, delta, rest]`; the backward's
 /// output uses exactly this layout.
 #[derive(Clone, Copy, Debug)]
-struct Offsets {
+pub(crate) struct Offsets {
     // u is at 0 and delta at b·L·E.
-    z: usize,
-    bm: usize,
-    cm: usize,
-    a: usize,
-    d: usize,
-    bias: usize,
-    s0: usize,
-    total: usize,
+    pub z: usize,
+    pub bm: usize,
+    pub cm: usize,
+    pub a: usize,
+    pub d: usize,
+    pub bias: usize,
+    pub s0: usize,
+    pub total: usize,
 }
 
 impl ScanDims {
@@ -85,7 +85,7 @@ impl ScanDims {
         W.min(self.e - blk * W)
     }
 
-    fn offsets(&self) -> Offsets {
+    pub(crate) fn offsets(&self) -> Offsets {
         let ble = self.b * self.l * self.e;
         let bln = self.b * self.l * self.n;
         let z = 2 * ble;
@@ -681,12 +681,27 @@ impl CustomOp3 for ScanOp {
         Ok((CpuStorage::F32(y), Shape::from((b, l, e))))
     }
 
+    /// On CUDA the states stay on the device: the output is `[y | states]` (flat, see
+    /// `cuda::scan_fwd`), which the caller splits and the backward receives as `res`.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::scan_fwd(&self.dims, self.keep_all, s1, l1, s2, l2, s3, l3)
+    }
+
     fn bwd(
         &self,
         u: &Tensor,
         delta: &Tensor,
         rest: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad_res.to_dtype(DType::F32)?.contiguous()?;
@@ -694,12 +709,20 @@ impl CustomOp3 for ScanOp {
             dims: self.dims,
             saved: self.saved.clone(),
             grad,
+            res: res.clone(),
         };
         let g = u.apply_op3_no_bwd(delta, rest, &op)?;
         let ScanDims { b, l, e, .. } = self.dims;
         let ble = b * l * e;
-        let g_u = g.narrow(0, 0, ble)?.reshape((b, l, e))?;
-        let g_delta = g.narrow(0, ble, ble)?.reshape((b, l, e))?;
+        // The grads are f32; on CUDA u and delta may be f16/bf16 (`rest` is always f32).
+        let g_u = g
+            .narrow(0, 0, ble)?
+            .reshape((b, l, e))?
+            .to_dtype(u.dtype())?;
+        let g_delta = g
+            .narrow(0, ble, ble)?
+            .reshape((b, l, e))?
+            .to_dtype(delta.dtype())?;
         let g_rest = g.narrow(0, 2 * ble, g.dim(0)? - 2 * ble)?;
         Ok((Some(g_u), Some(g_delta), Some(g_rest)))
     }
@@ -712,6 +735,9 @@ struct ScanGradOp {
     dims: ScanDims,
     saved: Arc<OnceLock<Vec<Lanes>>>,
     grad: Tensor,
+    /// The forward's output; on CUDA it carries the chunk-boundary states.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    res: Tensor,
 }
 
 impl CustomOp3 for ScanGradOp {
@@ -742,6 +768,37 @@ impl CustomOp3 for ScanGradOp {
         let grads = backward(&self.dims, u, delta, rest, grad_y, slabs)?;
         let len = grads.len();
         Ok((CpuStorage::F32(grads), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (grad, grad_layout) = self.grad.storage_and_layout();
+        let Storage::Cuda(grad) = &*grad else {
+            bail!("selective_scan backward: the grad of y is not on the GPU")
+        };
+        let (res, res_layout) = self.res.storage_and_layout();
+        let Storage::Cuda(res) = &*res else {
+            bail!("selective_scan backward: the saved states are not on the GPU")
+        };
+        super::cuda::scan_bwd(
+            &self.dims,
+            s1,
+            l1,
+            s2,
+            l2,
+            s3,
+            l3,
+            (grad, grad_layout),
+            (res, res_layout),
+        )
     }
 }
 

@@ -221,6 +221,20 @@ impl CustomOp3 for ScanStepOp {
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let Self { b, e, n, has_z } = *self;
+        super::cuda::scan_step((b, e, n, has_z), s1, l1, s2, l2, s3, l3)
+    }
 }
 
 /// Conv step as a no-backward op over (conv state `[b, E, K]`, x `[b, E]`,
@@ -261,5 +275,19 @@ impl CustomOp3 for ConvStepOp {
         let out = conv_step(state, x, w, bias, k);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let Self { b, e, k } = *self;
+        super::cuda::conv_step((b, e, k), s1, l1, s2, l2, s3, l3)
     }
 }
