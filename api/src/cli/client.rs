@@ -268,7 +268,7 @@ pub enum JobsCommand {
         /// Validation file id.
         #[arg(long)]
         validation_file: Option<String>,
-        /// PEFT method as JSON, e.g. '{"type": "lora", "r": 8}' (or @file.json).
+        /// PEFT method as JSON, e.g. '{"type": "lora", "targets": "in_proj", "r": 8}' (or @file.json).
         #[arg(long)]
         method: Option<String>,
         /// Hyperparameters as JSON, e.g. '{"n_epochs": 1, "batch_size": 4}' (or @file.json).
