@@ -279,9 +279,21 @@ async fn hot_swapped_adapters_match_the_adapted_model() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mixed_batch_equals_the_requests_one_at_a_time() {
     let env = Env::start(&[]).await;
+    let specs = family_specs();
     let mut models = vec!["demo".to_string()];
-    for (i, (family, spec)) in family_specs().into_iter().take(4).enumerate() {
-        models.push(env.adapter(family, &spec, 30 + i as u64).await.0);
+    // Shared-batch adapters (LoRA twice, ParallelAdapter) beside ones that run on their own
+    // weights (DoRA, ProDiaL, partial tuning).
+    let families = [
+        "lora",
+        "dora",
+        "prodial",
+        "partial",
+        "parallel_adapter",
+        "lora",
+    ];
+    for (i, family) in families.into_iter().enumerate() {
+        let spec = &specs.iter().find(|(f, _)| *f == family).expect("family").1;
+        models.push(env.adapter(family, spec, 30 + i as u64).await.0);
     }
     let bodies: Vec<Value> = models
         .iter()
@@ -296,15 +308,24 @@ async fn a_mixed_batch_equals_the_requests_one_at_a_time() {
     for b in &bodies {
         alone.push(env.complete(b.clone()).await);
     }
-    let (steps, rows) = (
+    let (steps, rows, groups) = (
         env.metric("molt_serving_decode_steps_total").await,
         env.metric("molt_serving_decode_rows_total").await,
+        env.metric("molt_serving_decode_groups_total").await,
     );
     let together = futures::future::join_all(bodies.iter().map(|b| env.complete(b.clone()))).await;
     // They did run together: more sequences per step on average than any one request has.
     let steps = env.metric("molt_serving_decode_steps_total").await - steps;
     let rows = env.metric("molt_serving_decode_rows_total").await - rows;
+    let groups = env.metric("molt_serving_decode_groups_total").await - groups;
     assert!(rows / steps > 4.0, "mean batch {}", rows / steps);
+    // The base and the three additive adapters share one model pass: at most 4 passes per
+    // step for 7 models.
+    assert!(
+        groups / steps <= 4.0,
+        "mean passes per step {}",
+        groups / steps
+    );
     for (a, t) in alone.iter().zip(&together) {
         let (ca, ct) = (
             a["choices"].as_array().unwrap(),
@@ -803,6 +824,37 @@ async fn merged_models_match_and_download_in_hf_format() {
             "{family} merged (fold {fold})"
         );
         assert_close(&token_logprobs(c), &lps, family);
+        if fold {
+            // Scoring starts every choice from the merged initial state: the numbers of the
+            // hot-swapped prefix.
+            let items = json!([{"context": "Elizabeth said", "choices": [" yes", " no at all"]}]);
+            let mut got = Vec::new();
+            for model in [&name, &merged] {
+                let (st, v) = s
+                    .call(s.req(Method::POST, "/v1/scores").json(&json!({
+                        "model": model, "items": items, "batch_size": 2
+                    })))
+                    .await;
+                assert_eq!(st, StatusCode::OK, "{family} scores on {model}: {v}");
+                got.push(
+                    v["data"][0]["choices"]
+                        .as_array()
+                        .expect("choices")
+                        .iter()
+                        .map(|c| c["logprob"].as_f64().expect("logprob"))
+                        .collect::<Vec<_>>(),
+                );
+            }
+            assert_eq!(got[0].len(), 2);
+            for (a, b) in got[0].iter().zip(&got[1]) {
+                assert!(
+                    (a - b).abs() < 1e-3,
+                    "{family}: {:?} vs {:?}",
+                    got[0],
+                    got[1]
+                );
+            }
+        }
 
         // The download is an HF checkpoint: HF's tensor names and config keys, loadable.
         let dir = env.tmp.path().join(format!("download-{i}"));

@@ -7,6 +7,10 @@
 //! i mod k); a cold adapter's load time (from a local blob store: download, parse, apply)
 //! and its time to first token; and the bytes one resident adapter costs.
 //!
+//! The generation variants are measured in `--rounds` interleaved rounds (median reported),
+//! so a noisy machine slows them alike; `hot_swapped_K_over_merged` is the ratio the issue's
+//! target is stated in.
+//!
 //! Output: one JSON object per line on stdout (`side`, `shape`, `metric`, `value`, `unit`,
 //! plus the settings); a summary on stderr. Numbers go to BENCHMARKS.md only from a quiet
 //! machine.
@@ -68,6 +72,11 @@ pub struct BenchServeArgs {
     /// Distinct hot-swapped adapters to measure with (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
     pub adapters: Vec<usize>,
+
+    /// Rounds: each round measures every variant once, in turn, so machine noise falls on
+    /// all of them alike; each figure is the median over rounds.
+    #[arg(long, env = "MOLT_BENCH_SERVE_ROUNDS", default_value_t = 3)]
+    pub rounds: usize,
 }
 
 fn base_model(a: &BenchServeArgs) -> Result<(MambaForCausalLM, &'static str)> {
@@ -169,29 +178,40 @@ fn emit(shape: &str, metric: &str, value: f64, unit: &str, a: &BenchServeArgs) {
     eprintln!("{shape:>5} {metric:<32} {value:>12.3} {unit}");
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// Runs the benchmark; see the module docs.
 pub fn run(a: BenchServeArgs) -> Result<()> {
     ensure!(a.sequences >= 1, "--sequences must be at least 1");
+    ensure!(a.rounds >= 1, "--rounds must be at least 1");
     let (base, shape) = base_model(&a)?;
+    let base = Arc::new(base);
     let vocab = base.vocab_size();
-    let base_served = ServedModel {
-        key: "base".into(),
-        model: Arc::new(base.clone()),
-        initial_state: None,
-        pin: None,
-    };
-    let (tps, _) = run_batch(std::slice::from_ref(&base_served), &a, vocab)?;
-    emit(shape, "generate_base", tps, "tokens/s", &a);
-
+    let mut variants: Vec<(String, Vec<ServedModel>)> = Vec::new();
+    variants.push((
+        "generate_base".into(),
+        vec![ServedModel {
+            key: "base".into(),
+            model: base.clone(),
+            initial_state: None,
+            pin: None,
+            shared_base: Some(base.clone()),
+        }],
+    ));
     let merged = lora(&base, a.rank, 1)?.merge(&base)?.model()?;
-    let merged_served = ServedModel {
-        key: "merged".into(),
-        model: Arc::new(merged),
-        initial_state: None,
-        pin: None,
-    };
-    let (tps, _) = run_batch(std::slice::from_ref(&merged_served), &a, vocab)?;
-    emit(shape, "generate_merged", tps, "tokens/s", &a);
+    variants.push((
+        "generate_merged".into(),
+        vec![ServedModel {
+            key: "merged".into(),
+            model: Arc::new(merged),
+            initial_state: None,
+            pin: None,
+            shared_base: None,
+        }],
+    ));
 
     let max_k = a.adapters.iter().copied().max().unwrap_or(1).max(1);
     let mut loaded = Vec::with_capacity(max_k);
@@ -201,6 +221,10 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
         loaded.push(Arc::new(la));
     }
     if let Some(first) = loaded.first() {
+        ensure!(
+            first.shared_base.is_some(),
+            "a LoRA adapter should share the base's decode batch"
+        );
         emit(
             shape,
             "resident_bytes_per_adapter",
@@ -210,19 +234,35 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
         );
     }
     for &k in &a.adapters {
-        let models: Vec<ServedModel> = loaded
+        let models = loaded
             .iter()
             .take(k.max(1))
             .map(|l| ServedModel::adapter(l.clone()))
             .collect();
-        let (tps, _) = run_batch(&models, &a, vocab)?;
-        emit(
-            shape,
-            &format!("generate_hot_swapped_{k}"),
-            tps,
-            "tokens/s",
-            &a,
-        );
+        variants.push((format!("generate_hot_swapped_{k}"), models));
+    }
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+    for _ in 0..a.rounds {
+        for (v, r) in variants.iter().zip(&mut results) {
+            r.push(run_batch(&v.1, &a, vocab)?.0);
+        }
+    }
+    let medians: Vec<f64> = results.into_iter().map(median).collect();
+    for ((name, _), tps) in variants.iter().zip(&medians) {
+        emit(shape, name, *tps, "tokens/s", &a);
+    }
+    // Hot-swapped relative to merged, the target (≥ 0.9).
+    if let Some(&merged) = medians.get(1) {
+        for ((name, _), tps) in variants.iter().zip(&medians).skip(2) {
+            let k = name.trim_start_matches("generate_hot_swapped_");
+            emit(
+                shape,
+                &format!("hot_swapped_{k}_over_merged"),
+                tps / merged,
+                "ratio",
+                &a,
+            );
+        }
     }
 
     // A cold adapter: saved to a local blob store, then downloaded, parsed and applied, as

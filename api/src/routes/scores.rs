@@ -108,16 +108,6 @@ pub async fn create(
         .param("batch_size"));
     }
     let r = resolve(&state, &tenant, &req.model).await?;
-    if r.served.initial_state.is_some() {
-        return Err(ApiError::bad_request(
-            "unsupported_model",
-            format!(
-                "scoring does not support '{}' (an initial-state model)",
-                r.name
-            ),
-        )
-        .param("model"));
-    }
     let max_tokens = state.config.serving.max_prompt_tokens;
     let (eos, pad) = r.base.special_tokens();
     let enc = Encoder {
@@ -151,10 +141,11 @@ pub async fn create(
     }
     let model = r.served.model.clone();
     let pin = r.served.pin.clone();
+    let init = r.served.initial_state.clone();
     let scores = blocking(move || {
         let _pin = pin;
         let device = model.device().clone();
-        score_choice_sets(&model, &sets, batch, pad, &device)
+        score_choice_sets(&model, &sets, batch, pad, &device, init.as_deref())
             .map_err(|e| ServingError::Load(format!("scoring: {e}")))
     })
     .await

@@ -27,24 +27,33 @@ pub struct LoadedAdapter {
     /// Bytes of the tensors residency costs: the adapter's own on top of the shared base,
     /// or a merged model's whole weights.
     pub bytes: u64,
+    /// The base, when the adapter only adds projection terms to it: its sequences then
+    /// share the base's decode batch (one base matmul for all adapters' rows).
+    pub shared_base: Option<Arc<MambaForCausalLM>>,
 }
 
 impl LoadedAdapter {
     /// Applies `adapter` unmerged on `base`.
-    pub fn new(id: &str, adapter: Adapter, base: &MambaForCausalLM) -> Result<Self, ServingError> {
+    pub fn new(
+        id: &str,
+        adapter: Adapter,
+        base: &Arc<MambaForCausalLM>,
+    ) -> Result<Self, ServingError> {
         let model = adapter
-            .apply(base)
+            .apply_frozen(base)
             .map_err(|e| ServingError::Load(format!("adapter {id}: {e}")))?;
         let bytes = adapter
             .named_tensors()
             .iter()
             .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum();
+        let shared_base = model.is_additive_over(base).then(|| base.clone());
         Ok(LoadedAdapter {
             id: id.to_string(),
             model: Arc::new(model),
             initial_state: None,
             bytes,
+            shared_base,
         })
     }
 }

@@ -83,13 +83,15 @@ pub struct Stats {
     pub decode_steps: AtomicU64,
     /// Sum over decode steps of the sequences in the step (÷ steps = mean batch size).
     pub decode_rows: AtomicU64,
+    /// Sum over decode steps of the sub-batches (model passes) in the step.
+    pub decode_groups: AtomicU64,
 }
 
 impl Stats {
     /// Appends the serving metrics in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 12] = [
+        let rows: [(&str, &str, &str, u64); 13] = [
             (
                 "molt_adapter_cache_hits_total",
                 "counter",
@@ -162,6 +164,13 @@ impl Stats {
                 "Sequences summed over scheduler steps (÷ steps: mean batch size).",
                 g(&self.decode_rows),
             ),
+            (
+                "molt_serving_decode_groups_total",
+                "counter",
+                "Sub-batches (one model pass each) summed over scheduler steps; the base and \
+                 its LoRA-family adapters share one.",
+                g(&self.decode_groups),
+            ),
         ];
         for (name, kind, help, v) in rows {
             let _ = writeln!(
@@ -205,6 +214,9 @@ pub struct ServedModel {
     pub initial_state: Option<Arc<InitialState>>,
     /// Keeps a hot-swapped adapter resident while the request runs.
     pub pin: Option<Arc<LoadedAdapter>>,
+    /// The base whose decode batch this model's sequences share: set for the base itself
+    /// and for adapters that only add projection terms (see `LoadedAdapter::shared_base`).
+    pub shared_base: Option<Arc<MambaForCausalLM>>,
 }
 
 impl ServedModel {
@@ -214,6 +226,7 @@ impl ServedModel {
             model: b.model.clone(),
             initial_state: None,
             pin: None,
+            shared_base: Some(b.model.clone()),
         }
     }
 
@@ -222,6 +235,7 @@ impl ServedModel {
             key: a.id.clone(),
             model: a.model.clone(),
             initial_state: a.initial_state.clone(),
+            shared_base: a.shared_base.clone(),
             pin: Some(a),
         }
     }
@@ -465,7 +479,7 @@ fn load_merged(key: &str, dir: &Path) -> Result<LoadedAdapter, ServingError> {
         .sum();
     let model = if dir.join(trainer::peft::CONFIG_FILE).is_file() {
         let residual = Adapter::load(dir, &base).map_err(|e| err(&e))?;
-        residual.apply(&base).map_err(|e| err(&e))?
+        residual.apply_frozen(&base).map_err(|e| err(&e))?
     } else {
         base
     };
@@ -491,6 +505,7 @@ fn load_merged(key: &str, dir: &Path) -> Result<LoadedAdapter, ServingError> {
         model: Arc::new(model),
         initial_state,
         bytes,
+        shared_base: None,
     })
 }
 

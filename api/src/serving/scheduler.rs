@@ -2,14 +2,17 @@
 //! of that base together, one token per step.
 //!
 //! A Mamba sequence's whole state is a fixed-size cache row, so a new request joins between
-//! two steps by running its prompt (prefill, batch of one) and appending its cache row to
-//! its group; a finished or abandoned sequence leaves by dropping its row
-//! (`MambaCache::select_rows`). Sequences are grouped by the model they run on (the base,
-//! one adapted model per hot-swapped adapter, a merged model): each group is a sub-batch of
-//! the same scheduler step. The thread is outside the async runtime, so the model never
-//! blocks an axum worker; requests reach it over a channel, tokens go back over one channel
-//! per sequence, and a closed channel (client gone, stop string found) frees the slot at
-//! the next step.
+//! two steps: its prompt runs (prefill, batch of one; in chunks of [`PREFILL_CHUNK`] tokens
+//! interleaved with decode steps while others decode, so a long prompt does not stall them)
+//! and its cache row enters its group; a finished or abandoned sequence leaves by dropping
+//! its row (`MambaCache::select_rows`). The base model and every adapter that only adds
+//! projection terms (the LoRA family, parallel adapters) share one group: one base matmul
+//! per projection for all their rows, each run of rows adding its own adapter's terms.
+//! Other models (weight-transforming or state-extending adapters, inserted tokens, merged
+//! models) are groups of their own, sub-batches of the same step. The thread is outside the
+//! async runtime, so the model never blocks an axum worker; requests reach it over a
+//! channel, tokens go back over one channel per sequence, and a closed channel (client
+//! gone, stop string found) frees the slot at the next step.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -147,14 +150,62 @@ struct Seq {
     produced: usize,
 }
 
-/// Sequences on one model, decoded as one sub-batch.
+/// Sequences decoded as one sub-batch.
 struct Group {
     key: String,
+    /// Set for the group of the base and its additive adapters: rows then come in runs of
+    /// one model each (a new row joins at the end of its model's run), and `model` is the
+    /// base with each run's projection terms ([`MambaForCausalLM::row_segmented`]), rebuilt
+    /// when the runs change.
+    shared_base: Option<Arc<MambaForCausalLM>>,
     model: Arc<MambaForCausalLM>,
+    stale: bool,
     cache: MambaCache,
     /// `[b, V]`: the distribution each row draws its next token from.
     logits: Tensor,
     seqs: Vec<Seq>,
+}
+
+impl Group {
+    /// `(rows, model)` of each run of consecutive rows on one model.
+    fn runs(&self) -> Vec<(usize, &MambaForCausalLM)> {
+        let mut runs: Vec<(usize, &str, &MambaForCausalLM)> = Vec::new();
+        for s in &self.seqs {
+            let m = &s.req.model;
+            match runs.last_mut() {
+                Some((n, key, _)) if *key == m.key => *n += 1,
+                _ => runs.push((1, m.key.as_str(), m.model.as_ref())),
+            }
+        }
+        runs.into_iter().map(|(n, _, m)| (n, m)).collect()
+    }
+
+    /// Rebuilds a shared group's model after its runs changed.
+    fn refresh(&mut self) -> trainer::Result<()> {
+        if !self.stale {
+            return Ok(());
+        }
+        if let Some(base) = &self.shared_base {
+            self.model = Arc::new(base.row_segmented(&self.runs())?);
+        }
+        self.stale = false;
+        Ok(())
+    }
+}
+
+/// Key of the shared group (model keys are ids and names, never this).
+const SHARED: &str = "\0shared";
+
+/// Prompt tokens run per scheduler step while other sequences decode: a long prompt then
+/// delays each of their tokens by one chunk's prefill instead of its whole prompt's.
+const PREFILL_CHUNK: usize = 256;
+
+/// A sequence whose prompt is being run, chunk by chunk.
+struct Prefill {
+    req: SeqRequest,
+    cache: MambaCache,
+    /// Prompt tokens already in `cache`.
+    done: usize,
 }
 
 fn run(
@@ -164,6 +215,7 @@ fn run(
     stats: Arc<Stats>,
 ) {
     let mut pending: VecDeque<SeqRequest> = VecDeque::new();
+    let mut prefilling: Vec<Prefill> = Vec::new();
     let mut groups: Vec<Group> = Vec::new();
     let release = |n: usize| {
         if n > 0 {
@@ -172,7 +224,7 @@ fn run(
     };
     loop {
         let mut active: usize = groups.iter().map(|g| g.seqs.len()).sum();
-        if active == 0 && pending.is_empty() {
+        if active == 0 && prefilling.is_empty() && pending.is_empty() {
             match rx.recv() {
                 Ok(r) => pending.push_back(r),
                 Err(_) => return,
@@ -181,19 +233,40 @@ fn run(
         while let Ok(r) = rx.try_recv() {
             pending.push_back(r);
         }
-        // Join: new sequences enter between two decode steps.
-        while active < max_batch {
+        // Admit: decoding and prefilling sequences together stay within max_batch.
+        while active + prefilling.len() < max_batch {
             let Some(r) = pending.pop_front() else { break };
             if r.tx.is_closed() {
                 release(1);
                 continue;
             }
-            match prefill(&r) {
-                Ok((logits, cache)) => {
+            match start_prefill(r) {
+                Some(p) => prefilling.push(p),
+                None => release(1),
+            }
+        }
+        // Prefill, FIFO, within this step's budget (all of it when nothing decodes); a
+        // finished prompt joins its group between two decode steps.
+        let mut budget = if active == 0 {
+            usize::MAX
+        } else {
+            PREFILL_CHUNK
+        };
+        let mut i = 0;
+        while i < prefilling.len() && budget > 0 {
+            if prefilling[i].req.tx.is_closed() {
+                prefilling.remove(i);
+                release(1);
+                continue;
+            }
+            match prefill_chunk(&mut prefilling[i], &mut budget) {
+                Ok(None) => i += 1,
+                Ok(Some(logits)) => {
+                    let p = prefilling.remove(i);
                     stats
                         .prompt_tokens
-                        .fetch_add(r.prompt.len() as u64, Ordering::Relaxed);
-                    if let Err(e) = join(&mut groups, r, logits, cache) {
+                        .fetch_add(p.req.prompt.len() as u64, Ordering::Relaxed);
+                    if let Err(e) = join(&mut groups, p.req, logits, p.cache) {
                         tracing::error!(error = %e, "scheduler: joining a batch failed");
                         release(1);
                         continue;
@@ -201,7 +274,8 @@ fn run(
                     active += 1;
                 }
                 Err(e) => {
-                    let _ = r.tx.send(SeqEvent::Failed(e.to_string()));
+                    let p = prefilling.remove(i);
+                    let _ = p.req.tx.send(SeqEvent::Failed(e.to_string()));
                     release(1);
                 }
             }
@@ -214,6 +288,9 @@ fn run(
             stats
                 .decode_rows
                 .fetch_add(active as u64, Ordering::Relaxed);
+            stats
+                .decode_groups
+                .fetch_add(groups.len() as u64, Ordering::Relaxed);
         }
         for g in &mut groups {
             let before = g.seqs.len();
@@ -233,22 +310,63 @@ fn run(
     }
 }
 
-/// Runs a prompt alone; returns the last position's logits `[1, V]` and the cache row.
-fn prefill(r: &SeqRequest) -> trainer::Result<(Tensor, MambaCache)> {
+/// The empty (or initial-state) cache a request's prompt starts from; on failure the
+/// request is told so and `None` returned.
+fn start_prefill(r: SeqRequest) -> Option<Prefill> {
     let m = &r.model.model;
-    let mut cache = match &r.model.initial_state {
-        Some(s) => s
-            .to_cache(1, m.dtype())
-            .map_err(|e| trainer::Error::Input {
-                field: "initial_state".into(),
-                reason: e.to_string(),
-            })?,
-        None => m.new_cache(1)?,
+    let cache = match &r.model.initial_state {
+        Some(s) => s.to_cache(1, m.dtype()).map_err(|e| trainer::Error::Input {
+            field: "initial_state".into(),
+            reason: e.to_string(),
+        }),
+        None => m.new_cache(1),
     };
-    let ids = Tensor::from_vec(r.prompt.clone(), (1, r.prompt.len()), &Device::Cpu)?;
+    match cache {
+        Ok(cache) => Some(Prefill {
+            req: r,
+            cache,
+            done: 0,
+        }),
+        Err(e) => {
+            let _ = r.tx.send(SeqEvent::Failed(e.to_string()));
+            None
+        }
+    }
+}
+
+/// Runs the next chunk of a prompt, taking its length from `budget`. A prompt is chunked
+/// only on models without inserted tokens (the shared group's: base and additive adapters),
+/// whose prefill is the same in pieces as whole; others run whole. Returns the last
+/// position's logits `[1, V]` once the prompt is done.
+fn prefill_chunk(p: &mut Prefill, budget: &mut usize) -> trainer::Result<Option<Tensor>> {
+    let m = &p.req.model.model;
+    let rest = p.req.prompt.len() - p.done;
+    let take = if p.req.model.shared_base.is_some() {
+        rest.min(*budget)
+    } else {
+        rest
+    };
+    *budget = budget.saturating_sub(take);
+    let chunk = p.req.prompt[p.done..p.done + take].to_vec();
+    let ids = Tensor::from_vec(chunk, (1, take), &Device::Cpu)?;
     let input = ModelInput::new(&ids, None, m.vocab_size())?;
-    let logits = m.prefill(&input, &mut cache)?;
-    Ok((logits, cache))
+    let logits = m.prefill(&input, &mut p.cache)?;
+    p.done += take;
+    Ok((p.done == p.req.prompt.len()).then_some(logits))
+}
+
+/// `t` with `row` inserted before index `at` of dimension 0.
+fn insert_row(t: &Tensor, row: &Tensor, at: usize) -> candle_core::Result<Tensor> {
+    let n = t.dim(0)?;
+    let mut parts = Vec::with_capacity(3);
+    if at > 0 {
+        parts.push(t.narrow(0, 0, at)?);
+    }
+    parts.push(row.clone());
+    if at < n {
+        parts.push(t.narrow(0, at, n - at)?);
+    }
+    Tensor::cat(&parts, 0)
 }
 
 fn join(
@@ -262,9 +380,19 @@ fn join(
         produced: 0,
         req: r,
     };
-    let key = seq.req.model.key.clone();
+    let shared_base = seq.req.model.shared_base.clone();
+    let key = match shared_base {
+        Some(_) => SHARED.to_string(),
+        None => seq.req.model.key.clone(),
+    };
     match groups.iter_mut().find(|g| g.key == key) {
         Some(g) => {
+            // After the last row of the same model, so runs stay contiguous.
+            let at = g
+                .seqs
+                .iter()
+                .rposition(|s| s.req.model.key == seq.req.model.key)
+                .map_or(g.seqs.len(), |i| i + 1);
             let layers = g
                 .cache
                 .layers
@@ -272,19 +400,22 @@ fn join(
                 .zip(&cache.layers)
                 .map(|(a, b)| {
                     Ok(LayerCache {
-                        conv: Tensor::cat(&[&a.conv, &b.conv], 0)?,
-                        ssm: Tensor::cat(&[&a.ssm, &b.ssm], 0)?,
+                        conv: insert_row(&a.conv, &b.conv, at)?,
+                        ssm: insert_row(&a.ssm, &b.ssm, at)?,
                     })
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             g.cache.layers = layers;
             g.cache.seqlen_offset = g.cache.seqlen_offset.max(cache.seqlen_offset);
-            g.logits = Tensor::cat(&[&g.logits, &logits], 0)?;
-            g.seqs.push(seq);
+            g.logits = insert_row(&g.logits, &logits, at)?;
+            g.seqs.insert(at, seq);
+            g.stale = g.shared_base.is_some();
         }
         None => groups.push(Group {
             key,
             model: seq.req.model.model.clone(),
+            stale: shared_base.is_some(),
+            shared_base,
             cache,
             logits,
             seqs: vec![seq],
@@ -362,7 +493,9 @@ fn advance(g: &mut Group, stats: &Stats) -> trainer::Result<()> {
         if g.seqs.is_empty() {
             return Ok(());
         }
+        g.stale = g.shared_base.is_some();
     }
+    g.refresh()?;
     g.logits = g.model.step(&feed, &mut g.cache)?;
     Ok(())
 }
@@ -398,6 +531,95 @@ pub fn logprobs(row: &[f32], tok: u32, k: usize) -> (f32, Vec<(u32, f32)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use trainer::model::{Checkpoint, MambaConfig};
+
+    fn generate(
+        sched: &Scheduler,
+        model: &ServedModel,
+        prompt: Vec<u32>,
+        n: usize,
+    ) -> Vec<TokenOut> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let params = SeqParams {
+            max_tokens: n,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            logprobs: Some(0),
+            eos: Vec::new(),
+        };
+        let req = SeqRequest {
+            model: model.clone(),
+            prompt,
+            params,
+            tx,
+        };
+        assert!(sched.submit(vec![req]).is_ok());
+        let mut out = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                SeqEvent::Token(t) => out.push(t),
+                SeqEvent::Done(_) => break,
+                SeqEvent::Failed(m) => panic!("generation failed: {m}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() -> trainer::Result<()> {
+        let mut cfg = MambaConfig::new(32, 2, 64);
+        cfg.state_size = 4;
+        let base = Arc::new(Checkpoint::random(&cfg, 1, &Device::Cpu)?.into_frozen()?);
+        let served = ServedModel {
+            key: "base".into(),
+            model: base.clone(),
+            initial_state: None,
+            pin: None,
+            shared_base: Some(base.clone()),
+        };
+        let stats = Arc::new(Stats::default());
+        let sched = Scheduler::start("test", 8, 8, stats.clone());
+        let long: Vec<u32> = (0..12 * PREFILL_CHUNK + 17)
+            .map(|i| (i * 7 % 64) as u32)
+            .collect();
+        let alone = generate(&sched, &served, long.clone(), 4);
+        assert_eq!(alone.len(), 4);
+
+        // A companion decodes while the long prompt arrives.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let companion = SeqRequest {
+            model: served.clone(),
+            prompt: vec![1, 2, 3],
+            params: SeqParams {
+                max_tokens: 100_000,
+                temperature: 0.0,
+                top_p: 1.0,
+                seed: 0,
+                logprobs: None,
+                eos: Vec::new(),
+            },
+            tx,
+        };
+        assert!(sched.submit(vec![companion]).is_ok());
+        assert!(matches!(rx.blocking_recv(), Some(SeqEvent::Token(_))));
+        let steps = stats.decode_steps.load(Ordering::Relaxed);
+        let together = generate(&sched, &served, long, 4);
+        let during = stats.decode_steps.load(Ordering::Relaxed) - steps;
+        // 13 chunks, each followed by a decode step, then 4 tokens (whole: ~5 steps).
+        assert!(during >= 13, "{during} decode steps");
+        for (a, t) in alone.iter().zip(&together) {
+            assert_eq!(a.id, t.id);
+            assert!(
+                (a.logprob - t.logprob).abs() < 1e-4,
+                "{} vs {}",
+                a.logprob,
+                t.logprob
+            );
+        }
+        drop(rx);
+        Ok(())
+    }
 
     #[test]
     fn logprobs_normalise() {

@@ -123,6 +123,75 @@ pub trait LinearAdapter: Send + Sync + fmt::Debug {
     fn merged_weight(&self, _base: &Linear) -> Result<Option<Tensor>> {
         Ok(None)
     }
+
+    /// Whether the adapter only adds terms to the frozen layer's output
+    /// (`base(x) + f(x)`, same shape), so that [`Self::add_terms`] applies. Rows of such
+    /// adapters can share one base matmul ([`RowSegments`]).
+    fn is_additive(&self) -> bool {
+        false
+    }
+
+    /// For an additive adapter: the adapted output given `y = base(x)`.
+    fn add_terms(&self, _x: &Tensor, _y: Tensor) -> Result<Tensor> {
+        candle_core::bail!("add_terms: this adapter changes the weight, not only the output")
+    }
+}
+
+/// Different additive adapters (or none) on consecutive row ranges of one batch, sharing
+/// the frozen layer's matmul: serving decodes the sequences of many tenants' adapters in one
+/// step, paying one pass over the base weights instead of one per adapter.
+#[derive(Debug)]
+pub struct RowSegments {
+    /// `(rows, adapter)` in row order; every adapter is additive.
+    segments: Vec<(usize, Option<Arc<dyn LinearAdapter>>)>,
+}
+
+impl RowSegments {
+    /// `None` when an adapter is not additive. Neighbouring segments without an adapter are
+    /// joined.
+    pub fn new(segments: Vec<(usize, Option<Arc<dyn LinearAdapter>>)>) -> Option<Self> {
+        let mut joined: Vec<(usize, Option<Arc<dyn LinearAdapter>>)> = Vec::new();
+        for (rows, a) in segments {
+            if a.as_ref().is_some_and(|a| !a.is_additive()) {
+                return None;
+            }
+            match joined.last_mut() {
+                Some((n, None)) if a.is_none() => *n += rows,
+                _ => joined.push((rows, a)),
+            }
+        }
+        Some(RowSegments { segments: joined })
+    }
+}
+
+impl LinearAdapter for RowSegments {
+    fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
+        let y = base.forward(x)?;
+        let total: usize = self.segments.iter().map(|s| s.0).sum();
+        if total != x.dim(0)? {
+            candle_core::bail!(
+                "row segments cover {total} rows, the input has {}",
+                x.dim(0)?
+            );
+        }
+        if let [(_, a)] = self.segments.as_slice() {
+            return match a {
+                Some(a) => a.add_terms(x, y),
+                None => Ok(y),
+            };
+        }
+        let mut parts = Vec::with_capacity(self.segments.len());
+        let mut at = 0;
+        for (rows, a) in &self.segments {
+            let ys = y.narrow(0, at, *rows)?;
+            parts.push(match a {
+                Some(a) => a.add_terms(&x.narrow(0, at, *rows)?, ys)?,
+                None => ys,
+            });
+            at += rows;
+        }
+        Tensor::cat(&parts, 0)
+    }
 }
 
 /// A linear projection of the mixer, with an optional adapter.

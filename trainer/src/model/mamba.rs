@@ -649,6 +649,22 @@ impl MambaForCausalLM {
         input: &ModelInput,
         output_hidden_states: bool,
     ) -> Result<ForwardOutput> {
+        self.forward_inner(input, output_hidden_states, None)
+    }
+
+    /// Logits `[b, L, V]` of a sequence that starts from the state in `cache` (a merged
+    /// prefix prompt's initial state) instead of from zeros; `cache` holds the state after
+    /// it.
+    pub fn forward_from(&self, input: &ModelInput, cache: &mut MambaCache) -> Result<Tensor> {
+        Ok(self.forward_inner(input, false, Some(cache))?.logits)
+    }
+
+    fn forward_inner(
+        &self,
+        input: &ModelInput,
+        output_hidden_states: bool,
+        cache: Option<&mut MambaCache>,
+    ) -> Result<ForwardOutput> {
         let embeds = self.embed(&input.input_ids)?;
         let mask = match &input.attention_mask {
             Some(m) => Some(m.to_device(&self.device)?),
@@ -659,7 +675,7 @@ impl MambaForCausalLM {
         let h = self.backbone.forward_embeds(
             &embeds,
             mask.as_ref(),
-            None,
+            cache,
             output_hidden_states.then_some(&mut hidden),
         )?;
         let h = match &positions {

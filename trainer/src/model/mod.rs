@@ -14,12 +14,14 @@ pub mod init;
 pub mod layers;
 pub mod loss;
 pub mod mamba;
+pub mod rows;
 
 pub use cache::{LayerCache, MambaCache};
 pub use checkpoint::{Checkpoint, LoadOptions};
 pub use config::{ConfigStyle, MambaConfig};
 pub use layers::{
     Embedding, EmbeddingAdapter, Linear, LinearAdapter, Param, ParamAdapter, Projection, RmsNorm,
+    RowSegments,
 };
 pub use loss::{IGNORE_INDEX, causal_lm_loss};
 pub use mamba::{

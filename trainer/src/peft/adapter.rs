@@ -206,6 +206,18 @@ impl Adapter {
     /// tensors and reads the adapter's variables on every forward, so optimizer updates
     /// show without re-applying.
     pub fn apply(&self, base: &MambaForCausalLM) -> PeftResult<MambaForCausalLM> {
+        self.attach(base, Params::new(&self.vars))
+    }
+
+    /// The adapted model for inference: like [`Self::apply`], but its parts hold detached
+    /// values of the variables. A forward then builds no backprop graph, which would keep
+    /// every intermediate alive and send the frozen base layers down their graph-aware
+    /// (slower) paths; serving uses this.
+    pub fn apply_frozen(&self, base: &MambaForCausalLM) -> PeftResult<MambaForCausalLM> {
+        self.attach(base, Params::frozen(&self.vars))
+    }
+
+    fn attach(&self, base: &MambaForCausalLM, params: Params) -> PeftResult<MambaForCausalLM> {
         self.check_base(base)?;
         if has_adapters(base) {
             return Err(PeftError::Contradictory(
@@ -215,7 +227,6 @@ impl Adapter {
             ));
         }
         let mut sites = Sites::new(base, self.runtime.clone());
-        let params = Params::new(&self.vars);
         for m in &self.spec.methods {
             m.method().attach(&params, &mut sites)?;
         }
@@ -229,7 +240,7 @@ impl Adapter {
     pub fn inference_model(&self, base: &MambaForCausalLM) -> PeftResult<MambaForCausalLM> {
         match self.merge(base) {
             Ok(m) => m.model(),
-            Err(PeftError::NotMergeable { .. }) => self.apply(base),
+            Err(PeftError::NotMergeable { .. }) => self.apply_frozen(base),
             Err(e) => Err(e),
         }
     }

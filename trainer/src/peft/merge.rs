@@ -94,7 +94,7 @@ impl MergedModel {
     /// any, is applied by [`Self::forward`] through the cache).
     pub fn model(&self) -> PeftResult<MambaForCausalLM> {
         match &self.residual {
-            Some(r) => r.apply(&self.base),
+            Some(r) => r.apply_frozen(&self.base),
             None => Ok(self.base.clone()),
         }
     }
@@ -298,7 +298,7 @@ fn fold_prefix(merged: &mut MergedModel) -> PeftResult<()> {
             )));
         }
     }
-    let model = residual.apply(&merged.base)?;
+    let model = residual.apply_frozen(&merged.base)?;
     let prompt = residual
         .vars()
         .get("prompt.table")

@@ -95,18 +95,34 @@ pub type ParamShape = (String, Vec<usize>);
 /// The values of an adapter's tensors, by name, handed to a method's `attach`.
 pub struct Params<'a> {
     vars: &'a BTreeMap<String, Var>,
+    /// Hand out detached values (inference) instead of graph leaves (training).
+    frozen: bool,
 }
 
 impl<'a> Params<'a> {
     pub(crate) fn new(vars: &'a BTreeMap<String, Var>) -> Self {
-        Params { vars }
+        Params {
+            vars,
+            frozen: false,
+        }
     }
 
-    /// The tensor `name` (as a graph leaf, so gradients reach the variable).
+    pub(crate) fn frozen(vars: &'a BTreeMap<String, Var>) -> Self {
+        Params { vars, frozen: true }
+    }
+
+    /// The tensor `name`: a graph leaf, so gradients reach the variable, or for a frozen
+    /// adapter its detached value.
     pub fn get(&self, name: &str) -> PeftResult<Tensor> {
         self.vars
             .get(name)
-            .map(|v| v.as_tensor().clone())
+            .map(|v| {
+                if self.frozen {
+                    v.as_tensor().detach()
+                } else {
+                    v.as_tensor().clone()
+                }
+            })
             .ok_or_else(|| PeftError::Tensors {
                 problems: vec![format!("missing tensor `{name}`")],
             })

@@ -377,20 +377,38 @@ impl SiteLinear {
     }
 }
 
+impl SiteLinear {
+    /// Applies the `Add`/`Extend` parts to `y`, the output of the (transformed) weight.
+    fn add_outputs(&self, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
+        for p in self.parts.iter().filter(|p| p.stage() != Stage::Transform) {
+            y = p.output(x, y, &self.runtime)?;
+        }
+        Ok(y)
+    }
+}
+
 impl LinearAdapter for SiteLinear {
     fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
         let mut w: Option<Tensor> = None;
         for p in self.parts.iter().filter(|p| p.stage() == Stage::Transform) {
             w = Some(p.weight(w.as_ref().unwrap_or(base.weight()))?);
         }
-        let mut y = match &w {
+        let y = match &w {
             Some(w) => linear_forward(x, w, base.bias())?,
             None => base.forward(x)?,
         };
-        for p in self.parts.iter().filter(|p| p.stage() != Stage::Transform) {
-            y = p.output(x, y, &self.runtime)?;
+        self.add_outputs(x, y)
+    }
+
+    fn is_additive(&self) -> bool {
+        self.parts.iter().all(|p| p.stage() == Stage::Add)
+    }
+
+    fn add_terms(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        if !self.is_additive() {
+            candle_core::bail!("add_terms: this site transforms or extends the weight");
         }
-        Ok(y)
+        self.add_outputs(x, y)
     }
 
     fn merged_weight(&self, base: &Linear) -> Result<Option<Tensor>> {

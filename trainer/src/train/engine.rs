@@ -18,7 +18,8 @@ use super::data::{Batch, ChoiceExample, Tokenized, collate};
 use super::optim::{self, AdamW, Grads, ParamGroup};
 use super::schedule::Schedule;
 use super::{Control, Hyperparameters, TrainError, TrainEvent, TrainObserver};
-use crate::model::{MambaForCausalLM, causal_lm_loss};
+use crate::model::{MambaForCausalLM, ModelInput, causal_lm_loss};
+use crate::peft::InitialState;
 
 /// What the loop trains.
 pub trait Trainable {
@@ -420,7 +421,7 @@ pub fn evaluate(
     for chunk in data.examples.chunks(batch.max(1)) {
         let exs: Vec<_> = chunk.iter().collect();
         let b = collate(&exs, pad, device)?;
-        let (sums, counts) = sequence_logprobs(model, &b)?;
+        let (sums, counts) = sequence_logprobs(model, &b, None)?;
         total += sums.iter().sum::<f64>();
         count += counts.iter().sum::<usize>();
     }
@@ -432,7 +433,7 @@ pub fn evaluate(
     if data.choice_sets.is_empty() {
         return Ok((loss, None));
     }
-    let scores = score_choice_sets(model, &data.choice_sets, batch, pad, device)?;
+    let scores = score_choice_sets(model, &data.choice_sets, batch, pad, device, None)?;
     let correct = data
         .choice_sets
         .iter()
@@ -454,6 +455,7 @@ pub fn score_choice_sets(
     batch: usize,
     pad: u32,
     device: &Device,
+    initial_state: Option<&InitialState>,
 ) -> Result<Vec<Vec<(f64, usize)>>, TrainError> {
     let flat: Vec<(usize, usize)> = sets
         .iter()
@@ -467,7 +469,7 @@ pub fn score_choice_sets(
     for chunk in flat.chunks(batch.max(1)) {
         let exs: Vec<_> = chunk.iter().map(|&(i, c)| &sets[i].choices[c]).collect();
         let b = collate(&exs, pad, device)?;
-        let (sums, counts) = sequence_logprobs(model, &b)?;
+        let (sums, counts) = sequence_logprobs(model, &b, initial_state)?;
         for ((&(i, c), s), n) in chunk.iter().zip(sums).zip(counts) {
             scores[i][c] = (s, n);
         }
@@ -487,12 +489,23 @@ pub fn argmax(v: &[f64]) -> Option<usize> {
 }
 
 /// Per sequence of a batch: the summed log-probability of its scored labels, and how many
-/// there are.
+/// there are. With an initial state (a merged prefix prompt), every sequence starts from it.
 pub fn sequence_logprobs(
     model: &MambaForCausalLM,
     b: &Batch,
+    initial_state: Option<&InitialState>,
 ) -> Result<(Vec<f64>, Vec<usize>), TrainError> {
-    let logits = model.forward(&b.input_ids, None)?.detach();
+    let logits = match initial_state {
+        Some(s) => {
+            let mut cache = s
+                .to_cache(b.input_ids.dim(0)?, model.dtype())
+                .map_err(|e| TrainError::Method(format!("initial state: {e}")))?;
+            let input = ModelInput::new(&b.input_ids, None, model.vocab_size())?;
+            model.forward_from(&input, &mut cache)?
+        }
+        None => model.forward(&b.input_ids, None)?,
+    }
+    .detach();
     let (bs, t, v) = logits.dims3()?;
     let labels: Vec<i64> = b.labels.flatten_all()?.to_vec1::<i64>()?;
     let flat = logits

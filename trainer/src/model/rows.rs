@@ -1,0 +1,244 @@
+//! One decode batch for sequences of different adapters on the same base (serving).
+//!
+//! An adapter that only adds low-rank (or parallel) terms to projection outputs leaves
+//! every base tensor of the model shared and untouched. Rows of such adapted models can
+//! then run through one model whose projections compute the base matmul once for the whole
+//! batch and add each row range's own terms ([`RowSegments`]); everything else in a Mamba
+//! layer (conv, scan, norms) is per row anyway.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::layers::{LinearAdapter, Param, Projection, RowSegments};
+use super::mamba::{MambaForCausalLM, MambaMixer};
+use crate::error::{Error, Result};
+
+fn same(a: &Tensor, b: &Tensor) -> bool {
+    a.id() == b.id()
+}
+
+fn same_opt(a: Option<&Tensor>, b: Option<&Tensor>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => same(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
+fn projections(m: &MambaMixer) -> [&Projection; 4] {
+    [&m.in_proj, &m.x_proj, &m.dt_proj, &m.out_proj]
+}
+
+fn projections_mut(m: &mut MambaMixer) -> [&mut Projection; 4] {
+    [
+        &mut m.in_proj,
+        &mut m.x_proj,
+        &mut m.dt_proj,
+        &mut m.out_proj,
+    ]
+}
+
+fn params(m: &MambaMixer) -> Vec<&Param> {
+    let mut p = vec![&m.conv_weight, &m.dt_bias, &m.a_log, &m.d];
+    p.extend(m.conv_bias.as_ref());
+    p
+}
+
+impl MambaForCausalLM {
+    /// Whether `self` is `base` (sharing all of its tensors) with nothing changed but
+    /// additive projection adapters: then its sequences can share `base`'s decode batch
+    /// ([`Self::row_segmented`]).
+    pub fn is_additive_over(&self, base: &MambaForCausalLM) -> bool {
+        let (a, b) = (&self.backbone, &base.backbone);
+        if self.input_hook.is_some()
+            || base.input_hook.is_some()
+            || a.layers.len() != b.layers.len()
+            || !same_opt(self.lm_head.as_ref(), base.lm_head.as_ref())
+            || !same(a.embeddings.weight(), b.embeddings.weight())
+            || a.embeddings.adapter().is_some()
+            || b.embeddings.adapter().is_some()
+            || !same(a.norm_f.weight(), b.norm_f.weight())
+        {
+            return false;
+        }
+        a.layers.iter().zip(&b.layers).all(|(la, lb)| {
+            let (ma, mb) = (&la.mixer, &lb.mixer);
+            let params_shared = params(ma).len() == params(mb).len()
+                && params(ma).iter().zip(params(mb)).all(|(pa, pb)| {
+                    same(pa.base(), pb.base()) && pa.adapter().is_none() && pb.adapter().is_none()
+                });
+            let projections_shared = projections(ma).iter().zip(projections(mb)).all(|(pa, pb)| {
+                same(pa.base().weight(), pb.base().weight())
+                    && same_opt(pa.base().bias(), pb.base().bias())
+                    && pb.adapter().is_none()
+                    && pa.adapter().is_none_or(|x| x.is_additive())
+            });
+            same(la.norm.weight(), lb.norm.weight())
+                && ma.hook.is_none()
+                && mb.hook.is_none()
+                && params_shared
+                && projections_shared
+        })
+    }
+
+    /// The model for one batch whose consecutive row ranges run additive variants of
+    /// `self`: `segments` is `(rows, model)` in row order, each model passing
+    /// [`Self::is_additive_over`] `self` (`self` itself for plain base rows).
+    pub fn row_segmented(&self, segments: &[(usize, &MambaForCausalLM)]) -> Result<Self> {
+        if segments.iter().any(|(_, m)| !m.is_additive_over(self)) {
+            return Err(Error::input(
+                "segments",
+                "a model in the batch changes more than additive projection terms",
+            ));
+        }
+        let mut out = self.clone();
+        for (i, block) in out.backbone.layers.iter_mut().enumerate() {
+            for (p, proj) in projections_mut(&mut block.mixer).into_iter().enumerate() {
+                let segs: Vec<(usize, Option<Arc<dyn LinearAdapter>>)> = segments
+                    .iter()
+                    .map(|(rows, m)| {
+                        let adapter = projections(&m.backbone.layers[i].mixer)[p]
+                            .adapter()
+                            .cloned();
+                        (*rows, adapter)
+                    })
+                    .collect();
+                if segs.iter().all(|s| s.1.is_none()) {
+                    continue;
+                }
+                let joined = RowSegments::new(segs).ok_or_else(|| {
+                    Error::input("segments", "a projection adapter is not additive")
+                })?;
+                proj.set_adapter(Some(Arc::new(joined)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::MambaConfig;
+    use crate::model::checkpoint::Checkpoint;
+    use crate::model::layers::{Linear, ParamAdapter, linear_forward};
+    use candle_core::{DType, Device};
+
+    /// `W x + B (A x)`, additive.
+    #[derive(Debug)]
+    struct LowRank {
+        a: Tensor,
+        b: Tensor,
+    }
+    impl LinearAdapter for LowRank {
+        fn forward(&self, base: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
+            self.add_terms(x, base.forward(x)?)
+        }
+        fn is_additive(&self) -> bool {
+            true
+        }
+        fn add_terms(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
+            y + linear_forward(&linear_forward(x, &self.a, None)?, &self.b, None)?
+        }
+    }
+
+    #[derive(Debug)]
+    struct Shift;
+    impl ParamAdapter for Shift {
+        fn value(&self, base: &Tensor) -> candle_core::Result<Tensor> {
+            base + 0.5
+        }
+    }
+
+    fn low_rank(seed: f64, out: usize, inp: usize) -> Result<Arc<dyn LinearAdapter>> {
+        let dev = Device::Cpu;
+        let a = (Tensor::randn(0f32, 1., (2, inp), &dev)? * seed)?;
+        let b = (Tensor::randn(0f32, 1., (out, 2), &dev)? * 0.1)?;
+        Ok(Arc::new(LowRank { a, b }))
+    }
+
+    #[test]
+    fn one_batch_of_mixed_adapters_equals_each_model_alone() -> Result<()> {
+        let mut cfg = MambaConfig::new(16, 2, 40);
+        cfg.state_size = 4;
+        let base = Checkpoint::random(&cfg, 3, &Device::Cpu)?.into_frozen()?;
+        let e = cfg.intermediate_size;
+        let mut one = base.clone();
+        one.backbone.layers[0]
+            .mixer
+            .in_proj
+            .set_adapter(Some(low_rank(0.3, 2 * e, 16)?));
+        let mut two = base.clone();
+        two.backbone.layers[1]
+            .mixer
+            .out_proj
+            .set_adapter(Some(low_rank(0.5, 16, e)?));
+        two.backbone.layers[0]
+            .mixer
+            .in_proj
+            .set_adapter(Some(low_rank(-0.2, 2 * e, 16)?));
+        assert!(one.is_additive_over(&base) && two.is_additive_over(&base));
+        assert!(base.is_additive_over(&base));
+
+        // Rows: 2 of `one`, 1 of base, 2 of `two`; each row fed a different prompt.
+        let models = [&one, &one, &base, &two, &two];
+        let prompts: [&[u32]; 5] = [
+            &[1, 2, 3],
+            &[4, 5, 6],
+            &[7, 8, 9],
+            &[10, 11, 12],
+            &[3, 3, 1],
+        ];
+        let mut alone = Vec::new();
+        for (m, p) in models.iter().zip(prompts) {
+            let mut cache = m.new_cache(1)?;
+            let mut logits = Vec::new();
+            for &t in p {
+                logits.push(m.step(&[t], &mut cache)?.squeeze(0)?);
+            }
+            alone.push(Tensor::stack(&logits, 0)?);
+        }
+        let joined = base.row_segmented(&[(2, &one), (1, &base), (2, &two)])?;
+        let mut cache = base.new_cache(5)?;
+        for pos in 0..3 {
+            let toks: Vec<u32> = prompts.iter().map(|p| p[pos]).collect();
+            let got = joined.step(&toks, &mut cache)?;
+            for (row, want) in alone.iter().enumerate() {
+                let diff = (got.get(row)? - want.get(pos)?)?
+                    .abs()?
+                    .max_all()?
+                    .to_dtype(DType::F32)?
+                    .to_scalar::<f32>()?;
+                assert!(diff < 1e-5, "row {row} position {pos}: {diff}");
+            }
+        }
+        // The adapters matter: row 0 differs from a base row fed the same tokens.
+        let mut c = base.new_cache(1)?;
+        let plain = base.step(&[1], &mut c)?.squeeze(0)?;
+        let d = (alone[0].get(0)? - plain)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        assert!(d > 1e-4, "{d}");
+        Ok(())
+    }
+
+    #[test]
+    fn only_additive_variants_join() -> Result<()> {
+        let mut cfg = MambaConfig::new(16, 1, 40);
+        cfg.state_size = 4;
+        let base = Checkpoint::random(&cfg, 5, &Device::Cpu)?.into_frozen()?;
+        let mut shifted = base.clone();
+        shifted.backbone.layers[0]
+            .mixer
+            .d
+            .set_adapter(Some(Arc::new(Shift)));
+        assert!(!shifted.is_additive_over(&base));
+        // Other weights (e.g. a merged model) are not the base's.
+        let other = Checkpoint::random(&cfg, 6, &Device::Cpu)?.into_frozen()?;
+        assert!(!other.is_additive_over(&base));
+        assert!(base.row_segmented(&[(1, &base), (1, &shifted)]).is_err());
+        Ok(())
+    }
+}
