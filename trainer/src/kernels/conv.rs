@@ -337,15 +337,9 @@ impl CustomOp3 for ConvOp {
                 .detach()
                 .apply_op3_no_bwd(&wb, &grad, &ConvGradOp { dims: self.dims })?;
         let ConvDims { b, l, e, k, p } = self.dims;
-        let nx = b * (p + l) * e;
+        let [gx, gw, gb] = super::unpack(&packed, [&[b, p + l, e], &[e, k], &[e]])?;
         // f32 grads; on CUDA x may be f16/bf16.
-        let gx = packed
-            .narrow(0, 0, nx)?
-            .reshape((b, p + l, e))?
-            .to_dtype(x_ext.dtype())?;
-        let gw = packed.narrow(0, nx, e * k)?.reshape((e, k))?;
-        let gb = packed.narrow(0, nx + e * k, e)?;
-        Ok((Some(gx), Some(gw), Some(gb)))
+        Ok((Some(gx.to_dtype(x_ext.dtype())?), Some(gw), Some(gb)))
     }
 }
 

@@ -72,6 +72,23 @@ fn f32_flat(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)?.flatten_all()
 }
 
+/// Splits a custom op's packed 1-D output into consecutive pieces of the given shapes (ops
+/// return several tensors as one buffer).
+pub(crate) fn unpack<const K: usize>(
+    packed: &Tensor,
+    shapes: [&[usize]; K],
+) -> Result<[Tensor; K]> {
+    let mut at = 0;
+    let mut out = Vec::with_capacity(K);
+    for shape in shapes {
+        let len: usize = shape.iter().product();
+        out.push(packed.narrow(0, at, len)?.reshape(shape)?);
+        at += len;
+    }
+    out.try_into()
+        .map_err(|_| candle_core::Error::Msg("unpack: piece count".into()))
+}
+
 /// Selective scan: `dt = softplus(delta + delta_bias)`,
 /// `s_t = exp(dt_t·A) ⊙ s_{t-1} + dt_t·B_t·u_t`, `y_t = s_t·C_t + D ⊙ u_t`, then `y ⊙ silu(z)`
 /// when `z` is given. Starts from `initial_state` (`[b, E, N]`) or zero. Returns `y`
@@ -267,12 +284,8 @@ pub fn selective_scan_step(
         has_z: z.is_some(),
     };
     let out = st.apply_op3_no_bwd(&a32, &small, &op)?;
-    let y = out
-        .narrow(0, 0, bsz * e)?
-        .reshape((bsz, e))?
-        .to_dtype(x.dtype())?;
-    let new_state = out.narrow(0, bsz * e, bsz * e * n)?.reshape((bsz, e, n))?;
-    Ok((y, new_state))
+    let [y, new_state] = unpack(&out, [&[bsz, e], &[bsz, e, n]])?;
+    Ok((y.to_dtype(x.dtype())?, new_state))
 }
 
 /// One decode step of the conv: `x` is `[b, E]`, `conv_state` `[b, E, K]` (the last K
@@ -302,12 +315,8 @@ pub fn causal_conv1d_step(
     let x32 = x.to_dtype(DType::F32)?.contiguous()?;
     let wb = Tensor::cat(&[f32_flat(weight)?, f32_flat(bias)?], 0)?;
     let out = st.apply_op3_no_bwd(&x32, &wb, &step::ConvStepOp { b: bsz, e, k })?;
-    let y = out
-        .narrow(0, 0, bsz * e)?
-        .reshape((bsz, e))?
-        .to_dtype(x.dtype())?;
-    let new_state = out.narrow(0, bsz * e, bsz * e * k)?.reshape((bsz, e, k))?;
-    Ok((y, new_state))
+    let [y, new_state] = unpack(&out, [&[bsz, e], &[bsz, e, k]])?;
+    Ok((y.to_dtype(x.dtype())?, new_state))
 }
 
 /// PyTorch's softplus (threshold 20), written stably: `max(v, 0) + log1p(exp(-|v|))`.

@@ -713,18 +713,14 @@ impl CustomOp3 for ScanOp {
         };
         let g = u.apply_op3_no_bwd(delta, rest, &op)?;
         let ScanDims { b, l, e, .. } = self.dims;
-        let ble = b * l * e;
+        let n_rest = g.dim(0)? - 2 * b * l * e;
+        let [g_u, g_delta, g_rest] = super::unpack(&g, [&[b, l, e], &[b, l, e], &[n_rest]])?;
         // The grads are f32; on CUDA u and delta may be f16/bf16 (`rest` is always f32).
-        let g_u = g
-            .narrow(0, 0, ble)?
-            .reshape((b, l, e))?
-            .to_dtype(u.dtype())?;
-        let g_delta = g
-            .narrow(0, ble, ble)?
-            .reshape((b, l, e))?
-            .to_dtype(delta.dtype())?;
-        let g_rest = g.narrow(0, 2 * ble, g.dim(0)? - 2 * ble)?;
-        Ok((Some(g_u), Some(g_delta), Some(g_rest)))
+        Ok((
+            Some(g_u.to_dtype(u.dtype())?),
+            Some(g_delta.to_dtype(delta.dtype())?),
+            Some(g_rest),
+        ))
     }
 }
 

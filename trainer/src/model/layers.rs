@@ -135,6 +135,81 @@ pub trait LinearAdapter: Send + Sync + fmt::Debug {
     fn add_terms(&self, _x: &Tensor, _y: Tensor) -> Result<Tensor> {
         candle_core::bail!("add_terms: this adapter changes the weight, not only the output")
     }
+
+    /// When the adapter's added terms are exactly a sum of low-rank products (LoRA in
+    /// evaluation mode): those terms, so that [`RowSegments`] can compute the rows of many
+    /// adapters in two matmuls.
+    fn low_rank_terms(&self) -> Option<Vec<LowRankTerm>> {
+        None
+    }
+}
+
+/// `y[.., start..start+len] += scale · (x Aᵀ) Bᵀ`, one low-rank term of an adapter.
+#[derive(Clone, Debug)]
+pub struct LowRankTerm {
+    /// `[r, in]`.
+    pub a: Tensor,
+    /// `[len, r]`.
+    pub b: Tensor,
+    pub scale: f64,
+    /// `(start, len, total)`: the output columns the term adds to, of `total`.
+    pub rows: (usize, usize, usize),
+}
+
+/// Every run's low-rank terms stacked: `x A_allᵀ` gives all terms' inner products for all
+/// rows, a 0/1 mask keeps each row's own adapter's columns, and `(·) B_allᵀ` adds them.
+/// Two matmuls per projection whatever the number of adapters, instead of a few small ops
+/// per run (the waste, rows × other adapters' ranks, is small next to the base matmul).
+#[derive(Debug)]
+struct Stacked {
+    /// `[R, in]`.
+    a: Tensor,
+    /// `[out, R]`, scales folded in, zero outside each term's columns.
+    b: Tensor,
+    /// `[rows, R]`.
+    mask: Tensor,
+}
+
+impl Stacked {
+    fn new(segments: &[(usize, Vec<LowRankTerm>)]) -> Result<Option<Self>> {
+        let terms: Vec<&LowRankTerm> = segments.iter().flat_map(|s| &s.1).collect();
+        let Some(first) = terms.first() else {
+            return Ok(None);
+        };
+        let a = Tensor::cat(&terms.iter().map(|t| &t.a).collect::<Vec<_>>(), 0)?;
+        let b = terms
+            .iter()
+            .map(|t| {
+                let (start, len, total) = t.rows;
+                (&t.b * t.scale)?.pad_with_zeros(0, start, total - start - len)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let b = Tensor::cat(&b, 1)?;
+        let width = a.dim(0)?;
+        let rows: usize = segments.iter().map(|s| s.0).sum();
+        let mut mask = vec![0f32; rows * width];
+        let (mut row, mut col) = (0, 0);
+        for (n, ts) in segments {
+            let r: usize = ts.iter().map(|t| t.a.dims()[0]).sum();
+            for i in row..row + n {
+                mask[i * width + col..i * width + col + r].fill(1.0);
+            }
+            row += n;
+            col += r;
+        }
+        let mask = Tensor::from_vec(mask, (rows, width), first.a.device())?.to_dtype(a.dtype())?;
+        Ok(Some(Stacked { a, b, mask }))
+    }
+
+    fn add(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let h = linear_forward(x, &self.a, None)?;
+        // `[rows, 1, .., R]` against `[rows, .., R]`.
+        let mut shape = vec![1; h.rank()];
+        shape[0] = self.mask.dim(0)?;
+        shape[h.rank() - 1] = self.mask.dim(1)?;
+        let h = h.broadcast_mul(&self.mask.reshape(shape)?)?;
+        y + linear_forward(&h, &self.b, None)?
+    }
 }
 
 /// Different additive adapters (or none) on consecutive row ranges of one batch, sharing
@@ -144,23 +219,39 @@ pub trait LinearAdapter: Send + Sync + fmt::Debug {
 pub struct RowSegments {
     /// `(rows, adapter)` in row order; every adapter is additive.
     segments: Vec<(usize, Option<Arc<dyn LinearAdapter>>)>,
+    /// Set when every adapter is made of low-rank terms.
+    stacked: Option<Stacked>,
 }
 
 impl RowSegments {
-    /// `None` when an adapter is not additive. Neighbouring segments without an adapter are
-    /// joined.
-    pub fn new(segments: Vec<(usize, Option<Arc<dyn LinearAdapter>>)>) -> Option<Self> {
+    /// `Ok(None)` when an adapter is not additive. Neighbouring segments without an adapter
+    /// are joined.
+    pub fn new(segments: Vec<(usize, Option<Arc<dyn LinearAdapter>>)>) -> Result<Option<Self>> {
         let mut joined: Vec<(usize, Option<Arc<dyn LinearAdapter>>)> = Vec::new();
         for (rows, a) in segments {
             if a.as_ref().is_some_and(|a| !a.is_additive()) {
-                return None;
+                return Ok(None);
             }
             match joined.last_mut() {
                 Some((n, None)) if a.is_none() => *n += rows,
                 _ => joined.push((rows, a)),
             }
         }
-        Some(RowSegments { segments: joined })
+        let terms: Option<Vec<(usize, Vec<LowRankTerm>)>> = joined
+            .iter()
+            .map(|(n, a)| match a {
+                Some(a) => a.low_rank_terms().map(|t| (*n, t)),
+                None => Some((*n, Vec::new())),
+            })
+            .collect();
+        let stacked = match terms {
+            Some(t) => Stacked::new(&t)?,
+            None => None,
+        };
+        Ok(Some(RowSegments {
+            segments: joined,
+            stacked,
+        }))
     }
 }
 
@@ -173,6 +264,9 @@ impl LinearAdapter for RowSegments {
                 "row segments cover {total} rows, the input has {}",
                 x.dim(0)?
             );
+        }
+        if let Some(s) = &self.stacked {
+            return s.add(x, y);
         }
         if let [(_, a)] = self.segments.as_slice() {
             return match a {

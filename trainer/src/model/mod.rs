@@ -20,8 +20,8 @@ pub use cache::{LayerCache, MambaCache};
 pub use checkpoint::{Checkpoint, LoadOptions};
 pub use config::{ConfigStyle, MambaConfig};
 pub use layers::{
-    Embedding, EmbeddingAdapter, Linear, LinearAdapter, Param, ParamAdapter, Projection, RmsNorm,
-    RowSegments,
+    Embedding, EmbeddingAdapter, Linear, LinearAdapter, LowRankTerm, Param, ParamAdapter,
+    Projection, RmsNorm, RowSegments,
 };
 pub use loss::{IGNORE_INDEX, causal_lm_loss};
 pub use mamba::{

@@ -107,7 +107,7 @@ impl MambaForCausalLM {
                 if segs.iter().all(|s| s.1.is_none()) {
                     continue;
                 }
-                let joined = RowSegments::new(segs).ok_or_else(|| {
+                let joined = RowSegments::new(segs)?.ok_or_else(|| {
                     Error::input("segments", "a projection adapter is not additive")
                 })?;
                 proj.set_adapter(Some(Arc::new(joined)));
@@ -122,14 +122,16 @@ mod tests {
     use super::*;
     use crate::model::MambaConfig;
     use crate::model::checkpoint::Checkpoint;
-    use crate::model::layers::{Linear, ParamAdapter, linear_forward};
+    use crate::model::layers::{Linear, LowRankTerm, ParamAdapter, linear_forward};
     use candle_core::{DType, Device};
 
-    /// `W x + B (A x)`, additive.
+    /// `W x + B (A x)`, additive; with `terms` it also offers itself as a low-rank term
+    /// (the stacked path), without only as an opaque additive adapter (per-run path).
     #[derive(Debug)]
     struct LowRank {
         a: Tensor,
         b: Tensor,
+        terms: bool,
     }
     impl LinearAdapter for LowRank {
         fn forward(&self, base: &Linear, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -141,6 +143,17 @@ mod tests {
         fn add_terms(&self, x: &Tensor, y: Tensor) -> candle_core::Result<Tensor> {
             y + linear_forward(&linear_forward(x, &self.a, None)?, &self.b, None)?
         }
+        fn low_rank_terms(&self) -> Option<Vec<LowRankTerm>> {
+            let out = self.b.dims()[0];
+            self.terms.then(|| {
+                vec![LowRankTerm {
+                    a: self.a.clone(),
+                    b: self.b.clone(),
+                    scale: 1.0,
+                    rows: (0, out, out),
+                }]
+            })
+        }
     }
 
     #[derive(Debug)]
@@ -151,15 +164,22 @@ mod tests {
         }
     }
 
-    fn low_rank(seed: f64, out: usize, inp: usize) -> Result<Arc<dyn LinearAdapter>> {
+    fn low_rank(seed: f64, out: usize, inp: usize, terms: bool) -> Result<Arc<dyn LinearAdapter>> {
         let dev = Device::Cpu;
         let a = (Tensor::randn(0f32, 1., (2, inp), &dev)? * seed)?;
         let b = (Tensor::randn(0f32, 1., (out, 2), &dev)? * 0.1)?;
-        Ok(Arc::new(LowRank { a, b }))
+        Ok(Arc::new(LowRank { a, b, terms }))
     }
 
     #[test]
     fn one_batch_of_mixed_adapters_equals_each_model_alone() -> Result<()> {
+        for terms in [true, false] {
+            mixed_batch(terms)?;
+        }
+        Ok(())
+    }
+
+    fn mixed_batch(terms: bool) -> Result<()> {
         let mut cfg = MambaConfig::new(16, 2, 40);
         cfg.state_size = 4;
         let base = Checkpoint::random(&cfg, 3, &Device::Cpu)?.into_frozen()?;
@@ -168,16 +188,16 @@ mod tests {
         one.backbone.layers[0]
             .mixer
             .in_proj
-            .set_adapter(Some(low_rank(0.3, 2 * e, 16)?));
+            .set_adapter(Some(low_rank(0.3, 2 * e, 16, terms)?));
         let mut two = base.clone();
         two.backbone.layers[1]
             .mixer
             .out_proj
-            .set_adapter(Some(low_rank(0.5, 16, e)?));
+            .set_adapter(Some(low_rank(0.5, 16, e, terms)?));
         two.backbone.layers[0]
             .mixer
             .in_proj
-            .set_adapter(Some(low_rank(-0.2, 2 * e, 16)?));
+            .set_adapter(Some(low_rank(-0.2, 2 * e, 16, terms)?));
         assert!(one.is_additive_over(&base) && two.is_additive_over(&base));
         assert!(base.is_additive_over(&base));
 
@@ -210,7 +230,10 @@ mod tests {
                     .max_all()?
                     .to_dtype(DType::F32)?
                     .to_scalar::<f32>()?;
-                assert!(diff < 1e-5, "row {row} position {pos}: {diff}");
+                assert!(
+                    diff < 1e-5,
+                    "row {row} position {pos} (terms {terms}): {diff}"
+                );
             }
         }
         // The adapters matter: row 0 differs from a base row fed the same tokens.

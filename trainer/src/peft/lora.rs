@@ -18,7 +18,7 @@ use super::init::InitRng;
 use super::sites::{EmbeddingPart, LinearPart, Proj, Runtime, Sites, Stage, dims};
 use super::spec::{check_float, check_range, one_or_many};
 use super::{ParamShape, Params, PeftMethod};
-use crate::model::layers::{embedding_lookup, linear_forward};
+use crate::model::layers::{LowRankTerm, embedding_lookup, linear_forward};
 use crate::model::{MambaConfig, MambaForCausalLM};
 
 /// A whole-matrix LoRA target.
@@ -360,6 +360,15 @@ pub(crate) struct LowRank {
 impl LinearPart for LowRank {
     fn stage(&self) -> Stage {
         Stage::Add
+    }
+
+    fn low_rank(&self) -> Option<LowRankTerm> {
+        Some(LowRankTerm {
+            a: self.a.clone(),
+            b: self.b.clone(),
+            scale: self.scale,
+            rows: self.rows,
+        })
     }
 
     fn output(&self, x: &Tensor, y: Tensor, rt: &Runtime) -> Result<Tensor> {

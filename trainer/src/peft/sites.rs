@@ -17,7 +17,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::layers::{
-    EmbeddingAdapter, Linear, LinearAdapter, ParamAdapter, embedding_lookup, linear_forward,
+    EmbeddingAdapter, Linear, LinearAdapter, LowRankTerm, ParamAdapter, embedding_lookup,
+    linear_forward,
 };
 use crate::model::{InputHook, MambaConfig, MambaForCausalLM, MixerHook};
 
@@ -107,6 +108,11 @@ pub trait LinearPart: fmt::Debug + Send + Sync {
     /// `Add`/`Extend` parts: the output given the input and the output so far.
     fn output(&self, _x: &Tensor, y: Tensor, _rt: &Runtime) -> Result<Tensor> {
         Ok(y)
+    }
+
+    /// `Add` parts that are one low-rank product in evaluation mode (LoRA): that term.
+    fn low_rank(&self) -> Option<LowRankTerm> {
+        None
     }
 
     /// The weight after this part, in merged form; `None` when it has none.
@@ -409,6 +415,13 @@ impl LinearAdapter for SiteLinear {
             candle_core::bail!("add_terms: this site transforms or extends the weight");
         }
         self.add_outputs(x, y)
+    }
+
+    fn low_rank_terms(&self) -> Option<Vec<LowRankTerm>> {
+        if self.runtime.training() {
+            return None;
+        }
+        self.parts.iter().map(|p| p.low_rank()).collect()
     }
 
     fn merged_weight(&self, base: &Linear) -> Result<Option<Tensor>> {
