@@ -85,13 +85,16 @@ pub struct Stats {
     pub decode_rows: AtomicU64,
     /// Sum over decode steps of the sub-batches (model passes) in the step.
     pub decode_groups: AtomicU64,
+    /// Batched prefills (first chunks of several prompts in one pass), and their prompts.
+    pub prefill_batches: AtomicU64,
+    pub prefill_batched_rows: AtomicU64,
 }
 
 impl Stats {
     /// Appends the serving metrics in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 13] = [
+        let rows: [(&str, &str, &str, u64); 15] = [
             (
                 "molt_adapter_cache_hits_total",
                 "counter",
@@ -170,6 +173,18 @@ impl Stats {
                 "Sub-batches (one model pass each) summed over scheduler steps; the base and \
                  its LoRA-family adapters share one.",
                 g(&self.decode_groups),
+            ),
+            (
+                "molt_serving_prefill_batches_total",
+                "counter",
+                "Prefill passes that ran the first chunks of several prompts together.",
+                g(&self.prefill_batches),
+            ),
+            (
+                "molt_serving_prefill_batched_rows_total",
+                "counter",
+                "Prompts prefilled in those batched passes.",
+                g(&self.prefill_batched_rows),
             ),
         ];
         for (name, kind, help, v) in rows {

@@ -206,6 +206,9 @@ struct Prefill {
     cache: MambaCache,
     /// Prompt tokens already in `cache`.
     done: usize,
+    /// The last position's logits `[1, V]`, once the prompt is done.
+    logits: Option<Tensor>,
+    failed: Option<String>,
 }
 
 fn run(
@@ -245,24 +248,67 @@ fn run(
                 None => release(1),
             }
         }
-        // Prefill, FIFO, within this step's budget (all of it when nothing decodes); a
-        // finished prompt joins its group between two decode steps.
+        // Prefill within this step's token budget (all of it when nothing decodes), FIFO.
+        // The first chunks of new prompts on the shared group's models run as one batch;
+        // the rest one prompt at a time. A finished prompt joins its group between two
+        // decode steps.
         let mut budget = if active == 0 {
             usize::MAX
         } else {
             PREFILL_CHUNK
         };
-        let mut i = 0;
-        while i < prefilling.len() && budget > 0 {
-            if prefilling[i].req.tx.is_closed() {
-                prefilling.remove(i);
+        prefilling.retain(|p| {
+            let open = !p.req.tx.is_closed();
+            if !open {
                 release(1);
+            }
+            open
+        });
+        let mut batch = Vec::new();
+        let mut used = 0;
+        for (i, p) in prefilling.iter().enumerate() {
+            if p.done > 0 || p.req.model.shared_base.is_none() {
                 continue;
             }
-            match prefill_chunk(&mut prefilling[i], &mut budget) {
-                Ok(None) => i += 1,
-                Ok(Some(logits)) => {
-                    let p = prefilling.remove(i);
+            let piece = p.req.prompt.len().min(PREFILL_CHUNK);
+            if !batch.is_empty() && used + piece > budget {
+                break;
+            }
+            used += piece;
+            batch.push(i);
+        }
+        if batch.len() > 1 {
+            budget = budget.saturating_sub(used);
+            match prefill_batch(&mut prefilling, &batch) {
+                Ok(()) => {
+                    stats.prefill_batches.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .prefill_batched_rows
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    for &i in &batch {
+                        prefilling[i].failed = Some(e.to_string());
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        while i < prefilling.len() {
+            let p = &mut prefilling[i];
+            if p.logits.is_none() && p.failed.is_none() && budget > 0 {
+                match prefill_chunk(p, &mut budget) {
+                    Ok(logits) => p.logits = logits,
+                    Err(e) => p.failed = Some(e.to_string()),
+                }
+            }
+            if p.logits.is_none() && p.failed.is_none() {
+                i += 1;
+                continue;
+            }
+            let p = prefilling.remove(i);
+            match (p.logits, p.failed) {
+                (Some(logits), None) => {
                     stats
                         .prompt_tokens
                         .fetch_add(p.req.prompt.len() as u64, Ordering::Relaxed);
@@ -273,9 +319,9 @@ fn run(
                     }
                     active += 1;
                 }
-                Err(e) => {
-                    let p = prefilling.remove(i);
-                    let _ = p.req.tx.send(SeqEvent::Failed(e.to_string()));
+                (_, failed) => {
+                    let m = failed.unwrap_or_else(|| "prefill failed".into());
+                    let _ = p.req.tx.send(SeqEvent::Failed(m));
                     release(1);
                 }
             }
@@ -326,6 +372,8 @@ fn start_prefill(r: SeqRequest) -> Option<Prefill> {
             req: r,
             cache,
             done: 0,
+            logits: None,
+            failed: None,
         }),
         Err(e) => {
             let _ = r.tx.send(SeqEvent::Failed(e.to_string()));
@@ -353,6 +401,74 @@ fn prefill_chunk(p: &mut Prefill, budget: &mut usize) -> trainer::Result<Option<
     let logits = m.prefill(&input, &mut p.cache)?;
     p.done += take;
     Ok((p.done == p.req.prompt.len()).then_some(logits))
+}
+
+/// Runs the first chunk of the prompts at `batch` (fresh, on the shared group's models) as
+/// one left-padded batch: a masked pad leaves a zero Mamba state exactly zero, so each row
+/// ends as it would alone. Rows are ordered by model so each model's rows form one run of
+/// the base's row-segmented model.
+fn prefill_batch(ps: &mut [Prefill], batch: &[usize]) -> trainer::Result<()> {
+    let mut order = batch.to_vec();
+    order.sort_by(|&a, &b| ps[a].req.model.key.cmp(&ps[b].req.model.key));
+    let pieces: Vec<usize> = order
+        .iter()
+        .map(|&i| ps[i].req.prompt.len().min(PREFILL_CHUNK))
+        .collect();
+    let width = pieces.iter().copied().max().unwrap_or(0);
+    let n = order.len();
+    let mut ids = vec![0u32; n * width];
+    let mut mask = vec![0f32; n * width];
+    for (r, (&i, &len)) in order.iter().zip(&pieces).enumerate() {
+        let at = r * width + width - len;
+        ids[at..at + len].copy_from_slice(&ps[i].req.prompt[..len]);
+        mask[at..at + len].fill(1.0);
+    }
+    let (logits, cache) = {
+        let Some(base) = ps[order[0]].req.model.shared_base.as_ref() else {
+            return Err(trainer::Error::Input {
+                field: "prefill".into(),
+                reason: "a batched prompt has no shared base".into(),
+            });
+        };
+        let mut runs: Vec<(usize, &str, &MambaForCausalLM)> = Vec::new();
+        for &i in &order {
+            let m = &ps[i].req.model;
+            match runs.last_mut() {
+                Some((k, key, _)) if *key == m.key => *k += 1,
+                _ => runs.push((1, m.key.as_str(), m.model.as_ref())),
+            }
+        }
+        let runs: Vec<(usize, &MambaForCausalLM)> =
+            runs.into_iter().map(|(k, _, m)| (k, m)).collect();
+        let model = base.row_segmented(&runs)?;
+        let ids = Tensor::from_vec(ids, (n, width), &Device::Cpu)?;
+        let mask = Tensor::from_vec(mask, (n, width), &Device::Cpu)?;
+        let input = ModelInput::new(&ids, Some(&mask), model.vocab_size())?;
+        let mut cache = model.new_cache(n)?;
+        (model.prefill(&input, &mut cache)?, cache)
+    };
+    for (r, (&i, &len)) in order.iter().zip(&pieces).enumerate() {
+        let layers = cache
+            .layers
+            .iter()
+            .map(|l| {
+                Ok(LayerCache {
+                    conv: l.conv.narrow(0, r, 1)?.contiguous()?,
+                    ssm: l.ssm.narrow(0, r, 1)?.contiguous()?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let p = &mut ps[i];
+        p.cache = MambaCache {
+            layers,
+            seqlen_offset: len,
+        };
+        p.done = len;
+        if len == p.req.prompt.len() {
+            p.logits = Some(logits.narrow(0, r, 1)?);
+        }
+    }
+    Ok(())
 }
 
 /// `t` with `row` inserted before index `at` of dimension 0.
@@ -564,6 +680,95 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A LoRA on in_proj and out_proj moved off its zero init, served hot-swapped.
+    fn lora(base: &Arc<MambaForCausalLM>, seed: u64) -> ServedModel {
+        let spec = trainer::peft::AdapterSpec::from_value(
+            &serde_json::json!({"type": "lora", "targets": ["in_proj", "out_proj"], "r": 2}),
+        )
+        .expect("spec");
+        let a = trainer::peft::Adapter::init(&spec, base, seed).expect("init");
+        for v in a.vars().values() {
+            v.set(&(v.as_tensor() + 0.05).expect("add")).expect("set");
+        }
+        let loaded =
+            super::super::LoadedAdapter::new(&format!("lora-{seed}"), a, base).expect("load");
+        assert!(loaded.shared_base.is_some());
+        ServedModel::adapter(Arc::new(loaded))
+    }
+
+    #[test]
+    fn prompts_prefilled_together_match_each_alone() -> trainer::Result<()> {
+        let mut cfg = MambaConfig::new(32, 2, 64);
+        cfg.state_size = 4;
+        let base = Arc::new(Checkpoint::random(&cfg, 2, &Device::Cpu)?.into_frozen()?);
+        let plain = ServedModel {
+            key: "base".into(),
+            model: base.clone(),
+            initial_state: None,
+            pin: None,
+            shared_base: Some(base.clone()),
+        };
+        let (one, two) = (lora(&base, 1), lora(&base, 2));
+        // Different lengths (left padding), models interleaved (runs re-ordered).
+        let cases: Vec<(ServedModel, Vec<u32>)> = vec![
+            (one.clone(), vec![5, 9, 2, 7, 1, 1, 3]),
+            (plain.clone(), vec![4]),
+            (two.clone(), vec![8, 8, 6, 1, 2]),
+            (one.clone(), vec![3, 2]),
+            (plain, vec![10, 11, 12, 13, 14, 15, 16, 17, 18]),
+            (two, vec![7, 7, 7]),
+        ];
+        let stats = Arc::new(Stats::default());
+        let sched = Scheduler::start("test", 16, 16, stats.clone());
+        let alone: Vec<Vec<TokenOut>> = cases
+            .iter()
+            .map(|(m, p)| generate(&sched, m, p.clone(), 5))
+            .collect();
+        // The scheduler may wake between two sends; retry until the prompts met in a batch.
+        for _ in 0..5 {
+            let mut rxs = Vec::new();
+            let mut reqs = Vec::new();
+            for (m, p) in &cases {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                reqs.push(SeqRequest {
+                    model: m.clone(),
+                    prompt: p.clone(),
+                    params: SeqParams {
+                        max_tokens: 5,
+                        temperature: 0.0,
+                        top_p: 1.0,
+                        seed: 0,
+                        logprobs: Some(0),
+                        eos: Vec::new(),
+                    },
+                    tx,
+                });
+                rxs.push(rx);
+            }
+            assert!(sched.submit(reqs).is_ok());
+            for (rx, want) in rxs.iter_mut().zip(&alone) {
+                let mut got = Vec::new();
+                while let Some(SeqEvent::Token(t)) = rx.blocking_recv() {
+                    got.push(t);
+                }
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(want) {
+                    assert_eq!(g.id, w.id);
+                    assert!(
+                        (g.logprob - w.logprob).abs() < 1e-4,
+                        "{} vs {}",
+                        g.logprob,
+                        w.logprob
+                    );
+                }
+            }
+            if stats.prefill_batched_rows.load(Ordering::Relaxed) >= 4 {
+                return Ok(());
+            }
+        }
+        panic!("the prompts were never prefilled in one batch");
     }
 
     #[test]

@@ -159,7 +159,9 @@ pub struct LowRankTerm {
 /// Every run's low-rank terms stacked: `x A_allᵀ` gives all terms' inner products for all
 /// rows, a 0/1 mask keeps each row's own adapter's columns, and `(·) B_allᵀ` adds them.
 /// Two matmuls per projection whatever the number of adapters, instead of a few small ops
-/// per run (the waste, rows × other adapters' ranks, is small next to the base matmul).
+/// per run. The price is computing every row against every adapter's rank: at 64 rows on
+/// 64 rank-8 adapters of the 130m shape that is about as much as in_proj's base matmul, and
+/// still faster than 64 runs of small ops (BENCHMARKS.md, "Serving").
 #[derive(Debug)]
 struct Stacked {
     /// `[R, in]`.
