@@ -235,6 +235,21 @@ pub struct ServedModel {
 }
 
 impl ServedModel {
+    /// Whether this model's prompts may be prefilled in chunks and, from a zero state, in
+    /// left-padded batches: no inserted prompt/affix tokens and no initial state.
+    pub fn plain_prefill(&self) -> bool {
+        self.shared_base.is_some()
+            || (self.initial_state.is_none() && !self.model.inserts_positions())
+    }
+
+    /// Prompts that may be prefilled in one batch share this key.
+    fn batch_key(&self) -> &str {
+        match self.shared_base {
+            Some(_) => scheduler::SHARED,
+            None => &self.key,
+        }
+    }
+
     pub fn base(b: &LoadedBase) -> Self {
         ServedModel {
             key: b.id.clone(),

@@ -194,7 +194,7 @@ impl Group {
 }
 
 /// Key of the shared group (model keys are ids and names, never this).
-const SHARED: &str = "\0shared";
+pub(super) const SHARED: &str = "\0shared";
 
 /// Prompt tokens run per scheduler step while other sequences decode: a long prompt then
 /// delays each of their tokens by one chunk's prefill instead of its whole prompt's.
@@ -264,28 +264,40 @@ fn run(
             }
             open
         });
-        let mut batch = Vec::new();
-        let mut used = 0;
-        for (i, p) in prefilling.iter().enumerate() {
-            if p.done > 0 || p.req.model.shared_base.is_none() {
-                continue;
+        // One batch per batch key, in order of each key's oldest prompt.
+        while budget > 0 {
+            let mut batch = Vec::new();
+            let mut used = 0;
+            let mut key = None;
+            for (i, p) in prefilling.iter().enumerate() {
+                let m = &p.req.model;
+                if p.done > 0
+                    || p.failed.is_some()
+                    || !m.plain_prefill()
+                    || key.is_some_and(|k| k != m.batch_key())
+                {
+                    continue;
+                }
+                let piece = p.req.prompt.len().min(PREFILL_CHUNK);
+                if !batch.is_empty() && used + piece > budget {
+                    break;
+                }
+                key = Some(m.batch_key());
+                used += piece;
+                batch.push(i);
             }
-            let piece = p.req.prompt.len().min(PREFILL_CHUNK);
-            if !batch.is_empty() && used + piece > budget {
+            if batch.is_empty() {
                 break;
             }
-            used += piece;
-            batch.push(i);
-        }
-        if batch.len() > 1 {
             budget = budget.saturating_sub(used);
             match prefill_batch(&mut prefilling, &batch) {
-                Ok(()) => {
+                Ok(()) if batch.len() > 1 => {
                     stats.prefill_batches.fetch_add(1, Ordering::Relaxed);
                     stats
                         .prefill_batched_rows
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
                 }
+                Ok(()) => {}
                 Err(e) => {
                     for &i in &batch {
                         prefilling[i].failed = Some(e.to_string());
@@ -383,13 +395,13 @@ fn start_prefill(r: SeqRequest) -> Option<Prefill> {
 }
 
 /// Runs the next chunk of a prompt, taking its length from `budget`. A prompt is chunked
-/// only on models without inserted tokens (the shared group's: base and additive adapters),
-/// whose prefill is the same in pieces as whole; others run whole. Returns the last
+/// only on models without inserted tokens ([`ServedModel::plain_prefill`]), whose prefill
+/// is the same in pieces as whole; others run whole. Returns the last
 /// position's logits `[1, V]` once the prompt is done.
 fn prefill_chunk(p: &mut Prefill, budget: &mut usize) -> trainer::Result<Option<Tensor>> {
     let m = &p.req.model.model;
     let rest = p.req.prompt.len() - p.done;
-    let take = if p.req.model.shared_base.is_some() {
+    let take = if p.req.model.plain_prefill() {
         rest.min(*budget)
     } else {
         rest
@@ -403,10 +415,10 @@ fn prefill_chunk(p: &mut Prefill, budget: &mut usize) -> trainer::Result<Option<
     Ok((p.done == p.req.prompt.len()).then_some(logits))
 }
 
-/// Runs the first chunk of the prompts at `batch` (fresh, on the shared group's models) as
+/// Runs the first chunk of the prompts at `batch` (fresh, one batch key, plain prefill) as
 /// one left-padded batch: a masked pad leaves a zero Mamba state exactly zero, so each row
-/// ends as it would alone. Rows are ordered by model so each model's rows form one run of
-/// the base's row-segmented model.
+/// ends as it would alone. For the shared group, rows are ordered by model so each model's
+/// rows form one run of the base's row-segmented model.
 fn prefill_batch(ps: &mut [Prefill], batch: &[usize]) -> trainer::Result<()> {
     let mut order = batch.to_vec();
     order.sort_by(|&a, &b| ps[a].req.model.key.cmp(&ps[b].req.model.key));
@@ -424,12 +436,7 @@ fn prefill_batch(ps: &mut [Prefill], batch: &[usize]) -> trainer::Result<()> {
         mask[at..at + len].fill(1.0);
     }
     let (logits, cache) = {
-        let Some(base) = ps[order[0]].req.model.shared_base.as_ref() else {
-            return Err(trainer::Error::Input {
-                field: "prefill".into(),
-                reason: "a batched prompt has no shared base".into(),
-            });
-        };
+        let first = &ps[order[0]].req.model;
         let mut runs: Vec<(usize, &str, &MambaForCausalLM)> = Vec::new();
         for &i in &order {
             let m = &ps[i].req.model;
@@ -440,7 +447,11 @@ fn prefill_batch(ps: &mut [Prefill], batch: &[usize]) -> trainer::Result<()> {
         }
         let runs: Vec<(usize, &MambaForCausalLM)> =
             runs.into_iter().map(|(k, _, m)| (k, m)).collect();
-        let model = base.row_segmented(&runs)?;
+        let model = match &first.shared_base {
+            Some(base) => std::borrow::Cow::Owned(base.row_segmented(&runs)?),
+            // One model: the batch key is its key.
+            None => std::borrow::Cow::Borrowed(first.model.as_ref()),
+        };
         let ids = Tensor::from_vec(ids, (n, width), &Device::Cpu)?;
         let mask = Tensor::from_vec(mask, (n, width), &Device::Cpu)?;
         let input = ModelInput::new(&ids, Some(&mask), model.vocab_size())?;
@@ -497,10 +508,7 @@ fn join(
         req: r,
     };
     let shared_base = seq.req.model.shared_base.clone();
-    let key = match shared_base {
-        Some(_) => SHARED.to_string(),
-        None => seq.req.model.key.clone(),
-    };
+    let key = seq.req.model.batch_key().to_string();
     match groups.iter_mut().find(|g| g.key == key) {
         Some(g) => {
             // After the last row of the same model, so runs stay contiguous.
@@ -711,9 +719,19 @@ mod tests {
             shared_base: Some(base.clone()),
         };
         let (one, two) = (lora(&base, 1), lora(&base, 2));
+        // A model of its own (as a merged one is): batched apart from the shared group.
+        let other = ServedModel {
+            key: "other".into(),
+            model: Arc::new(Checkpoint::random(&cfg, 3, &Device::Cpu)?.into_frozen()?),
+            initial_state: None,
+            pin: None,
+            shared_base: None,
+        };
         // Different lengths (left padding), models interleaved (runs re-ordered).
         let cases: Vec<(ServedModel, Vec<u32>)> = vec![
+            (other.clone(), vec![1, 2, 3, 4, 5, 6]),
             (one.clone(), vec![5, 9, 2, 7, 1, 1, 3]),
+            (other, vec![9, 9]),
             (plain.clone(), vec![4]),
             (two.clone(), vec![8, 8, 6, 1, 2]),
             (one.clone(), vec![3, 2]),
@@ -747,6 +765,7 @@ mod tests {
                 });
                 rxs.push(rx);
             }
+            let before = stats.prefill_batched_rows.load(Ordering::Relaxed);
             assert!(sched.submit(reqs).is_ok());
             for (rx, want) in rxs.iter_mut().zip(&alone) {
                 let mut got = Vec::new();
@@ -764,7 +783,8 @@ mod tests {
                     );
                 }
             }
-            if stats.prefill_batched_rows.load(Ordering::Relaxed) >= 4 {
+            // 2 prompts on `other`, 6 in the shared group.
+            if stats.prefill_batched_rows.load(Ordering::Relaxed) - before == 8 {
                 return Ok(());
             }
         }

@@ -704,6 +704,12 @@ impl MambaForCausalLM {
         }
     }
 
+    /// Whether a method inserts positions into the sequence (prompt or affix tokens): such
+    /// a model's prompt must run whole, unpadded.
+    pub fn inserts_positions(&self) -> bool {
+        self.input_hook.is_some() || self.backbone.layers.iter().any(|b| b.mixer.hook.is_some())
+    }
+
     /// An empty (zero) cache for `batch` sequences.
     pub fn new_cache(&self, batch: usize) -> Result<MambaCache> {
         let layers = self
