@@ -170,6 +170,74 @@ struct Stacked {
     b: Tensor,
     /// `[rows, R]`.
     mask: Tensor,
+    /// The same terms as plain f32 slices, for the fused CPU path.
+    cpu: Option<LowRankRows>,
+}
+
+/// `y + ((x A_allᵀ) ⊙ mask) B_allᵀ` fused for f32 on the CPU: each row runs only its own
+/// adapter's rank (no masked waste) and no small matmul pays a thread-pool dispatch, which
+/// at decode batch sizes costs more than the arithmetic.
+#[derive(Debug, Clone)]
+struct LowRankRows {
+    /// `[R, in]`.
+    a: Arc<Vec<f32>>,
+    /// `[R, out]` (B_allᵀ), scales folded in.
+    bt: Arc<Vec<f32>>,
+    /// Per batch row: its adapter's columns `start..end` of R.
+    cols: Arc<Vec<(usize, usize)>>,
+    inp: usize,
+    out: usize,
+}
+
+impl LowRankRows {
+    fn row(&self, (c0, c1): (usize, usize), x: &[f32], y: &mut [f32]) {
+        for j in c0..c1 {
+            let a = &self.a[j * self.inp..(j + 1) * self.inp];
+            let h: f32 = a.iter().zip(x).map(|(a, x)| a * x).sum();
+            let b = &self.bt[j * self.out..(j + 1) * self.out];
+            for (y, b) in y.iter_mut().zip(b) {
+                *y += h * b;
+            }
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for LowRankRows {
+    fn name(&self) -> &'static str {
+        "low-rank-rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (Some((x0, x1)), Some((y0, y1))) = (xl.contiguous_offsets(), yl.contiguous_offsets())
+        else {
+            candle_core::bail!("low-rank-rows: inputs must be contiguous");
+        };
+        let x = &xs.as_slice::<f32>()?[x0..x1];
+        let mut y = ys.as_slice::<f32>()?[y0..y1].to_vec();
+        let rows = self.cols.len();
+        // Positions per row (1 when decoding, the chunk length when prefilling).
+        let per = x.len() / (rows * self.inp).max(1);
+        if x.len() != rows * per * self.inp || y.len() != rows * per * self.out {
+            candle_core::bail!("low-rank-rows: shapes do not match the row segments");
+        }
+        let work = x.len() * (self.inp + self.out) / self.inp.max(1);
+        let each = |(k, yv): (usize, &mut [f32])| {
+            self.row(self.cols[k / per], &x[k * self.inp..(k + 1) * self.inp], yv);
+        };
+        if work < 1 << 16 {
+            y.chunks_mut(self.out).enumerate().for_each(each);
+        } else {
+            y.par_chunks_mut(self.out).enumerate().for_each(each);
+        }
+        Ok((CpuStorage::F32(y), yl.shape().clone()))
+    }
 }
 
 impl Stacked {
@@ -199,11 +267,41 @@ impl Stacked {
             row += n;
             col += r;
         }
+        let mut cols = Vec::with_capacity(rows);
+        let mut col = 0;
+        for (n, ts) in segments {
+            let r: usize = ts.iter().map(|t| t.a.dims()[0]).sum();
+            cols.extend(std::iter::repeat_n((col, col + r), *n));
+            col += r;
+        }
+        let cpu = if a.device().is_cpu() && a.dtype() == DType::F32 {
+            Some(LowRankRows {
+                a: Arc::new(a.flatten_all()?.to_vec1::<f32>()?),
+                bt: Arc::new(b.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?),
+                cols: Arc::new(cols),
+                inp: a.dim(1)?,
+                out: b.dim(0)?,
+            })
+        } else {
+            None
+        };
         let mask = Tensor::from_vec(mask, (rows, width), first.a.device())?.to_dtype(a.dtype())?;
-        Ok(Some(Stacked { a, b, mask }))
+        Ok(Some(Stacked { a, b, mask, cpu }))
     }
 
     fn add(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        if let Some(op) = &self.cpu
+            && x.dtype() == DType::F32
+            && y.dtype() == DType::F32
+            && !x.track_op()
+        {
+            return x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, op);
+        }
+        self.add_matmul(x, y)
+    }
+
+    /// The device-generic path: masked matmuls.
+    fn add_matmul(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let h = linear_forward(x, &self.a, None)?;
         // `[rows, 1, .., R]` against `[rows, .., R]`.
         let mut shape = vec![1; h.rank()];
@@ -495,6 +593,83 @@ mod tests {
         // d sum(x Wᵀ) / dx = 1·W summed over outputs = [9, 12] per row.
         let gx = grads.get(xv.as_tensor()).map(|g| g.to_vec2::<f32>());
         assert_eq!(gx.transpose()?, Some(vec![vec![9., 12.], vec![9., 12.]]));
+        Ok(())
+    }
+
+    /// Low-rank terms only (what RowSegments stacks).
+    #[derive(Debug)]
+    struct Terms(Vec<LowRankTerm>);
+    impl LinearAdapter for Terms {
+        fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
+            self.add_terms(x, base.forward(x)?)
+        }
+        fn is_additive(&self) -> bool {
+            true
+        }
+        fn add_terms(&self, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
+            for t in &self.0 {
+                let (start, len, total) = t.rows;
+                let low = (linear_forward(&linear_forward(x, &t.a, None)?, &t.b, None)? * t.scale)?;
+                y = (y + low.pad_with_zeros(D::Minus1, start, total - start - len)?)?;
+            }
+            Ok(y)
+        }
+        fn low_rank_terms(&self) -> Option<Vec<LowRankTerm>> {
+            Some(self.0.clone())
+        }
+    }
+
+    #[test]
+    fn stacked_low_rank_rows_fused_and_matmul_paths_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let (inp, out) = (6, 5);
+        let term = |seed: u64, r: usize, rows: (usize, usize, usize)| -> Result<LowRankTerm> {
+            let a = Tensor::randn(0f32, 1., (r, inp), &dev)?;
+            let b = (Tensor::randn(0f32, 1., (rows.1, r), &dev)? + seed as f64)?;
+            Ok(LowRankTerm {
+                a,
+                b,
+                scale: 0.5,
+                rows,
+            })
+        };
+        let one: Arc<dyn LinearAdapter> = Arc::new(Terms(vec![term(1, 2, (0, out, out))?]));
+        // Two terms, one on a slice of the outputs (partial LoRA).
+        let two: Arc<dyn LinearAdapter> = Arc::new(Terms(vec![
+            term(2, 3, (0, out, out))?,
+            term(3, 1, (1, 2, out))?,
+        ]));
+        let segs = vec![(2, Some(one.clone())), (1, None), (3, Some(two.clone()))];
+        let base = Linear::new(Tensor::randn(0f32, 1., (out, inp), &dev)?, None);
+        // Decoding ([rows, in]) and prefilling ([rows, L, in]) inputs.
+        for shape in [vec![6, inp], vec![6, 3, inp]] {
+            let x = Tensor::randn(0f32, 1., shape.as_slice(), &dev)?;
+            let Some(rs) = RowSegments::new(segs.clone())? else {
+                panic!("additive adapters are accepted");
+            };
+            let fused = rs.forward(&base, &x)?;
+            let Some(stacked) = &rs.stacked else {
+                panic!("low-rank terms are stacked");
+            };
+            let y = base.forward(&x)?;
+            // The matmul path, as on devices without the fused op.
+            let masked = stacked.add_matmul(&x, y.clone())?;
+            // Each run alone through its adapter's own forward.
+            let runs = Tensor::cat(
+                &[
+                    one.forward(&base, &x.narrow(0, 0, 2)?)?,
+                    y.narrow(0, 2, 1)?,
+                    two.forward(&base, &x.narrow(0, 3, 3)?)?,
+                ],
+                0,
+            )?;
+            for got in [&fused, &masked] {
+                let d = (got - &runs)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(d < 1e-4, "{d}");
+            }
+            let moved = (&fused - &y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(moved > 1e-2, "the terms change the output");
+        }
         Ok(())
     }
 
