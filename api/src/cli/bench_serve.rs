@@ -127,15 +127,8 @@ fn run_batch(models: &[ServedModel], a: &BenchServeArgs, vocab: usize) -> Result
         reqs.push(SeqRequest {
             model: models[i % models.len()].clone(),
             prompt,
-            params: SeqParams {
-                max_tokens: a.gen_tokens.max(1),
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-                logprobs: None,
-                // Never stop early: every sequence makes exactly gen_tokens tokens.
-                eos: Vec::new(),
-            },
+            // Never stops early: every sequence makes exactly gen_tokens tokens.
+            params: SeqParams::greedy(a.gen_tokens.max(1)),
             tx,
         });
         rxs.push(rx);

@@ -41,6 +41,20 @@ pub struct SeqParams {
     pub eos: Vec<u32>,
 }
 
+impl SeqParams {
+    /// Greedy decoding of `max_tokens` tokens, no log-probabilities, no end-of-sequence.
+    pub fn greedy(max_tokens: usize) -> Self {
+        SeqParams {
+            max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            logprobs: None,
+            eos: Vec::new(),
+        }
+    }
+}
+
 /// One sequence to generate.
 pub struct SeqRequest {
     pub model: ServedModel,
@@ -664,18 +678,13 @@ mod tests {
         n: usize,
     ) -> Vec<TokenOut> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let params = SeqParams {
-            max_tokens: n,
-            temperature: 0.0,
-            top_p: 1.0,
-            seed: 0,
-            logprobs: Some(0),
-            eos: Vec::new(),
-        };
         let req = SeqRequest {
             model: model.clone(),
             prompt,
-            params,
+            params: SeqParams {
+                logprobs: Some(0),
+                ..SeqParams::greedy(n)
+            },
             tx,
         };
         assert!(sched.submit(vec![req]).is_ok());
@@ -688,6 +697,20 @@ mod tests {
             }
         }
         out
+    }
+
+    fn plain_model(
+        key: &str,
+        model: Arc<MambaForCausalLM>,
+        shared_base: Option<Arc<MambaForCausalLM>>,
+    ) -> ServedModel {
+        ServedModel {
+            key: key.into(),
+            model,
+            initial_state: None,
+            pin: None,
+            shared_base,
+        }
     }
 
     /// A LoRA on in_proj and out_proj moved off its zero init, served hot-swapped.
@@ -711,22 +734,14 @@ mod tests {
         let mut cfg = MambaConfig::new(32, 2, 64);
         cfg.state_size = 4;
         let base = Arc::new(Checkpoint::random(&cfg, 2, &Device::Cpu)?.into_frozen()?);
-        let plain = ServedModel {
-            key: "base".into(),
-            model: base.clone(),
-            initial_state: None,
-            pin: None,
-            shared_base: Some(base.clone()),
-        };
+        let plain = plain_model("base", base.clone(), Some(base.clone()));
         let (one, two) = (lora(&base, 1), lora(&base, 2));
         // A model of its own (as a merged one is): batched apart from the shared group.
-        let other = ServedModel {
-            key: "other".into(),
-            model: Arc::new(Checkpoint::random(&cfg, 3, &Device::Cpu)?.into_frozen()?),
-            initial_state: None,
-            pin: None,
-            shared_base: None,
-        };
+        let other = plain_model(
+            "other",
+            Arc::new(Checkpoint::random(&cfg, 3, &Device::Cpu)?.into_frozen()?),
+            None,
+        );
         // Different lengths (left padding), models interleaved (runs re-ordered).
         let cases: Vec<(ServedModel, Vec<u32>)> = vec![
             (other.clone(), vec![1, 2, 3, 4, 5, 6]),
@@ -754,12 +769,8 @@ mod tests {
                     model: m.clone(),
                     prompt: p.clone(),
                     params: SeqParams {
-                        max_tokens: 5,
-                        temperature: 0.0,
-                        top_p: 1.0,
-                        seed: 0,
                         logprobs: Some(0),
-                        eos: Vec::new(),
+                        ..SeqParams::greedy(5)
                     },
                     tx,
                 });
@@ -796,13 +807,7 @@ mod tests {
         let mut cfg = MambaConfig::new(32, 2, 64);
         cfg.state_size = 4;
         let base = Arc::new(Checkpoint::random(&cfg, 1, &Device::Cpu)?.into_frozen()?);
-        let served = ServedModel {
-            key: "base".into(),
-            model: base.clone(),
-            initial_state: None,
-            pin: None,
-            shared_base: Some(base.clone()),
-        };
+        let served = plain_model("base", base.clone(), Some(base.clone()));
         let stats = Arc::new(Stats::default());
         let sched = Scheduler::start("test", 8, 8, stats.clone());
         let long: Vec<u32> = (0..12 * PREFILL_CHUNK + 17)
@@ -816,14 +821,7 @@ mod tests {
         let companion = SeqRequest {
             model: served.clone(),
             prompt: vec![1, 2, 3],
-            params: SeqParams {
-                max_tokens: 100_000,
-                temperature: 0.0,
-                top_p: 1.0,
-                seed: 0,
-                logprobs: None,
-                eos: Vec::new(),
-            },
+            params: SeqParams::greedy(100_000),
             tx,
         };
         assert!(sched.submit(vec![companion]).is_ok());
