@@ -263,9 +263,9 @@ fn run(
             }
         }
         // Prefill within this step's token budget (all of it when nothing decodes), FIFO.
-        // The first chunks of new prompts on the shared group's models run as one batch;
-        // the rest one prompt at a time. A finished prompt joins its group between two
-        // decode steps.
+        // The first chunks of new prompts run as one batch per batch key (a model, or the
+        // shared group's base), the rest one prompt at a time. A finished prompt joins its
+        // group between two decode steps.
         let mut budget = if active == 0 {
             usize::MAX
         } else {
@@ -285,8 +285,15 @@ fn run(
             let mut key = None;
             for (i, p) in prefilling.iter().enumerate() {
                 let m = &p.req.model;
+                // A prompt the model would refuse runs alone, failing only itself.
+                let valid = !p.req.prompt.is_empty()
+                    && p.req
+                        .prompt
+                        .iter()
+                        .all(|&t| (t as usize) < m.model.vocab_size());
                 if p.done > 0
                     || p.failed.is_some()
+                    || !valid
                     || !m.plain_prefill()
                     || key.is_some_and(|k| k != m.batch_key())
                 {

@@ -192,14 +192,32 @@ struct LowRankRows {
 impl LowRankRows {
     fn row(&self, (c0, c1): (usize, usize), x: &[f32], y: &mut [f32]) {
         for j in c0..c1 {
-            let a = &self.a[j * self.inp..(j + 1) * self.inp];
-            let h: f32 = a.iter().zip(x).map(|(a, x)| a * x).sum();
+            let h = dot(&self.a[j * self.inp..(j + 1) * self.inp], x);
             let b = &self.bt[j * self.out..(j + 1) * self.out];
             for (y, b) in y.iter_mut().zip(b) {
                 *y += h * b;
             }
         }
     }
+}
+
+/// `Σ aᵢ·bᵢ` with eight independent partial sums: a single running sum is one long chain of
+/// dependent adds the compiler may not reorder (nor vectorise).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ca.zip(cb) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 impl candle_core::CustomOp2 for LowRankRows {
