@@ -55,6 +55,38 @@ fn openai_python() -> Result<PathBuf, String> {
     Ok(python)
 }
 
+/// Runs `api/tests/python/{script}` with the venv's python against `s` (its URL and key in
+/// `MOLT_URL`/`MOLT_API_KEY`, plus `env`) and fails, with both outputs and the server's log,
+/// unless it succeeds.
+async fn run_client(python: PathBuf, script: &str, s: &Server, env: Vec<(&'static str, String)>) {
+    let script_path = repo_root().join("api/tests/python").join(script);
+    let out = tokio::task::spawn_blocking({
+        let url = s.url.clone();
+        let key = s.key.clone();
+        move || {
+            Command::new(python)
+                .arg(script_path)
+                .env("MOLT_URL", url)
+                .env("MOLT_API_KEY", key)
+                .envs(env)
+                .env_remove("OPENAI_API_KEY")
+                .env_remove("OPENAI_BASE_URL")
+                .output()
+                .expect("run python")
+        }
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "{script} failed:\nstdout: {}\nstderr: {}\nserver log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s.log_text()
+    );
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_openai_client_drives_files_and_jobs() {
     let python = match openai_python() {
@@ -78,38 +110,22 @@ async fn official_openai_client_drives_files_and_jobs() {
         ));
     }
     std::fs::write(&dataset, lines).expect("dataset");
-    let script = repo_root().join("api/tests/python/openai_flow.py");
-    let out = tokio::task::spawn_blocking({
-        let url = s.url.clone();
-        let key = s.key.clone();
-        move || {
-            Command::new(python)
-                .arg(script)
-                .env("MOLT_URL", url)
-                .env("MOLT_API_KEY", key)
-                .env("MOLT_DATASET", dataset)
-                .env("MOLT_MODEL", "tiny")
-                // OpenAI's own method form: supervised, which molt trains as its default LoRA.
-                .env(
-                    "MOLT_METHOD",
-                    r#"{"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}"#,
-                )
-                .env_remove("OPENAI_API_KEY")
-                .env_remove("OPENAI_BASE_URL")
-                .output()
-                .expect("run python")
-        }
-    })
-    .await
-    .expect("join");
-    assert!(
-        out.status.success(),
-        "the openai client flow failed:\nstdout: {}\nstderr: {}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log_text()
-    );
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    run_client(
+        python,
+        "openai_flow.py",
+        &s,
+        vec![
+            ("MOLT_DATASET", dataset.display().to_string()),
+            ("MOLT_MODEL", "tiny".into()),
+            // OpenAI's own method form: supervised, which molt trains as its default LoRA.
+            (
+                "MOLT_METHOD",
+                r#"{"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}}"#
+                    .into(),
+            ),
+        ],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,30 +140,11 @@ async fn official_openai_client_streams_a_completion() {
     let s = Server::start(ServeOptions::default()).await;
     s.register_model("demo", &repo_root().join("models/demo"))
         .await;
-    let script = repo_root().join("api/tests/python/openai_completions.py");
-    let out = tokio::task::spawn_blocking({
-        let url = s.url.clone();
-        let key = s.key.clone();
-        move || {
-            Command::new(python)
-                .arg(script)
-                .env("MOLT_URL", url)
-                .env("MOLT_API_KEY", key)
-                .env("MOLT_MODEL", "demo")
-                .env_remove("OPENAI_API_KEY")
-                .env_remove("OPENAI_BASE_URL")
-                .output()
-                .expect("run python")
-        }
-    })
-    .await
-    .expect("join");
-    assert!(
-        out.status.success(),
-        "the openai completions flow failed:\nstdout: {}\nstderr: {}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        s.log_text()
-    );
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    run_client(
+        python,
+        "openai_completions.py",
+        &s,
+        vec![("MOLT_MODEL", "demo".into())],
+    )
+    .await;
 }
