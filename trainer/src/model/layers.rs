@@ -156,22 +156,23 @@ pub struct LowRankTerm {
     pub rows: (usize, usize, usize),
 }
 
-/// Every run's low-rank terms stacked: `x A_allᵀ` gives all terms' inner products for all
-/// rows, a 0/1 mask keeps each row's own adapter's columns, and `(·) B_allᵀ` adds them.
-/// Two matmuls per projection whatever the number of adapters, instead of a few small ops
-/// per run. The price is computing every row against every adapter's rank: at 64 rows on
-/// 64 rank-8 adapters of the 130m shape that is about as much as in_proj's base matmul, and
-/// still faster than 64 runs of small ops (BENCHMARKS.md, "Serving").
+/// Every run's low-rank terms stacked, applied in one step per projection whatever the
+/// number of adapters, instead of a few small ops per run.
 #[derive(Debug)]
-struct Stacked {
-    /// `[R, in]`.
-    a: Tensor,
-    /// `[out, R]`, scales folded in, zero outside each term's columns.
-    b: Tensor,
-    /// `[rows, R]`.
-    mask: Tensor,
-    /// The same terms as plain f32 slices, for the fused CPU path.
-    cpu: Option<LowRankRows>,
+enum Stacked {
+    /// f32 on the CPU: [`LowRankRows`].
+    Fused(LowRankRows),
+    /// Other devices and dtypes: `x A_allᵀ` gives all terms' inner products for all rows, a
+    /// 0/1 mask keeps each row's own adapter's columns, and `(·) B_allᵀ` adds them. The
+    /// price is every row against every adapter's rank.
+    Matmul {
+        /// `[R, in]`.
+        a: Tensor,
+        /// `[out, R]`, scales folded in, zero outside each term's columns.
+        b: Tensor,
+        /// `[rows, R]`.
+        mask: Tensor,
+    },
 }
 
 /// `y + ((x A_allᵀ) ⊙ mask) B_allᵀ` fused for f32 on the CPU: each row runs only its own
@@ -259,74 +260,82 @@ impl candle_core::CustomOp2 for LowRankRows {
 }
 
 impl Stacked {
-    fn new(segments: &[(usize, Vec<LowRankTerm>)]) -> Result<Option<Self>> {
+    /// `None` when there are no terms. `fused`: the [`LowRankRows`] form where the terms
+    /// are f32 on the CPU.
+    fn new(segments: &[(usize, Vec<LowRankTerm>)], fused: bool) -> Result<Option<Self>> {
         let terms: Vec<&LowRankTerm> = segments.iter().flat_map(|s| &s.1).collect();
         let Some(first) = terms.first() else {
             return Ok(None);
         };
+        // Per batch row: its adapter's columns of R.
+        let mut cols = Vec::new();
+        let mut width = 0;
+        for (n, ts) in segments {
+            let r: usize = ts.iter().map(|t| t.a.dims()[0]).sum();
+            cols.extend(std::iter::repeat_n((width, width + r), *n));
+            width += r;
+        }
+        // `B·scale` of a term, zero outside its output columns: `[total, r]`.
+        let padded = |t: &LowRankTerm| {
+            let (start, len, total) = t.rows;
+            (&t.b * t.scale)?.pad_with_zeros(0, start, total - start - len)
+        };
+        if fused && first.a.device().is_cpu() && first.a.dtype() == DType::F32 {
+            let (mut a, mut bt) = (Vec::new(), Vec::new());
+            for t in &terms {
+                a.extend(t.a.flatten_all()?.to_vec1::<f32>()?);
+                bt.extend(
+                    padded(t)?
+                        .t()?
+                        .contiguous()?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?,
+                );
+            }
+            return Ok(Some(Stacked::Fused(LowRankRows {
+                a: Arc::new(a),
+                bt: Arc::new(bt),
+                cols: Arc::new(cols),
+                inp: first.a.dim(1)?,
+                out: first.rows.2,
+            })));
+        }
         let a = Tensor::cat(&terms.iter().map(|t| &t.a).collect::<Vec<_>>(), 0)?;
         let b = terms
             .iter()
-            .map(|t| {
-                let (start, len, total) = t.rows;
-                (&t.b * t.scale)?.pad_with_zeros(0, start, total - start - len)
-            })
+            .map(|t| padded(t))
             .collect::<Result<Vec<_>>>()?;
         let b = Tensor::cat(&b, 1)?;
-        let width = a.dim(0)?;
-        let rows: usize = segments.iter().map(|s| s.0).sum();
-        let mut mask = vec![0f32; rows * width];
-        let (mut row, mut col) = (0, 0);
-        for (n, ts) in segments {
-            let r: usize = ts.iter().map(|t| t.a.dims()[0]).sum();
-            for i in row..row + n {
-                mask[i * width + col..i * width + col + r].fill(1.0);
+        let mut mask = vec![0f32; cols.len() * width];
+        for (i, (c0, c1)) in cols.iter().enumerate() {
+            mask[i * width + c0..i * width + c1].fill(1.0);
+        }
+        let mask = Tensor::from_vec(mask, (cols.len(), width), a.device())?.to_dtype(a.dtype())?;
+        Ok(Some(Stacked::Matmul { a, b, mask }))
+    }
+
+    /// `y` plus every row's terms; `None` when this form does not apply to `x` (the fused
+    /// op takes untracked f32 only).
+    fn add(&self, x: &Tensor, y: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            Stacked::Fused(op) => {
+                if x.dtype() != DType::F32 || y.dtype() != DType::F32 || x.track_op() {
+                    return Ok(None);
+                }
+                Ok(Some(
+                    x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, op)?,
+                ))
             }
-            row += n;
-            col += r;
+            Stacked::Matmul { a, b, mask } => {
+                let h = linear_forward(x, a, None)?;
+                // `[rows, 1, .., R]` against `[rows, .., R]`.
+                let mut shape = vec![1; h.rank()];
+                shape[0] = mask.dim(0)?;
+                shape[h.rank() - 1] = mask.dim(1)?;
+                let h = h.broadcast_mul(&mask.reshape(shape)?)?;
+                Ok(Some((y + linear_forward(&h, b, None)?)?))
+            }
         }
-        let mut cols = Vec::with_capacity(rows);
-        let mut col = 0;
-        for (n, ts) in segments {
-            let r: usize = ts.iter().map(|t| t.a.dims()[0]).sum();
-            cols.extend(std::iter::repeat_n((col, col + r), *n));
-            col += r;
-        }
-        let cpu = if a.device().is_cpu() && a.dtype() == DType::F32 {
-            Some(LowRankRows {
-                a: Arc::new(a.flatten_all()?.to_vec1::<f32>()?),
-                bt: Arc::new(b.t()?.contiguous()?.flatten_all()?.to_vec1::<f32>()?),
-                cols: Arc::new(cols),
-                inp: a.dim(1)?,
-                out: b.dim(0)?,
-            })
-        } else {
-            None
-        };
-        let mask = Tensor::from_vec(mask, (rows, width), first.a.device())?.to_dtype(a.dtype())?;
-        Ok(Some(Stacked { a, b, mask, cpu }))
-    }
-
-    fn add(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
-        if let Some(op) = &self.cpu
-            && x.dtype() == DType::F32
-            && y.dtype() == DType::F32
-            && !x.track_op()
-        {
-            return x.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, op);
-        }
-        self.add_matmul(x, y)
-    }
-
-    /// The device-generic path: masked matmuls.
-    fn add_matmul(&self, x: &Tensor, y: Tensor) -> Result<Tensor> {
-        let h = linear_forward(x, &self.a, None)?;
-        // `[rows, 1, .., R]` against `[rows, .., R]`.
-        let mut shape = vec![1; h.rank()];
-        shape[0] = self.mask.dim(0)?;
-        shape[h.rank() - 1] = self.mask.dim(1)?;
-        let h = h.broadcast_mul(&self.mask.reshape(shape)?)?;
-        y + linear_forward(&h, &self.b, None)?
     }
 }
 
@@ -337,7 +346,8 @@ impl Stacked {
 pub struct RowSegments {
     /// `(rows, adapter)` in row order; every adapter is additive.
     segments: Vec<(usize, Option<Arc<dyn LinearAdapter>>)>,
-    /// Set when every adapter is made of low-rank terms.
+    /// Set when every adapter is made of low-rank terms; otherwise (and where it does not
+    /// apply) each run adds its own adapter's terms.
     stacked: Option<Stacked>,
 }
 
@@ -363,7 +373,7 @@ impl RowSegments {
             })
             .collect();
         let stacked = match terms {
-            Some(t) => Stacked::new(&t)?,
+            Some(t) => Stacked::new(&t, true)?,
             None => None,
         };
         Ok(Some(RowSegments {
@@ -383,8 +393,10 @@ impl LinearAdapter for RowSegments {
                 x.dim(0)?
             );
         }
-        if let Some(s) = &self.stacked {
-            return s.add(x, y);
+        if let Some(s) = &self.stacked
+            && let Some(out) = s.add(x, &y)?
+        {
+            return Ok(out);
         }
         if let [(_, a)] = self.segments.as_slice() {
             return match a {
@@ -666,12 +678,26 @@ mod tests {
                 panic!("additive adapters are accepted");
             };
             let fused = rs.forward(&base, &x)?;
-            let Some(stacked) = &rs.stacked else {
-                panic!("low-rank terms are stacked");
-            };
+            assert!(matches!(rs.stacked, Some(Stacked::Fused(_))));
             let y = base.forward(&x)?;
-            // The matmul path, as on devices without the fused op.
-            let masked = stacked.add_matmul(&x, y.clone())?;
+            // The matmul form, as on devices without the fused op.
+            let terms: Vec<(usize, Vec<LowRankTerm>)> = segs
+                .iter()
+                .map(|(n, a)| {
+                    (
+                        *n,
+                        a.as_ref()
+                            .and_then(|a| a.low_rank_terms())
+                            .unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let Some(matmul @ Stacked::Matmul { .. }) = Stacked::new(&terms, false)? else {
+                panic!("the matmul form is built when not fused");
+            };
+            let Some(masked) = matmul.add(&x, &y)? else {
+                panic!("the matmul form applies to any input");
+            };
             // Each run alone through its adapter's own forward.
             let runs = Tensor::cat(
                 &[
