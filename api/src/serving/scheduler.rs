@@ -181,30 +181,30 @@ struct Group {
 }
 
 impl Group {
-    /// `(rows, model)` of each run of consecutive rows on one model.
-    fn runs(&self) -> Vec<(usize, &MambaForCausalLM)> {
-        let mut runs: Vec<(usize, &str, &MambaForCausalLM)> = Vec::new();
-        for s in &self.seqs {
-            let m = &s.req.model;
-            match runs.last_mut() {
-                Some((n, key, _)) if *key == m.key => *n += 1,
-                _ => runs.push((1, m.key.as_str(), m.model.as_ref())),
-            }
-        }
-        runs.into_iter().map(|(n, _, m)| (n, m)).collect()
-    }
-
     /// Rebuilds a shared group's model after its runs changed.
     fn refresh(&mut self) -> trainer::Result<()> {
         if !self.stale {
             return Ok(());
         }
         if let Some(base) = &self.shared_base {
-            self.model = Arc::new(base.row_segmented(&self.runs())?);
+            let runs = runs(self.seqs.iter().map(|s| &s.req.model));
+            self.model = Arc::new(base.row_segmented(&runs)?);
         }
         self.stale = false;
         Ok(())
     }
+}
+
+/// `(rows, model)` of each run of consecutive sequences on one model.
+fn runs<'a>(models: impl Iterator<Item = &'a ServedModel>) -> Vec<(usize, &'a MambaForCausalLM)> {
+    let mut runs: Vec<(usize, &str, &MambaForCausalLM)> = Vec::new();
+    for m in models {
+        match runs.last_mut() {
+            Some((n, key, _)) if *key == m.key => *n += 1,
+            _ => runs.push((1, m.key.as_str(), m.model.as_ref())),
+        }
+    }
+    runs.into_iter().map(|(n, _, m)| (n, m)).collect()
 }
 
 /// Key of the shared group (model keys are ids and names, never this).
@@ -458,16 +458,7 @@ fn prefill_batch(ps: &mut [Prefill], batch: &[usize]) -> trainer::Result<()> {
     }
     let (logits, cache) = {
         let first = &ps[order[0]].req.model;
-        let mut runs: Vec<(usize, &str, &MambaForCausalLM)> = Vec::new();
-        for &i in &order {
-            let m = &ps[i].req.model;
-            match runs.last_mut() {
-                Some((k, key, _)) if *key == m.key => *k += 1,
-                _ => runs.push((1, m.key.as_str(), m.model.as_ref())),
-            }
-        }
-        let runs: Vec<(usize, &MambaForCausalLM)> =
-            runs.into_iter().map(|(k, _, m)| (k, m)).collect();
+        let runs = runs(order.iter().map(|&i| &ps[i].req.model));
         let model = match &first.shared_base {
             Some(base) => std::borrow::Cow::Owned(base.row_segmented(&runs)?),
             // One model: the batch key is its key.
