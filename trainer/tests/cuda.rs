@@ -25,6 +25,8 @@ use trainer::train::{
     Control, Hyperparameters, LrScheduler, TrainEvent, TrainOutcome, TrainRequest, run,
 };
 
+mod common;
+
 /// The first GPU, or `None` (after printing why the test is skipped).
 fn gpu(test: &str) -> Option<Device> {
     match Device::new_cuda(0) {
@@ -423,34 +425,26 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
-/// The base fixture cases: (name, model dir, manifest, reference tensors).
+/// The base fixture cases of every case set (`tests/fixtures/index.json`, `alt/index.json`):
+/// (name, model dir, manifest, reference tensors).
 fn base_cases() -> Vec<(
     String,
     PathBuf,
     Value,
     std::collections::HashMap<String, Tensor>,
 )> {
-    let root = fixtures();
-    let index: Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("index.json")).expect("index"))
-            .expect("index.json");
-    index["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .filter(|c| c["kind"] == "base")
+    common::indexed_cases("base")
+        .into_iter()
         .map(|c| {
-            let name = c["name"].as_str().expect("name").to_string();
-            let dir = root.join(&name);
-            let manifest: Value = serde_json::from_str(
-                &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest"),
-            )
-            .expect("manifest.json");
             let reference =
-                candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                candle_core::safetensors::load(c.dir.join("reference.safetensors"), &Device::Cpu)
                     .expect("reference.safetensors");
-            let model = root.join(c["model_dir"].as_str().expect("model_dir"));
-            (name, model, manifest, reference)
+            (
+                c.label.clone(),
+                c.path("model_dir"),
+                c.manifest(),
+                reference,
+            )
         })
         .collect()
 }
@@ -619,31 +613,42 @@ fn lora_training_on_the_gpu_matches_the_cpu() {
     }
 }
 
-/// Generation on the GPU (greedy) gives the CPU's tokens for the tiny fixture.
+/// Generation on the GPU (greedy) gives the CPU's tokens for every base fixture, from its
+/// `gen.prompt_ids` with the first row shortened (rows of different lengths).
 #[test]
 fn greedy_generation_on_the_gpu_matches_the_cpu() {
     let Some(dev) = gpu("greedy_generation_on_the_gpu_matches_the_cpu") else {
         return;
     };
     use trainer::generate::{GenerationConfig, generate};
-    let dir = fixtures().join("tiny/model");
-    let load = |device: Device| {
-        MambaForCausalLM::load(
-            &dir,
-            &LoadOptions {
-                dtype: DType::F32,
-                device,
-            },
-        )
-        .expect("load")
-    };
-    let prompts = vec![vec![1u32, 5, 9, 3], vec![7u32, 2]];
-    let run_on = |m: &MambaForCausalLM| {
-        let mut cfg = GenerationConfig::for_model(m);
-        cfg.max_new_tokens = 12;
-        cfg.temperature = 0.0;
-        cfg.eos_token_ids.clear();
-        generate(m, &prompts, &cfg).expect("generate").tokens
-    };
-    assert_eq!(run_on(&load(dev)), run_on(&load(Device::Cpu)));
+    for (name, dir, _, reference) in base_cases() {
+        let load = |device: Device| {
+            MambaForCausalLM::load(
+                &dir,
+                &LoadOptions {
+                    dtype: DType::F32,
+                    device,
+                },
+            )
+            .expect("load")
+        };
+        let mut prompts: Vec<Vec<u32>> = reference["gen.prompt_ids"]
+            .to_dtype(DType::U32)
+            .and_then(|t| t.to_vec2::<u32>())
+            .expect("gen.prompt_ids");
+        let half = prompts[0].len().div_ceil(2);
+        prompts[0].truncate(half);
+        let run_on = |m: &MambaForCausalLM| {
+            let mut cfg = GenerationConfig::for_model(m);
+            cfg.max_new_tokens = 12;
+            cfg.temperature = 0.0;
+            cfg.eos_token_ids.clear();
+            generate(m, &prompts, &cfg).expect("generate").tokens
+        };
+        assert_eq!(
+            run_on(&load(dev.clone())),
+            run_on(&load(Device::Cpu)),
+            "{name}"
+        );
+    }
 }

@@ -12,12 +12,13 @@
 //! rounding noise and far below any real bug (a wrong term shows up at ≥ 1e-3).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Result, Tensor, Var, backprop::GradStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use trainer::kernels::{self, reference};
+
+mod common;
 
 // ---------------------------------------------------------------------------------------
 // Comparison helpers
@@ -149,16 +150,6 @@ const REFERENCE: Impl = Impl {
 // ---------------------------------------------------------------------------------------
 // (a) Golden fixtures
 
-fn fixtures_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn read_json(path: &PathBuf) -> serde_json::Value {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
-}
-
 struct OpsCase {
     name: String,
     tensors: std::collections::HashMap<String, Tensor>,
@@ -195,14 +186,12 @@ impl OpsCase {
     }
 }
 
+/// Every `ops` case of every fixture case set (`tests/fixtures/index.json`, `alt/index.json`).
 fn ops_cases() -> Vec<OpsCase> {
-    let dir = fixtures_dir();
-    let index = read_json(&dir.join("index.json"));
-    let cases = index["cases"].as_array().expect("index.json: cases");
     let mut out = Vec::new();
-    for case in cases.iter().filter(|c| c["kind"] == "ops") {
-        let name = case["name"].as_str().expect("case name").to_string();
-        let manifest = read_json(&dir.join(&name).join("manifest.json"));
+    for case in common::indexed_cases("ops") {
+        let name = case.label.clone();
+        let manifest = case.manifest();
         let classes = &manifest["tolerances"];
         let mut tol = BTreeMap::new();
         let entries = manifest["tensors"]["reference.safetensors"]
@@ -218,14 +207,11 @@ fn ops_cases() -> Vec<OpsCase> {
             };
             tol.insert(key.clone(), t);
         }
-        let tensors = candle_core::safetensors::load(
-            dir.join(&name).join("reference.safetensors"),
-            &Device::Cpu,
-        )
-        .expect("load reference.safetensors");
+        let tensors =
+            candle_core::safetensors::load(case.dir.join("reference.safetensors"), &Device::Cpu)
+                .expect("load reference.safetensors");
         out.push(OpsCase { name, tensors, tol });
     }
-    assert!(!out.is_empty(), "index.json lists no `ops` case");
     out
 }
 

@@ -1,6 +1,7 @@
 //! Parity with HF transformers' `MambaForCausalLM` (pure-PyTorch path, float32, CPU) on every
-//! `base` case in `tests/fixtures/index.json`. Names, shapes and tolerances come from each
-//! case's `manifest.json`, so a case added in the same format runs with no code change.
+//! `base` case of every fixture case set (`tests/fixtures/index.json` and `alt/index.json`,
+//! see `common`). Names, shapes and tolerances come from each case's `manifest.json`, so a
+//! case added in the same format runs with no code change.
 //!
 //! Reference: transformers 5.23.0 / torch 2.15.0 (see the manifests' `versions`).
 //! Tolerances (manifest `tolerances`): logits/hidden/state atol 1e-4 rtol 1e-4; loss 1e-5;
@@ -15,9 +16,7 @@ use trainer::generate::{GenerationConfig, generate};
 use trainer::model::{LoadOptions, MambaForCausalLM, ModelInput, causal_lm_loss};
 use trainer::tokenizer::Tokenizer;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
+mod common;
 
 struct Case {
     name: String,
@@ -85,36 +84,20 @@ impl Case {
 }
 
 fn base_cases() -> Vec<Case> {
-    let root = fixtures();
-    let index: Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("index.json")).expect("index.json"),
-    )
-    .expect("index.json is JSON");
-    let cases: Vec<Case> = index["cases"]
-        .as_array()
-        .expect("index.json cases")
-        .iter()
-        .filter(|c| c["kind"] == "base")
+    common::indexed_cases("base")
+        .into_iter()
         .map(|c| {
-            let name = c["name"].as_str().expect("case name").to_string();
-            let dir = root.join(&name);
-            let manifest: Value = serde_json::from_str(
-                &std::fs::read_to_string(dir.join("manifest.json")).expect("manifest.json"),
-            )
-            .expect("manifest is JSON");
             let reference =
-                candle_core::safetensors::load(dir.join("reference.safetensors"), &Device::Cpu)
+                candle_core::safetensors::load(c.dir.join("reference.safetensors"), &Device::Cpu)
                     .expect("reference.safetensors");
             Case {
-                model_dir: root.join(c["model_dir"].as_str().expect("model_dir")),
-                name,
-                manifest,
+                model_dir: c.path("model_dir"),
+                manifest: c.manifest(),
+                name: c.label,
                 reference,
             }
         })
-        .collect();
-    assert!(!cases.is_empty(), "no base cases in index.json");
-    cases
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -476,12 +459,27 @@ fn eos_stops_a_row() {
 fn tokenizer_samples() {
     let mut checked = 0;
     for case in base_cases() {
-        let Some(tok) = Tokenizer::from_model_dir(&case.model_dir).expect("tokenizer.json") else {
+        // The manifest says whether the case has a tokenizer (`tokenizer`: null when not).
+        let spec = &case.manifest["tokenizer"];
+        let tok = Tokenizer::from_model_dir(&case.model_dir).expect("tokenizer.json");
+        if spec.is_null() {
+            assert!(
+                tok.is_none(),
+                "{}: the manifest lists no tokenizer, the model folder has one",
+                case.name
+            );
             continue;
-        };
-        let Some(samples) = case.manifest["tokenizer"]["samples"].as_array() else {
-            continue;
-        };
+        }
+        let tok = tok.unwrap_or_else(|| {
+            panic!(
+                "{}: the manifest lists a tokenizer, the model folder has none",
+                case.name
+            )
+        });
+        let samples = spec["samples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: manifest tokenizer.samples", case.name));
+        assert!(!samples.is_empty(), "{}: no tokenizer samples", case.name);
         for (i, s) in samples.iter().enumerate() {
             let text = s["text"].as_str().expect("text");
             let want_ids: Vec<u32> = s["ids"]
@@ -646,13 +644,20 @@ fn state_spaces_config_original_naming_and_pytorch_bin_give_the_same_logits() {
             &std::fs::read_to_string(case.model_dir.join("config.json")).expect("config"),
         )
         .expect("json");
-        let vocab = hf["vocab_size"].as_u64().expect("vocab");
-        // An unpadded vocabulary that pads back up to the checkpoint's rows.
+        let vocab = hf["vocab_size"].as_u64().expect("vocab") as usize;
+        // state-spaces checkpoints store the embedding padded to a multiple of
+        // `pad_vocab_size_multiple`, and their config holds the unpadded size. Declare the
+        // smallest vocabulary that pads up to the padded row count (so the loader's padding
+        // always runs), and pad the tensors with zero rows to that count.
+        let multiple = 8usize;
+        let padded = vocab.div_ceil(multiple) * multiple;
+        let declared = padded - multiple + 1;
+        assert!(declared <= vocab && declared.div_ceil(multiple) * multiple == padded);
         let original = serde_json::json!({
             "d_model": hf["hidden_size"],
             "n_layer": hf["num_hidden_layers"],
-            "vocab_size": vocab - 3,
-            "pad_vocab_size_multiple": 8,
+            "vocab_size": declared,
+            "pad_vocab_size_multiple": multiple,
             "ssm_cfg": {
                 "d_state": hf["state_size"],
                 "d_conv": hf["conv_kernel"],
@@ -669,28 +674,74 @@ fn state_spaces_config_original_naming_and_pytorch_bin_give_the_same_logits() {
         let all =
             candle_core::safetensors::load(case.model_dir.join("model.safetensors"), &Device::Cpu)
                 .expect("weights");
+        let emb = &all["backbone.embeddings.weight"];
+        assert_eq!(
+            emb.dim(0).expect("rows"),
+            vocab,
+            "{}: embedding rows",
+            case.name
+        );
+        let emb = if padded > vocab {
+            let zeros = Tensor::zeros(
+                (padded - vocab, emb.dim(1).expect("hidden")),
+                emb.dtype(),
+                &Device::Cpu,
+            )
+            .expect("zeros");
+            Tensor::cat(&[emb, &zeros], 0).expect("pad")
+        } else {
+            emb.clone()
+        };
         let mut tensors: Vec<(String, Tensor)> = all
             .iter()
             .map(|(k, v)| {
-                (
-                    k.replace("backbone.embeddings.", "backbone.embedding."),
-                    v.clone(),
-                )
+                let v = if k == "backbone.embeddings.weight" {
+                    emb.clone()
+                } else {
+                    v.clone()
+                };
+                (k.replace("backbone.embeddings.", "backbone.embedding."), v)
             })
             .collect();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         // torch.save of a tied model lists the head too; it must be accepted as tied.
-        tensors.push((
-            "lm_head.weight".into(),
-            all["backbone.embeddings.weight"].clone(),
-        ));
+        tensors.push(("lm_head.weight".into(), emb));
         write_pytorch_bin(&tmp.path().join("pytorch_model.bin"), &tensors);
         let model = MambaForCausalLM::load(tmp.path(), &LoadOptions::default()).expect("load bin");
         assert!(
             model.lm_head.is_none(),
             "an identical lm_head.weight is tied"
         );
-        check_logits(&case, tmp.path(), "pytorch_model.bin, state-spaces naming");
+        assert_eq!(
+            model.vocab_size(),
+            padded,
+            "{}: padded vocabulary",
+            case.name
+        );
+        let what = "pytorch_model.bin, state-spaces naming";
+        let logits = model
+            .forward(&case.tensor("input_ids"), None)
+            .expect("forward");
+        // The real vocabulary gives the reference logits; the zero padding rows give 0.
+        assert_close(
+            &format!("{} {what} logits", case.name),
+            &logits.narrow(2, 0, vocab).expect("narrow"),
+            &case.tensor("logits"),
+            case.tol("logits"),
+        );
+        if padded > vocab {
+            let pad = logits.narrow(2, vocab, padded - vocab).expect("narrow");
+            assert_close(
+                &format!("{} {what} padded logits", case.name),
+                &pad,
+                &pad.zeros_like().expect("zeros"),
+                Tol {
+                    atol: 0.0,
+                    rtol: 0.0,
+                    rel_l2: None,
+                },
+            );
+        }
     }
 }
 
@@ -725,6 +776,52 @@ fn an_untied_head_is_used() {
                 atol: 2.0 * case.tol("logits").atol,
                 ..case.tol("logits")
             },
+        );
+    }
+}
+
+/// The walk covers more than one shape: at least two case sets, each with base and adapter
+/// cases, a vocabulary that is not a multiple of 8, and several state sizes, conv kernels and
+/// layer counts. A test that bakes in one fixture's shapes fails on the other set, in CI.
+#[test]
+fn the_walk_covers_other_shapes() {
+    use std::collections::BTreeSet;
+    let base = common::indexed_cases("base");
+    let adapters = common::indexed_cases("adapter");
+    let sets: BTreeSet<&PathBuf> = base.iter().map(|c| &c.set).collect();
+    assert!(sets.len() >= 2, "only one case set: {sets:?}");
+    for set in &sets {
+        assert!(
+            adapters.iter().any(|c| &&c.set == set),
+            "{}: no adapter case",
+            set.display()
+        );
+    }
+    let configs: Vec<Value> = base
+        .iter()
+        .map(|c| common::read_json(&c.path("model_dir").join("config.json")))
+        .collect();
+    let distinct = |key: &str| -> BTreeSet<u64> {
+        configs
+            .iter()
+            .map(|c| c[key].as_u64().unwrap_or_else(|| panic!("config `{key}`")))
+            .collect()
+    };
+    assert!(
+        distinct("vocab_size").iter().any(|v| !v.is_multiple_of(8)),
+        "every vocabulary is a multiple of 8: {:?}",
+        distinct("vocab_size")
+    );
+    for key in [
+        "state_size",
+        "conv_kernel",
+        "num_hidden_layers",
+        "hidden_size",
+    ] {
+        assert!(
+            distinct(key).len() >= 2,
+            "one `{key}` only: {:?}",
+            distinct(key)
         );
     }
 }

@@ -1,9 +1,11 @@
-//! Parity of every MambaPEFT/ProDiaL method with the reference fixtures in
-//! `tests/fixtures/methods/` (a self-contained PyTorch reference written from peft-spec.md,
-//! float32, CPU; its base forward matches `transformers.MambaForCausalLM` to 9.5e-7, see the
-//! folder's README). The test walks `index.json`; each folder's hyperparameters come from its
-//! `method.json` (ranks are read from the adapter's tensor shapes where a hybrid's keys do
-//! not name them), so a new folder in the same format runs with no code change.
+//! Parity of every MambaPEFT/ProDiaL method with the reference fixtures in every method set
+//! (`tests/fixtures/methods/` and `methods_alt/`, other shapes; see `common`): a
+//! self-contained PyTorch reference written from peft-spec.md, float32, CPU; its base forward
+//! matches `transformers.MambaForCausalLM` to 9.5e-7, see the folder's README. The tests walk
+//! each set's `index.json`; each folder's hyperparameters come from its `method.json` (ranks
+//! are read from the adapter's tensor shapes where a hybrid's keys do not name them), and
+//! every size from the set's checkpoint, so a new folder or set in the same format runs with
+//! no code change.
 //!
 //! Tolerances (README "Tolerances"): logits atol 1e-4; loss 1e-5; gradients atol 1e-5 +
 //! rtol 1e-3 of the tensor's max|g| (exactly-zero-by-construction entries: |g| ≤ 1e-9);
@@ -23,16 +25,8 @@ use trainer::peft::{
     Adapter, AdapterSpec, InitialState, MergeOptions, PeftError, augmented_logits,
 };
 
-fn methods_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/methods")
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+mod common;
+use common::read_json;
 
 fn max_abs(t: &Tensor) -> f32 {
     t.abs()
@@ -374,15 +368,59 @@ struct Case {
     base_dir: PathBuf,
 }
 
+/// One method set: its folder, its index, its base checkpoint and its method folders.
+struct MethodSet {
+    root: PathBuf,
+    index: Value,
+    base_dir: PathBuf,
+    cases: Vec<Case>,
+}
+
+impl MethodSet {
+    fn label(&self) -> String {
+        common::label(&self.root)
+    }
+
+    /// The set's `input_ids` (the same in every folder of a set).
+    fn input_ids(&self) -> &Tensor {
+        let c = self.cases.first().expect("a method folder");
+        get(&c.expected, "input_ids", &c.name)
+    }
+}
+
+fn method_sets() -> Vec<MethodSet> {
+    let sets: Vec<MethodSet> = common::method_sets()
+        .into_iter()
+        .map(|(root, index)| {
+            let base_dir = root.join(index["base_model"]["dir"].as_str().expect("base_model.dir"));
+            MethodSet {
+                cases: cases_of(&root, &index),
+                root,
+                index,
+                base_dir,
+            }
+        })
+        .collect();
+    assert!(!sets.is_empty(), "no method set under tests/fixtures");
+    sets
+}
+
+/// Every method folder of every set.
 fn cases() -> Vec<Case> {
-    let root = methods_dir();
-    let index = read_json(&root.join("index.json"));
+    method_sets().into_iter().flat_map(|s| s.cases).collect()
+}
+
+fn cases_of(root: &Path, index: &Value) -> Vec<Case> {
     let default_base = index["base_model"]["dir"]
         .as_str()
         .expect("base_model.dir")
         .to_string();
     let list = index["methods"].as_array().expect("index methods");
-    assert!(!list.is_empty(), "no methods in index.json");
+    assert!(
+        !list.is_empty(),
+        "{}: no methods in index.json",
+        root.display()
+    );
     list.iter()
         .map(|m| {
             let name = m["name"].as_str().expect("method name").to_string();
@@ -404,7 +442,7 @@ fn cases() -> Vec<Case> {
                 )
                 .expect("adapter.safetensors"),
                 base_dir: root.join(base),
-                name,
+                name: common::label(&dir),
                 meta,
             }
         })
@@ -654,15 +692,38 @@ fn every_method_folder_matches_the_reference() {
 
 #[test]
 fn base_folder_matches_the_plain_model() {
-    let root = methods_dir();
-    let index = read_json(&root.join("index.json"));
-    let base = load_base(&root.join(index["base_model"]["dir"].as_str().expect("dir")));
-    let expected =
-        candle_core::safetensors::load(root.join("base/expected.safetensors"), &Device::Cpu)
-            .expect("base expected");
-    let ids = &expected["input_ids"];
-    let logits = base.forward(ids, None).expect("forward");
-    assert!(diff(&logits, &expected["logits"]) <= 1e-4);
+    for set in method_sets() {
+        let ctx = set.label();
+        let base = load_base(&set.base_dir);
+        // The set's checkpoint is the one the index records.
+        let bytes = std::fs::read(set.base_dir.join("model.safetensors")).expect("checkpoint");
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        assert_eq!(
+            set.index["base_model"]["sha256_model_safetensors"].as_str(),
+            Some(sha.as_str()),
+            "{ctx}: base checkpoint sha256"
+        );
+        let expected = candle_core::safetensors::load(
+            set.root.join("base/expected.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("base expected");
+        let ids = get(&expected, "input_ids", &ctx);
+        assert_eq!(
+            ids.dims(),
+            set.input_ids().dims(),
+            "{ctx}: base input_ids shape"
+        );
+        let logits = base.forward(ids, None).expect("forward");
+        let d = diff(&logits, get(&expected, "logits", &ctx));
+        assert!(d <= 1e-4, "{ctx}: base logits differ by {d}");
+        let loss = causal_lm_loss(&logits, ids).expect("loss");
+        let d = diff(
+            &loss.reshape(1).expect("reshape"),
+            get(&expected, "loss", &ctx),
+        );
+        assert!(d <= 1e-5, "{ctx}: base loss differs by {d}");
+    }
 }
 
 /// Zero-init adapters are the identity change: merged, every tensor is bit-identical to the
@@ -673,14 +734,21 @@ fn base_folder_matches_the_plain_model() {
 /// the sequence.
 #[test]
 fn zero_init_adapters_preserve_the_base_function() {
-    let c = cases();
-    let base = load_base(&c[0].base_dir);
-    let ids = &c[0].expected["input_ids"];
+    for set in method_sets() {
+        zero_init_adapters_preserve_the_base_function_on(&set);
+    }
+}
+
+fn zero_init_adapters_preserve_the_base_function_on(set: &MethodSet) {
+    let ctx = set.label();
+    let c = &set.cases;
+    let base = load_base(&set.base_dir);
+    let ids = set.input_ids();
     let want = base.forward(ids, None).expect("forward");
     let base_tensors: HashMap<String, Tensor> = base.named_weights().into_iter().collect();
     let cfg = base.config().clone();
     let mut specs: Vec<(String, Value)> = Vec::new();
-    for case in &c {
+    for case in c {
         let s = spec_for(&case.meta, &cfg, &case.adapter);
         specs.push((case.name.clone(), s.to_value()));
     }
@@ -692,7 +760,8 @@ fn zero_init_adapters_preserve_the_base_function() {
         json!({"type": "full"}),
         json!({"type": "additional_scan", "n_add": 2, "zero_init_x_proj": true}),
     ] {
-        specs.push((extra["type"].as_str().unwrap_or("?").to_string(), extra));
+        let name = format!("{ctx}: {}", extra["type"].as_str().unwrap_or("?"));
+        specs.push((name, extra));
     }
     let mut worst = 0f32;
     for (name, v) in specs {
@@ -741,7 +810,7 @@ fn zero_init_adapters_preserve_the_base_function() {
             assert_eq!(diff(&t, b), 0.0, "{name}: zero-init merge changed `{k}`");
         }
     }
-    eprintln!("zero-init adapters: max |logits - base| = {worst:.2e}");
+    eprintln!("{ctx}: zero-init adapters: max |logits - base| = {worst:.2e}");
 }
 
 // ---- spec §10: trainable-parameter counts from shapes only --------------------------------
@@ -1005,44 +1074,59 @@ fn bad_specs_say_what_is_valid() {
 
 #[test]
 fn adapter_for_another_base_is_refused() {
-    let c = cases();
-    let base = load_base(&c[0].base_dir);
+    for set in method_sets() {
+        adapter_for_another_base_is_refused_on(&set);
+    }
+}
+
+fn adapter_for_another_base_is_refused_on(set: &MethodSet) {
+    let ctx = set.label();
+    let base = load_base(&set.base_dir);
+    let n_add = 2;
     let spec =
-        AdapterSpec::from_value(&json!({"type": "additional_scan", "n_add": 2})).expect("spec");
+        AdapterSpec::from_value(&json!({"type": "additional_scan", "n_add": n_add})).expect("spec");
     let adapter = Adapter::init(&spec, &base, 3).expect("init");
     let dir = tempfile::tempdir().expect("tempdir");
     adapter.save(dir.path()).expect("save");
 
+    // The same model with one more state: a different base.
+    let state = base.config().state_size;
     let mut other_cfg = base.config().clone();
-    other_cfg.state_size = 4;
+    other_cfg.state_size = state + 1;
     let other = trainer::model::Checkpoint::random(&other_cfg, 1, &Device::Cpu)
         .and_then(|c| c.into_frozen())
         .expect("other model");
     let e = Adapter::load(dir.path(), &other).expect_err("wrong base accepted");
-    assert!(matches!(e, PeftError::WrongBase { .. }), "{e}");
+    assert!(matches!(e, PeftError::WrongBase { .. }), "{ctx}: {e}");
     let msg = e.to_string();
     assert!(
         msg.contains("adapter is for another base model")
-            && msg.contains("state_size=8")
-            && msg.contains("state_size=4"),
-        "{msg}"
+            && msg.contains(&format!("state_size={state} "))
+            && msg.contains(&format!("state_size={} ", state + 1)),
+        "{ctx}: {msg}"
     );
-    assert!(adapter.apply(&other).is_err());
+    assert!(adapter.apply(&other).is_err(), "{ctx}");
 
     // Wrong tensors: a missing and a misshaped one are both listed.
+    let inner = base.config().intermediate_size;
+    let last = base.config().num_hidden_layers - 1;
+    let bad = (inner + 1, n_add + 1);
     let mut t: HashMap<String, Tensor> = adapter.named_tensors().into_iter().collect();
     t.remove("layers.0.A_log_scan_addi");
     t.insert(
-        "layers.1.A_log_scan_addi".into(),
-        Tensor::zeros((3, 3), DType::F32, &Device::Cpu).expect("zeros"),
+        format!("layers.{last}.A_log_scan_addi"),
+        Tensor::zeros(bad, DType::F32, &Device::Cpu).expect("zeros"),
     );
     let msg = Adapter::from_tensors(&spec, &base, t)
         .expect_err("bad tensors")
         .to_string();
     assert!(
         msg.contains("missing `layers.0.A_log_scan_addi`")
-            && msg.contains("has shape [3, 3], expected [128, 2]"),
-        "{msg}"
+            && msg.contains(&format!(
+                "`layers.{last}.A_log_scan_addi` has shape [{}, {}], expected [{inner}, {n_add}]",
+                bad.0, bad.1
+            )),
+        "{ctx}: {msg}"
     );
 }
 
@@ -1050,10 +1134,21 @@ fn adapter_for_another_base_is_refused() {
 /// bottom forms with the same parameters give the same logits.
 #[test]
 fn additional_scan_placement_has_no_effect() {
-    let c = cases();
-    let Some(top) = c.iter().find(|c| c.meta["family"] == "additional_scan") else {
-        return;
-    };
+    let mut checked = 0;
+    for set in method_sets() {
+        for top in set
+            .cases
+            .iter()
+            .filter(|c| c.meta["family"] == "additional_scan")
+        {
+            additional_scan_placement_has_no_effect_on(top);
+            checked += 1;
+        }
+    }
+    assert!(checked > 0, "no additional_scan folder in any method set");
+}
+
+fn additional_scan_placement_has_no_effect_on(top: &Case) {
     let base = load_base(&top.base_dir);
     let ids = &top.expected["input_ids"];
     let mut out = Vec::new();
@@ -1073,7 +1168,11 @@ fn additional_scan_placement_has_no_effect() {
         );
     }
     let d = diff(&out[0], &out[1]);
-    assert!(d <= 2e-6, "top vs bottom with the same parameters: {d}");
+    assert!(
+        d <= 2e-6,
+        "{}: top vs bottom with the same parameters: {d}",
+        top.name
+    );
 }
 
 /// Shapes the public fixtures do not cover (odd sizes, K = 3, N = 5, R = 3, three layers,
@@ -1211,16 +1310,31 @@ fn other_shapes_merge_and_gradients_agree() {
 /// over the growing sequence.
 #[test]
 fn cached_generation_with_adapters_matches_full_forwards() {
+    for set in method_sets() {
+        cached_generation_with_adapters_matches_full_forwards_on(&set);
+    }
+}
+
+fn cached_generation_with_adapters_matches_full_forwards_on(set: &MethodSet) {
     use trainer::generate::{GenerationConfig, generate};
-    let c = cases();
-    let base = load_base(&c[0].base_dir);
-    let prompt: Vec<u32> = vec![5, 99, 7, 300, 12];
+    let ctx = set.label();
+    let base = load_base(&set.base_dir);
+    // Prompt ids from the set's inputs, plus the last id of the vocabulary.
+    let vocab = base.config().vocab_size;
+    let mut prompt: Vec<u32> = set
+        .input_ids()
+        .get(0)
+        .and_then(|r| r.to_dtype(DType::U32))
+        .and_then(|r| r.to_vec1::<u32>())
+        .expect("ids");
+    prompt.truncate(4);
+    prompt.push(u32::try_from(vocab - 1).expect("vocab"));
     for v in [
         json!({"type": "prompt", "n": 3, "projection": true}),
         json!({"type": "affix", "n": 2}),
         json!({"type": "hybrid", "methods": [
             {"type": "additional_scan", "n_add": 2},
-            {"type": "prodial", "targets": "both", "r_b": 16, "r_eps": 2},
+            {"type": "prodial", "targets": "both", "r_b": common::prodial_blocks(base.config()), "r_eps": 2},
             {"type": "dora_p", "slice": "X", "r": 2, "zero_init": false},
             {"type": "lora", "targets": "embedding", "r": 2, "zero_init": false},
             {"type": "parallel_adapter", "r": 2, "zero_init": false},
@@ -1240,6 +1354,11 @@ fn cached_generation_with_adapters_matches_full_forwards() {
             ..GenerationConfig::default()
         };
         let out = generate(&model, std::slice::from_ref(&prompt), &cfg).expect("generate");
+        assert_eq!(
+            out.step_logits.len(),
+            cfg.max_new_tokens,
+            "{ctx}: {v}: steps"
+        );
         let mut seq = prompt.clone();
         for (k, step) in out.step_logits.iter().enumerate() {
             let ids = Tensor::new(seq.as_slice(), &Device::Cpu)
@@ -1253,7 +1372,7 @@ fn cached_generation_with_adapters_matches_full_forwards() {
             let d = diff(step, &last);
             assert!(
                 d <= 1e-4,
-                "{v}: step {k}: cached vs full forward logits differ by {d}"
+                "{ctx}: {v}: step {k}: cached vs full forward logits differ by {d}"
             );
             seq.push(out.tokens[0][k]);
         }
@@ -1263,10 +1382,15 @@ fn cached_generation_with_adapters_matches_full_forwards() {
 /// The serving model (merged where possible) computes what the adapted model computes.
 #[test]
 fn inference_model_equals_the_adapted_model() {
-    let c = cases();
-    let base = load_base(&c[0].base_dir);
-    let ids = &c[0].expected["input_ids"];
-    for case in &c {
+    for set in method_sets() {
+        inference_model_equals_the_adapted_model_on(&set);
+    }
+}
+
+fn inference_model_equals_the_adapted_model_on(set: &MethodSet) {
+    let base = load_base(&set.base_dir);
+    let ids = set.input_ids();
+    for case in &set.cases {
         let spec = spec_for(&case.meta, base.config(), &case.adapter);
         let adapter = Adapter::from_tensors(&spec, &base, case.adapter.clone()).expect("adapter");
         let a = adapter
@@ -1287,10 +1411,18 @@ fn inference_model_equals_the_adapted_model() {
 /// method.
 #[test]
 fn in_place_updates_are_seen_without_reapplying() {
-    let c = cases();
-    let base = load_base(&c[0].base_dir);
-    let ids = &c[0].expected["input_ids"];
-    let mut specs: Vec<Value> = c
+    for set in method_sets() {
+        in_place_updates_are_seen_without_reapplying_on(&set);
+    }
+}
+
+fn in_place_updates_are_seen_without_reapplying_on(set: &MethodSet) {
+    let ctx = set.label();
+    let base = load_base(&set.base_dir);
+    let ids = set.input_ids();
+    let out_blocks = common::prodial_blocks(base.config())["out_proj"].clone();
+    let mut specs: Vec<Value> = set
+        .cases
         .iter()
         .map(|case| spec_for(&case.meta, base.config(), &case.adapter).to_value())
         .collect();
@@ -1301,7 +1433,7 @@ fn in_place_updates_are_seen_without_reapplying() {
         json!({"type": "sll_lora", "r": 2}),
         json!({"type": "full"}),
         json!({"type": "affix", "n": 2, "kind": "suffix", "projection": true, "hidden": 8}),
-        json!({"type": "prodial", "targets": "out_proj", "r_b": 32, "r_eps": 2, "diagonal": "trainable"}),
+        json!({"type": "prodial", "targets": "out_proj", "r_b": out_blocks, "r_eps": 2, "diagonal": "trainable"}),
     ]);
     for v in specs {
         let spec = AdapterSpec::from_value(&v).expect("spec");
@@ -1321,14 +1453,61 @@ fn in_place_updates_are_seen_without_reapplying() {
         assert_eq!(
             diff(&after, &fresh),
             0.0,
-            "{v}: the applied model kept stale values"
+            "{ctx}: {v}: the applied model kept stale values"
         );
         // Suffix tokens come after every real token of a causal model: no effect, by design.
         if v["kind"] != "suffix" {
             assert!(
                 diff(&after, &before) > 1e-6,
-                "{v}: an update did not change the output"
+                "{ctx}: {v}: an update did not change the output"
             );
         }
     }
+}
+
+/// The method sets cover more than one shape, so a test that bakes in one set's sizes fails
+/// on another: at least two sets, a vocabulary that is not a multiple of 8, and several
+/// state sizes, conv kernels and layer counts, read from each set's checkpoint (which must
+/// agree with the `config` its index records).
+#[test]
+fn the_method_sets_cover_other_shapes() {
+    use std::collections::BTreeSet;
+    let sets = method_sets();
+    assert!(sets.len() >= 2, "only one method set");
+    let mut cfgs = Vec::new();
+    for set in &sets {
+        let cfg = load_base(&set.base_dir).config().clone();
+        let recorded = &set.index["base_model"]["config"];
+        for (key, got) in [
+            ("vocab", cfg.vocab_size),
+            ("d_model", cfg.hidden_size),
+            ("d_inner", cfg.intermediate_size),
+            ("d_state", cfg.state_size),
+            ("dt_rank", cfg.time_step_rank),
+            ("d_conv", cfg.conv_kernel),
+            ("n_layer", cfg.num_hidden_layers),
+        ] {
+            assert_eq!(
+                recorded[key].as_u64(),
+                Some(got as u64),
+                "{}: index base_model.config.{key}",
+                set.label()
+            );
+        }
+        cfgs.push(cfg);
+    }
+    assert!(
+        cfgs.iter().any(|c| !c.vocab_size.is_multiple_of(8)),
+        "every vocabulary is a multiple of 8"
+    );
+    let distinct = |f: fn(&MambaConfig) -> usize| cfgs.iter().map(f).collect::<BTreeSet<_>>();
+    assert!(distinct(|c| c.state_size).len() >= 2, "one state size only");
+    assert!(
+        distinct(|c| c.conv_kernel).len() >= 2,
+        "one conv kernel only"
+    );
+    assert!(
+        distinct(|c| c.num_hidden_layers).len() >= 2,
+        "one layer count only"
+    );
 }

@@ -1,5 +1,6 @@
 //! Parity with HF PEFT's LoRA and DoRA (peft 0.21.2 on transformers' pure-PyTorch Mamba,
-//! float32, CPU) on every `adapter` case of `tests/fixtures/index.json`. The adapters are
+//! float32, CPU) on every `adapter` case of every fixture case set (`tests/fixtures/index.json`
+//! and `alt/index.json`, see `common`). The adapters are
 //! PEFT's own folders (`adapter_config.json` + `adapter_model.safetensors`); r, alpha, the
 //! targets and DoRA come from the config, names and tolerances from each case's manifest, so
 //! a case added in the same format runs with no code change.
@@ -14,23 +15,15 @@
 //! 1e-6/1e-5.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use trainer::model::{LoadOptions, MambaForCausalLM, causal_lm_loss};
 use trainer::peft::{Adapter, CONFIG_FILE, MethodConfig, WEIGHTS_FILE, to_peft_name};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
+mod common;
+use common::read_json;
 
 fn vec_f32(t: &Tensor) -> Vec<f32> {
     t.to_dtype(DType::F32)
@@ -106,31 +99,20 @@ impl Case {
 }
 
 fn adapter_cases() -> Vec<Case> {
-    let root = fixtures();
-    let index = read_json(&root.join("index.json"));
-    let cases: Vec<Case> = index["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .filter(|c| c["kind"] == "adapter")
-        .map(|c| {
-            let name = c["name"].as_str().expect("name").to_string();
-            let dir = root.join(&name);
-            Case {
-                model_dir: root.join(c["model_dir"].as_str().expect("model_dir")),
-                adapter_dir: root.join(c["adapter_dir"].as_str().expect("adapter_dir")),
-                manifest: read_json(&dir.join("manifest.json")),
-                reference: candle_core::safetensors::load(
-                    dir.join("reference.safetensors"),
-                    &Device::Cpu,
-                )
-                .expect("reference.safetensors"),
-                name,
-            }
+    common::indexed_cases("adapter")
+        .into_iter()
+        .map(|c| Case {
+            model_dir: c.path("model_dir"),
+            adapter_dir: c.path("adapter_dir"),
+            manifest: c.manifest(),
+            reference: candle_core::safetensors::load(
+                c.dir.join("reference.safetensors"),
+                &Device::Cpu,
+            )
+            .expect("reference.safetensors"),
+            name: c.label,
         })
-        .collect();
-    assert!(!cases.is_empty(), "no adapter cases in index.json");
-    cases
+        .collect()
 }
 
 /// Every number of one case for `adapter` on `base`; returns a summary line.
@@ -324,17 +306,35 @@ fn peft_lora_and_dora_adapters_match() {
 
 /// Adapters of every other method round-trip through save/load with the same tensors and
 /// spec, and a reloaded adapter reproduces the logits bit for bit.
+/// Every base model of the case sets, with the first row of its case's `input_ids`.
+fn base_models() -> Vec<(String, MambaForCausalLM, Tensor)> {
+    common::indexed_cases("base")
+        .into_iter()
+        .map(|c| {
+            let base = MambaForCausalLM::load(&c.path("model_dir"), &LoadOptions::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", c.label));
+            let reference =
+                candle_core::safetensors::load(c.dir.join("reference.safetensors"), &Device::Cpu)
+                    .expect("reference.safetensors");
+            let ids = reference["input_ids"].narrow(0, 0, 1).expect("row 0");
+            (c.label, base, ids)
+        })
+        .collect()
+}
+
 #[test]
 fn molt_adapters_round_trip() {
-    let root = fixtures();
-    let base =
-        MambaForCausalLM::load(&root.join("tiny/model"), &LoadOptions::default()).expect("base");
-    let ids = Tensor::new(&[[1u32, 7, 42, 3, 99, 5, 11]], &Device::Cpu).expect("ids");
+    for (label, base, ids) in base_models() {
+        molt_adapters_round_trip_on(&label, &base, &ids);
+    }
+}
+
+fn molt_adapters_round_trip_on(label: &str, base: &MambaForCausalLM, ids: &Tensor) {
     for v in [
         serde_json::json!({"type": "lora", "targets": ["in_proj", "embedding"], "r": 4, "zero_init": false}),
         serde_json::json!({"type": "lora", "targets": ["x_proj", "out_proj"], "r": 4, "alpha": 8, "dropout": 0.0, "zero_init": false}),
         serde_json::json!({"type": "dora", "targets": ["in_proj", "dt_proj"], "r": 2, "zero_init": false}),
-        serde_json::json!({"type": "prodial", "targets": "both", "r_b": 16, "r_eps": 2}),
+        serde_json::json!({"type": "prodial", "targets": "both", "r_b": common::prodial_blocks(base.config()), "r_eps": 2}),
         serde_json::json!({"type": "hybrid", "methods": [
             {"type": "affix", "n": 2, "projection": true, "hidden": 16},
             {"type": "prompt", "n": 2, "kind": "infix"},
@@ -346,30 +346,34 @@ fn molt_adapters_round_trip() {
         serde_json::json!({"type": "linear_probe"}),
     ] {
         let spec = trainer::peft::AdapterSpec::from_value(&v).expect("spec");
-        let adapter = Adapter::init(&spec, &base, 9).expect("init");
+        let adapter = Adapter::init(&spec, base, 9).expect("init");
         let dir = tempfile::tempdir().expect("tempdir");
         adapter.save(dir.path()).expect("save");
-        let back = Adapter::load(dir.path(), &base).unwrap_or_else(|e| panic!("{v}: {e}"));
-        assert_eq!(back.spec(), adapter.spec(), "{v}");
-        assert_eq!(back.trainable_parameters(), adapter.trainable_parameters());
+        let back = Adapter::load(dir.path(), base).unwrap_or_else(|e| panic!("{label}: {v}: {e}"));
+        assert_eq!(back.spec(), adapter.spec(), "{label}: {v}");
+        assert_eq!(
+            back.trainable_parameters(),
+            adapter.trainable_parameters(),
+            "{label}: {v}"
+        );
         for (n, t) in adapter.named_tensors() {
             assert_eq!(
                 vec_f32(back.vars()[&n].as_tensor()),
                 vec_f32(&t),
-                "{v}: {n}"
+                "{label}: {v}: {n}"
             );
         }
         let a = adapter
-            .apply(&base)
-            .and_then(|m| Ok(m.forward(&ids, None)?))
+            .apply(base)
+            .and_then(|m| Ok(m.forward(ids, None)?))
             .expect("a");
         let b = back
-            .apply(&base)
-            .and_then(|m| Ok(m.forward(&ids, None)?))
+            .apply(base)
+            .and_then(|m| Ok(m.forward(ids, None)?))
             .expect("b");
-        assert_eq!(vec_f32(&a), vec_f32(&b), "{v}");
+        assert_eq!(vec_f32(&a), vec_f32(&b), "{label}: {v}");
         let cfg = read_json(&dir.path().join(CONFIG_FILE));
-        assert!(cfg["peft_type"].is_string(), "{v}: {cfg}");
+        assert!(cfg["peft_type"].is_string(), "{label}: {v}: {cfg}");
         let alpha_lora = v["type"] == "dora" || v.get("alpha").is_some();
         if !alpha_lora {
             assert!(
@@ -389,10 +393,12 @@ fn molt_adapters_round_trip() {
 /// cases.
 #[test]
 fn merged_checkpoints_load_back() {
-    let root = fixtures();
-    let base =
-        MambaForCausalLM::load(&root.join("tiny/model"), &LoadOptions::default()).expect("base");
-    let ids = Tensor::new(&[[1u32, 7, 42, 3, 99, 5, 11, 8]], &Device::Cpu).expect("ids");
+    for (label, base, ids) in base_models() {
+        merged_checkpoints_load_back_on(&label, &base, &ids);
+    }
+}
+
+fn merged_checkpoints_load_back_on(label: &str, base: &MambaForCausalLM, ids: &Tensor) {
     for v in [
         serde_json::json!({"type": "hybrid", "methods": [
             {"type": "lora", "targets": ["embedding", "dt_proj"], "r": 4, "zero_init": false},
@@ -402,12 +408,12 @@ fn merged_checkpoints_load_back() {
         serde_json::json!({"type": "prompt", "n": 3, "projection": true}),
     ] {
         let spec = trainer::peft::AdapterSpec::from_value(&v).expect("spec");
-        let adapter = Adapter::init(&spec, &base, 5).expect("init");
+        let adapter = Adapter::init(&spec, base, 5).expect("init");
         let want = adapter
-            .apply(&base)
-            .and_then(|m| Ok(m.forward(&ids, None)?))
+            .apply(base)
+            .and_then(|m| Ok(m.forward(ids, None)?))
             .expect("want");
-        let merged = adapter.merge(&base).expect("merge");
+        let merged = adapter.merge(base).expect("merge");
         let dir = tempfile::tempdir().expect("tempdir");
         merged.save(dir.path()).expect("save merged");
         let loaded =
@@ -418,10 +424,10 @@ fn merged_checkpoints_load_back() {
                 residual
                     .apply(&loaded)
                     .expect("apply")
-                    .forward(&ids, None)
+                    .forward(ids, None)
                     .expect("forward")
             }
-            None => loaded.forward(&ids, None).expect("forward"),
+            None => loaded.forward(ids, None).expect("forward"),
         };
         let d = (got - &want)
             .and_then(|t| t.abs())
@@ -429,6 +435,9 @@ fn merged_checkpoints_load_back() {
             .and_then(|t| t.max(0))
             .and_then(|t| t.to_scalar::<f32>())
             .expect("diff");
-        assert!(d <= 1e-5, "{v}: merged checkpoint logits differ by {d}");
+        assert!(
+            d <= 1e-5,
+            "{label}: {v}: merged checkpoint logits differ by {d}"
+        );
     }
 }

@@ -1,0 +1,121 @@
+//! The fixture sets the tests walk. Every folder with an `index.json` — `tests/fixtures/`
+//! itself and each folder directly below it — is one set: a *case set* when its index lists
+//! `cases` (the shared set, `alt/`), a *method set* when it lists `methods` (`methods/`,
+//! `methods_alt/`). A set added in the same format is walked with no code change; paths in
+//! an index are relative to the folder holding it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use trainer::model::MambaConfig;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+pub fn read_json(p: &Path) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Every set holding `key` in its index: (folder, index), sorted by folder.
+fn sets_with(key: &str) -> Vec<(PathBuf, Value)> {
+    let root = fixtures();
+    let mut dirs = vec![root.clone()];
+    let mut below: Vec<PathBuf> = std::fs::read_dir(&root)
+        .unwrap_or_else(|e| panic!("{}: {e}", root.display()))
+        .map(|e| e.expect("dir entry").path())
+        .filter(|p| p.join("index.json").is_file())
+        .collect();
+    below.sort();
+    dirs.extend(below);
+    dirs.into_iter()
+        .filter(|d| d.join("index.json").is_file())
+        .map(|d| {
+            let index = read_json(&d.join("index.json"));
+            (d, index)
+        })
+        .filter(|(_, index)| index.get(key).is_some())
+        .collect()
+}
+
+/// The case sets (`index.json` with `cases`).
+pub fn case_sets() -> Vec<(PathBuf, Value)> {
+    sets_with("cases")
+}
+
+/// The method sets (`index.json` with `methods`).
+pub fn method_sets() -> Vec<(PathBuf, Value)> {
+    sets_with("methods")
+}
+
+/// `dir` relative to `tests/fixtures/` (`tiny`, `alt/alt_lora`, `methods_alt`), for messages.
+pub fn label(dir: &Path) -> String {
+    let root = fixtures();
+    match dir.strip_prefix(&root) {
+        Ok(rel) if rel.as_os_str().is_empty() => ".".to_string(),
+        Ok(rel) => rel.display().to_string(),
+        Err(_) => dir.display().to_string(),
+    }
+}
+
+/// One entry of a case set's index.
+pub struct IndexedCase {
+    /// The folder holding the index.
+    pub set: PathBuf,
+    /// The case's folder.
+    pub dir: PathBuf,
+    /// The case's path below `tests/fixtures/`, for messages.
+    pub label: String,
+    /// The index entry.
+    pub entry: Value,
+}
+
+impl IndexedCase {
+    /// A path the entry names (`model_dir`, `adapter_dir`), resolved against the set.
+    pub fn path(&self, key: &str) -> PathBuf {
+        let rel = self.entry[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: index entry has no `{key}`", self.label));
+        self.set.join(rel)
+    }
+
+    pub fn manifest(&self) -> Value {
+        read_json(&self.dir.join("manifest.json"))
+    }
+}
+
+/// Every case of `kind` (`base`, `adapter`, `ops`) in every case set, in index order.
+pub fn indexed_cases(kind: &str) -> Vec<IndexedCase> {
+    let mut out = Vec::new();
+    for (set, index) in case_sets() {
+        for entry in index["cases"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: `cases` is not a list", set.display()))
+        {
+            if entry["kind"] != kind {
+                continue;
+            }
+            let name = entry["name"].as_str().expect("case name");
+            let dir = set.join(name);
+            out.push(IndexedCase {
+                label: label(&dir),
+                set: set.clone(),
+                dir,
+                entry: entry.clone(),
+            });
+        }
+    }
+    assert!(!out.is_empty(), "no `{kind}` case in any fixture index");
+    out
+}
+
+/// ProDiaL block counts (`r_b`) for a model with `cfg`: the most blocks (the smallest block
+/// size above 1) that divide each target's input width, so any shape gets a valid spec.
+pub fn prodial_blocks(cfg: &MambaConfig) -> Value {
+    let blocks = |d: usize| d / (2..=d).find(|q| d.is_multiple_of(*q)).unwrap_or(1);
+    json!({"in_proj": blocks(cfg.hidden_size), "out_proj": blocks(cfg.intermediate_size)})
+}
