@@ -13,9 +13,11 @@ COPY Cargo.toml Cargo.lock ./
 COPY api/Cargo.toml api/Cargo.toml
 COPY storage/Cargo.toml storage/Cargo.toml
 COPY trainer/Cargo.toml trainer/Cargo.toml
-# `sqlx::migrate!` embeds migrations/ at compile time; openapi.yaml is served by the API.
+# Embedded at compile time: migrations/ (`sqlx::migrate!`), openapi.yaml (served by the API)
+# and the demo model (models/, built into the binary).
 COPY migrations migrations
 COPY openapi.yaml openapi.yaml
+COPY models models
 COPY api api
 COPY storage storage
 COPY trainer trainer
@@ -27,12 +29,9 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/molt /usr/local/bin/molt
 WORKDIR /app
-# The demo base model, when the repository carries it (README.md is listed so that the
-# wildcard never matches nothing).
-COPY README.md model[s] /app/models/
+# The demo base model is built into the binary; MOLT_MODELS_DIR=/some/folder replaces it.
 ENV MOLT_LISTEN=0.0.0.0:8080 \
-    MOLT_DATA_DIR=/data \
-    MOLT_DEMO_MODEL=/app/models/demo
+    MOLT_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8080
 CMD ["molt", "serve"]

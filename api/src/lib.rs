@@ -8,8 +8,10 @@
 //! [`serve`] (API + local worker processes).
 
 pub mod auth;
+pub mod builtin;
 pub mod dataset;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod ratelimit;
 pub mod registry;

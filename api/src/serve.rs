@@ -1,6 +1,7 @@
 //! `molt serve`: the one-command start. Opens (and migrates) the database, creates a
 //! default tenant on first start (its key is printed once and written to `DATA_DIR/first-key`,
-//! mode 0600), registers the demo model when `models/demo/` is present, serves the API, and
+//! mode 0600), registers the base models (the demo built into the binary, or the folders of
+//! `--models-dir`), serves the API, and
 //! runs local workers as child processes: a worker that dies is restarted (with back-off),
 //! and one signal (SIGINT/SIGTERM) shuts the server and every worker down.
 
@@ -51,9 +52,11 @@ pub struct ServeArgs {
     #[arg(long, env = "MOLT_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
 
-    /// Demo base model folder, registered as `demo` on start when present.
-    #[arg(long, env = "MOLT_DEMO_MODEL", default_value = "models/demo")]
-    pub demo_model: PathBuf,
+    /// Folder of base models to register on start: each sub-folder holding a `config.json`
+    /// is registered under the sub-folder's name, unless that name is registered already.
+    /// Default: the models built into the binary (`demo`); an empty folder registers none.
+    #[arg(long, env = "MOLT_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
 
     /// Largest dataset upload in bytes.
     #[arg(long, env = "MOLT_MAX_UPLOAD_BYTES", default_value_t = 2 * 1024 * 1024 * 1024)]
@@ -112,6 +115,9 @@ pub struct ServeArgs {
     /// The rate limit's window, in seconds.
     #[arg(long, env = "MOLT_RATE_LIMIT_WINDOW_SECS", default_value_t = 60)]
     pub rate_limit_window_secs: u64,
+
+    #[command(flatten)]
+    pub limits: crate::limits::RequestLimits,
 }
 
 /// Why `molt serve` could not run.
@@ -140,8 +146,6 @@ pub enum ServeError {
 
 /// Name of the file holding the first tenant's key.
 pub const FIRST_KEY_FILE: &str = "first-key";
-/// Name the demo model is registered under.
-pub const DEMO_MODEL_ID: &str = "demo";
 
 fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
@@ -173,7 +177,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     let blobs = BlobStore::from_url(&store)?;
 
     first_start(&db, &data_dir).await?;
-    register_demo(&db, &blobs, &args.demo_model).await;
+    register_start_models(&db, &blobs, args.models_dir.as_deref(), &data_dir).await?;
     spawn_upload_cleanup(blobs.clone());
 
     let config = ApiConfig {
@@ -195,6 +199,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
             max_prompt_tokens: args.max_prompt_tokens.max(1),
             max_new_tokens: args.max_new_tokens.max(1),
         },
+        limits: args.limits.clone(),
         ..ApiConfig::default()
     };
     tracing::info!(?config, store = %blobs, workers = args.workers, "starting molt");
@@ -302,28 +307,76 @@ async fn first_start(db: &Db, data_dir: &Path) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// Registers `demo` from the demo folder when it exists and is not registered yet.
-async fn register_demo(db: &Db, blobs: &BlobStore, dir: &Path) {
-    if !dir.join("config.json").is_file() {
-        tracing::info!(dir = %dir.display(), "no demo model folder; skipping");
-        return;
-    }
-    match db.get_base_model(DEMO_MODEL_ID).await {
-        Ok(_) => return,
-        Err(storage::Error::NotFound { .. }) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, "could not look the demo model up");
-            return;
+/// Registers the models of `--models-dir`, or else the built-in ones, skipping names that
+/// are registered already (a restart keeps what an operator changed). A model that fails
+/// to register is logged and skipped; a `--models-dir` that cannot be read stops the start.
+async fn register_start_models(
+    db: &Db,
+    blobs: &BlobStore,
+    models_dir: Option<&Path>,
+    data_dir: &Path,
+) -> Result<(), ServeError> {
+    match models_dir {
+        Some(dir) => {
+            let io = |source| ServeError::Io {
+                what: "--models-dir: cannot read",
+                path: dir.to_path_buf(),
+                source,
+            };
+            let mut folders: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+                .map_err(io)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.join("config.json").is_file())
+                .filter_map(|p| Some((p.file_name()?.to_str()?.to_string(), p)))
+                .collect();
+            folders.sort();
+            if folders.is_empty() {
+                tracing::info!(dir = %dir.display(), "no model folders to register");
+            }
+            for (name, path) in folders {
+                register_one(db, blobs, &name, &path).await;
+            }
+        }
+        None => {
+            let scratch = data_dir.join("builtin-models");
+            for m in crate::builtin::BUILTIN_MODELS {
+                if is_registered(db, m.name).await {
+                    continue;
+                }
+                let path = m.write_to(&scratch).map_err(|source| ServeError::Io {
+                    what: "cannot write the built-in model to",
+                    path: scratch.clone(),
+                    source,
+                })?;
+                register_one(db, blobs, m.name, &path).await;
+            }
+            // The registry copied the files into the blob store.
+            let _ = std::fs::remove_dir_all(&scratch);
         }
     }
-    match registry::register_folder(db, blobs, DEMO_MODEL_ID, dir, true).await {
-        Ok(m) => eprintln!(
-            "molt: registered the demo base model '{}' from {}",
-            m.id,
-            dir.display()
-        ),
+    Ok(())
+}
+
+async fn is_registered(db: &Db, id: &str) -> bool {
+    match db.get_base_model(id).await {
+        Ok(_) => true,
+        Err(storage::Error::NotFound { .. }) => false,
         Err(e) => {
-            tracing::warn!(error = %e, dir = %dir.display(), "could not register the demo model")
+            tracing::warn!(model = id, error = %e, "could not look the model up");
+            true
+        }
+    }
+}
+
+async fn register_one(db: &Db, blobs: &BlobStore, id: &str, dir: &Path) {
+    if is_registered(db, id).await {
+        return;
+    }
+    match registry::register_folder(db, blobs, id, dir, true).await {
+        Ok(m) => eprintln!("molt: registered the base model '{}'", m.id),
+        Err(e) => {
+            tracing::warn!(model = id, error = %e, dir = %dir.display(), "could not register a base model")
         }
     }
 }

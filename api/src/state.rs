@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use storage::{BlobStore, Db};
 
+use crate::limits::RequestLimits;
 use crate::metrics::Metrics;
 use crate::ratelimit::{RateLimit, RateLimiter};
 use crate::serving::{Engine, ServingConfig};
@@ -30,6 +31,8 @@ pub struct ApiConfig {
     pub rate_limit: RateLimit,
     /// Completions and scoring: limits, adapter cache budget, batching.
     pub serving: ServingConfig,
+    /// Sizes a client controls (scores, completions, names).
+    pub limits: RequestLimits,
 }
 
 impl std::fmt::Debug for ApiConfig {
@@ -47,6 +50,7 @@ impl std::fmt::Debug for ApiConfig {
             .field("job_max_attempts", &self.job_max_attempts)
             .field("rate_limit", &self.rate_limit)
             .field("serving", &self.serving)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -63,6 +67,7 @@ impl Default for ApiConfig {
             event_poll_interval: Duration::from_millis(500),
             rate_limit: RateLimit::default(),
             serving: ServingConfig::default(),
+            limits: RequestLimits::default(),
         }
     }
 }

@@ -265,3 +265,63 @@ fn migrate_applies_migrations_and_is_idempotent() {
     }
     assert!(dir.path().join("molt.db").is_file());
 }
+
+/// The README's first command as a new user meets it: `molt serve` started in an empty
+/// directory, with no flags for data or models, serves the built-in demo model — listed,
+/// fine-tuned by a job and completing with the result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_from_a_fresh_directory_lists_trains_and_completes_on_demo() {
+    let s = Server::start(ServeOptions {
+        workers: 1,
+        defaults: true,
+        ..ServeOptions::default()
+    })
+    .await;
+    assert!(
+        s.data_dir.ends_with("molt-data"),
+        "{}",
+        s.data_dir.display()
+    );
+    let models = s.get_ok("/v1/models").await;
+    let demo = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|m| m["id"] == "demo")
+        .unwrap_or_else(|| panic!("demo not listed: {models}\n{}", s.log_text()))
+        .clone();
+    assert_eq!(demo["object"], "model", "{demo}");
+
+    let (status, file) = s.upload("d.jsonl", text_dataset(8)).await;
+    assert_eq!(status, StatusCode::OK, "{file}");
+    let (status, job) = s
+        .call(s.req(Method::POST, "/v1/fine_tuning/jobs").json(&json!({
+            "model": "demo", "training_file": file["id"],
+            "method": {"type": "lora", "targets": "in_proj", "r": 4},
+            "hyperparameters": {"n_epochs": 1, "batch_size": 4}
+        })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{job}");
+    let job = s
+        .wait_job(job["id"].as_str().expect("id"), Duration::from_secs(180))
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let tuned = job["fine_tuned_model"].as_str().expect("fine_tuned_model");
+
+    let (status, done) = s
+        .call(s.req(Method::POST, "/v1/completions").json(&json!({
+            "model": tuned, "prompt": "The mamba", "max_tokens": 5, "temperature": 0
+        })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{done}");
+    assert_eq!(done["model"], tuned, "{done}");
+    let n = done["usage"]["completion_tokens"].as_u64().expect("usage");
+    assert!((1..=5).contains(&n), "{done}");
+    assert!(
+        !done["choices"][0]["text"]
+            .as_str()
+            .unwrap_or_default()
+            .is_empty(),
+        "{done}"
+    );
+}

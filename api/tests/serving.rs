@@ -624,6 +624,8 @@ async fn overload_answers_429_and_a_disconnect_frees_the_slot() {
         "0",
         "--max-new-tokens",
         "100000",
+        "--max-completion-tokens",
+        "100000",
     ])
     .await;
     let s = &env.server;

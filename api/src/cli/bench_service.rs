@@ -206,8 +206,13 @@ impl BenchServer {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--workers", "0", "--rate-limit-requests", "0"])
-            .arg("--demo-model")
-            .arg(data_dir.join("no-demo-model"))
+            .arg("--models-dir")
+            .arg({
+                // No base models: the bench needs none.
+                let d = data_dir.join("no-models");
+                std::fs::create_dir_all(&d)?;
+                d
+            })
             .arg("--max-upload-bytes")
             .arg(((upload_mib + 64) << 20).to_string())
             .env("MOLT_LOG", "warn")

@@ -10,6 +10,7 @@ use storage::{ApiKey, BaseModel, Tenant};
 use super::{ListParams, ListResponse};
 use crate::auth::Admin;
 use crate::error::{ApiError, Json, Path, Query};
+use crate::limits::{MAX_SOURCE_CHARS, check_name};
 use crate::registry::{self, RegistryError};
 use crate::state::AppState;
 
@@ -43,6 +44,7 @@ pub async fn create_tenant(
     _: Admin,
     Json(req): Json<CreateTenant>,
 ) -> Result<(StatusCode, Json<Tenant>), ApiError> {
+    check_name("name", &req.name, state.config.limits.max_name_chars)?;
     let tenant = state.db.create_tenant(req.name.trim()).await?;
     Ok((StatusCode::CREATED, Json(tenant)))
 }
@@ -100,6 +102,9 @@ pub async fn create_key(
             )
         })?
     };
+    if let Some(name) = &req.name {
+        check_name("name", name, state.config.limits.max_name_chars)?;
+    }
     let (key, secret) = state
         .db
         .create_api_key(&tenant_id, req.name.as_deref())
@@ -179,6 +184,16 @@ pub async fn register_model(
     _: Admin,
     Json(req): Json<RegisterModel>,
 ) -> Result<(StatusCode, Json<BaseModelObject>), ApiError> {
+    if req.source.chars().count() > MAX_SOURCE_CHARS {
+        return Err(ApiError::bad_request(
+            "invalid_source",
+            format!(
+                "source has {} characters; at most {MAX_SOURCE_CHARS} are accepted",
+                req.source.chars().count()
+            ),
+        )
+        .param("source"));
+    }
     let model = registry::register(&state.db, &state.blobs, &req.id, &req.source, req.copy)
         .await
         .map_err(ApiError::from)

@@ -21,6 +21,7 @@ use trainer::tokenizer::Tokenizer;
 
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json};
+use crate::limits::{RequestLimits, too_large};
 use crate::serving::scheduler::Finish;
 use crate::serving::{LoadedBase, SeqEvent, SeqParams, SeqRequest, ServedModel, ServingError};
 use crate::state::AppState;
@@ -417,6 +418,41 @@ pub fn tokenize_prompts(
     Ok(out)
 }
 
+/// The work a request asks for — sequences (prompts × n) and tokens to generate — within
+/// the server's limits, checked before the model is touched.
+fn check_request_size(
+    prompt: &Value,
+    sampling: &Sampling,
+    limits: &RequestLimits,
+) -> Result<(), ApiError> {
+    // A list of strings or of token-id lists is several prompts; anything else is one.
+    let prompts = match prompt {
+        Value::Array(a) if a.iter().all(|p| p.is_string() || p.is_array()) => a.len().max(1),
+        _ => 1,
+    };
+    let sequences = prompts.saturating_mul(sampling.n);
+    if sequences > limits.max_completion_sequences {
+        return Err(too_large(
+            "prompt",
+            "the number of sequences to generate (prompts × n)",
+            sequences,
+            limits.max_completion_sequences,
+            "--max-completion-sequences",
+        ));
+    }
+    let tokens = sequences.saturating_mul(sampling.max_tokens);
+    if tokens > limits.max_completion_tokens {
+        return Err(too_large(
+            "max_tokens",
+            "the number of tokens to generate (prompts × n × max_tokens)",
+            tokens,
+            limits.max_completion_tokens,
+            "--max-completion-tokens",
+        ));
+    }
+    Ok(())
+}
+
 fn kind_of(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -762,6 +798,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let cfg = &state.config.serving;
     let sampling = req.sampling(cfg.max_new_tokens)?;
+    check_request_size(&req.prompt, &sampling, &state.config.limits)?;
     let resolved = resolve(&state, &tenant, &req.model).await?;
     let prompts = tokenize_prompts(&req.prompt, &resolved.base, cfg.max_prompt_tokens)?;
     let rxs = submit(&state, &resolved, &prompts, &sampling)?;

@@ -19,6 +19,7 @@ use super::{ListParams, ListResponse, idempotency_key};
 use crate::auth::Tenant;
 use crate::dataset::{DatasetValidator, PURPOSE_FINE_TUNE};
 use crate::error::{ApiError, Json, Path, Query};
+use crate::limits::check_name;
 use crate::state::AppState;
 
 /// OpenAI's File object.
@@ -58,7 +59,7 @@ impl From<FileRecord> for FileObject {
     }
 }
 
-/// Longest accepted `purpose` / filename.
+/// Longest accepted `purpose`.
 const MAX_SMALL_FIELD: usize = 1024;
 
 fn multipart_rejection(r: MultipartRejection) -> ApiError {
@@ -176,13 +177,7 @@ pub async fn create(
                         .file_name()
                         .map(str::to_string)
                         .unwrap_or_else(|| "upload.jsonl".to_string());
-                    if filename.len() > MAX_SMALL_FIELD {
-                        return Err(ApiError::bad_request(
-                            "invalid_request",
-                            format!("the file name is longer than {MAX_SMALL_FIELD} bytes"),
-                        )
-                        .param("file"));
-                    }
+                    check_name("file", &filename, state.config.limits.max_name_chars)?;
                     let mut validator = DatasetValidator::new(&filename);
                     let blob = state
                         .blobs

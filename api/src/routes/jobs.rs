@@ -24,6 +24,7 @@ use super::{ListParams, ListResponse, idempotency_key};
 use crate::auth::Tenant;
 use crate::dataset::PURPOSE_FINE_TUNE;
 use crate::error::{ApiError, Json, Path, Query};
+use crate::limits::check_metadata;
 use crate::state::AppState;
 use crate::training::{self, Hyperparameters};
 
@@ -265,6 +266,7 @@ pub async fn create(
         .param("integrations"));
     }
     check_suffix(&req.suffix)?;
+    check_metadata(req.metadata.as_ref())?;
     let base = match state.db.get_base_model(&req.model).await {
         Ok(m) => m,
         Err(storage::Error::NotFound { .. }) => {

@@ -13,13 +13,9 @@ use trainer::train::engine::{argmax, score_choice_sets};
 use super::completions::resolve;
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json};
+use crate::limits::too_large;
 use crate::serving::{ServingError, blocking};
 use crate::state::AppState;
-
-/// Most items per request.
-pub const MAX_ITEMS: usize = 1024;
-/// Most choices per item.
-pub const MAX_CHOICES: usize = 64;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,26 +73,37 @@ pub async fn create(
     tenant: Tenant,
     Json(req): Json<ScoreRequest>,
 ) -> Result<Json<ScoreResponse>, ApiError> {
-    if req.items.is_empty() || req.items.len() > MAX_ITEMS {
-        return Err(ApiError::bad_request(
-            "invalid_items",
-            format!(
-                "items must hold 1 to {MAX_ITEMS} items, got {}",
-                req.items.len()
-            ),
-        )
-        .param("items"));
+    let limits = &state.config.limits;
+    if req.items.is_empty() {
+        return Err(
+            ApiError::bad_request("invalid_items", "items must not be empty").param("items"),
+        );
+    }
+    if req.items.len() > limits.max_score_items {
+        return Err(too_large(
+            "items",
+            "the number of items",
+            req.items.len(),
+            limits.max_score_items,
+            "--max-score-items",
+        ));
     }
     for (i, it) in req.items.iter().enumerate() {
-        if it.choices.is_empty() || it.choices.len() > MAX_CHOICES {
+        if it.choices.is_empty() {
             return Err(ApiError::bad_request(
                 "invalid_choices",
-                format!(
-                    "items[{i}].choices must hold 1 to {MAX_CHOICES} choices, got {}",
-                    it.choices.len()
-                ),
+                format!("items[{i}].choices must not be empty"),
             )
             .param(format!("items[{i}].choices")));
+        }
+        if it.choices.len() > limits.max_score_choices {
+            return Err(too_large(
+                &format!("items[{i}].choices"),
+                &format!("the number of choices of items[{i}]"),
+                it.choices.len(),
+                limits.max_score_choices,
+                "--max-score-choices",
+            ));
         }
     }
     let batch = req.batch_size.unwrap_or(8);
@@ -138,6 +145,15 @@ pub async fn create(
             prompt_tokens += ex.ids.len();
         }
         sets.push(set);
+    }
+    if prompt_tokens > limits.max_score_tokens {
+        return Err(too_large(
+            "items",
+            "the number of tokens to score (context + choice, summed over every choice)",
+            prompt_tokens,
+            limits.max_score_tokens,
+            "--max-score-tokens",
+        ));
     }
     let model = r.served.model.clone();
     let pin = r.served.pin.clone();

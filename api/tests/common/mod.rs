@@ -137,6 +137,10 @@ pub struct ServeOptions {
     /// Reuse this data directory (restart tests).
     pub data_dir: Option<PathBuf>,
     pub lease_seconds: u64,
+    /// Start as a new user would: in a fresh temporary working directory, with neither
+    /// `--data-dir` nor `--models-dir` (the data lands in `./molt-data`, the built-in models
+    /// are registered).
+    pub defaults: bool,
 }
 
 impl Default for ServeOptions {
@@ -147,6 +151,7 @@ impl Default for ServeOptions {
             extra_args: Vec::new(),
             data_dir: None,
             lease_seconds: 60,
+            defaults: false,
         }
     }
 }
@@ -167,6 +172,11 @@ impl Server {
     pub async fn start(options: ServeOptions) -> Server {
         let (tmp, data_dir) = match &options.data_dir {
             Some(d) => (None, d.clone()),
+            None if options.defaults => {
+                let t = tempfile::tempdir().expect("tempdir");
+                let d = t.path().join("molt-data");
+                (Some(t), d)
+            }
             None => {
                 let t = tempfile::tempdir().expect("tempdir");
                 let d = t.path().to_path_buf();
@@ -179,22 +189,31 @@ impl Server {
         let mut cmd = Command::new(molt_exe());
         cmd.arg("serve")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .arg("--workers")
+            .arg(format!("127.0.0.1:{port}"));
+        if options.defaults {
+            let cwd = data_dir.parent().expect("working directory");
+            cmd.current_dir(cwd).env_remove("MOLT_DATA_DIR");
+        } else {
+            // No base models on start: each test registers what it uses.
+            let no_models = data_dir.join("no-models");
+            std::fs::create_dir_all(&no_models).expect("empty models dir");
+            cmd.arg("--data-dir")
+                .arg(&data_dir)
+                .arg("--models-dir")
+                .arg(&no_models);
+        }
+        cmd.arg("--workers")
             .arg(options.workers.to_string())
             .arg("--lease-seconds")
             .arg(options.lease_seconds.to_string())
             .arg("--poll-interval-ms")
             .arg("200")
-            .arg("--demo-model")
-            .arg(data_dir.join("no-demo-model"))
             .args(&options.extra_args)
             .env("MOLT_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("MOLT_LOG", "info")
             .env_remove("MOLT_DATABASE_URL")
             .env_remove("MOLT_STORE")
+            .env_remove("MOLT_MODELS_DIR")
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 std::fs::File::create(data_dir.join(format!("serve-{port}.out"))).expect("out"),
