@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): lint, then every test of the workspace against
-# SQLite and PostgreSQL, local files and a real S3-speaking server (moto).
+# SQLite and PostgreSQL, local files and a real S3-speaking server (moto), then the README's
+# walk-through from a fresh clone (scripts/walkthrough.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,3 +13,4 @@ source scripts/test-services.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace "$@"
+bash scripts/walkthrough.sh
