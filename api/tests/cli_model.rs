@@ -1,42 +1,64 @@
-//! End to end: the built `molt` binary on the tiny fixture model. `model forward` must
-//! reproduce the reference logits and loss of HF transformers (tolerances from the case's
-//! manifest), `model generate` the reference greedy tokens, and bad input must end with a
-//! message and a non-zero exit, never a panic.
+//! End to end: the built `molt` binary on every base case of the fixture sets (the shared
+//! `tests/fixtures/` and `tests/fixtures/alt/`, walked through their `index.json`; shapes,
+//! vocabulary sizes and tolerances from each case's manifest). `model forward` must
+//! reproduce the reference logits and loss of HF transformers, `model generate` the
+//! reference greedy tokens (cases with a tokenizer), and bad input must end with a message
+//! and a non-zero exit, never a panic.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
-fn case_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny")
+#[path = "../../trainer/tests/common/mod.rs"]
+mod fixtures;
+
+use fixtures::IndexedCase;
+
+/// One base case: its model folder, reference tensors and manifest.
+struct Case {
+    label: String,
+    model: std::path::PathBuf,
+    reference: HashMap<String, Tensor>,
+    manifest: Value,
 }
 
-fn model_dir() -> PathBuf {
-    case_dir().join("model")
+impl Case {
+    fn tol(&self, class: &str) -> (f64, f64) {
+        let t = &self.manifest["tolerances"][class];
+        (
+            t["atol"].as_f64().expect("atol"),
+            t["rtol"].as_f64().expect("rtol"),
+        )
+    }
+
+    fn vocab(&self) -> i64 {
+        let config = fixtures::read_json(&self.model.join("config.json"));
+        config["vocab_size"].as_i64().expect("vocab_size")
+    }
+
+    fn has_tokenizer(&self) -> bool {
+        !self.manifest["tokenizer"].is_null()
+    }
 }
 
-fn reference() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(case_dir().join("reference.safetensors"), &Device::Cpu)
-        .expect("reference")
+fn load(c: &IndexedCase) -> Case {
+    Case {
+        label: c.label.clone(),
+        model: c.path("model_dir"),
+        reference: candle_core::safetensors::load(
+            c.dir.join("reference.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap_or_else(|e| panic!("{}: reference: {e}", c.label)),
+        manifest: c.manifest(),
+    }
 }
 
-fn manifest() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(case_dir().join("manifest.json")).expect("manifest"),
-    )
-    .expect("json")
-}
-
-fn tol(class: &str) -> (f64, f64) {
-    let m = manifest();
-    let t = &m["tolerances"][class];
-    (
-        t["atol"].as_f64().expect("atol"),
-        t["rtol"].as_f64().expect("rtol"),
-    )
+fn base_cases() -> Vec<Case> {
+    fixtures::indexed_cases("base").iter().map(load).collect()
 }
 
 fn molt(args: &[&str]) -> Output {
@@ -70,6 +92,7 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, (atol, rtol): (f64, f64
 }
 
 fn run_forward(
+    model: &Path,
     inputs: &HashMap<String, Tensor>,
     loss: bool,
 ) -> (Output, Option<HashMap<String, Tensor>>) {
@@ -77,7 +100,6 @@ fn run_forward(
     let input = tmp.path().join("in.safetensors");
     let output = tmp.path().join("out.safetensors");
     candle_core::safetensors::save(inputs, &input).expect("save input");
-    let model = model_dir();
     let mut args = vec![
         "model",
         "forward",
@@ -101,80 +123,127 @@ fn run_forward(
 
 #[test]
 fn forward_matches_the_reference_logits_and_loss() {
-    let r = reference();
-    let inputs = HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]);
-    let (out, result) = run_forward(&inputs, true);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result = result.expect("output");
-    assert_eq!(result["logits"].dtype(), DType::F32);
-    let d = assert_close("logits", &result["logits"], &r["logits"], tol("logits"));
-    eprintln!("cli logits max abs diff {d:.3e}");
-    assert_eq!(result["loss"].dims(), &[1]);
-    assert_close("loss", &result["loss"], &r["loss"], tol("loss"));
+    for c in base_cases() {
+        let r = &c.reference;
+        let inputs = HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]);
+        let (out, result) = run_forward(&c.model, &inputs, true);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            c.label,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result = result.expect("output");
+        assert_eq!(result["logits"].dtype(), DType::F32);
+        let d = assert_close(
+            &format!("{} logits", c.label),
+            &result["logits"],
+            &r["logits"],
+            c.tol("logits"),
+        );
+        eprintln!("{}: cli logits max abs diff {d:.3e}", c.label);
+        assert_eq!(result["loss"].dims(), &[1]);
+        assert_close(
+            &format!("{} loss", c.label),
+            &result["loss"],
+            &r["loss"],
+            c.tol("loss"),
+        );
+    }
 }
 
 #[test]
 fn forward_takes_u32_ids_and_an_attention_mask() {
-    let r = reference();
-    let ids = r["masked.input_ids"].to_dtype(DType::U32).expect("u32");
-    let inputs = HashMap::from([
-        ("input_ids".to_string(), ids),
-        (
-            "attention_mask".to_string(),
-            r["masked.attention_mask"].clone(),
-        ),
-    ]);
-    let (out, result) = run_forward(&inputs, false);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result = result.expect("output");
-    assert!(!result.contains_key("loss"));
-    assert_close(
-        "masked logits",
-        &result["logits"],
-        &r["masked.logits"],
-        tol("logits"),
-    );
+    for c in base_cases() {
+        let r = &c.reference;
+        let ids = r["masked.input_ids"].to_dtype(DType::U32).expect("u32");
+        let inputs = HashMap::from([
+            ("input_ids".to_string(), ids),
+            (
+                "attention_mask".to_string(),
+                r["masked.attention_mask"].clone(),
+            ),
+        ]);
+        let (out, result) = run_forward(&c.model, &inputs, false);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            c.label,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result = result.expect("output");
+        assert!(!result.contains_key("loss"));
+        assert_close(
+            &format!("{} masked logits", c.label),
+            &result["logits"],
+            &r["masked.logits"],
+            c.tol("logits"),
+        );
+    }
 }
 
 #[test]
 fn forward_rejects_bad_input_with_a_message() {
-    let r = reference();
-    // No input_ids.
-    let inputs = HashMap::from([("ids".to_string(), r["input_ids"].clone())]);
-    let (out, _) = run_forward(&inputs, false);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("in.safetensors") && err.contains("input_ids"),
-        "{err}"
-    );
+    for c in base_cases() {
+        let r = &c.reference;
+        // No input_ids.
+        let inputs = HashMap::from([("ids".to_string(), r["input_ids"].clone())]);
+        let (out, _) = run_forward(&c.model, &inputs, false);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("in.safetensors") && err.contains("input_ids"),
+            "{}: {err}",
+            c.label
+        );
 
-    // A token id beyond the vocabulary.
-    let ids = Tensor::new(&[[1i64, 2, 512]], &Device::Cpu).expect("ids");
-    let (out, _) = run_forward(&HashMap::from([("input_ids".to_string(), ids)]), false);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("in.safetensors") && err.contains("token id 512"),
-        "{err}"
-    );
+        // A token id one past the vocabulary.
+        let vocab = c.vocab();
+        let ids = Tensor::new(&[[0i64, vocab - 1, vocab]], &Device::Cpu).expect("ids");
+        let (out, _) = run_forward(
+            &c.model,
+            &HashMap::from([("input_ids".to_string(), ids)]),
+            false,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("in.safetensors") && err.contains(&format!("token id {vocab}")),
+            "{}: {err}",
+            c.label
+        );
 
-    // Float ids.
-    let ids = Tensor::new(&[[1f32, 2.]], &Device::Cpu).expect("ids");
-    let (out, _) = run_forward(&HashMap::from([("input_ids".to_string(), ids)]), false);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(err.contains("input_ids") && err.contains("F32"), "{err}");
+        // Float ids.
+        let ids = Tensor::new(&[[1f32, 2.]], &Device::Cpu).expect("ids");
+        let (out, _) = run_forward(
+            &c.model,
+            &HashMap::from([("input_ids".to_string(), ids)]),
+            false,
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.contains("input_ids") && err.contains("F32"), "{err}");
 
-    // A model folder that does not exist, and an adapter folder that does not exist.
+        // An adapter folder that does not exist.
+        let out = molt(&[
+            "model",
+            "generate",
+            "--model",
+            c.model.to_str().expect("path"),
+            "--adapter",
+            "/some/adapter",
+            "--prompt",
+            "hi",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("/some/adapter") && err.contains("adapter_config.json"),
+            "{}: {err}",
+            c.label
+        );
+    }
+    // A model folder that does not exist.
     let out = molt(&[
         "model",
         "forward",
@@ -186,69 +255,81 @@ fn forward_rejects_bad_input_with_a_message() {
         "y",
     ]);
     assert!(!out.status.success());
-    let model = model_dir();
-    let out = molt(&[
-        "model",
-        "generate",
-        "--model",
-        model.to_str().expect("path"),
-        "--adapter",
-        "/some/adapter",
-        "--prompt",
-        "hi",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("/some/adapter") && err.contains("adapter_config.json"),
-        "{err}"
-    );
 }
 
-/// `--adapter` applies a PEFT adapter folder (here HF PEFT's own LoRA files): the logits are
-/// the fixture's adapted logits.
+/// `--adapter` applies a PEFT adapter folder (HF PEFT's own files, every adapter case of
+/// every set): the logits are the fixture's adapted logits.
 #[test]
 fn forward_with_an_adapter_matches_the_reference() {
-    let case = case_dir().join("../tiny_lora");
-    let r = candle_core::safetensors::load(case.join("reference.safetensors"), &Device::Cpu)
-        .expect("tiny_lora reference");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let input = tmp.path().join("in.safetensors");
-    let output = tmp.path().join("out.safetensors");
-    let inputs = HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]);
-    candle_core::safetensors::save(&inputs, &input).expect("save input");
-    let model = model_dir();
-    let adapter = case.join("adapter");
-    let out = molt(&[
-        "model",
-        "forward",
-        "--model",
-        model.to_str().expect("utf-8 path"),
-        "--adapter",
-        adapter.to_str().expect("utf-8 path"),
-        "--input",
-        input.to_str().expect("utf-8 path"),
-        "--output",
-        output.to_str().expect("utf-8 path"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got = candle_core::safetensors::load(&output, &Device::Cpu).expect("output");
-    assert_close("logits", &got["logits"], &r["logits"], tol("logits"));
+    for case in fixtures::indexed_cases("adapter") {
+        let r =
+            candle_core::safetensors::load(case.dir.join("reference.safetensors"), &Device::Cpu)
+                .expect("adapter reference");
+        let tol = {
+            let m = case.manifest();
+            let t = &m["tolerances"]["logits"];
+            (
+                t["atol"].as_f64().expect("atol"),
+                t["rtol"].as_f64().expect("rtol"),
+            )
+        };
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let input = tmp.path().join("in.safetensors");
+        let output = tmp.path().join("out.safetensors");
+        let inputs = HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]);
+        candle_core::safetensors::save(&inputs, &input).expect("save input");
+        let model = case.path("model_dir");
+        let adapter = case.path("adapter_dir");
+        let out = molt(&[
+            "model",
+            "forward",
+            "--model",
+            model.to_str().expect("utf-8 path"),
+            "--adapter",
+            adapter.to_str().expect("utf-8 path"),
+            "--input",
+            input.to_str().expect("utf-8 path"),
+            "--output",
+            output.to_str().expect("utf-8 path"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            case.label,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = candle_core::safetensors::load(&output, &Device::Cpu).expect("output");
+        assert_close(
+            &format!("{} logits", case.label),
+            &got["logits"],
+            &r["logits"],
+            tol,
+        );
+    }
 }
 
+/// Greedy generation from text, on every case that ships a tokenizer (the manifest's
+/// `tokenizer` is null otherwise).
 #[test]
 fn generate_reproduces_the_reference_greedy_tokens() {
-    let r = reference();
-    let tok = trainer::tokenizer::Tokenizer::from_model_dir(&model_dir())
+    let cases: Vec<Case> = base_cases()
+        .into_iter()
+        .filter(Case::has_tokenizer)
+        .collect();
+    assert!(!cases.is_empty(), "no base case with a tokenizer");
+    for c in cases {
+        generate_on(&c);
+    }
+}
+
+fn generate_on(c: &Case) {
+    let r = &c.reference;
+    let tok = trainer::tokenizer::Tokenizer::from_model_dir(&c.model)
         .expect("tokenizer")
-        .expect("tiny has tokenizer.json");
+        .expect("the manifest lists a tokenizer");
     let prompt_ids = r["gen.prompt_ids"].to_vec2::<i64>().expect("ids");
     let sequences = r["gen.sequences"].to_vec2::<i64>().expect("ids");
-    let model = model_dir();
+    let model = &c.model;
     for (row, ids) in prompt_ids.iter().enumerate() {
         let ids: Vec<u32> = ids.iter().map(|v| *v as u32).collect();
         let text = tok.decode(&ids, false).expect("decode");
@@ -256,7 +337,8 @@ fn generate_reproduces_the_reference_greedy_tokens() {
         assert_eq!(
             tok.encode(&text).expect("encode"),
             ids,
-            "row {row} round trip"
+            "{} row {row} round trip",
+            c.label
         );
         let new = sequences[row].len() - ids.len();
         let new_s = new.to_string();
@@ -285,7 +367,12 @@ fn generate_reproduces_the_reference_greedy_tokens() {
             .iter()
             .map(|v| v.as_i64().expect("id"))
             .collect();
-        assert_eq!(got, sequences[row][ids.len()..].to_vec(), "row {row}");
+        assert_eq!(
+            got,
+            sequences[row][ids.len()..].to_vec(),
+            "{} row {row}",
+            c.label
+        );
         assert_eq!(line["finish_reason"], "length");
     }
 
