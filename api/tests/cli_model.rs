@@ -25,13 +25,18 @@ struct Case {
     manifest: Value,
 }
 
+/// (atol, rtol) of a tolerance class in a case's manifest.
+fn tolerance(manifest: &Value, class: &str) -> (f64, f64) {
+    let t = &manifest["tolerances"][class];
+    (
+        t["atol"].as_f64().expect("atol"),
+        t["rtol"].as_f64().expect("rtol"),
+    )
+}
+
 impl Case {
     fn tol(&self, class: &str) -> (f64, f64) {
-        let t = &self.manifest["tolerances"][class];
-        (
-            t["atol"].as_f64().expect("atol"),
-            t["rtol"].as_f64().expect("rtol"),
-        )
+        tolerance(&self.manifest, class)
     }
 
     fn vocab(&self) -> i64 {
@@ -91,8 +96,10 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor, (atol, rtol): (f64, f64
     max
 }
 
-fn run_forward(
+/// `molt model forward` on `inputs` (with `--adapter` and `--loss` when given).
+fn run_forward_with(
     model: &Path,
+    adapter: Option<&Path>,
     inputs: &HashMap<String, Tensor>,
     loss: bool,
 ) -> (Output, Option<HashMap<String, Tensor>>) {
@@ -110,6 +117,9 @@ fn run_forward(
         "--output",
         output.to_str().expect("utf-8 path"),
     ];
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a.to_str().expect("utf-8 path")]);
+    }
     if loss {
         args.push("--loss");
     }
@@ -119,6 +129,14 @@ fn run_forward(
         .success()
         .then(|| candle_core::safetensors::load(&output, &Device::Cpu).expect("output"));
     (out, result)
+}
+
+fn run_forward(
+    model: &Path,
+    inputs: &HashMap<String, Tensor>,
+    loss: bool,
+) -> (Output, Option<HashMap<String, Tensor>>) {
+    run_forward_with(model, None, inputs, loss)
 }
 
 #[test]
@@ -265,45 +283,24 @@ fn forward_with_an_adapter_matches_the_reference() {
         let r =
             candle_core::safetensors::load(case.dir.join("reference.safetensors"), &Device::Cpu)
                 .expect("adapter reference");
-        let tol = {
-            let m = case.manifest();
-            let t = &m["tolerances"]["logits"];
-            (
-                t["atol"].as_f64().expect("atol"),
-                t["rtol"].as_f64().expect("rtol"),
-            )
-        };
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let input = tmp.path().join("in.safetensors");
-        let output = tmp.path().join("out.safetensors");
         let inputs = HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]);
-        candle_core::safetensors::save(&inputs, &input).expect("save input");
-        let model = case.path("model_dir");
-        let adapter = case.path("adapter_dir");
-        let out = molt(&[
-            "model",
-            "forward",
-            "--model",
-            model.to_str().expect("utf-8 path"),
-            "--adapter",
-            adapter.to_str().expect("utf-8 path"),
-            "--input",
-            input.to_str().expect("utf-8 path"),
-            "--output",
-            output.to_str().expect("utf-8 path"),
-        ]);
+        let (out, got) = run_forward_with(
+            &case.path("model_dir"),
+            Some(&case.path("adapter_dir")),
+            &inputs,
+            false,
+        );
         assert!(
             out.status.success(),
             "{}: {}",
             case.label,
             String::from_utf8_lossy(&out.stderr)
         );
-        let got = candle_core::safetensors::load(&output, &Device::Cpu).expect("output");
         assert_close(
             &format!("{} logits", case.label),
-            &got["logits"],
+            &got.expect("output")["logits"],
             &r["logits"],
-            tol,
+            tolerance(&case.manifest(), "logits"),
         );
     }
 }
