@@ -55,10 +55,49 @@ enum Source {
     Pth(PthTensors),
 }
 
-struct WeightFile {
+pub(crate) struct WeightFile {
     /// Name shown in messages, relative to the model folder.
-    label: String,
+    pub(crate) label: String,
     source: Source,
+}
+
+/// One tensor's entry in a weight file: name, shape, dtype (as text), whether it is a float.
+pub(crate) type Entry = (String, Vec<usize>, String, bool);
+
+impl WeightFile {
+    /// Every tensor the file lists, without loading data.
+    pub(crate) fn entries(&self) -> Vec<Entry> {
+        match &self.source {
+            Source::Safetensors(st) => st
+                .tensors()
+                .into_iter()
+                .map(|(name, view)| {
+                    let dt = view.dtype();
+                    let is_float = matches!(
+                        dt,
+                        safetensors::Dtype::F16
+                            | safetensors::Dtype::BF16
+                            | safetensors::Dtype::F32
+                            | safetensors::Dtype::F64
+                    );
+                    (name, view.shape().to_vec(), format!("{dt:?}"), is_float)
+                })
+                .collect(),
+            Source::Pth(p) => p
+                .tensor_infos()
+                .iter()
+                .map(|(name, info)| {
+                    let is_float = info.dtype.is_float();
+                    (
+                        name.clone(),
+                        info.layout.dims().to_vec(),
+                        format!("{:?}", info.dtype),
+                        is_float,
+                    )
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One tensor found in the weight files, before loading its data.
@@ -354,6 +393,16 @@ fn file_label(dir: &Path, p: &Path) -> String {
 }
 
 fn open_weight_file(dir: &Path, path: &Path) -> Result<WeightFile> {
+    open_weight_file_with_key(dir, path, None)
+}
+
+/// Opens a weights file; `pth_key` names the entry of a `.pth` dict that holds the state dict
+/// (`"model"` for hustvl checkpoints), `None` for a bare state dict.
+pub(crate) fn open_weight_file_with_key(
+    dir: &Path,
+    path: &Path,
+    pth_key: Option<&str>,
+) -> Result<WeightFile> {
     let label = file_label(dir, path);
     let is_st = path.extension().is_some_and(|e| e == "safetensors");
     let source = if is_st {
@@ -365,10 +414,12 @@ fn open_weight_file(dir: &Path, path: &Path) -> Result<WeightFile> {
             reason: e.to_string(),
         })?)
     } else {
-        Source::Pth(PthTensors::new(path, None).map_err(|e| Error::WeightFile {
-            path: path.to_path_buf(),
-            reason: format!("not a readable PyTorch checkpoint: {e}"),
-        })?)
+        Source::Pth(
+            PthTensors::new(path, pth_key).map_err(|e| Error::WeightFile {
+                path: path.to_path_buf(),
+                reason: format!("not a readable PyTorch checkpoint: {e}"),
+            })?,
+        )
     };
     Ok(WeightFile { label, source })
 }
@@ -395,36 +446,7 @@ fn index_tensors(files: &[WeightFile]) -> (BTreeMap<String, Found>, Vec<Checkpoi
     let mut found: BTreeMap<String, Found> = BTreeMap::new();
     let mut problems = Vec::new();
     for (i, file) in files.iter().enumerate() {
-        let entries: Vec<(String, Vec<usize>, String, bool)> = match &file.source {
-            Source::Safetensors(st) => st
-                .tensors()
-                .into_iter()
-                .map(|(name, view)| {
-                    let dt = view.dtype();
-                    let is_float = matches!(
-                        dt,
-                        safetensors::Dtype::F16
-                            | safetensors::Dtype::BF16
-                            | safetensors::Dtype::F32
-                            | safetensors::Dtype::F64
-                    );
-                    (name, view.shape().to_vec(), format!("{dt:?}"), is_float)
-                })
-                .collect(),
-            Source::Pth(p) => p
-                .tensor_infos()
-                .iter()
-                .map(|(name, info)| {
-                    let is_float = info.dtype.is_float();
-                    (
-                        name.clone(),
-                        info.layout.dims().to_vec(),
-                        format!("{:?}", info.dtype),
-                        is_float,
-                    )
-                })
-                .collect(),
-        };
+        let entries = file.entries();
         for (original, shape, dtype, is_float) in entries {
             let name = canonical_name(&original);
             if let Some(prev) = found.get(&name) {
@@ -729,7 +751,11 @@ fn check_names_and_shapes(
     problems
 }
 
-fn load_one(file: &WeightFile, name: &str, opts: &LoadOptions) -> candle_core::Result<Tensor> {
+pub(crate) fn load_one(
+    file: &WeightFile,
+    name: &str,
+    opts: &LoadOptions,
+) -> candle_core::Result<Tensor> {
     let t = match &file.source {
         Source::Safetensors(st) => st.load(name, &opts.device)?,
         Source::Pth(p) => p
@@ -743,7 +769,7 @@ fn load_one(file: &WeightFile, name: &str, opts: &LoadOptions) -> candle_core::R
 }
 
 /// `Some(problem)` when `t` has a NaN or an infinity.
-fn non_finite(t: &Tensor, file: &str, name: &str) -> Result<Option<CheckpointProblem>> {
+pub(crate) fn non_finite(t: &Tensor, file: &str, name: &str) -> Result<Option<CheckpointProblem>> {
     // One cheap reduction first: a finite sum means every value is finite (short of an
     // overflow, which only absurd weights reach, and those are worth a look anyway).
     let t32 = t.to_dtype(DType::F32)?;

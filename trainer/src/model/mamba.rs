@@ -14,8 +14,8 @@ use candle_nn::VarBuilder;
 use super::cache::{LayerCache, MambaCache};
 use super::config::MambaConfig;
 use super::layers::{Embedding, Linear, Param, Projection, RmsNorm, linear_forward};
+use super::selective::{BranchInput, BranchRef};
 use crate::error::{Error, Result};
-use crate::kernels;
 
 /// Hook into a mixer's sequence path, for methods that add positions inside a layer
 /// (affix-tuning inserts soft tokens after in_proj and drops them after out_proj).
@@ -146,39 +146,19 @@ impl MambaMixer {
         self.conv_weight.base().dims().last().copied().unwrap_or(1)
     }
 
-    /// Conv weight as the kernels take it (`[E, K]`) and the bias (zeros when absent).
-    fn conv_params(&self) -> Result<(Tensor, Tensor)> {
-        let w = self.conv_weight.value()?;
-        let (e, _, k) = w.dims3()?;
-        let w = w.reshape((e, k))?;
-        let b = match &self.conv_bias {
-            Some(b) => b.value()?,
-            None => Tensor::zeros(e, w.dtype(), w.device())?,
-        };
-        Ok((w, b))
-    }
-
-    /// `A = -exp(A_log)`, in f32 as the reference computes it.
-    fn a(&self) -> Result<Tensor> {
-        Ok(self.a_log.value()?.to_dtype(DType::F32)?.exp()?.neg()?)
-    }
-
-    /// Splits x_proj's output into (δ `[.., R]`, B `[.., N]`, C `[.., N]`), along the last dim.
-    fn split_ssm(&self, ssm: &Tensor, n: usize) -> Result<(Tensor, Tensor, Tensor)> {
-        let width = ssm.dim(D::Minus1)?;
-        let r = width.checked_sub(2 * n).ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "layer {}: x_proj gives {width} outputs, fewer than 2·state_size = {}",
-                self.layer_idx,
-                2 * n
-            ))
-        })?;
-        let last = ssm.rank() - 1;
-        Ok((
-            ssm.narrow(last, 0, r)?,
-            ssm.narrow(last, r, n)?.contiguous()?,
-            ssm.narrow(last, r + n, n)?.contiguous()?,
-        ))
+    /// This mixer's selective branch (conv1d → x_proj → dt_proj → scan), the code shared
+    /// with every family built on the Mamba-1 branch ([`super::selective`]).
+    pub fn branch(&self) -> BranchRef<'_> {
+        BranchRef {
+            conv_weight: &self.conv_weight,
+            conv_bias: self.conv_bias.as_ref(),
+            x_proj: &self.x_proj,
+            dt_proj: &self.dt_proj,
+            dt_bias: &self.dt_bias,
+            a_log: &self.a_log,
+            d: &self.d,
+            layer_idx: self.layer_idx,
+        }
     }
 
     /// Full-sequence forward. `u` is the normed block input `[b, L, D]`; `mask` is
@@ -202,33 +182,21 @@ impl MambaMixer {
         // HF zeroes padded positions of X (after in_proj) and of the conv output, so the SSM
         // state stays exactly zero through left padding.
         let x = apply_mask(&x, mask)?.contiguous()?;
-        let (w, b) = self.conv_params()?;
-        let k = w.dim(1)?;
+        let k = self.conv_kernel();
         let history = match &cache {
             // The kernels may require contiguous inputs; this view is small.
             Some(c) => Some(c.conv.narrow(2, 1, k - 1)?.contiguous()?),
             None => None,
         };
-        let xc = kernels::causal_conv1d_silu(&x, &w, &b, history.as_ref())?;
-        let xc = apply_mask(&xc, mask)?;
-        let a = self.a()?;
-        let n = a.dim(1)?;
-        let ssm = self.x_proj.forward(&xc)?;
-        let (delta_r, bm, cm) = self.split_ssm(&ssm, n)?;
-        let delta = self.dt_proj.forward(&delta_r)?;
-        let dt_bias = self.dt_bias.value()?;
-        let d = self.d.value()?;
         let init = cache.as_ref().map(|c| c.ssm.clone());
-        let (y, last) = kernels::selective_scan(
-            &xc,
-            &delta,
-            &a,
-            &bm,
-            &cm,
-            &d,
-            &dt_bias,
-            Some(&z),
-            init.as_ref(),
+        let (y, last) = self.branch().forward(
+            &x,
+            &z,
+            BranchInput {
+                mask,
+                conv_history: history.as_ref(),
+                initial_state: init.as_ref(),
+            },
         )?;
         if let Some(c) = cache {
             c.conv = next_conv_state(&c.conv, &x)?;
@@ -247,24 +215,7 @@ impl MambaMixer {
         let xz = self.in_proj.forward(u)?;
         let x = xz.narrow(1, 0, e)?.contiguous()?;
         let z = xz.narrow(1, e, e)?.contiguous()?;
-        let (w, b) = self.conv_params()?;
-        let (xc, conv) = kernels::causal_conv1d_step(&cache.conv, &x, &w, &b)?;
-        let a = self.a()?;
-        let n = a.dim(1)?;
-        let ssm = self.x_proj.forward(&xc)?;
-        let (delta_r, bm, cm) = self.split_ssm(&ssm, n)?;
-        let delta = self.dt_proj.forward(&delta_r)?;
-        let (y, state) = kernels::selective_scan_step(
-            &cache.ssm,
-            &xc,
-            &delta,
-            &a,
-            &bm,
-            &cm,
-            &self.d.value()?,
-            &self.dt_bias.value()?,
-            Some(&z),
-        )?;
+        let (y, conv, state) = self.branch().step(&x, &z, &cache.conv, &cache.ssm)?;
         cache.conv = conv;
         cache.ssm = state;
         Ok(self.out_proj.forward(&y)?)

@@ -1,4 +1,36 @@
-//! The Mamba-1 language model: config, checkpoint loading, modules, cache and loss.
+//! Model families behind one seam.
+//!
+//! # The seam
+//!
+//! The rest of molt (PEFT, training, the worker, serving, the API) asks a model family, never
+//! a concrete architecture. A family is one folder (or file, for the original Mamba-1 code)
+//! under `model/` plus one registry line in [`family`]:
+//!
+//! | question | where it is answered | Mamba-1 | Vim |
+//! | --- | --- | --- | --- |
+//! | which family is this `config.json`? | [`family::detect`] | HF `model_type: "mamba"`, state-spaces `d_model` | `bimamba_type` / `img_size` + `patch_size` + `embed_dim` |
+//! | how is it loaded? | [`load`] → [`AnyModel`] | [`Checkpoint`] (HF and state-spaces names, `.bin`) | [`vim::VimCheckpoint`] (official names, `.pth` under `"model"`, fresh head, `pos_embed` resize) |
+//! | which PEFT sites does it have? | [`Family::peft_sites`] | one copy of each branch site | the branch sites twice (`_b` = backward), in/out_proj once, plus `cls_token`, `pos_embed`, `patch_embed` |
+//! | task head and loss | [`Family::task`] | next token, [`causal_lm_loss`] | class at the class token, [`vim::classification_loss`] |
+//! | input pipeline | [`Family::task`] | tokenizer | image transform (not yet) |
+//! | serving entry points | [`AnyModel`] | generation, scoring | classification (`forward` → logits) |
+//!
+//! Shared building blocks are written once: [`layers`] (Linear/Projection with adapters,
+//! Param, RmsNorm), the kernels (`crate::kernels`), and the Mamba-1 selective branch
+//! ([`selective`]: conv1d → x_proj → dt_proj → scan, gated by SiLU(z)), which Mamba-1's mixer
+//! runs once and Vim's mixer runs twice.
+//!
+//! Mamba-2 (`Mamba2ForCausalLM`: in_proj rows `z | xBC | dt`, per-head A, D and dt bias, a gated
+//! grouped RMSNorm, no x_proj / dt_proj) fits as one more variant: a `mamba2/` folder with
+//! its own mixer (it does not use [`selective`]), a `Family::Mamba2` line whose
+//! `peft_sites` lists in_proj slices and per-head parameters, and an arm in [`detect`] in
+//! place of today's "not supported yet" refusal. Nothing else in the seam changes.
+//!
+//! Still to do (issue 13): the adapter file's record of family and base, the PEFT methods on
+//! Vim sites (the hooks live on `MambaMixer` today), moving Mamba-1 into its own `mamba/`
+//! folder, the image transform, the HTTP/CLI entry points, and a reverse flag in the scan
+//! and conv kernels so Vim's backward branch stops flipping x, z and y (see
+//! `vim::model::flip_time`).
 //!
 //! ```no_run
 //! # fn main() -> trainer::Result<()> {
@@ -10,15 +42,19 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod family;
 pub mod init;
 pub mod layers;
 pub mod loss;
 pub mod mamba;
 pub mod rows;
+pub mod selective;
+pub mod vim;
 
 pub use cache::{LayerCache, MambaCache};
 pub use checkpoint::{Checkpoint, LoadOptions};
 pub use config::{ConfigStyle, MambaConfig};
+pub use family::{Family, Task, detect};
 pub use layers::{
     Embedding, EmbeddingAdapter, Linear, LinearAdapter, LowRankTerm, Param, ParamAdapter,
     Projection, RmsNorm, RowSegments,
@@ -28,3 +64,36 @@ pub use mamba::{
     ForwardOutput, InputHook, MambaBlock, MambaForCausalLM, MambaMixer, MambaModel, MixerHook,
     ModelInput,
 };
+pub use selective::{BranchInput, BranchRef, SelectiveBranch};
+
+use std::path::Path;
+
+/// A loaded model of any family: what serving and training hold.
+#[derive(Clone, Debug)]
+pub enum AnyModel {
+    Mamba(MambaForCausalLM),
+    Vim(vim::VimForImageClassification),
+}
+
+impl AnyModel {
+    pub fn family(&self) -> Family {
+        match self {
+            AnyModel::Mamba(_) => Family::Mamba,
+            AnyModel::Vim(_) => Family::Vim,
+        }
+    }
+}
+
+/// Detects the family of the folder `dir` and loads it for inference (frozen weights).
+pub fn load(dir: &Path, opts: &LoadOptions) -> crate::Result<AnyModel> {
+    Ok(match family::detect_dir(dir)? {
+        Family::Mamba => AnyModel::Mamba(MambaForCausalLM::load(dir, opts)?),
+        Family::Vim => AnyModel::Vim(vim::VimForImageClassification::load(
+            dir,
+            &vim::VimLoadOptions {
+                load: opts.clone(),
+                ..Default::default()
+            },
+        )?),
+    })
+}

@@ -1,0 +1,238 @@
+//! Which model family a `config.json` describes — the first question the seam answers.
+//!
+//! | family | recognised by |
+//! | --- | --- |
+//! | [`Family::Mamba`] (Mamba-1 LM) | HF `model_type: "mamba"`; or `hidden_size` (HF style) without `model_type`; or state-spaces `d_model` with no `ssm_cfg.layer` / `ssm_cfg.layer: "Mamba1"` |
+//! | [`Family::Vim`] (Vision Mamba) | Vim's kwargs: `img_size`, `patch_size` and `embed_dim`, or `bimamba_type` |
+//! | Mamba-2 (not yet) | HF `model_type: "mamba2"`, or `ssm_cfg.layer: "Mamba2"`: refused with [`Error::Unsupported`] naming the field |
+//!
+//! Adding a family is one variant here, one arm in [`detect`], and one folder under
+//! `model/` (see the seam in [`super`]).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// A model family molt can load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// Mamba-1 language model (`MambaForCausalLM`, mamba_ssm `MambaLMHeadModel`).
+    Mamba,
+    /// Vision Mamba (hustvl/Vim `VisionMamba`, bimamba v2, middle class token).
+    Vim,
+}
+
+impl Family {
+    /// Every family, in registry order.
+    pub const ALL: [Family; 2] = [Family::Mamba, Family::Vim];
+
+    /// The name written in adapter configs and API responses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Mamba => "mamba",
+            Family::Vim => "vim",
+        }
+    }
+
+    /// The PEFT sites the family exposes: parameter names relative to a layer
+    /// (`mixer.x_proj`), or to the model when they start with `model:`. Sites of Vim's
+    /// backward branch are separate entries (`mixer.x_proj_b`): methods on them exist twice.
+    pub fn peft_sites(self) -> &'static [&'static str] {
+        match self {
+            Family::Mamba => &[
+                "model:backbone.embeddings",
+                "mixer.in_proj",
+                "mixer.conv1d",
+                "mixer.x_proj",
+                "mixer.dt_proj",
+                "mixer.A_log",
+                "mixer.D",
+                "mixer.out_proj",
+            ],
+            Family::Vim => &[
+                "model:patch_embed.proj",
+                "model:cls_token",
+                "model:pos_embed",
+                "model:head",
+                "mixer.in_proj",
+                "mixer.conv1d",
+                "mixer.conv1d_b",
+                "mixer.x_proj",
+                "mixer.x_proj_b",
+                "mixer.dt_proj",
+                "mixer.dt_proj_b",
+                "mixer.A_log",
+                "mixer.A_b_log",
+                "mixer.D",
+                "mixer.D_b",
+                "mixer.out_proj",
+            ],
+        }
+    }
+
+    /// What the family's head does.
+    pub fn task(self) -> Task {
+        match self {
+            Family::Mamba => Task::CausalLm,
+            Family::Vim => Task::ImageClassification,
+        }
+    }
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The task head a family carries, which fixes its loss and its serving entry point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Task {
+    /// Next-token prediction over a vocabulary (completions, scoring).
+    CausalLm,
+    /// One label per image, read at a class token (classification).
+    ImageClassification,
+}
+
+/// The family of a parsed `config.json`; `path` is only used in messages.
+pub fn detect(config: &Value, path: &Path) -> Result<Family> {
+    let unsupported = |what: String| Error::Unsupported {
+        path: path.to_path_buf(),
+        what,
+    };
+    let Value::Object(obj) = config else {
+        return Err(Error::ConfigField {
+            path: path.to_path_buf(),
+            field: "(top level)".into(),
+            reason: "expected a JSON object".into(),
+        });
+    };
+    if let Some(mt) = obj.get("model_type") {
+        match mt.as_str() {
+            Some("mamba") => return Ok(Family::Mamba),
+            Some("mamba2") => {
+                return Err(unsupported(
+                    "model_type is \"mamba2\": Mamba-2 is not supported yet".into(),
+                ));
+            }
+            Some("vim" | "vision_mamba") => return Ok(Family::Vim),
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "model_type is \"{other}\"; known families: mamba (Mamba-1), vim (Vision Mamba)"
+                )));
+            }
+            None => {
+                return Err(Error::ConfigField {
+                    path: path.to_path_buf(),
+                    field: "model_type".into(),
+                    reason: format!("expected a string, found {mt}"),
+                });
+            }
+        }
+    }
+    if let Some(layer) = obj.get("ssm_cfg").and_then(|c| c.get("layer")) {
+        match layer.as_str() {
+            Some("Mamba1") => {}
+            Some("Mamba2") => {
+                return Err(unsupported(
+                    "ssm_cfg.layer is \"Mamba2\": Mamba-2 is not supported yet".into(),
+                ));
+            }
+            _ => {
+                return Err(unsupported(format!(
+                    "ssm_cfg.layer is {layer}; only \"Mamba1\" layers are supported"
+                )));
+            }
+        }
+    }
+    let has = |k: &str| obj.get(k).is_some_and(|v| !v.is_null());
+    if has("bimamba_type") || (has("img_size") && has("patch_size") && has("embed_dim")) {
+        return Ok(Family::Vim);
+    }
+    if has("hidden_size") || has("d_model") {
+        return Ok(Family::Mamba);
+    }
+    Err(Error::UnknownConfigStyle {
+        path: path.to_path_buf(),
+    })
+}
+
+/// Reads `dir/config.json` and detects its family.
+pub fn detect_dir(dir: &Path) -> Result<Family> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let value: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
+    detect(&value, &path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn det(s: &str) -> Result<Family> {
+        detect(&serde_json::from_str(s).unwrap(), Path::new("config.json"))
+    }
+
+    #[test]
+    fn mamba_styles() {
+        assert_eq!(
+            det(r#"{"model_type": "mamba", "hidden_size": 8}"#).unwrap(),
+            Family::Mamba
+        );
+        assert_eq!(det(r#"{"hidden_size": 8}"#).unwrap(), Family::Mamba);
+        assert_eq!(
+            det(r#"{"d_model": 8, "n_layer": 2, "ssm_cfg": {"d_state": 4}}"#).unwrap(),
+            Family::Mamba
+        );
+        assert_eq!(
+            det(r#"{"d_model": 8, "ssm_cfg": {"layer": "Mamba1"}}"#).unwrap(),
+            Family::Mamba
+        );
+    }
+
+    #[test]
+    fn vim_kwargs() {
+        let f = det(
+            r#"{"img_size": [32, 32], "patch_size": 8, "embed_dim": 48, "depth": 3,
+                        "bimamba_type": "v2", "ssm_cfg": {"d_conv": 4}}"#,
+        )
+        .unwrap();
+        assert_eq!(f, Family::Vim);
+        assert_eq!(f.task(), Task::ImageClassification);
+    }
+
+    #[test]
+    fn mamba2_is_refused_naming_the_field() {
+        let e = det(r#"{"model_type": "mamba2", "hidden_size": 8}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("model_type") && e.contains("not supported yet"),
+            "{e}"
+        );
+        let e = det(r#"{"d_model": 8, "ssm_cfg": {"layer": "Mamba2"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("ssm_cfg.layer") && e.contains("not supported yet"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_is_refused() {
+        let e = det(r#"{"n_embd": 8}"#).unwrap_err().to_string();
+        assert!(e.contains("config.json"), "{e}");
+    }
+}

@@ -1,0 +1,380 @@
+//! The Vision Mamba modules (hustvl/Vim `VisionMamba`, bimamba v2, middle class token), one
+//! struct per module, built from a [`VarBuilder`] whose paths are the official key names.
+
+use std::collections::BTreeMap;
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+
+use super::config::{VimConfig, cls_index};
+use crate::error::{Error, Result};
+use crate::model::layers::{Linear, Param, Projection, RmsNorm, linear_forward};
+use crate::model::selective::{BranchInput, SelectiveBranch};
+
+/// Train or eval. Drop-path only acts in training, and draws its masks from `seed` (one
+/// seed per step: resuming from a checkpoint replays the same masks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Eval,
+    Train { seed: u64 },
+}
+
+/// Named intermediate tensors, under the fixture names (`hidden.patch_embed`,
+/// `hidden.block.<i>`, `hidden.mixer.<i>.{normed,y_fwd,y_bwd,out}`, `hidden.norm_f`).
+pub type Trace = BTreeMap<String, Tensor>;
+
+/// `Conv2d(channels, D, kernel = patch, stride)` written as a gather of patch pixels and one
+/// matmul, so any stride (overlapping patches included) has a plain autograd backward.
+#[derive(Clone, Debug)]
+pub struct PatchEmbed {
+    /// `[D, C, p, p]`.
+    pub weight: Param,
+    /// `[D]`.
+    pub bias: Param,
+    patch: usize,
+    stride: usize,
+}
+
+impl PatchEmbed {
+    pub fn new(cfg: &VimConfig, vb: &VarBuilder) -> Result<Self> {
+        let (d, c, p) = (cfg.embed_dim, cfg.channels, cfg.patch_size);
+        let vb = vb.pp("patch_embed").pp("proj");
+        Ok(PatchEmbed {
+            weight: Param::new(vb.get((d, c, p, p), "weight")?),
+            bias: Param::new(vb.get(d, "bias")?),
+            patch: p,
+            stride: cfg.stride,
+        })
+    }
+
+    /// `[B, C, H, W]` → `[B, gh·gw, D]`, patches in row-major grid order.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = pixels.dims4()?;
+        let (p, s) = (self.patch, self.stride);
+        let grid = |n: usize| n.checked_sub(p).map(|r| r / s + 1);
+        let (Some(gh), Some(gw)) = (grid(h), grid(w)) else {
+            return Err(Error::input(
+                "pixel_values",
+                format!("image {h}×{w} is smaller than the patch size {p}"),
+            ));
+        };
+        // Flat pixel index of every (patch, channel, dy, dx), in the weight's (C, p, p) order.
+        let mut idx = Vec::with_capacity(gh * gw * c * p * p);
+        for py in 0..gh {
+            for px in 0..gw {
+                for ch in 0..c {
+                    for dy in 0..p {
+                        for dx in 0..p {
+                            let (y, x) = (py * s + dy, px * s + dx);
+                            idx.push((ch * h * w + y * w + x) as u32);
+                        }
+                    }
+                }
+            }
+        }
+        let n = idx.len();
+        let idx = Tensor::from_vec(idx, n, pixels.device())?;
+        let cols = pixels
+            .reshape((b, c * h * w))?
+            .index_select(&idx, 1)?
+            .reshape((b, gh * gw, c * p * p))?;
+        let weight = self.weight.value()?;
+        let d = weight.dim(0)?;
+        let weight = weight.reshape((d, c * p * p))?;
+        Ok(linear_forward(&cols, &weight, Some(&self.bias.value()?))?)
+    }
+}
+
+/// The bidirectional mixer (bimamba v2): shared `in_proj` / `out_proj`, a forward branch and a
+/// time-reversed backward branch with their own parameters, combined by mean (or sum).
+#[derive(Clone, Debug)]
+pub struct VimMixer {
+    pub in_proj: Projection,
+    pub out_proj: Projection,
+    /// `conv1d`, `x_proj`, `dt_proj`, `A_log`, `D`.
+    pub forward_branch: SelectiveBranch,
+    /// `conv1d_b`, `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`.
+    pub backward_branch: SelectiveBranch,
+    divide_out: bool,
+    d_inner: usize,
+    layer_idx: usize,
+}
+
+/// Reverses `t` along dim 1 (time).
+///
+/// The backward branch flips x and z, scans, and flips the output back, as hustvl does. The
+/// fused kernels have no reverse flag yet, so this costs three gathers per layer; a reverse
+/// flag in `kernels::{selective_scan, causal_conv1d_silu}` (anti-causal conv, scan from the
+/// end) would remove them.
+fn flip_time(t: &Tensor) -> Result<Tensor> {
+    let l = t.dim(1)?;
+    let idx: Vec<u32> = (0..l as u32).rev().collect();
+    let idx = Tensor::from_vec(idx, l, t.device())?;
+    Ok(t.index_select(&idx, 1)?.contiguous()?)
+}
+
+impl VimMixer {
+    pub fn new(cfg: &VimConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+        let (d, e) = (cfg.embed_dim, cfg.d_inner());
+        let dims = cfg.branch_dims();
+        Ok(VimMixer {
+            in_proj: Projection::new(Linear::new(
+                vb.pp("in_proj").get((2 * e, d), "weight")?,
+                None,
+            )),
+            out_proj: Projection::new(Linear::new(vb.pp("out_proj").get((d, e), "weight")?, None)),
+            forward_branch: SelectiveBranch::new(dims, "", layer_idx, &vb)?,
+            backward_branch: SelectiveBranch::new(dims, "_b", layer_idx, &vb)?,
+            divide_out: cfg.divide_out,
+            d_inner: e,
+            layer_idx,
+        })
+    }
+
+    pub fn layer_idx(&self) -> usize {
+        self.layer_idx
+    }
+
+    /// `h` `[b, L, D]` (normed) → `[b, L, D]`.
+    pub fn forward(&self, h: &Tensor, trace: Option<&mut Trace>) -> Result<Tensor> {
+        let e = self.d_inner;
+        let xz = self.in_proj.forward(h)?;
+        let x = xz.narrow(D::Minus1, 0, e)?.contiguous()?;
+        let z = xz.narrow(D::Minus1, e, e)?.contiguous()?;
+        let (y_f, _) = self
+            .forward_branch
+            .as_ref()
+            .forward(&x, &z, BranchInput::default())?;
+        let (y_b, _) = self.backward_branch.as_ref().forward(
+            &flip_time(&x)?,
+            &flip_time(&z)?,
+            BranchInput::default(),
+        )?;
+        let y_b = flip_time(&y_b)?;
+        let y = (&y_f + &y_b)?;
+        let y = if self.divide_out { (y * 0.5)? } else { y };
+        let out = self.out_proj.forward(&y)?;
+        if let Some(t) = trace {
+            let i = self.layer_idx;
+            t.insert(format!("hidden.mixer.{i}.y_fwd"), y_f);
+            t.insert(format!("hidden.mixer.{i}.y_bwd"), y_b);
+            t.insert(format!("hidden.mixer.{i}.out"), out.clone());
+        }
+        Ok(out)
+    }
+}
+
+/// A pre-norm block: `h = mixer(norm(r))`; the residual add happens in the model (hustvl's
+/// blocks take and return `(h, r)`).
+#[derive(Clone, Debug)]
+pub struct VimBlock {
+    pub norm: RmsNorm,
+    pub mixer: VimMixer,
+}
+
+impl VimBlock {
+    pub fn new(cfg: &VimConfig, layer_idx: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(VimBlock {
+            norm: RmsNorm::new(
+                vb.pp("norm").get(cfg.embed_dim, "weight")?,
+                cfg.norm_epsilon,
+            ),
+            mixer: VimMixer::new(cfg, layer_idx, vb.pp("mixer"))?,
+        })
+    }
+}
+
+/// Vision Mamba with its classification head.
+#[derive(Clone, Debug)]
+pub struct VimForImageClassification {
+    pub config: VimConfig,
+    pub patch_embed: PatchEmbed,
+    /// `[1, 1, D]`.
+    pub cls_token: Param,
+    /// `[1, M+1, D]`, row `cls_index` belongs to the class token.
+    pub pos_embed: Param,
+    pub layers: Vec<VimBlock>,
+    pub norm_f: RmsNorm,
+    /// `[C, D]` + `[C]`.
+    pub head: Linear,
+}
+
+/// Per-sample drop-path mask `[b, 1, 1]` (0 or 1/(1-p)), drawn from `(seed, site)`.
+fn drop_path_mask(b: usize, p: f64, seed: u64, site: usize, dev: &Device) -> Result<Tensor> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed ^ (site as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    let keep = 1.0 - p;
+    let m: Vec<f32> = (0..b)
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(m, (b, 1, 1), dev)?)
+}
+
+impl VimForImageClassification {
+    pub fn new(cfg: &VimConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.embed_dim;
+        let layers = (0..cfg.depth)
+            .map(|i| VimBlock::new(cfg, i, vb.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(VimForImageClassification {
+            config: cfg.clone(),
+            patch_embed: PatchEmbed::new(cfg, &vb)?,
+            cls_token: Param::new(vb.get((1, 1, d), "cls_token")?),
+            pos_embed: Param::new(vb.get((1, cfg.seq_len(), d), "pos_embed")?),
+            layers,
+            norm_f: RmsNorm::new(vb.pp("norm_f").get(d, "weight")?, cfg.norm_epsilon),
+            head: Linear::new(
+                vb.pp("head").get((cfg.num_classes, d), "weight")?,
+                Some(vb.pp("head").get(cfg.num_classes, "bias")?),
+            ),
+        })
+    }
+
+    /// Index of the class token for `m` patches.
+    pub fn cls_index(&self, m: usize) -> usize {
+        cls_index(self.config.cls_position, m)
+    }
+
+    /// Patch tokens with the class token inserted and `pos_embed` added: `[B, M+1, D]`.
+    pub fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (_, c, h, w) = pixels.dims4().map_err(|_| {
+            Error::input(
+                "pixel_values",
+                format!(
+                    "expected [batch, channels, height, width], found {:?}",
+                    pixels.dims()
+                ),
+            )
+        })?;
+        if c != self.config.channels {
+            return Err(Error::input(
+                "pixel_values",
+                format!("{c} channels, the model takes {}", self.config.channels),
+            ));
+        }
+        let x = self.patch_embed.forward(pixels)?;
+        let (b, m, d) = x.dims3()?;
+        let pos = self.pos_embed.value()?;
+        if pos.dim(1)? != m + 1 {
+            return Err(Error::input(
+                "pixel_values",
+                format!(
+                    "a {h}×{w} image gives {m} patches but pos_embed has {} rows (built for {:?}); \
+                     rebuild the model for this image size",
+                    pos.dim(1)?,
+                    self.config.img_size
+                ),
+            ));
+        }
+        let ci = self.cls_index(m);
+        let cls = self.cls_token.value()?.broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&x.narrow(1, 0, ci)?, &cls, &x.narrow(1, ci, m - ci)?], 1)?;
+        Ok(x.broadcast_add(&pos)?)
+    }
+
+    /// The normed features at the class token `[B, D]`.
+    pub fn forward_features(
+        &self,
+        pixels: &Tensor,
+        mode: Mode,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        let x = self.embed(pixels)?;
+        let (b, l, _) = x.dims3()?;
+        if let Some(t) = trace.as_deref_mut() {
+            t.insert("hidden.patch_embed".into(), x.clone());
+        }
+        let drop = |h: Tensor, site: usize| -> Result<Tensor> {
+            match mode {
+                Mode::Train { seed } => {
+                    let p = self.config.drop_path_at(site);
+                    if p > 0.0 {
+                        let m = drop_path_mask(b, p, seed, site, h.device())?;
+                        return Ok(h.broadcast_mul(&m.to_dtype(h.dtype())?)?);
+                    }
+                    Ok(h)
+                }
+                Mode::Eval => Ok(h),
+            }
+        };
+        // Residual stream in f32 (`residual_in_fp32`).
+        let mut r = x.to_dtype(DType::F32)?;
+        let mut h: Option<Tensor> = None;
+        for (i, block) in self.layers.iter().enumerate() {
+            if let Some(prev) = h.take() {
+                r = (r + drop(prev, i)?.to_dtype(DType::F32)?)?;
+            }
+            let normed = block.norm.forward(&r.to_dtype(x.dtype())?)?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.insert(format!("hidden.mixer.{i}.normed"), normed.clone());
+            }
+            let out = block.mixer.forward(&normed, trace.as_deref_mut())?;
+            if let Some(t) = trace.as_deref_mut() {
+                t.insert(
+                    format!("hidden.block.{i}"),
+                    (&r + &out.to_dtype(DType::F32)?)?,
+                );
+            }
+            h = Some(out);
+        }
+        if let Some(prev) = h {
+            r = (r + drop(prev, self.layers.len())?.to_dtype(DType::F32)?)?;
+        }
+        let out = self.norm_f.forward(&r.to_dtype(x.dtype())?)?;
+        if let Some(t) = trace {
+            t.insert("hidden.norm_f".into(), out.clone());
+        }
+        let ci = self.cls_index(l - 1);
+        Ok(out.narrow(1, ci, 1)?.squeeze(1)?)
+    }
+
+    /// Logits `[B, C]`.
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        mode: Mode,
+        trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
+        let f = self.forward_features(pixels, mode, trace)?;
+        Ok(self.head.forward(&f)?)
+    }
+}
+
+/// Mean cross-entropy of `logits` `[B, C]` against integer `labels` `[B]`.
+pub fn classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+    let (b, c) = logits.dims2()?;
+    let labels = match labels.dtype() {
+        DType::U32 | DType::I64 | DType::U8 => labels.clone(),
+        other => labels
+            .to_dtype(other)
+            .and_then(|l| l.to_dtype(DType::I64))?,
+    };
+    if labels.dims() != [b] {
+        return Err(Error::input(
+            "labels",
+            format!("shape {:?}, expected [{b}]", labels.dims()),
+        ));
+    }
+    let values = labels.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+    if let Some((i, v)) = values
+        .iter()
+        .enumerate()
+        .find(|(_, v)| **v < 0 || **v as u64 >= c as u64)
+    {
+        return Err(Error::input(
+            "labels",
+            format!("label {v} at {i} is out of range for {c} classes"),
+        ));
+    }
+    let lsm = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let picked = lsm.gather(&labels.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
+    Ok((picked.sum_all()?.neg()? / b as f64)?)
+}
