@@ -383,3 +383,49 @@ fn drop_path_is_off_in_eval_and_seeded_in_training() {
         assert_ne!(t1, t3, "another seed, other masks");
     }
 }
+
+#[test]
+fn vim_preprocess_cases_match_pillow_and_torchvision() {
+    use trainer::model::vim::EvalTransform;
+    for case in common::indexed_cases("vim_preprocess") {
+        let manifest = case.manifest();
+        let refs = reference(&case.dir);
+        let recipe = &manifest["recipe"];
+        let size = recipe["input_size"].as_u64().expect("input_size") as usize;
+        let mut tf = EvalTransform::for_image_size([size, size]);
+        if let Some(r) = recipe["eval_crop_ratio"].as_f64() {
+            tf.crop_ratio = r;
+        }
+        if let Some(want) = recipe["resize_short_side_to"].as_u64() {
+            assert_eq!(tf.resize_to(), Some(want as usize), "{}", case.label);
+        }
+        let images = manifest["images"].as_array().expect("images");
+        let mut crops = Vec::new();
+        let mut pixels = Vec::new();
+        for img in images {
+            let file = case.dir.join(img["file"].as_str().expect("file"));
+            let decoded = EvalTransform::decode(&file).expect("decode");
+            let (u8s, [h, w]) = tf.crop_u8(&decoded).expect("crop");
+            let as_f32: Vec<f32> = u8s.iter().map(|v| *v as f32).collect();
+            crops.push(Tensor::from_vec(as_f32, (3, h, w), &Device::Cpu).expect("tensor"));
+            pixels.push(tf.apply(&decoded, &Device::Cpu).expect("apply"));
+        }
+        let crops = Tensor::stack(&crops, 0).expect("stack");
+        let pixels = Tensor::stack(&pixels, 0).expect("stack");
+        for (name, class, _) in listed(&manifest) {
+            let got = match name.as_str() {
+                "crop_u8" => &crops,
+                "preprocessed" => &pixels,
+                other => panic!("{}: unknown tensor {other}", case.label),
+            };
+            assert_eq!(got.dims(), refs[&name].dims(), "{}: {name}", case.label);
+            assert_close(
+                &format!("{}: {name}", case.label),
+                got,
+                &refs[&name],
+                &manifest,
+                &class,
+            );
+        }
+    }
+}

@@ -9,6 +9,8 @@
 //!   `norm_f`, the head at the class token; seeded drop-path in training only.
 //! - [`checkpoint`]: official key names from `model.safetensors` or `.pth`; fresh zero head
 //!   when the checkpoint has none or another class count; `pos_embed` resize ([`pos_embed`]).
+//! - [`transform`]: the evaluation transform (Pillow-exact bicubic resize, center crop,
+//!   ImageNet normalisation).
 //!
 //! ```no_run
 //! # fn main() -> trainer::Result<()> {
@@ -23,6 +25,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod model;
 pub mod pos_embed;
+pub mod transform;
 
 pub use checkpoint::{VimCheckpoint, VimLoadOptions};
 pub use config::{ClsPosition, VimConfig};
@@ -30,3 +33,4 @@ pub use model::{
     Mode, PatchEmbed, Trace, VimBlock, VimForImageClassification, VimMixer, classification_loss,
 };
 pub use pos_embed::{PosEmbedResize, resize_pos_embed};
+pub use transform::EvalTransform;
