@@ -378,3 +378,70 @@ pub fn classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let picked = lsm.gather(&labels.to_dtype(DType::U32)?.unsqueeze(1)?, 1)?;
     Ok((picked.sum_all()?.neg()? / b as f64)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    fn config(img: [usize; 2], patch: usize, stride: usize) -> VimConfig {
+        let text = serde_json::json!({
+            "img_size": img, "patch_size": patch, "stride": stride, "embed_dim": 16,
+            "depth": 2, "d_state": 4, "num_classes": 3, "use_middle_cls_token": true,
+            "if_divide_out": true, "ssm_cfg": {"d_conv": 3, "expand": 2}
+        });
+        VimConfig::from_value(&text, std::path::Path::new("config.json")).unwrap()
+    }
+
+    #[test]
+    fn patch_embed_equals_conv2d_for_any_stride_and_shape() -> Result<()> {
+        let dev = Device::Cpu;
+        for (img, p, s) in [([40, 24], 8, 4), ([20, 36], 6, 6), ([9, 13], 3, 2)] {
+            let cfg = config(img, p, s);
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let pe = PatchEmbed::new(&cfg, &vb)?;
+            let w = Tensor::randn(0f32, 1.0, (16, 3, p, p), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 16, &dev)?;
+            let pe = PatchEmbed {
+                weight: Param::new(w.clone()),
+                bias: Param::new(b.clone()),
+                ..pe
+            };
+            let x = Tensor::randn(0f32, 1.0, (2, 3, img[0], img[1]), &dev)?;
+            let got = pe.forward(&x)?;
+            let want = x
+                .conv2d(&w, 0, s, 1, 1)?
+                .broadcast_add(&b.reshape((1, 16, 1, 1))?)?
+                .flatten_from(2)?
+                .transpose(1, 2)?;
+            let (gh, gw) = cfg.grid();
+            assert_eq!(got.dims(), &[2, gh * gw, 16]);
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-4, "{img:?} p{p} s{s}: {diff}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn odd_patch_count_puts_cls_at_the_floor_of_the_middle() -> Result<()> {
+        let dev = Device::Cpu;
+        let cfg = config([24, 40], 8, 8); // 3 × 5 = 15 patches, cls at 7
+        assert_eq!((cfg.num_patches(), cfg.cls_index()), (15, 7));
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let model = VimForImageClassification::new(&cfg, vb)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 24, 40), &dev)?;
+        let emb = model.embed(&x)?;
+        assert_eq!(emb.dims(), &[2, 16, 16]);
+        let cls = emb
+            .narrow(1, 7, 1)?
+            .broadcast_sub(&model.pos_embed.value()?.narrow(1, 7, 1)?)?;
+        let want = model.cls_token.value()?.broadcast_as((2, 1, 16))?;
+        let diff = (cls - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-6);
+        let logits = model.forward(&x, Mode::Train { seed: 1 }, None)?;
+        assert_eq!(logits.dims(), &[2, 3]);
+        Ok(())
+    }
+}

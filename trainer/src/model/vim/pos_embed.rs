@@ -161,4 +161,34 @@ mod tests {
         let r = bicubic_resize(&g, 2, (4, 3), (7, 5));
         assert!(r.iter().all(|v| (v - 1.5).abs() < 1e-5), "{r:?}");
     }
+
+    #[test]
+    fn cls_aware_keeps_the_cls_row_and_hustvl_refuses_non_square() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        // 3 × 5 grid, cls at 7; rows hold their own index so the cls row is recognisable.
+        let d = 2;
+        let v: Vec<f32> = (0..16 * d).map(|i| (i / d) as f32).collect();
+        let pos = Tensor::from_vec(v, (1, 16, d), &dev)?;
+        let out = resize_pos_embed(
+            &pos,
+            (3, 5),
+            (4, 7),
+            ClsPosition::Middle,
+            PosEmbedResize::ClsAware,
+        )?;
+        assert_eq!(out.dims(), &[1, 29, d]);
+        let cls = out.narrow(1, 14, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(cls, vec![7.0; d]);
+        let e = resize_pos_embed(
+            &pos,
+            (3, 5),
+            (4, 7),
+            ClsPosition::Middle,
+            PosEmbedResize::Hustvl,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("square"), "{e}");
+        Ok(())
+    }
 }
