@@ -351,12 +351,15 @@ impl VimForImageClassification {
 /// Mean cross-entropy of `logits` `[B, C]` against integer `labels` `[B]`.
 pub fn classification_loss(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let (b, c) = logits.dims2()?;
-    let labels = match labels.dtype() {
-        DType::U32 | DType::I64 | DType::U8 => labels.clone(),
-        other => labels
-            .to_dtype(other)
-            .and_then(|l| l.to_dtype(DType::I64))?,
-    };
+    if !matches!(labels.dtype(), DType::U32 | DType::I64 | DType::U8) {
+        return Err(Error::input(
+            "labels",
+            format!(
+                "dtype {:?} is not an integer type (expected I64 or U32)",
+                labels.dtype()
+            ),
+        ));
+    }
     if labels.dims() != [b] {
         return Err(Error::input(
             "labels",
