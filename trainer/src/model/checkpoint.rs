@@ -249,24 +249,30 @@ impl Checkpoint {
     /// The full fine-tuning build: every weight is a `Var` in the returned `VarMap` (keyed by
     /// HF name), so `loss.backward()` yields a gradient for each.
     pub fn into_trainable(self) -> Result<(MambaForCausalLM, VarMap)> {
-        let varmap = VarMap::new();
-        {
-            let mut data = varmap
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
-            // Consumes the map one tensor at a time, so the copy into a Var never holds two
-            // full copies of the model.
-            for (name, t) in self.tensors {
-                let var = Var::from_tensor(&t)?;
-                drop(t);
-                data.insert(name, var);
-            }
-        }
+        let varmap = var_map(self.tensors)?;
         let vb = VarBuilder::from_varmap(&varmap, self.dtype, &self.device);
         let model = MambaForCausalLM::new(&self.config, vb)?;
         Ok((model, varmap))
     }
+}
+
+/// Every tensor as a `Var` of a new `VarMap`, under its name (full fine-tuning builds).
+/// Consumes the map one tensor at a time, so the copy into a Var never holds two full copies
+/// of the model.
+pub(crate) fn var_map(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<VarMap> {
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
+        for (name, t) in tensors {
+            let var = Var::from_tensor(&t)?;
+            drop(t);
+            data.insert(name, var);
+        }
+    }
+    Ok(varmap)
 }
 
 impl MambaForCausalLM {

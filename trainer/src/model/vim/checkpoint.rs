@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, Var};
+use candle_core::Tensor;
 use candle_nn::{VarBuilder, VarMap};
 
 use super::config::VimConfig;
@@ -22,7 +22,7 @@ use super::model::VimForImageClassification;
 use super::pos_embed::{PosEmbedResize, resize_pos_embed};
 use crate::error::{CheckpointProblem, Error, Result};
 use crate::model::checkpoint::{
-    LoadOptions, WeightFile, load_one, non_finite, open_weight_file_with_key,
+    LoadOptions, WeightFile, load_one, non_finite, open_weight_file_with_key, var_map,
 };
 
 /// What to adapt while loading.
@@ -424,16 +424,7 @@ impl VimCheckpoint {
     /// Full fine-tuning build: every tensor a `Var` in the returned map, under its official
     /// name.
     pub fn into_trainable(self) -> Result<(VimForImageClassification, VarMap)> {
-        let varmap = VarMap::new();
-        {
-            let mut data = varmap
-                .data()
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("VarMap lock poisoned".into()))?;
-            for (name, t) in self.tensors {
-                data.insert(name, Var::from_tensor(&t)?);
-            }
-        }
+        let varmap = var_map(self.tensors)?;
         let vb = VarBuilder::from_varmap(&varmap, self.load.dtype, &self.load.device);
         let model = VimForImageClassification::new(&self.config, vb)?;
         Ok((model, varmap))
