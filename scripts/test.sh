@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): lint, then every test of the workspace against
-# SQLite and PostgreSQL, local files and a real S3-speaking server (moto), then the README's
-# walk-through from a fresh clone (scripts/walkthrough.sh).
+# SQLite and PostgreSQL, local files and a real S3-speaking server (moto), then openapi.yaml
+# against a running server (scripts/schemathesis.sh), then the README's walk-through from a
+# fresh clone (scripts/walkthrough.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,4 +14,5 @@ source scripts/test-services.sh
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace "$@"
+bash scripts/schemathesis.sh
 bash scripts/walkthrough.sh

@@ -93,6 +93,13 @@ impl ApiError {
         ApiError::new(StatusCode::UNAUTHORIZED, code, message)
     }
 
+    /// 422: the request is valid by `openapi.yaml`, but what it names does not allow it (a
+    /// dataset that failed validation, a PEFT method that does not fit the base model, a
+    /// token id outside the model's vocabulary, …) — rules no schema can state.
+    pub fn unprocessable(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+    }
+
     /// 409.
     pub fn conflict(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::CONFLICT, code, message)
@@ -171,8 +178,9 @@ impl From<storage::Error> for ApiError {
             E::NotFound { kind, id } => ApiError::not_found(kind, id),
             E::Conflict(msg) => ApiError::conflict("conflict", msg.clone()),
             E::InvalidState { .. } => ApiError::conflict("invalid_state", e.to_string()),
+            // A cursor is a reference like a path id: one naming nothing is a 404.
             E::InvalidCursor { .. } => {
-                ApiError::bad_request("invalid_cursor", e.to_string()).param("after")
+                ApiError::new(StatusCode::NOT_FOUND, "invalid_cursor", e.to_string()).param("after")
             }
             E::InvalidInput(msg) => ApiError::bad_request("invalid_input", msg.clone()),
             E::Rejected(msg) => ApiError::bad_request("invalid_file", msg.clone()).param("file"),
@@ -369,7 +377,7 @@ mod tests {
             id: "x".into(),
         }
         .into();
-        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.status, StatusCode::NOT_FOUND);
         assert_eq!(e.param.as_deref(), Some("after"));
         let e: ApiError = storage::Error::TooLarge { limit: 10 }.into();
         assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);

@@ -25,6 +25,9 @@ pub const STORE_SCHEME: &str = "store:";
 pub enum RegistryError {
     #[error("invalid model: {0}")]
     Invalid(String),
+    /// The source folder does not exist.
+    #[error("{0} does not exist on the server")]
+    SourceNotFound(String),
     #[error(transparent)]
     Storage(#[from] storage::Error),
     #[error("I/O error on {}: {source}", path.display())]
@@ -99,10 +102,18 @@ pub async fn register_folder(
     copy: bool,
 ) -> Result<BaseModel, RegistryError> {
     check_model_id(id)?;
-    let dir = std::fs::canonicalize(dir).map_err(|e| RegistryError::io(dir, e))?;
+    let dir = std::fs::canonicalize(dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => RegistryError::SourceNotFound(dir.display().to_string()),
+        _ => RegistryError::io(dir, e),
+    })?;
     let origin = dir.display().to_string();
     let config_path = dir.join("config.json");
-    let bytes = std::fs::read(&config_path).map_err(|e| RegistryError::io(&config_path, e))?;
+    let bytes = std::fs::read(&config_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory => {
+            RegistryError::Invalid(format!("{origin} is not a folder with a config.json"))
+        }
+        _ => RegistryError::io(&config_path, e),
+    })?;
     let (config, hash) = check_config(&bytes, &origin)?;
     let names: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| RegistryError::io(&dir, e))?

@@ -22,6 +22,11 @@ pub fn base_learning_rate() -> f64 {
     trainer::train::Hyperparameters::default().learning_rate
 }
 
+/// The range of OpenAI's `learning_rate_multiplier` (times the trainer's default rate).
+pub const MIN_LR_MULTIPLIER: f64 = 1e-6;
+/// See [`MIN_LR_MULTIPLIER`].
+pub const MAX_LR_MULTIPLIER: f64 = 100.0;
+
 /// How many checkpoints a job gets when it does not say (`checkpoint_every` is derived from
 /// the estimated total steps), so that a reclaimed job always has something to resume from.
 pub const DEFAULT_CHECKPOINTS_PER_JOB: u64 = 10;
@@ -72,8 +77,15 @@ impl Hyperparameters {
             match v {
                 Value::Null => {}
                 Value::String(s) if s == "auto" => {}
-                Value::Number(_) => {
-                    resolved.insert(k.clone(), v.clone());
+                Value::Number(n) => {
+                    // JSON Schema's integers include `3.0`: an integral float is an integer.
+                    use crate::routes::integer::{to_i64, to_u64};
+                    let v = match (n.is_f64(), to_i64(n), to_u64(n)) {
+                        (true, Some(i), _) => json!(i),
+                        (true, None, Some(u)) => json!(u),
+                        _ => v.clone(),
+                    };
+                    resolved.insert(k.clone(), v);
                 }
                 Value::String(s) if k == "lr_scheduler" => {
                     resolved.insert(k.clone(), Value::String(s.clone()));
@@ -87,32 +99,45 @@ impl Hyperparameters {
             }
         }
         if let Some(v) = resolved.remove("epochs") {
-            resolved.entry("n_epochs").or_insert(v);
+            if resolved.contains_key("n_epochs") {
+                return Err(hp_error(
+                    "epochs",
+                    "set hyperparameters.n_epochs or its alias hyperparameters.epochs, not both"
+                        .into(),
+                ));
+            }
+            resolved.insert("n_epochs".into(), v);
         }
         let multiplier = match resolved.remove("learning_rate_multiplier") {
             None => None,
             Some(v) => match v.as_f64() {
-                Some(m) if m > 0.0 && m <= 100.0 => Some(m),
+                Some(m) if (MIN_LR_MULTIPLIER..=MAX_LR_MULTIPLIER).contains(&m) => Some(m),
                 _ => {
                     return Err(hp_error(
                         "learning_rate_multiplier",
                         format!(
-                            "hyperparameters.learning_rate_multiplier must be in (0, 100], got {v}"
+                            "hyperparameters.learning_rate_multiplier must be in \
+                             [{MIN_LR_MULTIPLIER}, {MAX_LR_MULTIPLIER}], got {v}"
                         ),
                     ));
                 }
             },
         };
+        // Both would multiply to a rate the document cannot bound: one or the other.
+        if multiplier.is_some() && resolved.contains_key("learning_rate") {
+            return Err(hp_error(
+                "learning_rate_multiplier",
+                "set hyperparameters.learning_rate or hyperparameters.learning_rate_multiplier, \
+                 not both"
+                    .into(),
+            ));
+        }
         let base = base_learning_rate();
         let learning_rate_multiplier = match (
             resolved.get("learning_rate").and_then(Value::as_f64),
             multiplier,
         ) {
-            (Some(lr), Some(m)) => {
-                resolved.insert("learning_rate".into(), json!(lr * m));
-                m
-            }
-            (Some(lr), None) => lr / base,
+            (Some(lr), _) => lr / base,
             (None, Some(m)) => {
                 resolved.insert("learning_rate".into(), json!(base * m));
                 m
@@ -182,6 +207,9 @@ pub fn default_method() -> Value {
 }
 
 /// Checks a PEFT method config against a base model's `config.json`.
+/// What the trainer refuses here — unknown or ill-typed options, sizes that do not fit this
+/// base model, methods that contradict each other — answers 400 `invalid_method`, as OpenAI
+/// answers a job it cannot create.
 pub fn check_method(method: &Value, model_config: &Value) -> Result<CheckedMethod, ApiError> {
     let bad = |msg: String| ApiError::bad_request("invalid_method", msg).param("method");
     let Some(obj) = method.as_object() else {

@@ -4,7 +4,8 @@
 //!
 //! Datasets are validated at upload: a malformed file is stored with `status: "error"` and
 //! its problems (with line numbers) in `status_details`, and a job naming it is refused with
-//! 400 `invalid_training_file` carrying the same details.
+//! 400 `invalid_training_file` carrying the same details (OpenAI's status for a job it cannot
+//! create). Path ids naming nothing answer 404.
 
 mod common;
 
@@ -110,6 +111,31 @@ async fn bad_input_answers_4xx_with_the_envelope() {
         .await;
     let msg = assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_purpose");
     assert!(msg.contains("assistants"), "{msg}");
+    // Exactly `fine-tune`, once, whichever comes first: the file is not kept.
+    for fields in [
+        vec![("file", "a.jsonl"), ("purpose", "fine-tune ")],
+        vec![("purpose", "fine-tune"), ("purpose", "fine-tune")],
+        vec![("file", "a.jsonl"), ("purpose", "assistants")],
+        vec![("file", "a.jsonl")],
+    ] {
+        let mut form = reqwest::multipart::Form::new();
+        for (name, value) in &fields {
+            form = if *name == "file" {
+                form.part(
+                    "file",
+                    reqwest::multipart::Part::bytes(b"{\"text\":\"x\"}\n".to_vec())
+                        .file_name(value.to_string()),
+                )
+            } else {
+                form.text(name.to_string(), value.to_string())
+            };
+        }
+        let (status, body) = s
+            .call(s.req(Method::POST, "/v1/files").multipart(form))
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{fields:?}: {body}");
+        assert_eq!(body["error"]["param"], "purpose", "{fields:?}: {body}");
+    }
 
     // Only the valid uploads are left: the four bad datasets, nothing from the 413.
     let files = s.get_ok("/v1/files").await;
@@ -133,24 +159,30 @@ async fn bad_input_answers_4xx_with_the_envelope() {
     assert!(msg.contains("mamba-9000b") && msg.contains("tiny"), "{msg}");
 
     // A method that is not valid for the model (rank above the projector's size; blocks
-    // that do not divide its width), and one that does not exist.
-    for (method, needles) in [
+    // that do not divide its width), or one whose type does not exist: 400.
+    for (method, status_wanted, needles) in [
         (
             json!({"type": "lora", "targets": "in_proj", "r": 100000}),
+            StatusCode::BAD_REQUEST,
             vec!["not valid for this model", "100000", "in_proj"],
         ),
         (
             json!({"type": "prodial", "r_b": 7}),
+            StatusCode::BAD_REQUEST,
             vec!["not valid for this model", "r_b = 7"],
         ),
-        (json!({"type": "no-such-method"}), vec!["no-such-method"]),
+        (
+            json!({"type": "no-such-method"}),
+            StatusCode::BAD_REQUEST,
+            vec!["no-such-method"],
+        ),
     ] {
         let (status, body) = s
             .call(s.req(Method::POST, "/v1/fine_tuning/jobs").json(&json!({
                 "model": "tiny", "training_file": good_id, "method": method
             })))
             .await;
-        let msg = assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_method");
+        let msg = assert_error(status, &body, status_wanted, "invalid_method");
         assert_eq!(body["error"]["param"], "method");
         for n in needles {
             assert!(msg.contains(n), "{msg:?} lacks {n:?}");
@@ -167,6 +199,11 @@ async fn bad_input_answers_4xx_with_the_envelope() {
         ),
         (json!({"n_epochs": "lots"}), "n_epochs"),
         (json!({"no_such_knob": 1}), "no_such_knob"),
+        (
+            json!({"learning_rate": 0.01, "learning_rate_multiplier": 2}),
+            "learning_rate_multiplier",
+        ),
+        (json!({"n_epochs": 2, "epochs": 3}), "epochs"),
     ] {
         let (status, body) = s
             .call(s.req(Method::POST, "/v1/fine_tuning/jobs").json(&json!({
@@ -283,21 +320,34 @@ async fn bad_input_answers_4xx_with_the_envelope() {
     let msg = assert_error(status, &body, StatusCode::CONFLICT, "invalid_state");
     assert!(msg.contains("cancelled"), "{msg}");
 
-    // Bad pagination cursors and limits.
+    // Pagination cursors that name nothing (404) and limits.
     for path in [
         "/v1/fine_tuning/jobs?after=ftjob-nope",
         "/v1/files?after=file-nope",
         &format!("/v1/fine_tuning/jobs/{job_id}/events?after=ftevent-nope"),
     ] {
         let (status, body) = s.call(s.req(Method::GET, path)).await;
-        let msg = assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_cursor");
+        let msg = assert_error(status, &body, StatusCode::NOT_FOUND, "invalid_cursor");
         assert_eq!(body["error"]["param"], "after");
         assert!(msg.contains("nope"), "{msg}");
     }
+    let (status, body) = s.call(s.req(Method::GET, "/v1/files?after=")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_cursor");
     let (status, body) = s
         .call(s.req(Method::GET, "/v1/fine_tuning/jobs?limit=0"))
         .await;
     assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_limit");
+
+    // A base model is not a tenant's to delete (403); a name of no model is a 404.
+    let (status, body) = s.call(s.req(Method::DELETE, "/v1/models/tiny")).await;
+    assert_error(
+        status,
+        &body,
+        StatusCode::FORBIDDEN,
+        "cannot_delete_base_model",
+    );
+    let (status, body) = s.call(s.req(Method::DELETE, "/v1/models/nope")).await;
+    assert_error(status, &body, StatusCode::NOT_FOUND, "not_found");
     let (status, body) = s
         .call(s.req(Method::GET, "/v1/fine_tuning/jobs?limit=many"))
         .await;
@@ -405,6 +455,34 @@ async fn bad_input_answers_4xx_with_the_envelope() {
         StatusCode::BAD_REQUEST,
         "invalid_idempotency_key",
     );
+    // A repeated key does not make an invalid request succeed: it is checked first.
+    let (status, body) = s
+        .call(
+            s.req(Method::POST, "/v1/fine_tuning/jobs")
+                .header("Idempotency-Key", "retry-1")
+                .json(&json!({"model": "tiny", "training_file": good_id, "suffix": "no spaces"})),
+        )
+        .await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_suffix");
+    let upload = |purpose: &'static str| {
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", purpose)
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(common::text_dataset(8)).file_name("again.jsonl"),
+            );
+        s.req(Method::POST, "/v1/files")
+            .header("Idempotency-Key", "upload-1")
+            .multipart(form)
+    };
+    let (status, first) = s.call(upload("fine-tune")).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    let (status, again) = s.call(upload("fine-tune")).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(first["id"], again["id"]);
+    let (status, body) = s.call(upload("not-a-purpose")).await;
+    assert_error(status, &body, StatusCode::BAD_REQUEST, "invalid_purpose");
+    assert_eq!(body["error"]["param"], "purpose");
 
     // Every response carried a request id.
     let res = s

@@ -256,7 +256,7 @@ pub async fn merge(
     body: axum::body::Bytes,
 ) -> Result<Json<super::models::ModelObject>, ApiError> {
     // The body is optional: none means the defaults.
-    let opts: MergeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+    let opts: MergeRequest = if body.is_empty() {
         MergeRequest::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| {

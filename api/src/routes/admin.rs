@@ -17,16 +17,23 @@ use crate::state::AppState;
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         match e {
-            RegistryError::Invalid(msg) => ApiError::bad_request("invalid_model", msg),
-            RegistryError::Storage(s) => s.into(),
-            RegistryError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
-                ApiError::bad_request(
-                    "model_source_not_found",
-                    format!("{} does not exist on the server", path.display()),
-                )
-                .param("source")
+            RegistryError::Invalid(msg) => ApiError::unprocessable("invalid_model", msg),
+            RegistryError::SourceNotFound(path) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_source_not_found",
+                format!("{path} does not exist on the server"),
+            )
+            .param("source"),
+            // The source names something the server cannot read as a model.
+            RegistryError::Storage(storage::Error::InvalidInput(msg)) => {
+                ApiError::unprocessable("invalid_model", msg).param("source")
             }
-            other => ApiError::internal("registering a model", &other),
+            RegistryError::Storage(s) => s.into(),
+            RegistryError::Io { path, source } => ApiError::unprocessable(
+                "invalid_model",
+                format!("{} cannot be read as a model: {source}", path.display()),
+            )
+            .param("source"),
         }
     }
 }
@@ -92,7 +99,7 @@ pub async fn create_key(
     body: axum::body::Bytes,
 ) -> Result<(StatusCode, Json<NewKey>), ApiError> {
     // The body is optional: none, or `{"name": "…"}`.
-    let req: CreateKey = if body.iter().all(u8::is_ascii_whitespace) {
+    let req: CreateKey = if body.is_empty() {
         CreateKey::default()
     } else {
         serde_json::from_slice(&body).map_err(|e| {
@@ -184,6 +191,23 @@ pub async fn register_model(
     _: Admin,
     Json(req): Json<RegisterModel>,
 ) -> Result<(StatusCode, Json<BaseModelObject>), ApiError> {
+    if registry::check_model_id(&req.id).is_err() {
+        return Err(ApiError::bad_request(
+            "invalid_model_id",
+            format!(
+                "id '{}' must be 1 to 128 characters of [A-Za-z0-9._-]",
+                req.id
+            ),
+        )
+        .param("id"));
+    }
+    if req.source.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "invalid_source",
+            "source must not contain control characters",
+        )
+        .param("source"));
+    }
     if req.source.chars().count() > MAX_SOURCE_CHARS {
         return Err(ApiError::bad_request(
             "invalid_source",

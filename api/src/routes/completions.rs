@@ -19,6 +19,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use trainer::tokenizer::Tokenizer;
 
+use super::integer;
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json};
 use crate::limits::{RequestLimits, too_large};
@@ -30,7 +31,7 @@ impl From<ServingError> for ApiError {
     fn from(e: ServingError) -> Self {
         match e {
             ServingError::Storage(s) => s.into(),
-            ServingError::Unmergeable(m) => ApiError::bad_request("adapter_not_mergeable", m),
+            ServingError::Unmergeable(m) => ApiError::unprocessable("adapter_not_mergeable", m),
             other => ApiError::internal("loading the model", &other),
         }
     }
@@ -131,7 +132,7 @@ pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Re
     if let Some(b) = wanted_base
         && b != a.base_model
     {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::unprocessable(
             "adapter_base_mismatch",
             format!(
                 "adapter '{adapter_ref}' was trained on base model '{}', not '{b}'",
@@ -180,17 +181,22 @@ pub struct CompletionRequest {
     pub model: String,
     /// A string, a list of strings, a list of token ids, or a list of such lists.
     pub prompt: Value,
+    #[serde(default, deserialize_with = "integer::opt_i64")]
     pub max_tokens: Option<i64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
+    #[serde(default, deserialize_with = "integer::opt_i64")]
     pub n: Option<i64>,
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
+    #[serde(default, deserialize_with = "integer::opt_i64")]
     pub logprobs: Option<i64>,
     /// A string or up to 4 strings.
     pub stop: Option<Value>,
+    #[serde(default, deserialize_with = "integer::opt_i64")]
     pub seed: Option<i64>,
     pub echo: Option<bool>,
+    #[serde(default, deserialize_with = "integer::opt_i64")]
     pub best_of: Option<i64>,
     pub suffix: Option<String>,
     pub user: Option<String>,
@@ -355,7 +361,8 @@ pub fn tokenize_prompts(
         a.iter()
             .enumerate()
             .map(|(j, v)| {
-                v.as_u64()
+                v.as_number()
+                    .and_then(integer::to_u64)
                     .and_then(|x| u32::try_from(x).ok())
                     .ok_or_else(|| err(format!("{at}[{j}] must be a token id, found {v}")))
             })
@@ -399,11 +406,16 @@ pub fn tokenize_prompts(
             }
         }
         if let Some(t) = p.iter().find(|t| **t as usize >= vocab) {
-            return Err(err(format!(
-                "prompt {i}: token id {t} is out of range for a vocabulary of {vocab}"
-            )));
+            // Valid by the document (any u32); the model's vocabulary refuses it (400, as
+            // OpenAI answers an invalid token id).
+            return Err(ApiError::bad_request(
+                "invalid_prompt",
+                format!("prompt {i}: token id {t} is out of range for a vocabulary of {vocab}"),
+            )
+            .param("prompt"));
         }
         if p.len() > max_prompt_tokens {
+            // 400, as OpenAI: clients match this code on their BadRequestError.
             return Err(ApiError::bad_request(
                 "context_length_exceeded",
                 format!(

@@ -117,6 +117,81 @@ async fn small_text(
     })
 }
 
+/// The `purpose` field: exactly one, exactly a documented value (nothing is trimmed).
+async fn read_purpose(
+    field: axum::extract::multipart::Field<'_>,
+    purpose: &mut Option<String>,
+) -> Result<(), ApiError> {
+    if purpose.is_some() {
+        return Err(
+            ApiError::bad_request("invalid_purpose", "send exactly one `purpose` field")
+                .param("purpose"),
+        );
+    }
+    let p = small_text(field, "purpose").await?;
+    check_purpose(&p)?;
+    *purpose = Some(p);
+    Ok(())
+}
+
+fn missing_file() -> ApiError {
+    ApiError::bad_request("missing_file", "the multipart body has no `file` field").param("file")
+}
+
+fn missing_purpose() -> ApiError {
+    ApiError::bad_request(
+        "missing_purpose",
+        format!("the multipart body has no `purpose` field (use '{PURPOSE_FINE_TUNE}')"),
+    )
+    .param("purpose")
+}
+
+fn one_file() -> ApiError {
+    ApiError::bad_request("invalid_request", "send exactly one `file` field").param("file")
+}
+
+/// Reads a repeated upload to its end with the checks of a new one (purpose, one file, its
+/// name and size), storing nothing.
+async fn check_replayed_upload(
+    state: &AppState,
+    multipart: &mut Multipart,
+) -> Result<(), ApiError> {
+    let mut purpose = None;
+    let mut file = false;
+    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
+        match field.name().unwrap_or_default() {
+            "purpose" => read_purpose(field, &mut purpose).await?,
+            "file" => {
+                if file {
+                    return Err(one_file());
+                }
+                file = true;
+                if let Some(name) = field.file_name() {
+                    check_name("file", name, state.config.limits.max_name_chars)?;
+                }
+                let mut bytes: u64 = 0;
+                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                    bytes += chunk.len() as u64;
+                    if bytes > state.config.max_upload_bytes {
+                        return Err(storage::Error::TooLarge {
+                            limit: state.config.max_upload_bytes,
+                        }
+                        .into());
+                    }
+                }
+            }
+            _ => while field.chunk().await.map_err(multipart_error)?.is_some() {},
+        }
+    }
+    if !file {
+        return Err(missing_file());
+    }
+    if purpose.is_none() {
+        return Err(missing_purpose());
+    }
+    Ok(())
+}
+
 /// `POST /v1/files`.
 pub async fn create(
     State(state): State<AppState>,
@@ -125,14 +200,15 @@ pub async fn create(
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<FileObject>, ApiError> {
     let idem = idempotency_key(&headers)?;
-    if let Some(key) = &idem
-        && let Some(existing) = state
-            .db
-            .find_file_by_idempotency_key(&tenant.id, key)
-            .await?
-    {
-        return Ok(Json(existing.into()));
-    }
+    let replay = match &idem {
+        Some(key) => {
+            state
+                .db
+                .find_file_by_idempotency_key(&tenant.id, key)
+                .await?
+        }
+        None => None,
+    };
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -150,6 +226,12 @@ pub async fn create(
         .param("file"));
     }
     let mut multipart = multipart.map_err(multipart_rejection)?;
+    if let Some(existing) = replay {
+        // A repeated request is read and checked like a new one, then answered with the
+        // first result; its bytes are not stored.
+        check_replayed_upload(&state, &mut multipart).await?;
+        return Ok(Json(existing.into()));
+    }
 
     let mut purpose: Option<String> = None;
     // (object key, filename, committed blob, validator)
@@ -160,18 +242,10 @@ pub async fn create(
     let outcome: Result<(), ApiError> = async {
         while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
             match field.name().unwrap_or_default() {
-                "purpose" => {
-                    let p = small_text(field, "purpose").await?;
-                    check_purpose(p.trim())?;
-                    purpose = Some(p.trim().to_string());
-                }
+                "purpose" => read_purpose(field, &mut purpose).await?,
                 "file" => {
                     if uploaded.is_some() {
-                        return Err(ApiError::bad_request(
-                            "invalid_request",
-                            "send exactly one `file` field",
-                        )
-                        .param("file"));
+                        return Err(one_file());
                     }
                     let filename = field
                         .file_name()
@@ -218,19 +292,11 @@ pub async fn create(
         return Err(e);
     }
     let Some((key, filename, blob, validator)) = uploaded else {
-        return Err(ApiError::bad_request(
-            "missing_file",
-            "the multipart body has no `file` field",
-        )
-        .param("file"));
+        return Err(missing_file());
     };
     let Some(purpose) = purpose else {
         cleanup(&state, key).await;
-        return Err(ApiError::bad_request(
-            "missing_purpose",
-            format!("the multipart body has no `purpose` field (use '{PURPOSE_FINE_TUNE}')"),
-        )
-        .param("purpose"));
+        return Err(missing_purpose());
     };
 
     let (status, details) = if validator.is_valid() {

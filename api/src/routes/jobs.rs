@@ -37,6 +37,7 @@ pub struct CreateJob {
     pub validation_file: Option<String>,
     pub hyperparameters: Option<Value>,
     pub method: Option<Value>,
+    #[serde(default, deserialize_with = "super::integer::opt_i64")]
     pub seed: Option<i64>,
     pub suffix: Option<String>,
     /// OpenAI's; only `null` or `[]` is accepted.
@@ -147,31 +148,133 @@ impl From<Job> for JobObject {
     }
 }
 
-/// Splits OpenAI's `method` into (PEFT method, hyperparameters given inside it).
+/// Splits OpenAI's `method` into (PEFT method, hyperparameters given inside it), checking
+/// the shape `openapi.yaml` gives it (400): an object whose `type` is a PEFT method,
+/// `hybrid` or `supervised` (with an object `supervised` holding `hyperparameters` and
+/// `peft`). The PEFT method's options are the trainer's, checked later (422).
 fn split_method(method: Option<Value>) -> Result<(Value, Option<Value>), ApiError> {
     let Some(method) = method.filter(|m| !m.is_null()) else {
         return Ok((training::default_method(), None));
     };
-    match method.get("type").and_then(Value::as_str) {
-        Some("supervised") => {
-            let hp = method
-                .get("supervised")
-                .and_then(|s| s.get("hyperparameters"))
-                .cloned();
+    match method_type(&method, "method")? {
+        "supervised" => {
+            let supervised = match method.get("supervised") {
+                None | Some(Value::Null) => return Ok((training::default_method(), None)),
+                Some(s @ Value::Object(_)) => s,
+                Some(other) => {
+                    return Err(ApiError::bad_request(
+                        "invalid_method",
+                        format!("method.supervised must be an object, got {other}"),
+                    )
+                    .param("method.supervised"));
+                }
+            };
+            let hp = supervised.get("hyperparameters").cloned();
             // molt extension: a PEFT config inside OpenAI's form.
-            let peft = method
-                .get("supervised")
-                .and_then(|s| s.get("peft"))
-                .cloned()
-                .unwrap_or_else(training::default_method);
+            let peft = match supervised.get("peft") {
+                None | Some(Value::Null) => training::default_method(),
+                Some(p) => {
+                    let kind = method_type(p, "method.supervised.peft")?;
+                    if kind == "supervised" {
+                        return Err(unknown_method_type(kind, "method.supervised.peft"));
+                    }
+                    p.clone()
+                }
+            };
             Ok((peft, hp))
         }
-        Some(other @ ("dpo" | "reinforcement")) => Err(ApiError::bad_request(
-            "unsupported_method",
-            format!("method '{other}' is not supported; molt trains supervised PEFT adapters"),
-        )
-        .param("method")),
         _ => Ok((method, None)),
+    }
+}
+
+/// The `type` of a method object: a PEFT method, `hybrid` or `supervised` (400 otherwise).
+fn method_type<'a>(method: &'a Value, param: &str) -> Result<&'a str, ApiError> {
+    let Some(obj) = method.as_object() else {
+        return Err(ApiError::bad_request(
+            "invalid_method",
+            format!("{param} must be an object with a `type`, got {method}"),
+        )
+        .param(param));
+    };
+    let Some(kind) = obj.get("type").and_then(Value::as_str) else {
+        return Err(ApiError::bad_request(
+            "invalid_method",
+            format!("{param} needs a string `type` (e.g. \"lora\")"),
+        )
+        .param(param));
+    };
+    match kind {
+        "dpo" | "reinforcement" => Err(ApiError::bad_request(
+            "unsupported_method",
+            format!("method '{kind}' is not supported; molt trains supervised PEFT adapters"),
+        )
+        .param(param)),
+        "supervised" | "hybrid" => Ok(kind),
+        k if trainer::peft::METHOD_TYPES.contains(&k) => Ok(kind),
+        other => Err(unknown_method_type(other, param)),
+    }
+}
+
+fn unknown_method_type(kind: &str, param: &str) -> ApiError {
+    let mut valid: Vec<&str> = trainer::peft::METHOD_TYPES.to_vec();
+    valid.push("hybrid");
+    if param == "method" {
+        valid.push("supervised");
+    }
+    ApiError::bad_request(
+        "invalid_method",
+        format!(
+            "unknown method type '{kind}'; valid types: {}",
+            valid.join(", ")
+        ),
+    )
+    .param(param)
+}
+
+/// Settings given by more than one field: the inner hyperparameters take a setting whole.
+const HP_SETTINGS: &[&[&str]] = &[
+    &["learning_rate", "learning_rate_multiplier"],
+    &["n_epochs", "epochs"],
+    &["warmup_steps", "warmup_ratio"],
+];
+
+/// OpenAI's `method.supervised.hyperparameters` over the top-level `hyperparameters`: the
+/// inner object wins setting by setting (a learning rate, the epochs and the warm-up are
+/// one setting each, whichever field gives it), so two objects that are each valid never
+/// contradict each other.
+fn merge_hyperparameters(
+    inner: Option<Value>,
+    outer: Option<Value>,
+) -> Result<Option<Value>, ApiError> {
+    let inner = inner.filter(|v| !v.is_null());
+    if let Some(v) = &inner
+        && !v.is_object()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_hyperparameter",
+            format!("method.supervised.hyperparameters must be an object, got {v}"),
+        )
+        .param("method.supervised.hyperparameters"));
+    }
+    // Each object is checked on its own (400), so nothing the merge drops goes unchecked.
+    for v in [&inner, &outer] {
+        Hyperparameters::from_request(v.as_ref(), 0)?;
+    }
+    match (inner, outer) {
+        (None, outer) => Ok(outer),
+        (Some(Value::Object(mut inner)), Some(Value::Object(outer))) => {
+            for (k, v) in outer {
+                let taken = HP_SETTINGS
+                    .iter()
+                    .find(|fields| fields.contains(&k.as_str()))
+                    .is_some_and(|fields| fields.iter().any(|f| inner.contains_key(*f)));
+                if !taken {
+                    inner.entry(k).or_insert(v);
+                }
+            }
+            Ok(Some(Value::Object(inner)))
+        }
+        (Some(inner), _) => Ok(Some(inner)),
     }
 }
 
@@ -248,14 +351,8 @@ pub async fn create(
     Json(req): Json<CreateJob>,
 ) -> Result<Json<JobObject>, ApiError> {
     let idem = idempotency_key(&headers)?;
-    if let Some(key) = &idem
-        && let Some(existing) = state
-            .db
-            .find_job_by_idempotency_key(&tenant.id, key)
-            .await?
-    {
-        return Ok(Json(existing.into()));
-    }
+    // What the document states (400), before anything is looked up — a repeated request
+    // too, so a key never makes an invalid request succeed.
     if let Some(i) = &req.integrations
         && !(i.is_null() || i.as_array().is_some_and(Vec::is_empty))
     {
@@ -267,6 +364,31 @@ pub async fn create(
     }
     check_suffix(&req.suffix)?;
     check_metadata(req.metadata.as_ref())?;
+    let seed = match req.seed {
+        Some(s) if s >= 0 && s <= i64::from(i32::MAX) => s,
+        Some(s) => {
+            return Err(ApiError::bad_request(
+                "invalid_seed",
+                format!("seed must be between 0 and {}, got {s}", i32::MAX),
+            )
+            .param("seed"));
+        }
+        None => i64::from(rand_seed()),
+    };
+    let (method, method_hp) = split_method(req.method)?;
+    let hp_value = merge_hyperparameters(method_hp, req.hyperparameters)?;
+    Hyperparameters::from_request(hp_value.as_ref(), 0)?;
+    if let Some(key) = &idem
+        && let Some(existing) = state
+            .db
+            .find_job_by_idempotency_key(&tenant.id, key)
+            .await?
+    {
+        return Ok(Json(existing.into()));
+    }
+
+    // What the request names, refused as OpenAI does (400 `invalid_request_error`): a model,
+    // a file that does not exist or cannot be trained on, a method that does not fit.
     let base = match state.db.get_base_model(&req.model).await {
         Ok(m) => m,
         Err(storage::Error::NotFound { .. }) => {
@@ -289,35 +411,13 @@ pub async fn create(
         }
         Err(e) => return Err(e.into()),
     };
-    let (method, method_hp) = split_method(req.method)?;
-    let hp_value = match (method_hp, req.hyperparameters) {
-        (Some(Value::Object(mut inner)), Some(Value::Object(outer))) => {
-            for (k, v) in outer {
-                inner.entry(k).or_insert(v);
-            }
-            Some(Value::Object(inner))
-        }
-        (Some(inner), None) => Some(inner),
-        (_, outer) => outer,
-    };
-    let checked = training::check_method(&method, &base.config)?;
     let training_file = usable_file(&state, &tenant, &req.training_file, "training_file").await?;
     if let Some(v) = &req.validation_file {
         usable_file(&state, &tenant, v, "validation_file").await?;
     }
+    let checked = training::check_method(&method, &base.config)?;
     let examples = training_file.line_count.unwrap_or(0).max(0) as u64;
     let hp = Hyperparameters::from_request(hp_value.as_ref(), examples)?;
-    let seed = match req.seed {
-        Some(s) if s >= 0 && s <= i64::from(i32::MAX) => s,
-        Some(s) => {
-            return Err(ApiError::bad_request(
-                "invalid_seed",
-                format!("seed must be between 0 and {}, got {s}", i32::MAX),
-            )
-            .param("seed"));
-        }
-        None => i64::from(rand_seed()),
-    };
     let new = NewJob {
         tenant_id: tenant.id.clone(),
         model: base.id.clone(),
@@ -431,6 +531,13 @@ pub async fn events(
     headers: HeaderMap,
     Query(q): Query<EventParams>,
 ) -> Result<Response, ApiError> {
+    let params = ListParams {
+        after: q.after,
+        limit: q.limit,
+        order: None,
+    };
+    // Checked in both modes, so a page and a stream refuse the same bad parameters.
+    let limit = params.limit(20, 1000)?;
     if q.stream {
         // 404 before the stream starts.
         state.db.get_job(&tenant.id, &id).await?;
@@ -444,12 +551,6 @@ pub async fn events(
             .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
             .into_response());
     }
-    let params = ListParams {
-        after: q.after,
-        limit: q.limit,
-        order: None,
-    };
-    let limit = params.limit(20, 1000)?;
     let page = state
         .db
         .list_job_events(&tenant.id, &id, params.after.as_deref(), limit)
@@ -601,6 +702,15 @@ pub async fn metrics(
         ..ListParams::default()
     }
     .limit(1000, 10_000)?;
+    if let Some(step) = q.after_step
+        && step < 0
+    {
+        return Err(ApiError::bad_request(
+            "invalid_after_step",
+            format!("after_step must be 0 or more, got {step}"),
+        )
+        .param("after_step"));
+    }
     let page = state
         .db
         .list_job_metrics(&tenant.id, &id, q.after_step, limit)
@@ -632,6 +742,24 @@ mod tests {
         assert_eq!(m, json!({"type": "lora", "r": 4}));
         assert!(hp.is_none());
         assert!(split_method(Some(json!({"type": "dpo"}))).is_err());
+    }
+
+    #[test]
+    fn inner_hyperparameters_win_setting_by_setting() {
+        let merged = merge_hyperparameters(
+            Some(json!({"learning_rate": 0.01, "n_epochs": 2})),
+            Some(json!({"learning_rate_multiplier": 3, "epochs": 5, "batch_size": 8})),
+        )
+        .unwrap();
+        assert_eq!(
+            merged,
+            Some(json!({"learning_rate": 0.01, "n_epochs": 2, "batch_size": 8}))
+        );
+        assert_eq!(
+            merge_hyperparameters(None, Some(json!({"n_epochs": 1}))).unwrap(),
+            Some(json!({"n_epochs": 1}))
+        );
+        assert!(merge_hyperparameters(Some(json!(5)), None).is_err());
     }
 
     #[test]

@@ -172,6 +172,7 @@ pub fn router(state: AppState) -> Router {
             ratelimit::limit,
         ))
         .layer(middleware::from_fn_with_state(state.clone(), timeout))
+        .layer(middleware::map_response(close_after_too_large))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             metrics::track_http,
@@ -214,6 +215,19 @@ async fn timeout(State(state): State<AppState>, req: Request, next: Next) -> Res
         )
         .into_response(),
     }
+}
+
+/// Middleware: a 413 may leave the rest of the body unread, after which the server drops
+/// the connection; `Connection: close` says so, so a client does not send its next request
+/// on a connection that is about to go away.
+async fn close_after_too_large(mut res: Response) -> Response {
+    if res.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        res.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    res
 }
 
 /// OpenAI's list envelope.
@@ -267,8 +281,16 @@ pub struct ListParams {
 }
 
 impl ListParams {
-    /// The page size, checked against `max`.
+    /// The page size, checked against `max`; also checks `order` and that `after`, when
+    /// given, is not empty (a cursor naming no item of the list is a 404 from storage).
     pub fn limit(&self, default: u32, max: u32) -> Result<u32, ApiError> {
+        if self.after.as_deref() == Some("") {
+            return Err(ApiError::bad_request(
+                "invalid_cursor",
+                "after must be the id of an item of the list, not empty",
+            )
+            .param("after"));
+        }
         if let Some(order) = &self.order
             && order != "desc"
         {
@@ -286,6 +308,45 @@ impl ListParams {
                 format!("limit must be between 1 and {max}, got {n}"),
             )
             .param("limit")),
+        }
+    }
+}
+
+/// Serde helpers for JSON Schema's `integer`, which openapi.yaml uses and which includes
+/// integral floats such as `3.0`: an integer field takes those too.
+pub mod integer {
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Number;
+
+    /// `n` as an `i64` when it is an integer (also written as `3.0`) in range.
+    pub fn to_i64(n: &Number) -> Option<i64> {
+        n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| {
+                    f.fract() == 0.0
+                        && (-9.223_372_036_854_776e18..9.223_372_036_854_776e18).contains(f)
+                })
+                .map(|f| f as i64)
+        })
+    }
+
+    /// `n` as a `u64` when it is a non-negative integer (also written as `3.0`) in range.
+    pub fn to_u64(n: &Number) -> Option<u64> {
+        n.as_u64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && (0.0..1.844_674_407_370_955_2e19).contains(f))
+                .map(|f| f as u64)
+        })
+    }
+
+    /// For `#[serde(default, deserialize_with = "integer::opt_i64")]`.
+    pub fn opt_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        match Option::<Number>::deserialize(d)? {
+            None => Ok(None),
+            Some(n) => to_i64(&n).map(Some).ok_or_else(|| {
+                D::Error::custom(format!("invalid value: {n}, expected an integer"))
+            }),
         }
     }
 }
@@ -321,6 +382,32 @@ mod tests {
             assert!(seen.insert((m.clone(), *p)), "{m} {p} mounted twice");
         }
         assert!(routes.len() > 20);
+    }
+
+    #[test]
+    fn integers_may_be_written_as_integral_floats() {
+        use serde_json::json;
+        let n = |v: serde_json::Value| v.as_number().cloned().expect("number");
+        assert_eq!(integer::to_i64(&n(json!(3))), Some(3));
+        assert_eq!(integer::to_i64(&n(json!(3.0))), Some(3));
+        assert_eq!(integer::to_i64(&n(json!(-2.0))), Some(-2));
+        assert_eq!(integer::to_i64(&n(json!(3.5))), None);
+        assert_eq!(integer::to_i64(&n(json!(1e300))), None);
+        assert_eq!(integer::to_u64(&n(json!(7.0))), Some(7));
+        assert_eq!(integer::to_u64(&n(json!(-1))), None);
+        #[derive(serde::Deserialize)]
+        struct T {
+            #[serde(default, deserialize_with = "integer::opt_i64")]
+            x: Option<i64>,
+        }
+        let t: T = serde_json::from_value(json!({"x": 4.0})).expect("4.0");
+        assert_eq!(t.x, Some(4));
+        let t: T = serde_json::from_value(json!({})).expect("absent");
+        assert_eq!(t.x, None);
+        let t: T = serde_json::from_value(json!({"x": null})).expect("null");
+        assert_eq!(t.x, None);
+        assert!(serde_json::from_value::<T>(json!({"x": 4.5})).is_err());
+        assert!(serde_json::from_value::<T>(json!({"x": "4"})).is_err());
     }
 
     #[test]

@@ -237,11 +237,13 @@ pub async fn delete(
         }));
     }
     if !id.starts_with("ft:") {
-        return Err(ApiError::bad_request(
+        // A base model exists for every tenant but is an admin's to remove (403); any other
+        // name is no model of this tenant's (404).
+        state.db.get_base_model(&id).await?;
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
             "cannot_delete_base_model",
-            format!(
-                "'{id}' is not a fine-tuned model of yours; base models are removed by an admin"
-            ),
+            format!("'{id}' is a base model; base models are removed by an admin"),
         )
         .param("model"));
     }

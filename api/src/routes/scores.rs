@@ -31,7 +31,8 @@ pub struct ScoreRequest {
     pub model: String,
     pub items: Vec<ScoreItem>,
     /// Sequences per forward pass (default 8).
-    pub batch_size: Option<usize>,
+    #[serde(default, deserialize_with = "super::integer::opt_i64")]
+    pub batch_size: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -96,6 +97,13 @@ pub async fn create(
             )
             .param(format!("items[{i}].choices")));
         }
+        if let Some(j) = it.choices.iter().position(String::is_empty) {
+            return Err(ApiError::bad_request(
+                "invalid_choices",
+                format!("items[{i}].choices[{j}] is empty"),
+            )
+            .param(format!("items[{i}].choices[{j}]")));
+        }
         if it.choices.len() > limits.max_score_choices {
             return Err(too_large(
                 &format!("items[{i}].choices"),
@@ -107,13 +115,16 @@ pub async fn create(
         }
     }
     let batch = req.batch_size.unwrap_or(8);
-    if !(1..=256).contains(&batch) {
+    let Some(batch) = usize::try_from(batch)
+        .ok()
+        .filter(|b| (1..=256).contains(b))
+    else {
         return Err(ApiError::bad_request(
             "invalid_batch_size",
             format!("batch_size must be between 1 and 256, got {batch}"),
         )
         .param("batch_size"));
-    }
+    };
     let r = resolve(&state, &tenant, &req.model).await?;
     let max_tokens = state.config.serving.max_prompt_tokens;
     let (eos, pad) = r.base.special_tokens();
@@ -126,12 +137,14 @@ pub async fn create(
     let mut sets = Vec::with_capacity(req.items.len());
     let mut prompt_tokens = 0;
     for (i, it) in req.items.iter().enumerate() {
+        // Valid by the document, refused by this model's tokenizer.
         let set = enc.choice_set(&it.context, &it.choices, 0).map_err(|m| {
-            ApiError::bad_request("invalid_item", format!("items[{i}]: {m}"))
+            ApiError::unprocessable("invalid_item", format!("items[{i}]: {m}"))
                 .param(format!("items[{i}]"))
         })?;
         for (c, ex) in set.choices.iter().enumerate() {
             if ex.ids.len() > max_tokens {
+                // 400, the status /v1/completions gives this code (OpenAI's).
                 return Err(ApiError::bad_request(
                     "context_length_exceeded",
                     format!(
