@@ -280,7 +280,7 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
         let start = Instant::now();
         let dir = tmp.join(format!("cold-{round}"));
         rt.block_on(store.download_dir("adapters/cold", &dir))?;
-        let cold = Adapter::load(&dir, &base)?;
+        let cold = Adapter::load(&dir, base.as_ref())?;
         let cold = Arc::new(LoadedAdapter::new("cold", cold, &base)?);
         let load_s = start.elapsed().as_secs_f64();
         let (_, ttft) = run_batch(&[ServedModel::adapter(cold)], &one, vocab)?;

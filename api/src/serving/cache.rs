@@ -40,7 +40,7 @@ impl LoadedAdapter {
         base: &Arc<MambaForCausalLM>,
     ) -> Result<Self, ServingError> {
         let model = adapter
-            .apply_frozen(base)
+            .apply_frozen(base.as_ref())
             .map_err(|e| ServingError::Load(format!("adapter {id}: {e}")))?;
         let bytes = adapter
             .named_tensors()

@@ -354,7 +354,7 @@ impl Engine {
                 let _ = std::fs::remove_dir_all(&dir);
                 blobs.download_dir(&prefix, &dir).await?;
                 let loaded = blocking(move || {
-                    let res = Adapter::load(&dir, &base.model)
+                    let res = Adapter::load(&dir, base.model.as_ref())
                         .map_err(|e| ServingError::Load(format!("adapter {id}: {e}")))
                         .and_then(|a| LoadedAdapter::new(&id, a, &base.model));
                     let _ = std::fs::remove_dir_all(&dir);
@@ -430,7 +430,7 @@ impl Engine {
             let b = base.clone();
             let o = out.clone();
             blocking(move || {
-                let a = Adapter::load(&adir, &b.model)
+                let a = Adapter::load(&adir, b.model.as_ref())
                     .map_err(|e| ServingError::Load(format!("adapter: {e}")))?;
                 let merged = a.merge_with(&b.model, &opts).map_err(|e| match e {
                     PeftError::NotMergeable { .. } | PeftError::Contradictory(_) => {

@@ -717,7 +717,7 @@ mod tests {
             &serde_json::json!({"type": "lora", "targets": ["in_proj", "out_proj"], "r": 2}),
         )
         .expect("spec");
-        let a = trainer::peft::Adapter::init(&spec, base, seed).expect("init");
+        let a = trainer::peft::Adapter::init(&spec, base.as_ref(), seed).expect("init");
         for v in a.vars().values() {
             v.set(&(v.as_tensor() + 0.05).expect("add")).expect("set");
         }

@@ -38,42 +38,6 @@ impl Family {
         }
     }
 
-    /// The PEFT sites the family exposes: parameter names relative to a layer
-    /// (`mixer.x_proj`), or to the model when they start with `model:`. Sites of Vim's
-    /// backward branch are separate entries (`mixer.x_proj_b`): methods on them exist twice.
-    pub fn peft_sites(self) -> &'static [&'static str] {
-        match self {
-            Family::Mamba => &[
-                "model:backbone.embeddings",
-                "mixer.in_proj",
-                "mixer.conv1d",
-                "mixer.x_proj",
-                "mixer.dt_proj",
-                "mixer.A_log",
-                "mixer.D",
-                "mixer.out_proj",
-            ],
-            Family::Vim => &[
-                "model:patch_embed.proj",
-                "model:cls_token",
-                "model:pos_embed",
-                "model:head",
-                "mixer.in_proj",
-                "mixer.conv1d",
-                "mixer.conv1d_b",
-                "mixer.x_proj",
-                "mixer.x_proj_b",
-                "mixer.dt_proj",
-                "mixer.dt_proj_b",
-                "mixer.A_log",
-                "mixer.A_b_log",
-                "mixer.D",
-                "mixer.D_b",
-                "mixer.out_proj",
-            ],
-        }
-    }
-
     /// What the family's head does.
     pub fn task(self) -> Task {
         match self {

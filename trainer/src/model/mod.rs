@@ -10,7 +10,7 @@
 //! | --- | --- | --- | --- |
 //! | which family is this `config.json`? | [`family::detect`] | HF `model_type: "mamba"`, state-spaces `d_model` | `bimamba_type` / `img_size` + `patch_size` + `embed_dim` |
 //! | how is it loaded? | [`load`] → [`AnyModel`] | [`Checkpoint`] (HF and state-spaces names, `.bin`) | [`vim::VimCheckpoint`] (official names, `.pth` under `"model"`, fresh head, `pos_embed` resize) |
-//! | which PEFT sites does it have? | [`Family::peft_sites`] | one copy of each branch site | the branch sites twice (`_b` = backward), in/out_proj once, plus `cls_token`, `pos_embed`, `patch_embed` |
+//! | which PEFT sites does it have? | `peft::PeftBase` / `peft::PeftModel` (in `peft::target`) | one copy of each branch site | the branch sites twice (`Dir::Bwd` = the `_b` tensors), in/out_proj once, plus `cls_token`, `pos_embed` and the head |
 //! | task head and loss | [`Family::task`] | next token, [`causal_lm_loss`] | class at the class token, [`vim::classification_loss`] |
 //! | input pipeline | [`Family::task`] | tokenizer | image transform (not yet) |
 //! | serving entry points | [`AnyModel`] | generation, scoring | classification (`forward` → logits) |
@@ -22,15 +22,21 @@
 //!
 //! Mamba-2 (`Mamba2ForCausalLM`: in_proj rows `z | xBC | dt`, per-head A, D and dt bias, a gated
 //! grouped RMSNorm, no x_proj / dt_proj) fits as one more variant: a `mamba2/` folder with
-//! its own mixer (it does not use [`selective`]), a `Family::Mamba2` line whose
-//! `peft_sites` lists in_proj slices and per-head parameters, and an arm in [`detect`] in
-//! place of today's "not supported yet" refusal. Nothing else in the seam changes.
+//! its own mixer (it does not use [`selective`]), a `Family::Mamba2` line, its
+//! `peft::PeftBase` / `PeftModel` impls (in_proj slices and per-head parameters as sites; no
+//! x_proj / dt_proj, which those impls answer `None` and the methods refuse by name), and an
+//! arm in [`detect`] in place of today's "not supported yet" refusal. Nothing else in the seam
+//! changes.
 //!
-//! Still to do (issue 13): the adapter file's record of family and base, the PEFT methods on
-//! Vim sites (the hooks live on `MambaMixer` today), moving Mamba-1 into its own `mamba/`
-//! folder, the image transform, the HTTP/CLI entry points, and a reverse flag in the scan
-//! and conv kernels so Vim's backward branch stops flipping x, z and y (see
-//! `vim::model::flip_time`).
+//! PEFT reaches a family through `peft::target`: a [`peft::ModelShape`](crate::peft::ModelShape)
+//! (sizes, scan directions, vision sizes), read access to each site's base tensor for
+//! initialisation, and installation of the folded composites. Every method is written once
+//! against those; a bidirectional family gets one instance per direction of each branch site.
+//!
+//! Still to do (issue 13): prompt- and affix-tuning and LoRA(patch embed) on Vim, merging a
+//! Vim adapter, moving Mamba-1 into its own `mamba/` folder, the HTTP/CLI entry points, and a
+//! reverse flag in the scan and conv kernels so Vim's backward branch stops flipping x, z and
+//! y (see `vim::model::flip_time`).
 //!
 //! ```no_run
 //! # fn main() -> trainer::Result<()> {

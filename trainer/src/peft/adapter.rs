@@ -7,13 +7,14 @@ use std::sync::Arc;
 use candle_core::{Tensor, Var};
 
 use super::error::{PeftError, PeftResult};
-use super::identity::{base_identity, describe};
+use super::identity::base_identity;
 use super::init::InitRng;
 use super::merge::{MergeOptions, MergedModel};
 use super::sites::{Runtime, Sites};
-use super::spec::AdapterSpec;
+use super::spec::{AdapterSpec, head_shapes};
+use super::target::{ModelShape, PeftBase, PeftModel};
 use super::{ParamGroup, Params};
-use crate::model::{MambaConfig, MambaForCausalLM};
+use crate::model::MambaForCausalLM;
 
 /// A PEFT adapter: the spec, its tensors (candle `Var`s, trainable in place), and the
 /// identity of the base model it belongs to.
@@ -21,24 +22,31 @@ use crate::model::{MambaConfig, MambaForCausalLM};
 pub struct Adapter {
     spec: AdapterSpec,
     base_identity: String,
-    base_config: MambaConfig,
+    base_shape: ModelShape,
     vars: BTreeMap<String, Var>,
     /// Per method, its tensor names in declaration order.
     owners: Vec<Vec<String>>,
+    /// A classification model's head tensors (trained under every method).
+    head: Vec<String>,
     groups: Vec<ParamGroup>,
     runtime: Arc<Runtime>,
 }
 
 impl Adapter {
     /// A fresh adapter, initialised as the spec prescribes. `seed` fixes every random draw.
-    pub fn init(spec: &AdapterSpec, base: &MambaForCausalLM, seed: u64) -> PeftResult<Adapter> {
-        spec.validate(base.config())?;
+    /// A classification head starts at zero, as MambaPEFT's vision recipe does.
+    pub fn init(spec: &AdapterSpec, base: &impl PeftBase, seed: u64) -> PeftResult<Adapter> {
+        let shape = base.peft_shape();
+        spec.validate(&shape)?;
         let rng = InitRng::new(seed, base.device(), base.dtype());
         let mut tensors = HashMap::new();
         for m in &spec.methods {
             for (name, t) in m.method().init(base, &rng)? {
                 tensors.insert(name, t);
             }
+        }
+        for (name, s) in head_shapes(&shape) {
+            tensors.insert(name, rng.zeros(&s)?);
         }
         Self::from_tensors(spec, base, tensors)
     }
@@ -47,26 +55,29 @@ impl Adapter {
     /// tensor the spec implies must be present with its shape, and nothing else.
     pub fn from_tensors(
         spec: &AdapterSpec,
-        base: &MambaForCausalLM,
+        base: &impl PeftBase,
         mut tensors: HashMap<String, Tensor>,
     ) -> PeftResult<Adapter> {
-        let cfg = base.config();
+        let shape = base.peft_shape();
+        let cfg = &shape;
         spec.validate(cfg)?;
         let mut problems = Vec::new();
         let mut vars = BTreeMap::new();
         let mut owners = Vec::new();
-        for m in &spec.methods {
+        let head = ("head", head_shapes(cfg));
+        let owned = spec
+            .methods
+            .iter()
+            .map(|m| (m.method().kind(), m.method().parameters(cfg)))
+            .chain((!head.1.is_empty()).then_some(head));
+        for (kind, shapes) in owned {
             let mut names = Vec::new();
-            for (name, shape) in m.method().parameters(cfg) {
+            for (name, shape) in shapes {
                 match tensors.remove(&name) {
-                    None => problems.push(format!(
-                        "missing `{name}` (shape {shape:?}, {})",
-                        m.method().kind()
-                    )),
+                    None => problems.push(format!("missing `{name}` (shape {shape:?}, {kind})")),
                     Some(t) if t.dims() != shape.as_slice() => problems.push(format!(
-                        "`{name}` has shape {:?}, expected {shape:?} ({})",
+                        "`{name}` has shape {:?}, expected {shape:?} ({kind})",
                         t.dims(),
-                        m.method().kind()
                     )),
                     Some(t) => {
                         let t = t.to_dtype(base.dtype())?.to_device(base.device())?;
@@ -105,20 +116,38 @@ impl Adapter {
         if !problems.is_empty() {
             return Err(PeftError::Tensors { problems });
         }
-        let mut groups = Vec::new();
-        for (k, (m, names)) in spec.methods.iter().zip(&owners).enumerate() {
-            let params = names
+        let head = if owners.len() > spec.methods.len() {
+            owners.pop().unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let group_of = |names: &[String]| -> Vec<(String, Var)> {
+            names
                 .iter()
                 .filter_map(|n| vars.get(n).map(|v| (n.clone(), v.clone())))
-                .collect();
-            groups.extend(m.method().groups(k, params, base)?);
+                .collect()
+        };
+        let mut groups = Vec::new();
+        for (k, (m, names)) in spec.methods.iter().zip(&owners).enumerate() {
+            groups.extend(m.method().groups(k, group_of(names), base)?);
+        }
+        if !head.is_empty() {
+            // The job's learning rate, no decay (MambaPEFT trains the head with the rest).
+            groups.push(ParamGroup {
+                name: "head".into(),
+                params: group_of(&head),
+                lr: None,
+                weight_decay: 0.0,
+                decay_toward: None,
+            });
         }
         Ok(Adapter {
             spec: spec.clone(),
             base_identity: base_identity(base),
-            base_config: cfg.clone(),
+            base_shape: shape,
             vars,
             owners,
+            head,
             groups,
             runtime: Arc::new(Runtime::default()),
         })
@@ -133,8 +162,9 @@ impl Adapter {
         &self.base_identity
     }
 
-    pub fn base_config(&self) -> &MambaConfig {
-        &self.base_config
+    /// The shape of the base model this adapter was made for.
+    pub fn base_shape(&self) -> &ModelShape {
+        &self.base_shape
     }
 
     /// Every tensor, by name.
@@ -186,7 +216,7 @@ impl Adapter {
     }
 
     /// Fails unless `base` is the model this adapter was made for.
-    pub fn check_base(&self, base: &MambaForCausalLM) -> PeftResult<()> {
+    pub fn check_base(&self, base: &impl PeftBase) -> PeftResult<()> {
         let found = base_identity(base);
         if found != self.base_identity {
             return Err(PeftError::WrongBase {
@@ -194,8 +224,8 @@ impl Adapter {
                 found,
                 detail: format!(
                     "adapter base: {}; this model: {}",
-                    describe(&self.base_config),
-                    describe(base.config())
+                    self.base_shape.description,
+                    base.peft_shape().description
                 ),
             });
         }
@@ -205,7 +235,7 @@ impl Adapter {
     /// The adapted model: `base` with this adapter's parts attached. It shares the base's
     /// tensors and reads the adapter's variables on every forward, so optimizer updates
     /// show without re-applying.
-    pub fn apply(&self, base: &MambaForCausalLM) -> PeftResult<MambaForCausalLM> {
+    pub fn apply<M: PeftModel>(&self, base: &M) -> PeftResult<M> {
         self.attach(base, Params::new(&self.vars))
     }
 
@@ -213,13 +243,13 @@ impl Adapter {
     /// values of the variables. A forward then builds no backprop graph, which would keep
     /// every intermediate alive and send the frozen base layers down their graph-aware
     /// (slower) paths; serving uses this.
-    pub fn apply_frozen(&self, base: &MambaForCausalLM) -> PeftResult<MambaForCausalLM> {
+    pub fn apply_frozen<M: PeftModel>(&self, base: &M) -> PeftResult<M> {
         self.attach(base, Params::frozen(&self.vars))
     }
 
-    fn attach(&self, base: &MambaForCausalLM, params: Params) -> PeftResult<MambaForCausalLM> {
+    fn attach<M: PeftModel>(&self, base: &M, params: Params) -> PeftResult<M> {
         self.check_base(base)?;
-        if has_adapters(base) {
+        if base.has_adapters() {
             return Err(PeftError::Contradictory(
                 "the base model already has adapters attached; apply to the plain base (stack \
                  methods in one spec instead)"
@@ -230,7 +260,10 @@ impl Adapter {
         for m in &self.spec.methods {
             m.method().attach(&params, &mut sites)?;
         }
-        sites.build()
+        if let [w, b] = self.head.as_slice() {
+            sites.set_head(params.get(w)?, params.get(b)?)?;
+        }
+        sites.build(base)
     }
 
     /// The model to serve this adapter with: merged where the methods allow it (no
@@ -243,6 +276,32 @@ impl Adapter {
             Err(PeftError::NotMergeable { .. }) => self.apply_frozen(base),
             Err(e) => Err(e),
         }
+    }
+
+    /// The merged model of any family: `base` with every method folded into its weights
+    /// (plain weights, no adapter). An error for a method without a weight form
+    /// (ParallelAdapter, prompt and affix tables). For Mamba-1, [`Self::merge`] also keeps
+    /// collapsed prompt/affix tables and initial states.
+    pub fn merged<M: PeftModel>(&self, base: &M) -> PeftResult<M> {
+        self.check_base(base)?;
+        let params = self.params();
+        let mut sites = Sites::new(base, self.runtime.clone());
+        for m in &self.spec.methods {
+            match m.method().merge_plan(&params)? {
+                super::MergePlan::Weights => m.method().attach(&params, &mut sites)?,
+                super::MergePlan::Residual(..) => {
+                    return Err(PeftError::NotMergeable {
+                        method: m.method().kind().into(),
+                        reason: "it collapses to a table, not into weights".into(),
+                    });
+                }
+            }
+        }
+        if let [w, b] = self.head.as_slice() {
+            sites.set_head(params.get(w)?.detach(), params.get(b)?.detach())?;
+        }
+        let adapted = sites.build(base)?;
+        adapted.merged_weights(base)
     }
 
     /// Merges into the base weights (see [`MergedModel`]); an error for methods without a
@@ -267,7 +326,7 @@ impl Adapter {
 
     /// Reads an adapter folder written by [`Self::save`] or by HF PEFT (LoRA/DoRA), and
     /// binds it to `base`; refuses an adapter made for another base model.
-    pub fn load(dir: &Path, base: &MambaForCausalLM) -> PeftResult<Adapter> {
+    pub fn load(dir: &Path, base: &impl PeftBase) -> PeftResult<Adapter> {
         super::files::load(dir, base)
     }
 
@@ -278,23 +337,4 @@ impl Adapter {
     pub(crate) fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime
     }
-}
-
-/// Whether any seam of `m` already holds an adapter.
-pub(crate) fn has_adapters(m: &MambaForCausalLM) -> bool {
-    m.input_hook.is_some()
-        || m.backbone.embeddings.adapter().is_some()
-        || m.backbone.layers.iter().any(|b| {
-            let x = &b.mixer;
-            x.hook.is_some()
-                || x.in_proj.adapter().is_some()
-                || x.x_proj.adapter().is_some()
-                || x.dt_proj.adapter().is_some()
-                || x.out_proj.adapter().is_some()
-                || x.a_log.adapter().is_some()
-                || x.d.adapter().is_some()
-                || x.conv_weight.adapter().is_some()
-                || x.dt_bias.adapter().is_some()
-                || x.conv_bias.as_ref().is_some_and(|b| b.adapter().is_some())
-        })
 }

@@ -3,6 +3,8 @@
 //! B_new then C_new). The mixer reads N from A_log's width, so the method only has to widen
 //! A_log and assemble x_proj's output as [dt; B_ext; C_ext]:
 //! top = [new | old], bottom = [old | new]. Merges into an expanded-state model (N + N′).
+//! A bidirectional model gets the extra states in each scan direction, from that direction's
+//! own tensors (`A_b_log_scan_addi`, `x_proj_b_scan_addi.weight`).
 
 use std::sync::Arc;
 
@@ -11,11 +13,11 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
-use super::sites::{LinearPart, ParamPart, Proj, Runtime, Sites, Slot, Stage};
+use super::sites::{Dir, LinearPart, ParamPart, ParamSite, Proj, Runtime, Sites, Slot, Stage};
 use super::spec::{check_float, check_range};
+use super::target::{ModelShape, PeftBase, base_param};
 use super::{ParamGroup, ParamShape, Params, PeftMethod};
 use crate::model::layers::linear_forward;
-use crate::model::{MambaConfig, MambaForCausalLM};
 
 /// Where the new state dimensions go (no computational effect; it picks the neighbour the
 /// A init copies).
@@ -93,10 +95,10 @@ impl AdditionalScanConfig {
     }
 }
 
-fn names(i: usize) -> (String, String) {
+fn names(i: usize, dir: Dir) -> (String, String) {
     (
-        format!("layers.{i}.A_log_scan_addi"),
-        format!("layers.{i}.x_proj_scan_addi.weight"),
+        format!("layers.{i}.{}_scan_addi", Slot::ALog.site_name(dir)),
+        format!("layers.{i}.{}_scan_addi.weight", Proj::X.site_name(dir)),
     )
 }
 
@@ -113,7 +115,7 @@ impl PeftMethod for AdditionalScanConfig {
         self.weight_decay
     }
 
-    fn validate(&self, _cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, _cfg: &ModelShape) -> PeftResult<()> {
         check_range(
             "additional_scan",
             "n_add (N')",
@@ -141,21 +143,22 @@ impl PeftMethod for AdditionalScanConfig {
         Ok(())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let e = cfg.intermediate_size;
-        (0..cfg.num_hidden_layers)
-            .flat_map(|i| {
-                let (a, w) = names(i);
+        cfg.proj_copies(Proj::X)
+            .into_iter()
+            .flat_map(|(i, dir)| {
+                let (a, w) = names(i, dir);
                 [(a, vec![e, self.n_add]), (w, vec![2 * self.n_add, e])]
             })
             .collect()
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        for (i, block) in base.backbone.layers.iter().enumerate() {
-            let (a_name, w_name) = names(i);
-            let a_log = block.mixer.a_log.base();
+        for (i, dir) in base.peft_shape().proj_copies(Proj::X) {
+            let (a_name, w_name) = names(i, dir);
+            let a_log = base_param(base, ParamSite::Mixer(i, Slot::ALog, dir))?;
             let (e, n) = a_log.dims2()?;
             let a = match self.a_init {
                 AInit::Copy => {
@@ -192,11 +195,10 @@ impl PeftMethod for AdditionalScanConfig {
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {
         let n = sites.config().state_size;
-        for i in 0..sites.config().num_hidden_layers {
-            let (a, w) = names(i);
+        for (i, dir) in sites.config().proj_copies(Proj::X) {
+            let (a, w) = names(i, dir);
             sites.add_param(
-                i,
-                Slot::ALog,
+                ParamSite::Mixer(i, Slot::ALog, dir),
                 Arc::new(ExtraColumns {
                     a: params.get(&a)?,
                     placement: self.placement,
@@ -205,6 +207,7 @@ impl PeftMethod for AdditionalScanConfig {
             sites.add_linear(
                 i,
                 Proj::X,
+                dir,
                 Arc::new(ExtraRows {
                     w: params.get(&w)?,
                     n,
@@ -220,11 +223,11 @@ impl PeftMethod for AdditionalScanConfig {
         &self,
         index: usize,
         params: Vec<(String, candle_core::Var)>,
-        _base: &MambaForCausalLM,
+        _base: &dyn PeftBase,
     ) -> PeftResult<Vec<ParamGroup>> {
         let (a, w): (Vec<_>, Vec<_>) = params
             .into_iter()
-            .partition(|(n, _)| n.ends_with("A_log_scan_addi"));
+            .partition(|(n, _)| n.ends_with("_log_scan_addi"));
         Ok(vec![
             ParamGroup {
                 name: format!("{index}:additional_scan"),

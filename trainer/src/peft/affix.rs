@@ -17,8 +17,9 @@ use super::prompt::{
     MAX_TOKENS, PromptKind, Table, interleave, layout, positions, table_init, table_shapes,
 };
 use super::spec::check_range;
+use super::target::{ModelShape, PeftBase};
 use super::{MergePlan, MethodConfig, ParamShape, Params, PeftMethod, Sites};
-use crate::model::{MambaConfig, MambaForCausalLM, MixerHook};
+use crate::model::MixerHook;
 
 /// Where the affix tokens go in each layer's sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,7 +96,11 @@ impl PeftMethod for AffixConfig {
         self.weight_decay
     }
 
-    fn validate(&self, _cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
+        cfg.require_lm(
+            "affix",
+            "affix-tuning is implemented for Mamba-1 only so far",
+        )?;
         check_range("affix", "n", "each layer's sequence", self.n, 1, MAX_TOKENS)?;
         if !self.projection && self.hidden.is_some() {
             return Err(PeftError::Contradictory(
@@ -110,7 +115,7 @@ impl PeftMethod for AffixConfig {
         Ok(())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let e2 = 2 * cfg.intermediate_size;
         table_shapes(
             "affix",
@@ -122,8 +127,8 @@ impl PeftMethod for AffixConfig {
         )
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        table_init(rng, self.parameters(base.config()))
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        table_init(rng, self.parameters(&base.peft_shape()))
     }
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {

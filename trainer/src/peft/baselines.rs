@@ -5,19 +5,25 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{Tensor, Var};
-use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
 use super::lora::{LoraConfig, check_rank, check_scale};
-use super::sites::{ParamPart, Sites, Slot, Stage, dims};
+use super::sites::{ParamPart, ParamSite, Sites, Slot, Stage};
+use super::spec::head_shapes;
+use super::target::{ModelShape, PeftBase, base_param};
 use super::{ParamGroup, ParamShape, Params, PeftMethod};
-use crate::model::{MambaConfig, MambaForCausalLM};
+use crate::model::MambaConfig;
 
 /// Every weight of a Mamba-1 LM with `cfg`'s shapes, under HF names (shape-only).
 pub(crate) fn base_shapes(cfg: &MambaConfig) -> Vec<ParamShape> {
-    let (d, e, n, r) = dims(cfg);
+    let (d, e, n, r) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.state_size,
+        cfg.time_step_rank,
+    );
     let k = cfg.conv_kernel;
     let mut out = vec![(
         "backbone.embeddings.weight".to_string(),
@@ -78,37 +84,49 @@ impl PeftMethod for FullConfig {
         self.weight_decay
     }
 
-    fn validate(&self, _cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, _cfg: &ModelShape) -> PeftResult<()> {
         Ok(())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
-        base_shapes(cfg)
+    /// Every base weight, except a classification head (trained under every method).
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
+        let head: Vec<String> = head_shapes(cfg).into_iter().map(|(n, _)| n).collect();
+        cfg.weights
+            .iter()
+            .filter(|(n, _)| !head.contains(n))
+            .cloned()
+            .collect()
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        let names: Vec<String> = self
+            .parameters(&base.peft_shape())
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         base.named_weights()
             .into_iter()
+            .filter(|(n, _)| names.contains(n))
             .map(|(n, t)| Ok((n, t.to_dtype(rng.dtype())?.copy()?)))
             .collect()
     }
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {
         let cfg = sites.config().clone();
-        let mut tensors = HashMap::new();
-        for (name, _) in base_shapes(&cfg) {
+        // The base's values for what this method does not train (a head), then its own.
+        let mut tensors: HashMap<String, Tensor> =
+            sites.base().named_weights().into_iter().collect();
+        for (name, _) in self.parameters(&cfg) {
             tensors.insert(name.clone(), params.get(&name)?);
         }
-        let base = sites.base();
-        let vb = VarBuilder::from_tensors(tensors, base.dtype(), base.device());
-        sites.set_replacement(MambaForCausalLM::new(&cfg, vb)?)
+        sites.set_replacement(tensors)
     }
 
     fn groups(
         &self,
         index: usize,
         params: Vec<(String, Var)>,
-        base: &MambaForCausalLM,
+        base: &dyn PeftBase,
     ) -> PeftResult<Vec<ParamGroup>> {
         let decay_toward = if self.decay_to_pretrained {
             let weights: HashMap<String, Tensor> = base.named_weights().into_iter().collect();
@@ -135,7 +153,9 @@ impl PeftMethod for FullConfig {
 }
 
 /// `{"type": "bitfit"}`: every bias trains — in Mamba-1, conv1d.bias and dt_proj.bias
-/// (spec §3.3; 73,728 for mamba-130m). Stored as the trained biases themselves.
+/// (spec §3.3; 73,728 for mamba-130m); on Vim the same biases of both scan directions
+/// (`conv1d_b.bias`, `dt_proj_b.bias`; the patch embedding's bias stays frozen, and the head
+/// trains anyway). Stored as the trained biases themselves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BitFitConfig {
@@ -145,12 +165,22 @@ pub struct BitFitConfig {
     pub weight_decay: f64,
 }
 
-fn bitfit_slots(cfg: &MambaConfig) -> Vec<(Slot, &'static str)> {
-    let mut v = Vec::new();
+/// Every bias site with its adapter tensor name (`layers.{i}.dt_proj_b.bias`).
+fn bitfit_sites(cfg: &ModelShape) -> Vec<(ParamSite, String)> {
+    let mut slots = Vec::new();
     if cfg.use_conv_bias {
-        v.push((Slot::ConvBias, "conv1d.bias"));
+        slots.push(Slot::ConvBias);
     }
-    v.push((Slot::DtBias, "dt_proj.bias"));
+    slots.push(Slot::DtBias);
+    let mut v = Vec::new();
+    for i in 0..cfg.num_hidden_layers {
+        for &slot in &slots {
+            for &dir in &cfg.directions {
+                let site = ParamSite::Mixer(i, slot, dir);
+                v.push((site, site.name()));
+            }
+        }
+    }
     v
 }
 
@@ -167,7 +197,7 @@ impl PeftMethod for BitFitConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         if cfg.use_bias {
             return Err(PeftError::UnknownTarget {
                 method: "bitfit".into(),
@@ -178,60 +208,31 @@ impl PeftMethod for BitFitConfig {
         Ok(())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let e = cfg.intermediate_size;
-        (0..cfg.num_hidden_layers)
-            .flat_map(|i| {
-                bitfit_slots(cfg)
-                    .into_iter()
-                    .map(move |(_, n)| (format!("layers.{i}.{n}"), vec![e]))
-            })
+        bitfit_sites(cfg)
+            .into_iter()
+            .map(|(_, n)| (n, vec![e]))
             .collect()
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        let mut out = Vec::new();
-        for (i, block) in base.backbone.layers.iter().enumerate() {
-            let m = &block.mixer;
-            if let Some(b) = &m.conv_bias {
-                out.push((
-                    format!("layers.{i}.conv1d.bias"),
-                    b.base().to_dtype(rng.dtype())?.copy()?,
-                ));
-            }
-            out.push((
-                format!("layers.{i}.dt_proj.bias"),
-                m.dt_bias.base().to_dtype(rng.dtype())?.copy()?,
-            ));
-        }
-        Ok(out)
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        bitfit_sites(&base.peft_shape())
+            .into_iter()
+            .map(|(site, n)| Ok((n, base_param(base, site)?.to_dtype(rng.dtype())?.copy()?)))
+            .collect()
     }
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {
-        let cfg = sites.config().clone();
-        for i in 0..cfg.num_hidden_layers {
-            for (slot, n) in bitfit_slots(&cfg) {
-                let mixer = &sites
-                    .base()
-                    .backbone
-                    .layers
-                    .get(i)
-                    .ok_or_else(|| PeftError::Contradictory(format!("no layer {i}")))?
-                    .mixer;
-                let base = match slot {
-                    Slot::ConvBias => mixer.conv_bias.as_ref().map(|b| b.base().clone()),
-                    _ => Some(mixer.dt_bias.base().clone()),
-                };
-                let Some(base) = base else { continue };
-                sites.add_param(
-                    i,
-                    slot,
-                    Arc::new(Shift {
-                        trained: params.get(&format!("layers.{i}.{n}"))?,
-                        pretrained: base,
-                    }),
-                );
-            }
+        for (site, n) in bitfit_sites(sites.config()) {
+            let pretrained = base_param(sites.base(), site)?.clone();
+            sites.add_param(
+                site,
+                Arc::new(Shift {
+                    trained: params.get(&n)?,
+                    pretrained,
+                }),
+            );
         }
         Ok(())
     }
@@ -258,7 +259,8 @@ impl ParamPart for Shift {
 }
 
 /// `{"type": "linear_probe"}`: only the LM head trains (untied from the embedding; it
-/// starts as the current head).
+/// starts as the current head). On a classification model only its head trains, which every
+/// adapter of that model carries: the method adds nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinearProbeConfig {
@@ -281,22 +283,28 @@ impl PeftMethod for LinearProbeConfig {
         self.weight_decay
     }
 
-    fn validate(&self, _cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, _cfg: &ModelShape) -> PeftResult<()> {
         Ok(())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
-        vec![(
-            "lm_head.weight".into(),
-            vec![cfg.vocab_size, cfg.hidden_size],
-        )]
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
+        match cfg.vocab_size {
+            Some(v) => vec![("lm_head.weight".into(), vec![v, cfg.hidden_size])],
+            None => Vec::new(),
+        }
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        let head = base
-            .lm_head
-            .as_ref()
-            .unwrap_or_else(|| base.backbone.embeddings.weight());
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        if base.peft_shape().vocab_size.is_none() {
+            return Ok(Vec::new());
+        }
+        let weights: HashMap<String, Tensor> = base.named_weights().into_iter().collect();
+        let head = weights
+            .get("lm_head.weight")
+            .or_else(|| base.token_embedding())
+            .ok_or_else(|| PeftError::Tensors {
+                problems: vec!["the base model has no LM head or token embedding".into()],
+            })?;
         Ok(vec![(
             "lm_head.weight".into(),
             head.to_dtype(rng.dtype())?.copy()?,
@@ -304,6 +312,9 @@ impl PeftMethod for LinearProbeConfig {
     }
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {
+        if sites.config().vocab_size.is_none() {
+            return Ok(());
+        }
         sites.set_lm_head(params.get("lm_head.weight")?)
     }
 }
@@ -357,7 +368,7 @@ impl PeftMethod for SllLoraConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         check_scale("sll_lora", "s", self.s)?;
         // The smallest matrix bounds the shared rank.
         let (o, i) = super::sites::Proj::X.shape(cfg);
@@ -365,11 +376,11 @@ impl PeftMethod for SllLoraConfig {
         self.as_lora().validate(cfg)
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         self.as_lora().parameters(cfg)
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
         self.as_lora().init(base, rng)
     }
 

@@ -16,10 +16,10 @@ use serde::{Deserialize, Serialize};
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
 use super::lora::{LoraTarget, Slice, check_rank, check_scale, lora_p_names};
-use super::sites::{LinearPart, Proj, Sites, Stage, f32};
+use super::sites::{Dir, LinearPart, Proj, Sites, Stage, f32};
 use super::spec::one_or_many;
+use super::target::{ModelShape, PeftBase, base_weight};
 use super::{ParamShape, Params, PeftMethod};
-use crate::model::{MambaConfig, MambaForCausalLM};
 
 pub(crate) const DORA_TARGETS: &[&str] = &["in_proj", "x_proj", "dt_proj", "out_proj"];
 
@@ -73,8 +73,8 @@ impl DoraConfig {
     }
 }
 
-pub(crate) fn dora_names(p: Proj, i: usize) -> [String; 3] {
-    let pre = format!("layers.{i}.{}.dora", p.name());
+pub(crate) fn dora_names(p: Proj, i: usize, dir: Dir) -> [String; 3] {
+    let pre = format!("layers.{i}.{}.dora", p.site_name(dir));
     [
         format!("{pre}.lora_A"),
         format!("{pre}.lora_B"),
@@ -100,7 +100,7 @@ impl PeftMethod for DoraConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let targets = self.parsed_targets()?;
         if targets.is_empty() {
             return Err(PeftError::UnknownTarget {
@@ -122,15 +122,15 @@ impl PeftMethod for DoraConfig {
         check_scale("dora", "alpha", self.alpha())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let Ok(targets) = self.parsed_targets() else {
             return Vec::new();
         };
         let mut out = Vec::new();
         for p in targets {
             let (o, i) = p.shape(cfg);
-            for layer in 0..cfg.num_hidden_layers {
-                let [a, b, m] = dora_names(p, layer);
+            for (layer, dir) in cfg.proj_copies(p) {
+                let [a, b, m] = dora_names(p, layer, dir);
                 out.push((a, vec![self.r, i]));
                 out.push((b, vec![o, self.r]));
                 out.push((m, vec![o]));
@@ -139,13 +139,13 @@ impl PeftMethod for DoraConfig {
         out
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for p in self.parsed_targets()? {
-            for (layer, block) in base.backbone.layers.iter().enumerate() {
-                let w = proj_weight(&block.mixer, p);
+            for (layer, dir) in base.peft_shape().proj_copies(p) {
+                let w = base_weight(base, layer, p, dir)?;
                 let (o, i) = w.dims2()?;
-                let [a, b, m] = dora_names(p, layer);
+                let [a, b, m] = dora_names(p, layer, dir);
                 out.push((a.clone(), rng.kaiming_uniform(&a, &[self.r, i], i)?));
                 let bt = if self.zero_init {
                     rng.zeros(&[o, self.r])?
@@ -160,13 +160,13 @@ impl PeftMethod for DoraConfig {
     }
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {
-        let layers = sites.config().num_hidden_layers;
         for p in self.parsed_targets()? {
-            for i in 0..layers {
-                let [a, b, m] = dora_names(p, i);
+            for (i, dir) in sites.config().proj_copies(p) {
+                let [a, b, m] = dora_names(p, i, dir);
                 sites.add_linear(
                     i,
                     p,
+                    dir,
                     Arc::new(DoraRows {
                         a: params.get(&a)?,
                         b: params.get(&b)?,
@@ -177,15 +177,6 @@ impl PeftMethod for DoraConfig {
             }
         }
         Ok(())
-    }
-}
-
-pub(crate) fn proj_weight(m: &crate::model::MambaMixer, p: Proj) -> &Tensor {
-    match p {
-        Proj::In => m.in_proj.base().weight(),
-        Proj::X => m.x_proj.base().weight(),
-        Proj::Dt => m.dt_proj.base().weight(),
-        Proj::Out => m.out_proj.base().weight(),
     }
 }
 
@@ -239,11 +230,11 @@ pub struct DoraPConfig {
     pub weight_decay: f64,
 }
 
-fn dora_p_names(slice: Slice, i: usize) -> [String; 3] {
-    let (a, b) = lora_p_names(slice, i, "dora_p");
+fn dora_p_names(slice: Slice, i: usize, dir: Dir) -> [String; 3] {
+    let (a, b) = lora_p_names(slice, i, dir, "dora_p");
     let m = format!(
         "layers.{i}.{}.dora_p_{}.magnitude",
-        slice.proj().name(),
+        slice.proj().site_name(dir),
         slice.name()
     );
     [a, b, m]
@@ -262,7 +253,7 @@ impl PeftMethod for DoraPConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let slice = Slice::parse("dora_p", &self.slice)?;
         let (_, len) = slice.rows(cfg);
         let (_, inp) = slice.proj().shape(cfg);
@@ -276,15 +267,16 @@ impl PeftMethod for DoraPConfig {
         check_scale("dora_p", "s", self.s)
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let Ok(slice) = Slice::parse("dora_p", &self.slice) else {
             return Vec::new();
         };
         let (_, len) = slice.rows(cfg);
         let (_, inp) = slice.proj().shape(cfg);
-        (0..cfg.num_hidden_layers)
-            .flat_map(|i| {
-                let [a, b, m] = dora_p_names(slice, i);
+        cfg.proj_copies(slice.proj())
+            .into_iter()
+            .flat_map(|(i, dir)| {
+                let [a, b, m] = dora_p_names(slice, i, dir);
                 [
                     (a, vec![self.r, inp]),
                     (b, vec![len, self.r]),
@@ -294,14 +286,15 @@ impl PeftMethod for DoraPConfig {
             .collect()
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
         let slice = Slice::parse("dora_p", &self.slice)?;
-        let (start, len) = slice.rows(base.config());
+        let shape = base.peft_shape();
+        let (start, len) = slice.rows(&shape);
         let mut out = Vec::new();
-        for (i, block) in base.backbone.layers.iter().enumerate() {
-            let w = proj_weight(&block.mixer, slice.proj()).narrow(0, start, len)?;
+        for (i, dir) in shape.proj_copies(slice.proj()) {
+            let w = base_weight(base, i, slice.proj(), dir)?.narrow(0, start, len)?;
             let inp = w.dim(1)?;
-            let [a, b, m] = dora_p_names(slice, i);
+            let [a, b, m] = dora_p_names(slice, i, dir);
             out.push((a.clone(), rng.kaiming_uniform(&a, &[self.r, inp], inp)?));
             let bt = if self.zero_init {
                 rng.zeros(&[len, self.r])?
@@ -319,11 +312,12 @@ impl PeftMethod for DoraPConfig {
         let slice = Slice::parse("dora_p", &self.slice)?;
         let cfg = sites.config().clone();
         let (start, len) = slice.rows(&cfg);
-        for i in 0..cfg.num_hidden_layers {
-            let [a, b, m] = dora_p_names(slice, i);
+        for (i, dir) in cfg.proj_copies(slice.proj()) {
+            let [a, b, m] = dora_p_names(slice, i, dir);
             sites.add_linear(
                 i,
                 slice.proj(),
+                dir,
                 Arc::new(DoraColumns {
                     a: params.get(&a)?,
                     b: params.get(&b)?,

@@ -46,6 +46,14 @@ pub enum PeftError {
         examples: String,
     },
 
+    /// A method on a site this model family does not have.
+    #[error("{method} is not available on {family} models: {why}")]
+    Unsupported {
+        method: String,
+        family: String,
+        why: String,
+    },
+
     /// Options that cannot hold together (two affixes, a scale and an alpha, ...).
     #[error("contradictory PEFT options: {0}")]
     Contradictory(String),

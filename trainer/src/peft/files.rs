@@ -18,10 +18,10 @@ use super::MethodConfig;
 use super::adapter::Adapter;
 use super::dora::DoraConfig;
 use super::error::{PeftError, PeftResult};
-use super::identity::{base_identity, describe};
+use super::identity::base_identity;
 use super::lora::{LoraConfig, LoraTarget};
 use super::spec::AdapterSpec;
-use crate::model::MambaForCausalLM;
+use super::target::PeftBase;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -157,7 +157,8 @@ pub(crate) fn save(a: &Adapter, dir: &Path) -> PeftResult<()> {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "base_model_identity": a.base_identity(),
-        "base_model": describe(a.base_config()),
+        "family": a.base_shape().family.name(),
+        "base_model": a.base_shape().description,
         "spec": a.spec().to_value(),
         "trainable_parameters": a.trainable_parameters(),
     });
@@ -224,7 +225,7 @@ pub(crate) fn save(a: &Adapter, dir: &Path) -> PeftResult<()> {
         .map_err(|e| PeftError::file(&path, e.to_string()))
 }
 
-fn check_identity(recorded: &Value, base: &MambaForCausalLM) -> PeftResult<()> {
+fn check_identity(recorded: &Value, base: &impl PeftBase) -> PeftResult<()> {
     let Some(expected) = recorded.get("base_model_identity").and_then(Value::as_str) else {
         return Ok(());
     };
@@ -239,14 +240,14 @@ fn check_identity(recorded: &Value, base: &MambaForCausalLM) -> PeftResult<()> {
                     .get("base_model")
                     .and_then(Value::as_str)
                     .unwrap_or("(not recorded)"),
-                describe(base.config())
+                base.peft_shape().description
             ),
         });
     }
     Ok(())
 }
 
-pub(crate) fn load(dir: &Path, base: &MambaForCausalLM) -> PeftResult<Adapter> {
+pub(crate) fn load(dir: &Path, base: &impl PeftBase) -> PeftResult<Adapter> {
     let cpath = dir.join(CONFIG_FILE);
     let text = std::fs::read_to_string(&cpath).map_err(|source| PeftError::Io {
         path: cpath.clone(),
@@ -290,7 +291,7 @@ fn load_peft(
     cpath: &Path,
     c: &Value,
     tensors: HashMap<String, Tensor>,
-    base: &MambaForCausalLM,
+    base: &impl PeftBase,
 ) -> PeftResult<Adapter> {
     let bad = |field: &str, why: String| PeftError::file(cpath, format!("`{field}`: {why}"));
     let r = c

@@ -4,12 +4,14 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{MambaConfig, MambaForCausalLM};
+use super::target::PeftBase;
+use crate::model::MambaConfig;
 
-/// `sha256:` + hex of the config's shape fields and every `(name, shape)`, sorted by name.
-pub fn model_identity(cfg: &MambaConfig, shapes: &[(String, Vec<usize>)]) -> String {
+/// `sha256:` + hex of the config's shape fields (`description`, see [`describe`]) and every
+/// `(name, shape)`, sorted by name.
+pub fn model_identity(description: &str, shapes: &[(String, Vec<usize>)]) -> String {
     let mut h = Sha256::new();
-    h.update(describe(cfg).as_bytes());
+    h.update(description.as_bytes());
     let mut sorted: Vec<&(String, Vec<usize>)> = shapes.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, shape) in sorted {
@@ -19,13 +21,13 @@ pub fn model_identity(cfg: &MambaConfig, shapes: &[(String, Vec<usize>)]) -> Str
 }
 
 /// The identity of a loaded model (its base weights, adapters ignored).
-pub fn base_identity(model: &MambaForCausalLM) -> String {
+pub fn base_identity(model: &(impl PeftBase + ?Sized)) -> String {
     let shapes: Vec<(String, Vec<usize>)> = model
         .named_weights()
         .into_iter()
         .map(|(n, t)| (n, t.dims().to_vec()))
         .collect();
-    model_identity(model.config(), &shapes)
+    model_identity(&model.peft_shape().description, &shapes)
 }
 
 /// The config fields that fix the shapes and the function, in a readable form (also shown
@@ -56,11 +58,12 @@ mod tests {
         let cfg = MambaConfig::new(64, 2, 512);
         let a = vec![("x".to_string(), vec![2, 3]), ("y".to_string(), vec![4])];
         let b = vec![("y".to_string(), vec![4]), ("x".to_string(), vec![2, 3])];
-        assert_eq!(model_identity(&cfg, &a), model_identity(&cfg, &b));
+        let id = |cfg: &MambaConfig, s| model_identity(&describe(cfg), s);
+        assert_eq!(id(&cfg, &a), id(&cfg, &b));
         let c = vec![("x".to_string(), vec![2, 4]), ("y".to_string(), vec![4])];
-        assert_ne!(model_identity(&cfg, &a), model_identity(&cfg, &c));
+        assert_ne!(id(&cfg, &a), id(&cfg, &c));
         let mut cfg2 = cfg.clone();
         cfg2.state_size = 8;
-        assert_ne!(model_identity(&cfg, &a), model_identity(&cfg2, &a));
+        assert_ne!(id(&cfg, &a), id(&cfg2, &a));
     }
 }

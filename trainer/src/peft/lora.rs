@@ -15,11 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
-use super::sites::{EmbeddingPart, LinearPart, Proj, Runtime, Sites, Stage, dims};
+use super::sites::{Dir, EmbeddingPart, LinearPart, Proj, Runtime, Sites, Stage, dims};
 use super::spec::{check_float, check_range, one_or_many};
+use super::target::{ModelShape, PeftBase};
 use super::{ParamShape, Params, PeftMethod};
 use crate::model::layers::{LowRankTerm, embedding_lookup, linear_forward};
-use crate::model::{MambaConfig, MambaForCausalLM};
 
 /// A whole-matrix LoRA target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,10 +63,11 @@ impl LoraTarget {
         }
     }
 
-    /// (out, in) of the adapted matrix; for the embedding (vocab, hidden).
-    fn shape(self, cfg: &MambaConfig) -> (usize, usize) {
+    /// (out, in) of the adapted matrix; for the embedding (vocab, hidden), vocab 0 on a
+    /// family without tokens (refused by `validate`).
+    fn shape(self, cfg: &ModelShape) -> (usize, usize) {
         match self {
-            LoraTarget::Embedding => (cfg.vocab_size, cfg.hidden_size),
+            LoraTarget::Embedding => (cfg.vocab_size.unwrap_or(0), cfg.hidden_size),
             LoraTarget::Proj(p) => p.shape(cfg),
         }
     }
@@ -161,15 +162,16 @@ impl LoraConfig {
     }
 }
 
-/// Tensor names of a whole-matrix LoRA on `t` in layer `i` (`None` for the embedding).
-pub(crate) fn lora_names(t: LoraTarget, i: Option<usize>) -> (String, String) {
-    match (t, i) {
+/// Tensor names of a whole-matrix LoRA on `t` in layer `i`, direction `dir` (`None` for the
+/// embedding).
+pub(crate) fn lora_names(t: LoraTarget, at: Option<(usize, Dir)>) -> (String, String) {
+    match (t, at) {
         (LoraTarget::Embedding, _) | (_, None) => {
             ("embeddings.lora_A".into(), "embeddings.lora_B".into())
         }
-        (LoraTarget::Proj(p), Some(i)) => (
-            format!("layers.{i}.{}.lora_A", p.name()),
-            format!("layers.{i}.{}.lora_B", p.name()),
+        (LoraTarget::Proj(p), Some((i, dir))) => (
+            format!("layers.{i}.{}.lora_A", p.site_name(dir)),
+            format!("layers.{i}.{}.lora_B", p.site_name(dir)),
         ),
     }
 }
@@ -219,7 +221,7 @@ impl PeftMethod for LoraConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         if self.targets.is_empty() {
             return Err(PeftError::UnknownTarget {
                 method: "lora".into(),
@@ -247,6 +249,9 @@ impl PeftMethod for LoraConfig {
                     t.name()
                 )));
             }
+            if *t == LoraTarget::Embedding {
+                cfg.vocab("lora on the embedding")?;
+            }
             let (out, inp) = t.shape(cfg);
             check_rank("lora", t.name(), self.rank(*t), out, inp)?;
             check_scale("lora", "scale", self.scale(*t))?;
@@ -262,7 +267,7 @@ impl PeftMethod for LoraConfig {
         Ok(())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let Ok(targets) = self.parsed_targets() else {
             return Vec::new();
         };
@@ -276,9 +281,9 @@ impl PeftMethod for LoraConfig {
                     out.push((a, vec![o, r]));
                     out.push((b, vec![r, i]));
                 }
-                LoraTarget::Proj(_) => {
-                    for layer in 0..cfg.num_hidden_layers {
-                        let (a, b) = lora_names(t, Some(layer));
+                LoraTarget::Proj(p) => {
+                    for at in cfg.proj_copies(p) {
+                        let (a, b) = lora_names(t, Some(at));
                         out.push((a, vec![r, i]));
                         out.push((b, vec![o, r]));
                     }
@@ -288,10 +293,9 @@ impl PeftMethod for LoraConfig {
         out
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        let cfg = base.config();
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        for (name, shape) in self.parameters(cfg) {
+        for (name, shape) in self.parameters(&base.peft_shape()) {
             let is_a = name.ends_with("lora_A");
             let t = if name.starts_with("embeddings.") {
                 // MambaPEFT's EmbedAdapter: A (V, r) ~ N(0, 1), B zeros.
@@ -312,7 +316,6 @@ impl PeftMethod for LoraConfig {
     }
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {
-        let layers = sites.config().num_hidden_layers;
         for t in self.parsed_targets()? {
             let scale = self.scale(t);
             match t {
@@ -326,11 +329,12 @@ impl PeftMethod for LoraConfig {
                 }
                 LoraTarget::Proj(p) => {
                     let (out, _) = p.shape(sites.config());
-                    for i in 0..layers {
-                        let (a, b) = lora_names(t, Some(i));
+                    for (i, dir) in sites.config().proj_copies(p) {
+                        let (a, b) = lora_names(t, Some((i, dir)));
                         sites.add_linear(
                             i,
                             p,
+                            dir,
                             Arc::new(LowRank {
                                 a: params.get(&a)?,
                                 b: params.get(&b)?,
@@ -470,7 +474,7 @@ impl Slice {
     }
 
     /// (start, len) of the slice's rows.
-    pub fn rows(self, cfg: &MambaConfig) -> (usize, usize) {
+    pub fn rows(self, cfg: &ModelShape) -> (usize, usize) {
         let (_, e, n, r) = dims(cfg);
         match self {
             Slice::X => (0, e),
@@ -531,8 +535,12 @@ impl LoraPConfig {
     }
 }
 
-pub(crate) fn lora_p_names(slice: Slice, i: usize, kind: &str) -> (String, String) {
-    let p = format!("layers.{i}.{}.{kind}_{}", slice.proj().name(), slice.name());
+pub(crate) fn lora_p_names(slice: Slice, i: usize, dir: Dir, kind: &str) -> (String, String) {
+    let p = format!(
+        "layers.{i}.{}.{kind}_{}",
+        slice.proj().site_name(dir),
+        slice.name()
+    );
     (format!("{p}.lora_A"), format!("{p}.lora_B"))
 }
 
@@ -549,7 +557,7 @@ impl PeftMethod for LoraPConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let slice = Slice::parse("lora_p", &self.slice)?;
         let (_, len) = slice.rows(cfg);
         let (_, inp) = slice.proj().shape(cfg);
@@ -564,22 +572,23 @@ impl PeftMethod for LoraPConfig {
         check_dropout("lora_p", self.dropout.unwrap_or(slice.default_dropout()))
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let Ok(slice) = Slice::parse("lora_p", &self.slice) else {
             return Vec::new();
         };
         let (_, len) = slice.rows(cfg);
         let (_, inp) = slice.proj().shape(cfg);
-        (0..cfg.num_hidden_layers)
-            .flat_map(|i| {
-                let (a, b) = lora_p_names(slice, i, "lora_p");
+        cfg.proj_copies(slice.proj())
+            .into_iter()
+            .flat_map(|(i, dir)| {
+                let (a, b) = lora_p_names(slice, i, dir, "lora_p");
                 [(a, vec![self.r, inp]), (b, vec![len, self.r])]
             })
             .collect()
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        self.parameters(base.config())
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        self.parameters(&base.peft_shape())
             .into_iter()
             .map(|(name, shape)| {
                 let t = if name.ends_with("lora_A") || !self.zero_init {
@@ -598,11 +607,12 @@ impl PeftMethod for LoraPConfig {
         let cfg = sites.config().clone();
         let (start, len) = slice.rows(&cfg);
         let (total, _) = slice.proj().shape(&cfg);
-        for i in 0..cfg.num_hidden_layers {
-            let (a, b) = lora_p_names(slice, i, "lora_p");
+        for (i, dir) in cfg.proj_copies(slice.proj()) {
+            let (a, b) = lora_p_names(slice, i, dir, "lora_p");
             sites.add_linear(
                 i,
                 slice.proj(),
+                dir,
                 Arc::new(LowRank {
                     a: params.get(&a)?,
                     b: params.get(&b)?,

@@ -173,7 +173,7 @@ pub(crate) fn merge(
             }
         }
     }
-    let adapted = sites.build()?;
+    let adapted = sites.build(base)?;
     let merged_base = merged_weights(&adapted, base)?;
     let residual = if residual_cfgs.is_empty() {
         None
@@ -196,7 +196,7 @@ pub(crate) fn merge(
 }
 
 /// Reads the merged value of every seam of `adapted` (built on `base`).
-fn merged_weights(
+pub(crate) fn merged_weights(
     adapted: &MambaForCausalLM,
     base: &MambaForCausalLM,
 ) -> PeftResult<MambaForCausalLM> {

@@ -1,5 +1,6 @@
-//! Parameter-efficient fine-tuning for Mamba-1: every method of MambaPEFT and ProDiaL
-//! (`/work/shared/peft-spec.md`), stacked freely into one adapter.
+//! Parameter-efficient fine-tuning: every method of MambaPEFT and ProDiaL
+//! (`/work/shared/peft-spec.md`), stacked freely into one adapter, on every model family that
+//! has the method's sites (Mamba-1, Vim; see [`target`]).
 //!
 //! Design:
 //! - Each method family is one file with a typed, serde config that implements
@@ -46,14 +47,13 @@ mod prodial;
 mod prompt;
 mod sites;
 mod spec;
+mod target;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
-
-use crate::model::{MambaConfig, MambaForCausalLM};
 
 pub use adapter::Adapter;
 pub use additional_scan::{AInit, AdditionalScanConfig, Placement};
@@ -70,8 +70,9 @@ pub use parallel::ParallelAdapterConfig;
 pub use partial::{PartialConfig, PartialTarget};
 pub use prodial::{ProdialConfig, ProdialTarget};
 pub use prompt::{PromptConfig, PromptKind, augmented_logits};
-pub use sites::{Sites, Stage};
+pub use sites::{Dir, ParamSite, Proj, Sites, Slot, Stage};
 pub use spec::AdapterSpec;
+pub use target::{Extras, ModelShape, PeftBase, PeftModel, VisionShape};
 
 /// A set of trainable tensors that share an optimizer setting.
 #[derive(Clone, Debug)]
@@ -149,14 +150,14 @@ pub trait PeftMethod: fmt::Debug + Send + Sync {
     /// This method's AdamW weight decay.
     fn weight_decay(&self) -> f64;
 
-    /// Checks the options against the model's shapes.
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()>;
+    /// Checks the options against the model's shapes (and its family's sites).
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()>;
 
     /// Every trainable tensor: unique name and shape. Shape-only (no weights needed).
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape>;
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape>;
 
     /// Initial values of [`Self::parameters`], as the spec prescribes.
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>>;
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>>;
 
     /// Hands this method's parts to the model's seams.
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()>;
@@ -172,7 +173,7 @@ pub trait PeftMethod: fmt::Debug + Send + Sync {
         &self,
         index: usize,
         params: Vec<(String, Var)>,
-        _base: &MambaForCausalLM,
+        _base: &dyn PeftBase,
     ) -> PeftResult<Vec<ParamGroup>> {
         Ok(vec![ParamGroup {
             name: format!("{index}:{}", self.kind()),

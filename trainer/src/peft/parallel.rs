@@ -10,10 +10,10 @@ use serde::{Deserialize, Serialize};
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
 use super::lora::{check_dropout, check_rank, check_scale};
-use super::sites::{LinearPart, Proj, Runtime, Sites, Stage};
+use super::sites::{Dir, LinearPart, Proj, Runtime, Sites, Stage};
+use super::target::{ModelShape, PeftBase};
 use super::{MergePlan, ParamShape, Params, PeftMethod};
 use crate::model::layers::linear_forward;
-use crate::model::{MambaConfig, MambaForCausalLM};
 
 fn default_r() -> usize {
     32
@@ -66,14 +66,14 @@ impl PeftMethod for ParallelAdapterConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let (d, e) = Proj::Out.shape(cfg);
         check_rank("parallel_adapter", "out_proj", self.r, d, e)?;
         check_scale("parallel_adapter", "s", self.s)?;
         check_dropout("parallel_adapter", self.dropout)
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let (d, e) = Proj::Out.shape(cfg);
         (0..cfg.num_hidden_layers)
             .flat_map(|i| {
@@ -83,8 +83,8 @@ impl PeftMethod for ParallelAdapterConfig {
             .collect()
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        self.parameters(base.config())
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        self.parameters(&base.peft_shape())
             .into_iter()
             .map(|(name, shape)| {
                 let fan_in = shape.get(1).copied().unwrap_or(1);
@@ -104,6 +104,7 @@ impl PeftMethod for ParallelAdapterConfig {
             sites.add_linear(
                 i,
                 Proj::Out,
+                Dir::Fwd,
                 Arc::new(Parallel {
                     down: params.get(&down)?,
                     up: params.get(&up)?,

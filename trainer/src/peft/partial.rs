@@ -1,6 +1,10 @@
 //! Partial tuning, MambaPEFT's "v2" form (spec §4.1): a zero-initialised delta δ beside a
 //! frozen tensor P, used as P + δ. AdamW's decoupled decay on δ is exactly decay toward the
 //! pretrained value. A-tuning is in log space (A = −exp(A_log + δ)). Merge: P ← P + δ.
+//!
+//! On a bidirectional model each branch tensor gets one delta per scan direction, named after
+//! the tensor (`layers.{i}.A_b_log.delta`); a vision model adds CLS-token and pos-embed tuning
+//! (`cls_token.delta` `[1, 1, D]`, `pos_embed.delta` `[1, M+1, D]`).
 
 use std::sync::Arc;
 
@@ -9,9 +13,9 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
-use super::sites::{ParamPart, Sites, Slot, Stage};
+use super::sites::{ParamPart, ParamSite, Sites, Slot, Stage};
+use super::target::{ModelShape, PeftBase};
 use super::{ParamShape, Params, PeftMethod};
-use crate::model::{MambaConfig, MambaForCausalLM};
 
 /// Which tensor a partial-tuning delta adapts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,9 +24,20 @@ pub enum PartialTarget {
     D,
     Conv1d,
     DtBias,
+    /// Vision: the class token.
+    ClsToken,
+    /// Vision: the position embedding.
+    PosEmbed,
 }
 
-pub(crate) const PARTIAL_TARGETS: &[&str] = &["A_log", "D", "conv1d.weight", "dt_proj.bias"];
+pub(crate) const PARTIAL_TARGETS: &[&str] = &[
+    "A_log",
+    "D",
+    "conv1d.weight",
+    "dt_proj.bias",
+    "cls_token",
+    "pos_embed",
+];
 
 impl PartialTarget {
     pub fn parse(s: &str) -> PeftResult<Self> {
@@ -31,6 +46,8 @@ impl PartialTarget {
             "D" => PartialTarget::D,
             "conv1d" | "conv1d.weight" => PartialTarget::Conv1d,
             "dt_bias" | "dt_proj.bias" | "bias" => PartialTarget::DtBias,
+            "cls_token" => PartialTarget::ClsToken,
+            "pos_embed" => PartialTarget::PosEmbed,
             _ => {
                 return Err(PeftError::UnknownTarget {
                     method: "partial".into(),
@@ -41,22 +58,39 @@ impl PartialTarget {
         })
     }
 
-    pub fn slot(self) -> Slot {
+    /// The mixer slot, `None` for the vision tensors.
+    pub fn slot(self) -> Option<Slot> {
         match self {
-            PartialTarget::ALog => Slot::ALog,
-            PartialTarget::D => Slot::D,
-            PartialTarget::Conv1d => Slot::ConvWeight,
-            PartialTarget::DtBias => Slot::DtBias,
+            PartialTarget::ALog => Some(Slot::ALog),
+            PartialTarget::D => Some(Slot::D),
+            PartialTarget::Conv1d => Some(Slot::ConvWeight),
+            PartialTarget::DtBias => Some(Slot::DtBias),
+            PartialTarget::ClsToken | PartialTarget::PosEmbed => None,
         }
     }
 
-    fn shape(self, cfg: &MambaConfig) -> Vec<usize> {
-        let e = cfg.intermediate_size;
-        match self {
+    /// Every site this target adapts in a model of shape `cfg`, with the delta's shape.
+    fn sites(self, cfg: &ModelShape) -> Vec<(ParamSite, Vec<usize>)> {
+        let (e, d) = (cfg.intermediate_size, cfg.hidden_size);
+        let shape = match self {
             PartialTarget::ALog => vec![e, cfg.state_size],
             PartialTarget::D | PartialTarget::DtBias => vec![e],
             PartialTarget::Conv1d => vec![e, 1, cfg.conv_kernel],
-        }
+            PartialTarget::ClsToken => return vec![(ParamSite::ClsToken, vec![1, 1, d])],
+            PartialTarget::PosEmbed => {
+                let tokens = cfg.vision.map(|v| v.tokens).unwrap_or(0);
+                return vec![(ParamSite::PosEmbed, vec![1, tokens, d])];
+            }
+        };
+        let slot = self.slot().unwrap_or(Slot::ALog);
+        (0..cfg.num_hidden_layers)
+            .flat_map(|i| {
+                cfg.directions
+                    .iter()
+                    .map(move |&dir| ParamSite::Mixer(i, slot, dir))
+            })
+            .map(|site| (site, shape.clone()))
+            .collect()
     }
 
     /// Released decay strengths toward the pretrained value (§4.1): ×10 → 1e-3 for A, D
@@ -91,8 +125,8 @@ impl PartialConfig {
     }
 }
 
-fn name(t: PartialTarget, i: usize) -> String {
-    format!("layers.{i}.{}.delta", t.slot().name())
+fn name(site: ParamSite) -> String {
+    format!("{}.delta", site.name())
 }
 
 impl PeftMethod for PartialConfig {
@@ -112,21 +146,30 @@ impl PeftMethod for PartialConfig {
         }
     }
 
-    fn validate(&self, _cfg: &MambaConfig) -> PeftResult<()> {
-        PartialTarget::parse(&self.target).map(|_| ())
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
+        let t = PartialTarget::parse(&self.target)?;
+        if t.slot().is_none() && cfg.vision.is_none() {
+            return Err(PeftError::Unsupported {
+                method: format!("partial tuning of `{}`", self.target),
+                family: cfg.family.name().into(),
+                why: "it has no class token or position embedding".into(),
+            });
+        }
+        Ok(())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let Ok(t) = PartialTarget::parse(&self.target) else {
             return Vec::new();
         };
-        (0..cfg.num_hidden_layers)
-            .map(|i| (name(t, i), t.shape(cfg)))
+        t.sites(cfg)
+            .into_iter()
+            .map(|(site, shape)| (name(site), shape))
             .collect()
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        self.parameters(base.config())
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        self.parameters(&base.peft_shape())
             .into_iter()
             .map(|(n, s)| Ok((n, rng.zeros(&s)?)))
             .collect()
@@ -134,14 +177,9 @@ impl PeftMethod for PartialConfig {
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {
         let t = PartialTarget::parse(&self.target)?;
-        for i in 0..sites.config().num_hidden_layers {
-            sites.add_param(
-                i,
-                t.slot(),
-                Arc::new(Delta {
-                    delta: params.get(&name(t, i))?,
-                }),
-            );
+        for (site, _) in t.sites(sites.config()) {
+            let delta = params.get(&name(site))?;
+            sites.add_param(site, Arc::new(Delta { delta }));
         }
         Ok(())
     }

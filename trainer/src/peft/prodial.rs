@@ -15,10 +15,10 @@ use serde::{Deserialize, Serialize};
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
 use super::lora::{LowRank, check_dropout, check_rank, check_scale};
-use super::sites::{LinearPart, Proj, Sites, Stage};
+use super::sites::{Dir, LinearPart, Proj, Sites, Stage};
 use super::spec::{check_range, one_or_many};
+use super::target::{ModelShape, PeftBase};
 use super::{ParamGroup, ParamShape, Params, PeftMethod};
-use crate::model::{MambaConfig, MambaForCausalLM};
 
 /// A projector ProDiaL can target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -224,7 +224,7 @@ impl PeftMethod for ProdialConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         for t in self.parsed_targets()? {
             let p = t.proj();
             let (d_out, d_in) = p.shape(cfg);
@@ -258,7 +258,7 @@ impl PeftMethod for ProdialConfig {
         check_dropout("prodial", self.dropout)
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let Ok(targets) = self.parsed_targets() else {
             return Vec::new();
         };
@@ -279,8 +279,8 @@ impl PeftMethod for ProdialConfig {
         out
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        self.parameters(base.config())
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        self.parameters(&base.peft_shape())
             .into_iter()
             .map(|(name, shape)| {
                 let t = if name.ends_with(".s") {
@@ -303,9 +303,11 @@ impl PeftMethod for ProdialConfig {
             let (d_out, _) = p.shape(&cfg);
             for i in 0..cfg.num_hidden_layers {
                 let [b, s, la, lb] = names(p, i);
+                // in_proj and out_proj are shared by the scan directions: one instance.
                 sites.add_linear(
                     i,
                     p,
+                    Dir::Fwd,
                     Arc::new(DiagBlocks {
                         blocks: params.get(&b)?,
                         s: params.get(&s)?,
@@ -315,6 +317,7 @@ impl PeftMethod for ProdialConfig {
                 sites.add_linear(
                     i,
                     p,
+                    Dir::Fwd,
                     Arc::new(LowRank {
                         a: params.get(&la)?,
                         b: params.get(&lb)?,
@@ -332,7 +335,7 @@ impl PeftMethod for ProdialConfig {
         &self,
         index: usize,
         params: Vec<(String, Var)>,
-        _base: &MambaForCausalLM,
+        _base: &dyn PeftBase,
     ) -> PeftResult<Vec<ParamGroup>> {
         if !self.s_decay_toward_one {
             return Ok(vec![ParamGroup {

@@ -15,9 +15,10 @@ use serde::{Deserialize, Serialize};
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
 use super::spec::check_range;
+use super::target::{ModelShape, PeftBase};
 use super::{MergePlan, MethodConfig, ParamShape, Params, PeftMethod, Sites};
 use crate::model::layers::linear_forward;
-use crate::model::{InputHook, MambaConfig, MambaForCausalLM};
+use crate::model::{InputHook, MambaForCausalLM};
 
 /// Where the soft tokens go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,7 +153,7 @@ impl PromptConfig {
         }
     }
 
-    fn hidden_size(&self, cfg: &MambaConfig) -> usize {
+    fn hidden_size(&self, cfg: &ModelShape) -> usize {
         self.hidden.unwrap_or(cfg.hidden_size)
     }
 }
@@ -275,7 +276,11 @@ impl PeftMethod for PromptConfig {
         self.weight_decay
     }
 
-    fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
+        cfg.require_lm(
+            "prompt",
+            "prompt-tuning is implemented for Mamba-1 only so far",
+        )?;
         check_range("prompt", "n", "the input sequence", self.n, 1, MAX_TOKENS)?;
         if !self.projection && self.hidden.is_some() {
             return Err(PeftError::Contradictory(
@@ -291,7 +296,7 @@ impl PeftMethod for PromptConfig {
         Ok(())
     }
 
-    fn parameters(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
         let d = cfg.hidden_size;
         table_shapes(
             "prompt",
@@ -303,8 +308,8 @@ impl PeftMethod for PromptConfig {
         )
     }
 
-    fn init(&self, base: &MambaForCausalLM, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
-        table_init(rng, self.parameters(base.config()))
+    fn init(&self, base: &dyn PeftBase, rng: &InitRng) -> PeftResult<Vec<(String, Tensor)>> {
+        table_init(rng, self.parameters(&base.peft_shape()))
     }
 
     fn attach(&self, params: &Params, sites: &mut Sites) -> PeftResult<()> {

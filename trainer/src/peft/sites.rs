@@ -20,9 +20,17 @@ use crate::model::layers::{
     EmbeddingAdapter, Linear, LinearAdapter, LowRankTerm, ParamAdapter, embedding_lookup,
     linear_forward,
 };
-use crate::model::{InputHook, MambaConfig, MambaForCausalLM, MixerHook};
+use crate::model::{InputHook, MixerHook};
 
 use super::error::{PeftError, PeftResult};
+use super::target::{Extras, ModelShape, PeftBase, PeftModel};
+
+/// A scan direction. Mamba-1 has only `Fwd`; Vim's backward copies are `Bwd`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dir {
+    Fwd,
+    Bwd,
+}
 
 /// The four projections of a mixer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -43,8 +51,17 @@ impl Proj {
         }
     }
 
+    /// The checkpoint name of this projection's copy in direction `dir`: `x_proj`,
+    /// `x_proj_b`, … (shared projectors have one copy, under the plain name).
+    pub fn site_name(self, dir: Dir) -> String {
+        match dir {
+            Dir::Fwd => self.name().to_string(),
+            Dir::Bwd => format!("{}_b", self.name()),
+        }
+    }
+
     /// `(out, in)` of the projection's weight.
-    pub fn shape(self, cfg: &MambaConfig) -> (usize, usize) {
+    pub fn shape(self, cfg: &ModelShape) -> (usize, usize) {
         let (d, e, n, r) = dims(cfg);
         match self {
             Proj::In => (2 * e, d),
@@ -76,10 +93,43 @@ impl Slot {
             Slot::DtBias => "dt_proj.bias",
         }
     }
+
+    /// The checkpoint name of the copy in direction `dir`, as hustvl spells the backward
+    /// tensors: `A_b_log`, `D_b`, `conv1d_b.weight`, `conv1d_b.bias`, `dt_proj_b.bias`.
+    pub fn site_name(self, dir: Dir) -> String {
+        match (dir, self) {
+            (Dir::Fwd, s) => s.name().to_string(),
+            (Dir::Bwd, Slot::ALog) => "A_b_log".into(),
+            (Dir::Bwd, Slot::D) => "D_b".into(),
+            (Dir::Bwd, Slot::ConvWeight) => "conv1d_b.weight".into(),
+            (Dir::Bwd, Slot::ConvBias) => "conv1d_b.bias".into(),
+            (Dir::Bwd, Slot::DtBias) => "dt_proj_b.bias".into(),
+        }
+    }
 }
 
-/// `(D, E, N, R)` of a config.
-pub fn dims(cfg: &MambaConfig) -> (usize, usize, usize, usize) {
+/// A tensor parameter a method can adapt: one of a mixer's (per layer and direction), or a
+/// vision model's class token or position embedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ParamSite {
+    Mixer(usize, Slot, Dir),
+    ClsToken,
+    PosEmbed,
+}
+
+impl ParamSite {
+    /// The name under which adapters refer to it (`layers.{i}.A_b_log`, `cls_token`).
+    pub fn name(self) -> String {
+        match self {
+            ParamSite::Mixer(i, slot, dir) => format!("layers.{i}.{}", slot.site_name(dir)),
+            ParamSite::ClsToken => "cls_token".into(),
+            ParamSite::PosEmbed => "pos_embed".into(),
+        }
+    }
+}
+
+/// `(D, E, N, R)` of a model.
+pub fn dims(cfg: &ModelShape) -> (usize, usize, usize, usize) {
     (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -201,58 +251,58 @@ impl Runtime {
 
 /// Every method's parts, per seam; see the module docs.
 pub struct Sites<'a> {
-    base: &'a MambaForCausalLM,
+    base: &'a dyn PeftBase,
+    shape: ModelShape,
     runtime: Arc<Runtime>,
-    pub(crate) linear: BTreeMap<(usize, Proj), Vec<Arc<dyn LinearPart>>>,
-    pub(crate) params: BTreeMap<(usize, Slot), Vec<Arc<dyn ParamPart>>>,
-    pub(crate) embedding: Vec<Arc<dyn EmbeddingPart>>,
-    pub(crate) mixer_hooks: BTreeMap<usize, Arc<dyn MixerHook>>,
-    pub(crate) input_hook: Option<Arc<dyn InputHook>>,
-    pub(crate) lm_head: Option<Tensor>,
-    pub(crate) replacement: Option<MambaForCausalLM>,
+    pub(crate) linear: BTreeMap<(usize, Proj, Dir), Vec<Arc<dyn LinearPart>>>,
+    pub(crate) params: BTreeMap<ParamSite, Vec<Arc<dyn ParamPart>>>,
+    pub(crate) extras: Extras,
+    pub(crate) replacement: Option<std::collections::HashMap<String, Tensor>>,
 }
 
 impl<'a> Sites<'a> {
-    pub(crate) fn new(base: &'a MambaForCausalLM, runtime: Arc<Runtime>) -> Self {
+    pub(crate) fn new(base: &'a dyn PeftBase, runtime: Arc<Runtime>) -> Self {
         Sites {
+            shape: base.peft_shape(),
             base,
             runtime,
             linear: BTreeMap::new(),
             params: BTreeMap::new(),
-            embedding: Vec::new(),
-            mixer_hooks: BTreeMap::new(),
-            input_hook: None,
-            lm_head: None,
+            extras: Extras::default(),
             replacement: None,
         }
     }
 
-    pub fn base(&self) -> &MambaForCausalLM {
+    pub fn base(&self) -> &dyn PeftBase {
         self.base
     }
 
-    pub fn config(&self) -> &MambaConfig {
-        self.base.config()
+    /// The model's shape (named `config` for the Mamba-1 field names it keeps).
+    pub fn config(&self) -> &ModelShape {
+        &self.shape
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {
         &self.runtime
     }
 
-    pub fn add_linear(&mut self, layer: usize, proj: Proj, part: Arc<dyn LinearPart>) {
-        self.linear.entry((layer, proj)).or_default().push(part);
+    pub fn add_linear(&mut self, layer: usize, proj: Proj, dir: Dir, part: Arc<dyn LinearPart>) {
+        self.linear
+            .entry((layer, proj, dir))
+            .or_default()
+            .push(part);
     }
 
-    pub fn add_param(&mut self, layer: usize, slot: Slot, part: Arc<dyn ParamPart>) {
-        self.params.entry((layer, slot)).or_default().push(part);
+    pub fn add_param(&mut self, site: ParamSite, part: Arc<dyn ParamPart>) {
+        self.params.entry(site).or_default().push(part);
     }
 
     pub fn add_embedding(&mut self, part: Arc<dyn EmbeddingPart>) {
-        self.embedding.push(part);
+        self.extras.embedding.push(part);
     }
 
     pub fn set_mixer_hook(&mut self, layer: usize, hook: Arc<dyn MixerHook>) -> PeftResult<()> {
-        if self.mixer_hooks.insert(layer, hook).is_some() {
+        if self.extras.mixer_hooks.insert(layer, hook).is_some() {
             return Err(PeftError::Contradictory(format!(
                 "two methods insert tokens into layer {layer}'s mixer; use one affix method"
             )));
@@ -261,7 +311,7 @@ impl<'a> Sites<'a> {
     }
 
     pub fn set_input_hook(&mut self, hook: Arc<dyn InputHook>) -> PeftResult<()> {
-        if self.input_hook.replace(hook).is_some() {
+        if self.extras.input_hook.replace(hook).is_some() {
             return Err(PeftError::Contradictory(
                 "two methods insert prompt tokens; use one prompt method".into(),
             ));
@@ -270,7 +320,7 @@ impl<'a> Sites<'a> {
     }
 
     pub fn set_lm_head(&mut self, head: Tensor) -> PeftResult<()> {
-        if self.lm_head.replace(head).is_some() {
+        if self.extras.lm_head.replace(head).is_some() {
             return Err(PeftError::Contradictory(
                 "two methods replace the LM head".into(),
             ));
@@ -278,8 +328,22 @@ impl<'a> Sites<'a> {
         Ok(())
     }
 
-    pub fn set_replacement(&mut self, model: MambaForCausalLM) -> PeftResult<()> {
-        if self.replacement.replace(model).is_some() {
+    /// A classification head `(weight [C, D], bias [C])` in place of the base's.
+    pub fn set_head(&mut self, weight: Tensor, bias: Tensor) -> PeftResult<()> {
+        if self.extras.head.replace((weight, bias)).is_some() {
+            return Err(PeftError::Contradictory(
+                "two methods replace the classification head".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Every base weight replaced by these tensors (full fine-tuning), by checkpoint name.
+    pub fn set_replacement(
+        &mut self,
+        tensors: std::collections::HashMap<String, Tensor>,
+    ) -> PeftResult<()> {
+        if self.replacement.replace(tensors).is_some() {
             return Err(PeftError::Contradictory(
                 "two methods replace the whole model".into(),
             ));
@@ -287,83 +351,40 @@ impl<'a> Sites<'a> {
         Ok(())
     }
 
-    /// The adapted model: a clone of the base (sharing its tensors) with every composite
-    /// attached.
-    pub(crate) fn build(self) -> PeftResult<MambaForCausalLM> {
+    /// The adapted model: a clone of `base` (sharing its tensors) with every composite
+    /// attached. `base` is the model these sites were collected on.
+    pub(crate) fn build<M: PeftModel>(self, base: &M) -> PeftResult<M> {
         let mut model = match self.replacement {
-            Some(m) => m,
-            None => self.base.clone(),
+            Some(tensors) => base.with_weights(tensors)?,
+            None => base.clone(),
         };
         let rt = self.runtime;
-        let n_layers = model.backbone.layers.len();
-        let layer_err = |i: usize| {
-            PeftError::Contradictory(format!(
-                "a method targets layer {i}, but the model has {n_layers} layers"
-            ))
-        };
-        for ((i, proj), parts) in self.linear {
-            let mixer = &mut model
-                .backbone
-                .layers
-                .get_mut(i)
-                .ok_or_else(|| layer_err(i))?
-                .mixer;
-            let site = match proj {
-                Proj::In => &mut mixer.in_proj,
-                Proj::X => &mut mixer.x_proj,
-                Proj::Dt => &mut mixer.dt_proj,
-                Proj::Out => &mut mixer.out_proj,
-            };
+        let n_layers = self.shape.num_hidden_layers;
+        for ((i, proj, dir), parts) in self.linear {
+            let site = model.projection_mut(i, proj, dir).ok_or_else(|| {
+                PeftError::Contradictory(format!(
+                    "a method targets layer {i}'s {}, which this model (of {n_layers} layers) \
+                     does not have",
+                    proj.site_name(dir)
+                ))
+            })?;
             site.set_adapter(Some(Arc::new(SiteLinear::new(parts, rt.clone()))));
         }
-        for ((i, slot), parts) in self.params {
-            let mixer = &mut model
-                .backbone
-                .layers
-                .get_mut(i)
-                .ok_or_else(|| layer_err(i))?
-                .mixer;
-            let param = match slot {
-                Slot::ALog => &mut mixer.a_log,
-                Slot::D => &mut mixer.d,
-                Slot::ConvWeight => &mut mixer.conv_weight,
-                Slot::ConvBias => match &mut mixer.conv_bias {
-                    Some(b) => b,
-                    None => {
-                        return Err(PeftError::UnknownTarget {
-                            method: "bitfit".into(),
-                            target: "conv1d.bias".into(),
-                            valid: vec!["dt_proj.bias (this model has no conv bias)".into()],
-                        });
-                    }
+        for (site, parts) in self.params {
+            let param = model.param_mut(site).ok_or_else(|| match site {
+                ParamSite::Mixer(_, Slot::ConvBias, _) => PeftError::UnknownTarget {
+                    method: "bitfit".into(),
+                    target: "conv1d.bias".into(),
+                    valid: vec!["dt_proj.bias (this model has no conv bias)".into()],
                 },
-                Slot::DtBias => &mut mixer.dt_bias,
-            };
+                _ => PeftError::Contradictory(format!(
+                    "a method targets {}, which this model (of {n_layers} layers) does not have",
+                    site.name()
+                )),
+            })?;
             param.set_adapter(Some(Arc::new(SiteParam::new(parts))));
         }
-        if !self.embedding.is_empty() {
-            model
-                .backbone
-                .embeddings
-                .set_adapter(Some(Arc::new(SiteEmbedding {
-                    parts: self.embedding,
-                })));
-        }
-        for (i, hook) in self.mixer_hooks {
-            model
-                .backbone
-                .layers
-                .get_mut(i)
-                .ok_or_else(|| layer_err(i))?
-                .mixer
-                .hook = Some(hook);
-        }
-        if let Some(h) = self.input_hook {
-            model.input_hook = Some(h);
-        }
-        if let Some(head) = self.lm_head {
-            model.lm_head = Some(head);
-        }
+        model.install(self.extras)?;
         Ok(model)
     }
 }
@@ -462,7 +483,7 @@ impl ParamAdapter for SiteParam {
 /// The composite on the token embedding.
 #[derive(Debug)]
 pub(crate) struct SiteEmbedding {
-    parts: Vec<Arc<dyn EmbeddingPart>>,
+    pub(crate) parts: Vec<Arc<dyn EmbeddingPart>>,
 }
 
 impl SiteEmbedding {

@@ -6,8 +6,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
 use super::error::{PeftError, PeftResult};
+use super::target::ModelShape;
 use super::{METHOD_TYPES, MethodConfig, ParamShape};
-use crate::model::MambaConfig;
 
 /// The PEFT method(s) of an adapter. JSON: a single method object (`{"type": "lora", ...}`)
 /// or `{"type": "hybrid", "methods": [...]}`; each method keeps its own lr and weight decay.
@@ -70,7 +70,8 @@ impl AdapterSpec {
     }
 
     /// Checks every method against the model and the methods against each other.
-    pub fn validate(&self, cfg: &MambaConfig) -> PeftResult<()> {
+    pub fn validate(&self, cfg: impl Into<ModelShape>) -> PeftResult<()> {
+        let cfg = &cfg.into();
         if self.methods.is_empty() {
             return Err(PeftError::config(
                 "hybrid",
@@ -145,20 +146,35 @@ impl AdapterSpec {
         Ok(())
     }
 
-    /// Every trainable tensor's name and shape, without weights.
-    pub fn parameter_shapes(&self, cfg: &MambaConfig) -> Vec<ParamShape> {
+    /// Every trainable tensor's name and shape, without weights: the methods' and, on a
+    /// classification model, its head (always trained, see [`head_shapes`]).
+    pub fn parameter_shapes(&self, cfg: impl Into<ModelShape>) -> Vec<ParamShape> {
+        let cfg = &cfg.into();
         self.methods
             .iter()
             .flat_map(|m| m.method().parameters(cfg))
+            .chain(head_shapes(cfg))
             .collect()
     }
 
     /// The number of trainable scalars, from shapes alone.
-    pub fn trainable_parameters(&self, cfg: &MambaConfig) -> usize {
+    pub fn trainable_parameters(&self, cfg: impl Into<ModelShape>) -> usize {
         self.parameter_shapes(cfg)
             .iter()
             .map(|(_, s)| s.iter().product::<usize>())
             .sum()
+    }
+}
+
+/// The head of a classification model, trained under every method (spec §1.4, §6.1):
+/// `head.weight` `[C, D]` and `head.bias` `[C]`; none for a language model.
+pub fn head_shapes(cfg: &ModelShape) -> Vec<ParamShape> {
+    match cfg.vision {
+        Some(v) => vec![
+            ("head.weight".into(), vec![v.num_classes, cfg.hidden_size]),
+            ("head.bias".into(), vec![v.num_classes]),
+        ],
+        None => Vec::new(),
     }
 }
 

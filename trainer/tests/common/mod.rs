@@ -52,6 +52,45 @@ pub fn method_sets() -> Vec<(PathBuf, Value)> {
     sets_with("methods")
 }
 
+/// The method sets whose base model is of `family`, at any depth below `tests/fixtures/` up to
+/// two folders (`methods/`, `vim/methods/`): (folder, index, base model folder).
+pub fn method_sets_of(family: trainer::model::Family) -> Vec<(PathBuf, Value, PathBuf)> {
+    let root = fixtures();
+    let mut dirs = Vec::new();
+    let mut frontier = vec![root.clone()];
+    for _ in 0..=2 {
+        let mut next = Vec::new();
+        for d in frontier {
+            if d.join("index.json").is_file() {
+                dirs.push(d.clone());
+            }
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            next.extend(
+                entries
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.is_dir()),
+            );
+        }
+        frontier = next;
+    }
+    dirs.sort();
+    dirs.into_iter()
+        .filter_map(|d| {
+            let index = read_json(&d.join("index.json"));
+            let base = d.join(
+                index
+                    .get("methods")?
+                    .as_array()
+                    .and(index["base_model"]["dir"].as_str())?,
+            );
+            let found = trainer::model::family::detect_dir(&base).ok()?;
+            (found == family).then_some((d, index, base))
+        })
+        .collect()
+}
+
 /// `dir` relative to `tests/fixtures/` (`tiny`, `alt/alt_lora`, `methods_alt`), for messages.
 pub fn label(dir: &Path) -> String {
     let root = fixtures();

@@ -238,6 +238,48 @@ impl VimForImageClassification {
         })
     }
 
+    /// Every base tensor under its official (hustvl) checkpoint name.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![
+            (
+                "patch_embed.proj.weight".to_string(),
+                self.patch_embed.weight.base().clone(),
+            ),
+            (
+                "patch_embed.proj.bias".to_string(),
+                self.patch_embed.bias.base().clone(),
+            ),
+            ("cls_token".to_string(), self.cls_token.base().clone()),
+            ("pos_embed".to_string(), self.pos_embed.base().clone()),
+        ];
+        for (i, block) in self.layers.iter().enumerate() {
+            let p = format!("layers.{i}");
+            out.push((format!("{p}.norm.weight"), block.norm.weight().clone()));
+            let m = &block.mixer;
+            let mut push =
+                |name: String, t: &Tensor| out.push((format!("{p}.mixer.{name}"), t.clone()));
+            push("in_proj.weight".into(), m.in_proj.base().weight());
+            push("out_proj.weight".into(), m.out_proj.base().weight());
+            for (b, s) in [(&m.forward_branch, ""), (&m.backward_branch, "_b")] {
+                push(format!("conv1d{s}.weight"), b.conv_weight.base());
+                if let Some(bias) = &b.conv_bias {
+                    push(format!("conv1d{s}.bias"), bias.base());
+                }
+                push(format!("x_proj{s}.weight"), b.x_proj.base().weight());
+                push(format!("dt_proj{s}.weight"), b.dt_proj.base().weight());
+                push(format!("dt_proj{s}.bias"), b.dt_bias.base());
+                push(format!("A{s}_log"), b.a_log.base());
+                push(format!("D{s}"), b.d.base());
+            }
+        }
+        out.push(("norm_f.weight".to_string(), self.norm_f.weight().clone()));
+        out.push(("head.weight".to_string(), self.head.weight().clone()));
+        if let Some(b) = self.head.bias() {
+            out.push(("head.bias".to_string(), b.clone()));
+        }
+        out
+    }
+
     /// Index of the class token for `m` patches.
     pub fn cls_index(&self, m: usize) -> usize {
         cls_index(self.config.cls_position, m)

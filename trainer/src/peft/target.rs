@@ -1,0 +1,651 @@
+//! What the PEFT methods see of a model family: its shape ([`ModelShape`]), read access to
+//! the base tensors at every site ([`PeftBase`], for initialisation), and the installation of
+//! the folded composites ([`PeftModel`]). Mamba-1 and Vim implement both; a method written
+//! against these works on every family that has its sites.
+//!
+//! Per-direction copies: a bidirectional family (Vim) has every branch site — conv1d, x_proj,
+//! dt_proj and its bias, A_log, D — once per scan direction ([`Dir`]), with independent
+//! parameters; in_proj and out_proj are shared. A method on a branch site therefore makes one
+//! instance per direction, named after the checkpoint tensor it modifies (`x_proj_b`,
+//! `A_b_log`, …; see [`super::sites::Proj::site_name`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::error::{PeftError, PeftResult};
+use super::sites::{Dir, EmbeddingPart, ParamSite, Proj, SiteEmbedding, Slot};
+use crate::model::layers::{Param, Projection};
+use crate::model::selective::SelectiveBranch;
+use crate::model::vim::{VimConfig, VimForImageClassification};
+use crate::model::{Family, InputHook, MambaConfig, MambaForCausalLM, MixerHook};
+
+/// The sizes a method needs, whatever the family. Field names are Mamba-1's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelShape {
+    pub family: Family,
+    /// D.
+    pub hidden_size: usize,
+    /// E.
+    pub intermediate_size: usize,
+    /// N.
+    pub state_size: usize,
+    /// R.
+    pub time_step_rank: usize,
+    /// K.
+    pub conv_kernel: usize,
+    pub num_hidden_layers: usize,
+    pub use_conv_bias: bool,
+    /// Biases on in_proj / out_proj.
+    pub use_bias: bool,
+    /// Every base weight's checkpoint name and shape (full fine-tuning's parameters).
+    pub weights: Vec<super::ParamShape>,
+    /// Scan directions: `[Fwd]`, or `[Fwd, Bwd]` for a bidirectional mixer.
+    pub directions: Vec<Dir>,
+    /// The token vocabulary of a language model (token-embedding methods); `None` for images.
+    pub vocab_size: Option<usize>,
+    /// Image classification: the vision sites (class token, position embedding, head).
+    pub vision: Option<VisionShape>,
+    /// The structural fields in a readable form: part of the base identity and of the
+    /// "adapter is for another base model" message.
+    pub description: String,
+}
+
+/// The vision-only sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VisionShape {
+    /// Tokens with the class token: M + 1 (the rows of `pos_embed`).
+    pub tokens: usize,
+    pub num_classes: usize,
+}
+
+impl ModelShape {
+    /// The copies of `proj` in one layer: shared projectors once, branch projections once
+    /// per direction.
+    pub fn proj_dirs(&self, proj: Proj) -> &[Dir] {
+        match proj {
+            Proj::In | Proj::Out => &[Dir::Fwd],
+            Proj::X | Proj::Dt => &self.directions,
+        }
+    }
+
+    /// Every copy of `proj` in the model: `(layer, direction)`, layer by layer.
+    pub fn proj_copies(&self, proj: Proj) -> Vec<(usize, Dir)> {
+        let dirs = self.proj_dirs(proj).to_vec();
+        (0..self.num_hidden_layers)
+            .flat_map(|i| dirs.iter().map(move |&d| (i, d)))
+            .collect()
+    }
+
+    /// The token vocabulary, or an error naming `method` for a family without tokens.
+    pub fn vocab(&self, method: &str) -> PeftResult<usize> {
+        self.vocab_size.ok_or_else(|| PeftError::Unsupported {
+            method: method.into(),
+            family: self.family.name().into(),
+            why: "it has no token embedding".into(),
+        })
+    }
+
+    /// An error unless the family is a language model (methods on tokens, the LM head).
+    pub fn require_lm(&self, method: &str, why: &str) -> PeftResult<()> {
+        match self.vocab_size {
+            Some(_) => Ok(()),
+            None => Err(PeftError::Unsupported {
+                method: method.into(),
+                family: self.family.name().into(),
+                why: why.into(),
+            }),
+        }
+    }
+}
+
+impl From<&ModelShape> for ModelShape {
+    fn from(s: &ModelShape) -> Self {
+        s.clone()
+    }
+}
+
+impl From<&MambaConfig> for ModelShape {
+    fn from(cfg: &MambaConfig) -> Self {
+        ModelShape {
+            family: Family::Mamba,
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size,
+            state_size: cfg.state_size,
+            time_step_rank: cfg.time_step_rank,
+            conv_kernel: cfg.conv_kernel,
+            num_hidden_layers: cfg.num_hidden_layers,
+            use_conv_bias: cfg.use_conv_bias,
+            use_bias: cfg.use_bias,
+            weights: super::baselines::base_shapes(cfg),
+            directions: vec![Dir::Fwd],
+            vocab_size: Some(cfg.vocab_size),
+            vision: None,
+            description: super::identity::describe(cfg),
+        }
+    }
+}
+
+impl From<&VimConfig> for ModelShape {
+    fn from(cfg: &VimConfig) -> Self {
+        ModelShape {
+            family: Family::Vim,
+            hidden_size: cfg.embed_dim,
+            intermediate_size: cfg.d_inner(),
+            state_size: cfg.d_state,
+            time_step_rank: cfg.dt_rank,
+            conv_kernel: cfg.d_conv,
+            num_hidden_layers: cfg.depth,
+            use_conv_bias: cfg.conv_bias,
+            use_bias: false,
+            weights: vim_weight_shapes(cfg),
+            directions: vec![Dir::Fwd, Dir::Bwd],
+            vocab_size: None,
+            vision: Some(VisionShape {
+                tokens: cfg.seq_len(),
+                num_classes: cfg.num_classes,
+            }),
+            description: format!(
+                "vim img_size={:?} patch_size={} stride={} channels={} embed_dim={} depth={} \
+                 d_state={} d_conv={} expand={} dt_rank={} conv_bias={} num_classes={} \
+                 cls={:?} divide_out={}",
+                cfg.img_size,
+                cfg.patch_size,
+                cfg.stride,
+                cfg.channels,
+                cfg.embed_dim,
+                cfg.depth,
+                cfg.d_state,
+                cfg.d_conv,
+                cfg.expand,
+                cfg.dt_rank,
+                cfg.conv_bias,
+                cfg.num_classes,
+                cfg.cls_position,
+                cfg.divide_out
+            ),
+        }
+    }
+}
+
+/// Every weight of a Vim with `cfg`'s shapes, under hustvl's names (shape-only; the twin of
+/// `VimForImageClassification::named_weights`).
+fn vim_weight_shapes(cfg: &VimConfig) -> Vec<super::ParamShape> {
+    let (d, e, n, r, k) = (
+        cfg.embed_dim,
+        cfg.d_inner(),
+        cfg.d_state,
+        cfg.dt_rank,
+        cfg.d_conv,
+    );
+    let p = cfg.patch_size;
+    let mut out = vec![
+        (
+            "patch_embed.proj.weight".to_string(),
+            vec![d, cfg.channels, p, p],
+        ),
+        ("patch_embed.proj.bias".to_string(), vec![d]),
+        ("cls_token".to_string(), vec![1, 1, d]),
+        ("pos_embed".to_string(), vec![1, cfg.seq_len(), d]),
+    ];
+    for i in 0..cfg.depth {
+        let m = format!("layers.{i}.mixer");
+        out.push((format!("layers.{i}.norm.weight"), vec![d]));
+        out.push((format!("{m}.in_proj.weight"), vec![2 * e, d]));
+        out.push((format!("{m}.out_proj.weight"), vec![d, e]));
+        for s in ["", "_b"] {
+            out.push((format!("{m}.conv1d{s}.weight"), vec![e, 1, k]));
+            if cfg.conv_bias {
+                out.push((format!("{m}.conv1d{s}.bias"), vec![e]));
+            }
+            out.push((format!("{m}.x_proj{s}.weight"), vec![r + 2 * n, e]));
+            out.push((format!("{m}.dt_proj{s}.weight"), vec![e, r]));
+            out.push((format!("{m}.dt_proj{s}.bias"), vec![e]));
+            out.push((format!("{m}.A{s}_log"), vec![e, n]));
+            out.push((format!("{m}.D{s}"), vec![e]));
+        }
+    }
+    out.push(("norm_f.weight".to_string(), vec![d]));
+    out.push(("head.weight".to_string(), vec![cfg.num_classes, d]));
+    out.push(("head.bias".to_string(), vec![cfg.num_classes]));
+    out
+}
+
+/// Read access to a base model, for methods' initial values (DoRA's magnitudes, ProDiaL's
+/// identity start, Additional-scan's neighbour copy, full fine-tuning's copy).
+pub trait PeftBase {
+    fn peft_shape(&self) -> ModelShape;
+    /// The projection `proj` of layer `layer` in direction `dir` (shared projectors: `Fwd`).
+    fn projection(&self, layer: usize, proj: Proj, dir: Dir) -> Option<&Projection>;
+    fn param(&self, site: ParamSite) -> Option<&Param>;
+    /// Every base tensor under its checkpoint name.
+    fn named_weights(&self) -> Vec<(String, Tensor)>;
+    /// The token embedding matrix `[V, D]` (language models).
+    fn token_embedding(&self) -> Option<&Tensor> {
+        None
+    }
+    fn device(&self) -> &Device;
+    fn dtype(&self) -> DType;
+}
+
+/// The base weight of `proj` at `(layer, dir)`, or an error naming the missing site.
+pub(crate) fn base_weight(
+    base: &dyn PeftBase,
+    layer: usize,
+    proj: Proj,
+    dir: Dir,
+) -> PeftResult<&Tensor> {
+    base.projection(layer, proj, dir)
+        .map(|p| p.base().weight())
+        .ok_or_else(|| missing_site(base, format!("layers.{layer}.{}", proj.site_name(dir))))
+}
+
+/// The base value of a parameter site, or an error naming it.
+pub(crate) fn base_param(base: &dyn PeftBase, site: ParamSite) -> PeftResult<&Tensor> {
+    base.param(site)
+        .map(Param::base)
+        .ok_or_else(|| missing_site(base, site.name()))
+}
+
+fn missing_site(base: &dyn PeftBase, name: String) -> PeftError {
+    PeftError::Contradictory(format!(
+        "the base model ({}) has no `{name}`",
+        base.peft_shape().description
+    ))
+}
+
+/// A model the folded composites can be installed on.
+pub trait PeftModel: PeftBase + Clone + Sized {
+    fn projection_mut(&mut self, layer: usize, proj: Proj, dir: Dir) -> Option<&mut Projection>;
+    fn param_mut(&mut self, site: ParamSite) -> Option<&mut Param>;
+    /// The family-specific seams (token embedding, sequence hooks, heads); see [`Extras`].
+    fn install(&mut self, extras: Extras) -> PeftResult<()>;
+    /// The same architecture with these tensors as its weights (full fine-tuning).
+    fn with_weights(&self, tensors: HashMap<String, Tensor>) -> PeftResult<Self>;
+    /// Whether any seam already holds an adapter.
+    fn has_adapters(&self) -> bool;
+
+    /// A plain model whose weights are the merged values of every composite of `self` (an
+    /// adapted model built on `base`); an error where a part has no merged form.
+    fn merged_weights(&self, base: &Self) -> PeftResult<Self>;
+}
+
+/// What a family installs itself: seams that are not a projection or a parameter of a
+/// mixer. A family without a seam refuses a method that needs it, naming both.
+#[derive(Default)]
+pub struct Extras {
+    pub embedding: Vec<Arc<dyn EmbeddingPart>>,
+    pub mixer_hooks: BTreeMap<usize, Arc<dyn MixerHook>>,
+    pub input_hook: Option<Arc<dyn InputHook>>,
+    pub lm_head: Option<Tensor>,
+    /// A classification head's `(weight [C, D], bias [C])`.
+    pub head: Option<(Tensor, Tensor)>,
+}
+
+impl Extras {
+    /// The error for a seam `family` does not have.
+    pub fn unsupported(family: Family, method: &str, why: &str) -> PeftError {
+        PeftError::Unsupported {
+            method: method.into(),
+            family: family.name().into(),
+            why: why.into(),
+        }
+    }
+}
+
+// ---- Mamba-1 -------------------------------------------------------------------------------
+
+impl PeftBase for MambaForCausalLM {
+    fn peft_shape(&self) -> ModelShape {
+        self.config().into()
+    }
+
+    fn projection(&self, layer: usize, proj: Proj, dir: Dir) -> Option<&Projection> {
+        let m = &self.backbone.layers.get(layer)?.mixer;
+        match (proj, dir) {
+            (Proj::In, Dir::Fwd) => Some(&m.in_proj),
+            (Proj::X, Dir::Fwd) => Some(&m.x_proj),
+            (Proj::Dt, Dir::Fwd) => Some(&m.dt_proj),
+            (Proj::Out, Dir::Fwd) => Some(&m.out_proj),
+            (_, Dir::Bwd) => None,
+        }
+    }
+
+    fn param(&self, site: ParamSite) -> Option<&Param> {
+        let ParamSite::Mixer(layer, slot, Dir::Fwd) = site else {
+            return None;
+        };
+        let m = &self.backbone.layers.get(layer)?.mixer;
+        match slot {
+            Slot::ALog => Some(&m.a_log),
+            Slot::D => Some(&m.d),
+            Slot::ConvWeight => Some(&m.conv_weight),
+            Slot::ConvBias => m.conv_bias.as_ref(),
+            Slot::DtBias => Some(&m.dt_bias),
+        }
+    }
+
+    fn named_weights(&self) -> Vec<(String, Tensor)> {
+        MambaForCausalLM::named_weights(self)
+    }
+
+    fn token_embedding(&self) -> Option<&Tensor> {
+        Some(self.backbone.embeddings.weight())
+    }
+
+    fn device(&self) -> &Device {
+        MambaForCausalLM::device(self)
+    }
+
+    fn dtype(&self) -> DType {
+        MambaForCausalLM::dtype(self)
+    }
+}
+
+impl PeftModel for MambaForCausalLM {
+    fn projection_mut(&mut self, layer: usize, proj: Proj, dir: Dir) -> Option<&mut Projection> {
+        let m = &mut self.backbone.layers.get_mut(layer)?.mixer;
+        match (proj, dir) {
+            (Proj::In, Dir::Fwd) => Some(&mut m.in_proj),
+            (Proj::X, Dir::Fwd) => Some(&mut m.x_proj),
+            (Proj::Dt, Dir::Fwd) => Some(&mut m.dt_proj),
+            (Proj::Out, Dir::Fwd) => Some(&mut m.out_proj),
+            (_, Dir::Bwd) => None,
+        }
+    }
+
+    fn param_mut(&mut self, site: ParamSite) -> Option<&mut Param> {
+        let ParamSite::Mixer(layer, slot, Dir::Fwd) = site else {
+            return None;
+        };
+        let m = &mut self.backbone.layers.get_mut(layer)?.mixer;
+        match slot {
+            Slot::ALog => Some(&mut m.a_log),
+            Slot::D => Some(&mut m.d),
+            Slot::ConvWeight => Some(&mut m.conv_weight),
+            Slot::ConvBias => m.conv_bias.as_mut(),
+            Slot::DtBias => Some(&mut m.dt_bias),
+        }
+    }
+
+    fn install(&mut self, extras: Extras) -> PeftResult<()> {
+        if extras.head.is_some() {
+            return Err(Extras::unsupported(
+                Family::Mamba,
+                "a classification head",
+                "a language model predicts tokens (use linear_probe for its LM head)",
+            ));
+        }
+        if !extras.embedding.is_empty() {
+            self.backbone
+                .embeddings
+                .set_adapter(Some(Arc::new(SiteEmbedding {
+                    parts: extras.embedding,
+                })));
+        }
+        let n = self.backbone.layers.len();
+        for (i, hook) in extras.mixer_hooks {
+            self.backbone
+                .layers
+                .get_mut(i)
+                .ok_or_else(|| {
+                    PeftError::Contradictory(format!(
+                        "a method targets layer {i}, but the model has {n} layers"
+                    ))
+                })?
+                .mixer
+                .hook = Some(hook);
+        }
+        if let Some(h) = extras.input_hook {
+            self.input_hook = Some(h);
+        }
+        if let Some(head) = extras.lm_head {
+            self.lm_head = Some(head);
+        }
+        Ok(())
+    }
+
+    fn with_weights(&self, tensors: HashMap<String, Tensor>) -> PeftResult<Self> {
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, self.dtype(), self.device());
+        Ok(MambaForCausalLM::new(self.config(), vb)?)
+    }
+
+    fn merged_weights(&self, base: &Self) -> PeftResult<Self> {
+        super::merge::merged_weights(self, base)
+    }
+
+    fn has_adapters(&self) -> bool {
+        self.input_hook.is_some()
+            || self.backbone.embeddings.adapter().is_some()
+            || self.backbone.layers.iter().any(|b| {
+                let x = &b.mixer;
+                x.hook.is_some()
+                    || [&x.in_proj, &x.x_proj, &x.dt_proj, &x.out_proj]
+                        .iter()
+                        .any(|p| p.adapter().is_some())
+                    || [&x.a_log, &x.d, &x.conv_weight, &x.dt_bias]
+                        .into_iter()
+                        .chain(x.conv_bias.as_ref())
+                        .any(|p| p.adapter().is_some())
+            })
+    }
+}
+
+// ---- Vim -----------------------------------------------------------------------------------
+
+fn branch_param(b: &SelectiveBranch, slot: Slot) -> Option<&Param> {
+    match slot {
+        Slot::ALog => Some(&b.a_log),
+        Slot::D => Some(&b.d),
+        Slot::ConvWeight => Some(&b.conv_weight),
+        Slot::ConvBias => b.conv_bias.as_ref(),
+        Slot::DtBias => Some(&b.dt_bias),
+    }
+}
+
+fn branch_param_mut(b: &mut SelectiveBranch, slot: Slot) -> Option<&mut Param> {
+    match slot {
+        Slot::ALog => Some(&mut b.a_log),
+        Slot::D => Some(&mut b.d),
+        Slot::ConvWeight => Some(&mut b.conv_weight),
+        Slot::ConvBias => b.conv_bias.as_mut(),
+        Slot::DtBias => Some(&mut b.dt_bias),
+    }
+}
+
+fn branch_params(b: &SelectiveBranch) -> impl Iterator<Item = &Param> {
+    [&b.a_log, &b.d, &b.conv_weight, &b.dt_bias]
+        .into_iter()
+        .chain(b.conv_bias.as_ref())
+}
+
+impl PeftBase for VimForImageClassification {
+    fn peft_shape(&self) -> ModelShape {
+        (&self.config).into()
+    }
+
+    fn projection(&self, layer: usize, proj: Proj, dir: Dir) -> Option<&Projection> {
+        let m = &self.layers.get(layer)?.mixer;
+        let branch = match dir {
+            Dir::Fwd => &m.forward_branch,
+            Dir::Bwd => &m.backward_branch,
+        };
+        match (proj, dir) {
+            (Proj::In, Dir::Fwd) => Some(&m.in_proj),
+            (Proj::Out, Dir::Fwd) => Some(&m.out_proj),
+            (Proj::In | Proj::Out, Dir::Bwd) => None,
+            (Proj::X, _) => Some(&branch.x_proj),
+            (Proj::Dt, _) => Some(&branch.dt_proj),
+        }
+    }
+
+    fn param(&self, site: ParamSite) -> Option<&Param> {
+        match site {
+            ParamSite::Mixer(layer, slot, dir) => {
+                let m = &self.layers.get(layer)?.mixer;
+                match dir {
+                    Dir::Fwd => branch_param(&m.forward_branch, slot),
+                    Dir::Bwd => branch_param(&m.backward_branch, slot),
+                }
+            }
+            ParamSite::ClsToken => Some(&self.cls_token),
+            ParamSite::PosEmbed => Some(&self.pos_embed),
+        }
+    }
+
+    fn named_weights(&self) -> Vec<(String, Tensor)> {
+        VimForImageClassification::named_weights(self)
+    }
+
+    fn device(&self) -> &Device {
+        self.head.weight().device()
+    }
+
+    fn dtype(&self) -> DType {
+        self.head.weight().dtype()
+    }
+}
+
+impl PeftModel for VimForImageClassification {
+    fn projection_mut(&mut self, layer: usize, proj: Proj, dir: Dir) -> Option<&mut Projection> {
+        let m = &mut self.layers.get_mut(layer)?.mixer;
+        match (proj, dir) {
+            (Proj::In, Dir::Fwd) => Some(&mut m.in_proj),
+            (Proj::Out, Dir::Fwd) => Some(&mut m.out_proj),
+            (Proj::In | Proj::Out, Dir::Bwd) => None,
+            (Proj::X, Dir::Fwd) => Some(&mut m.forward_branch.x_proj),
+            (Proj::X, Dir::Bwd) => Some(&mut m.backward_branch.x_proj),
+            (Proj::Dt, Dir::Fwd) => Some(&mut m.forward_branch.dt_proj),
+            (Proj::Dt, Dir::Bwd) => Some(&mut m.backward_branch.dt_proj),
+        }
+    }
+
+    fn param_mut(&mut self, site: ParamSite) -> Option<&mut Param> {
+        match site {
+            ParamSite::Mixer(layer, slot, dir) => {
+                let m = &mut self.layers.get_mut(layer)?.mixer;
+                match dir {
+                    Dir::Fwd => branch_param_mut(&mut m.forward_branch, slot),
+                    Dir::Bwd => branch_param_mut(&mut m.backward_branch, slot),
+                }
+            }
+            ParamSite::ClsToken => Some(&mut self.cls_token),
+            ParamSite::PosEmbed => Some(&mut self.pos_embed),
+        }
+    }
+
+    fn install(&mut self, extras: Extras) -> PeftResult<()> {
+        let refuse = |method: &str, why: &str| Err(Extras::unsupported(Family::Vim, method, why));
+        if !extras.embedding.is_empty() {
+            return refuse("a token-embedding method", "it has no token embedding");
+        }
+        if !extras.mixer_hooks.is_empty() {
+            return refuse("affix", "affix-tuning on Vim is not implemented yet");
+        }
+        if extras.input_hook.is_some() {
+            return refuse("prompt", "prompt-tuning on Vim is not implemented yet");
+        }
+        if extras.lm_head.is_some() {
+            return refuse(
+                "an LM head",
+                "it classifies images (its head is always trained)",
+            );
+        }
+        if let Some((w, b)) = extras.head {
+            self.head = crate::model::layers::Linear::new(w, Some(b));
+        }
+        Ok(())
+    }
+
+    /// The state size comes from `A_log`'s width, so an Additional-scan merge (N + N′
+    /// columns) builds an expanded-state model.
+    fn with_weights(&self, tensors: HashMap<String, Tensor>) -> PeftResult<Self> {
+        let mut cfg = self.config.clone();
+        if let Some(a) = tensors.get("layers.0.mixer.A_log") {
+            cfg.d_state = a.dim(1)?;
+        }
+        let vb = candle_nn::VarBuilder::from_tensors(tensors, self.dtype(), self.device());
+        Ok(VimForImageClassification::new(&cfg, vb)?)
+    }
+
+    fn merged_weights(&self, _base: &Self) -> PeftResult<Self> {
+        let not_mergeable = |site: String| PeftError::NotMergeable {
+            method: site,
+            reason: "a part attached there has no merged form".into(),
+        };
+        let shape = self.peft_shape();
+        // The current values (the adapter's head is installed already), then every adapted
+        // site's merged value under its checkpoint name.
+        let mut t: HashMap<String, Tensor> = self.named_weights().into_iter().collect();
+        for i in 0..shape.num_hidden_layers {
+            for proj in [Proj::In, Proj::X, Proj::Dt, Proj::Out] {
+                for &dir in shape.proj_dirs(proj) {
+                    let name = format!("layers.{i}.mixer.{}.weight", proj.site_name(dir));
+                    let Some(p) = self.projection(i, proj, dir) else {
+                        continue;
+                    };
+                    if let Some(a) = p.adapter() {
+                        let w = a.merged_weight(p.base())?;
+                        t.insert(name.clone(), w.ok_or_else(|| not_mergeable(name))?);
+                    }
+                }
+            }
+            for slot in [
+                Slot::ALog,
+                Slot::D,
+                Slot::ConvWeight,
+                Slot::ConvBias,
+                Slot::DtBias,
+            ] {
+                for &dir in &shape.directions {
+                    if let Some(p) = self.param(ParamSite::Mixer(i, slot, dir))
+                        && p.adapter().is_some()
+                    {
+                        let name = format!("layers.{i}.mixer.{}", slot.site_name(dir));
+                        t.insert(name, p.value()?.detach());
+                    }
+                }
+            }
+        }
+        for (site, p) in [
+            (ParamSite::ClsToken, &self.cls_token),
+            (ParamSite::PosEmbed, &self.pos_embed),
+        ] {
+            if p.adapter().is_some() {
+                t.insert(site.name(), p.value()?.detach());
+            }
+        }
+        let widths: std::collections::BTreeSet<usize> = t
+            .iter()
+            .filter(|(n, _)| n.ends_with("_log"))
+            .map(|(_, a)| a.dim(1))
+            .collect::<candle_core::Result<_>>()?;
+        if widths.len() > 1 {
+            return Err(PeftError::Contradictory(
+                "layers end up with different state sizes; a merged checkpoint needs one".into(),
+            ));
+        }
+        self.with_weights(t)
+    }
+
+    fn has_adapters(&self) -> bool {
+        self.cls_token.adapter().is_some()
+            || self.pos_embed.adapter().is_some()
+            || self.layers.iter().any(|b| {
+                let m = &b.mixer;
+                [&m.in_proj, &m.out_proj]
+                    .into_iter()
+                    .chain(
+                        [&m.forward_branch, &m.backward_branch]
+                            .into_iter()
+                            .flat_map(|br| [&br.x_proj, &br.dt_proj]),
+                    )
+                    .any(|p| p.adapter().is_some())
+                    || [&m.forward_branch, &m.backward_branch]
+                        .into_iter()
+                        .flat_map(branch_params)
+                        .any(|p| p.adapter().is_some())
+            })
+    }
+}
