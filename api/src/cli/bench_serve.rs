@@ -195,7 +195,7 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
             shared_base: Some(base.clone()),
         }],
     ));
-    let merged = lora(&base, a.rank, 1)?.merge(&base)?.model()?;
+    let merged = lora(&base, a.rank, 1)?.merge(base.as_ref())?.model()?;
     variants.push((
         "generate_merged".into(),
         vec![ServedModel {

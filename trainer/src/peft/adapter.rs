@@ -270,7 +270,7 @@ impl Adapter {
     /// per-token cost for DoRA/ProDiaL weight transforms; Additional-scan as an expanded
     /// state; prompt/affix tables collapsed), the plain adapted model otherwise
     /// (ParallelAdapter). Same function as [`Self::apply`] up to float rounding.
-    pub fn inference_model(&self, base: &MambaForCausalLM) -> PeftResult<MambaForCausalLM> {
+    pub fn inference_model<M: PeftModel>(&self, base: &M) -> PeftResult<M> {
         match self.merge(base) {
             Ok(m) => m.model(),
             Err(PeftError::NotMergeable { .. }) => self.apply_frozen(base),
@@ -278,45 +278,35 @@ impl Adapter {
         }
     }
 
-    /// The merged model of any family: `base` with every method folded into its weights
-    /// (plain weights, no adapter). An error for a method without a weight form
-    /// (ParallelAdapter, prompt and affix tables). For Mamba-1, [`Self::merge`] also keeps
-    /// collapsed prompt/affix tables and initial states.
-    pub fn merged<M: PeftModel>(&self, base: &M) -> PeftResult<M> {
+    /// Merges into the base weights (see [`MergedModel`]), any family; an error for
+    /// methods without a merged form (ParallelAdapter).
+    pub fn merge<M: PeftModel>(&self, base: &M) -> PeftResult<MergedModel<M>> {
         self.check_base(base)?;
-        let params = self.params();
-        let mut sites = Sites::new(base, self.runtime.clone());
-        for m in &self.spec.methods {
-            match m.method().merge_plan(&params)? {
-                super::MergePlan::Weights => m.method().attach(&params, &mut sites)?,
-                super::MergePlan::Residual(..) => {
-                    return Err(PeftError::NotMergeable {
-                        method: m.method().kind().into(),
-                        reason: "it collapses to a table, not into weights".into(),
-                    });
-                }
-            }
-        }
-        if let [w, b] = self.head.as_slice() {
-            sites.set_head(params.get(w)?.detach(), params.get(b)?.detach())?;
-        }
-        let adapted = sites.build(base)?;
-        adapted.merged_weights(base)
+        super::merge::merge(self, base)
     }
 
-    /// Merges into the base weights (see [`MergedModel`]); an error for methods without a
-    /// merged form (ParallelAdapter).
-    pub fn merge(&self, base: &MambaForCausalLM) -> PeftResult<MergedModel> {
-        self.merge_with(base, &MergeOptions::default())
-    }
-
+    /// [`Self::merge`] with Mamba-1's options (a prefix folded into initial states).
     pub fn merge_with(
         &self,
         base: &MambaForCausalLM,
         opts: &MergeOptions,
     ) -> PeftResult<MergedModel> {
-        self.check_base(base)?;
-        super::merge::merge(self, base, opts)
+        let mut merged = self.merge(base)?;
+        if opts.prefix_as_initial_state {
+            super::merge::fold_prefix(&mut merged)?;
+        }
+        Ok(merged)
+    }
+
+    /// The head tensors' values `(weight, bias)` of a classification model's adapter.
+    pub(crate) fn head_tensors(&self) -> Option<(Tensor, Tensor)> {
+        match self.head.as_slice() {
+            [w, b] => Some((
+                self.vars.get(w)?.as_tensor().detach(),
+                self.vars.get(b)?.as_tensor().detach(),
+            )),
+            _ => None,
+        }
     }
 
     /// Writes `adapter_config.json` and `adapter_model.safetensors` to `dir`.

@@ -19,7 +19,8 @@ use super::affix::AffixKind;
 use super::error::{PeftError, PeftResult};
 use super::prompt::PromptKind;
 use super::sites::Sites;
-use super::spec::AdapterSpec;
+use super::spec::{AdapterSpec, head_shapes};
+use super::target::PeftModel;
 use super::{MergePlan, MethodConfig};
 use crate::kernels;
 use crate::model::{Checkpoint, LayerCache, MambaCache, MambaForCausalLM, MambaMixer, ModelInput};
@@ -74,31 +75,35 @@ impl InitialState {
     }
 }
 
-/// A merged model: plain weights (HF names), plus what has no weight form.
+/// A merged model of any family: plain weights (checkpoint names), plus what has no weight
+/// form.
 #[derive(Debug)]
-pub struct MergedModel {
+pub struct MergedModel<M = MambaForCausalLM> {
     /// The merged weights as a plain model (config updated: state size, untied head).
-    pub base: MambaForCausalLM,
+    pub base: M,
     /// Collapsed prompt/affix tables, as an adapter on `base`.
     pub residual: Option<Adapter>,
+    /// Mamba-1's prefix folded into initial states ([`MergeOptions`]).
     pub initial_state: Option<InitialState>,
 }
 
-impl MergedModel {
-    /// Every merged weight under its HF checkpoint name.
+impl<M: PeftModel> MergedModel<M> {
+    /// Every merged weight under its checkpoint name.
     pub fn tensors(&self) -> BTreeMap<String, Tensor> {
         self.base.named_weights().into_iter().collect()
     }
 
     /// The runnable model: merged weights plus the residual adapter (the initial state, if
-    /// any, is applied by [`Self::forward`] through the cache).
-    pub fn model(&self) -> PeftResult<MambaForCausalLM> {
+    /// any, is applied by [`MergedModel::forward`] through the cache).
+    pub fn model(&self) -> PeftResult<M> {
         match &self.residual {
             Some(r) => r.apply_frozen(&self.base),
             None => Ok(self.base.clone()),
         }
     }
+}
 
+impl MergedModel {
     /// Logits `[b, L, V]`.
     pub fn forward(&self, input_ids: &Tensor, mask: Option<&Tensor>) -> PeftResult<Tensor> {
         let model = self.model()?;
@@ -155,11 +160,9 @@ impl MergedModel {
     }
 }
 
-pub(crate) fn merge(
-    adapter: &Adapter,
-    base: &MambaForCausalLM,
-    opts: &MergeOptions,
-) -> PeftResult<MergedModel> {
+/// Merges `adapter` into `base` (checked to be its base): the weight-form methods into the
+/// weights, the rest (collapsed prompt/affix tables) into a residual adapter.
+pub(crate) fn merge<M: PeftModel>(adapter: &Adapter, base: &M) -> PeftResult<MergedModel<M>> {
     let params = adapter.params();
     let mut sites = Sites::new(base, adapter.runtime().clone());
     let mut residual_cfgs = Vec::new();
@@ -173,26 +176,32 @@ pub(crate) fn merge(
             }
         }
     }
+    if let Some((w, b)) = adapter.head_tensors() {
+        sites.set_head(w, b)?;
+    }
     let adapted = sites.build(base)?;
-    let merged_base = merged_weights(&adapted, base)?;
+    let merged_base = adapted.merged_weights(base)?;
     let residual = if residual_cfgs.is_empty() {
         None
     } else {
+        // A classification model's adapters carry its head: the merged one, unchanged.
+        let merged_tensors = merged_base.named_weights();
+        for (name, _) in head_shapes(&merged_base.peft_shape()) {
+            if let Some((_, t)) = merged_tensors.iter().find(|(n, _)| *n == name) {
+                residual_tensors.insert(name, t.clone());
+            }
+        }
         Some(Adapter::from_tensors(
             &AdapterSpec::hybrid(residual_cfgs),
             &merged_base,
             residual_tensors,
         )?)
     };
-    let mut merged = MergedModel {
+    Ok(MergedModel {
         base: merged_base,
         residual,
         initial_state: None,
-    };
-    if opts.prefix_as_initial_state {
-        fold_prefix(&mut merged)?;
-    }
-    Ok(merged)
+    })
 }
 
 /// Reads the merged value of every seam of `adapted` (built on `base`).
@@ -278,7 +287,7 @@ pub(crate) fn merged_weights(
 }
 
 /// Replaces a residual prefix prompt/affix by the states it leaves in each layer.
-fn fold_prefix(merged: &mut MergedModel) -> PeftResult<()> {
+pub(crate) fn fold_prefix(merged: &mut MergedModel) -> PeftResult<()> {
     let Some(residual) = merged.residual.take() else {
         return Err(PeftError::Contradictory(
             "prefix_as_initial_state: the adapter has no prompt or affix to fold".into(),

@@ -6,6 +6,13 @@
 //!
 //! In a causal LM a suffix prompt cannot reach any real token's logits (they are dropped
 //! before the head); that is the correct behaviour, not a bug (fixtures README).
+//!
+//! On Vim (MambaPEFT's vision code) the same layouts apply to the token sequence after the
+//! class token and `pos_embed` (the prompts get no position embedding); the prompts are
+//! never removed, and the head reads the class token at its new index: `c + n` for prefix,
+//! `c` for suffix, `c + ⌈n/2⌉` for prefix_suffix, and for infix `c` plus the number of prompts
+//! inserted before the chunk holding it (the official code's index formula misses the class
+//! token; the fixtures follow the token).
 
 use std::sync::Arc;
 
@@ -277,10 +284,6 @@ impl PeftMethod for PromptConfig {
     }
 
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
-        cfg.require_lm(
-            "prompt",
-            "prompt-tuning is implemented for Mamba-1 only so far",
-        )?;
         check_range("prompt", "n", "the input sequence", self.n, 1, MAX_TOKENS)?;
         if !self.projection && self.hidden.is_some() {
             return Err(PeftError::Contradictory(

@@ -543,9 +543,6 @@ impl PeftModel for VimForImageClassification {
         if !extras.mixer_hooks.is_empty() {
             return refuse("affix", "affix-tuning on Vim is not implemented yet");
         }
-        if extras.input_hook.is_some() {
-            return refuse("prompt", "prompt-tuning on Vim is not implemented yet");
-        }
         if extras.lm_head.is_some() {
             return refuse(
                 "an LM head",
@@ -554,6 +551,9 @@ impl PeftModel for VimForImageClassification {
         }
         if let Some((w, b)) = extras.head {
             self.head = crate::model::layers::Linear::new(w, Some(b));
+        }
+        if let Some(h) = extras.input_hook {
+            self.input_hook = Some(h);
         }
         Ok(())
     }
@@ -630,7 +630,8 @@ impl PeftModel for VimForImageClassification {
     }
 
     fn has_adapters(&self) -> bool {
-        self.cls_token.adapter().is_some()
+        self.input_hook.is_some()
+            || self.cls_token.adapter().is_some()
             || self.pos_embed.adapter().is_some()
             || self.layers.iter().any(|b| {
                 let m = &b.mixer;

@@ -2,6 +2,7 @@
 //! struct per module, built from a [`VarBuilder`] whose paths are the official key names.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -9,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::config::{VimConfig, cls_index};
 use crate::error::{Error, Result};
+use crate::model::InputHook;
 use crate::model::layers::{Linear, Param, Projection, RmsNorm, linear_forward};
 use crate::model::selective::{BranchInput, SelectiveBranch};
 
@@ -198,6 +200,9 @@ pub struct VimForImageClassification {
     pub norm_f: RmsNorm,
     /// `[C, D]` + `[C]`.
     pub head: Linear,
+    /// Inserts soft tokens after the class token and `pos_embed` (prompt-tuning); they run
+    /// through every block and stay, and the head reads the class token where it moved.
+    pub input_hook: Option<Arc<dyn InputHook>>,
 }
 
 /// Per-sample drop-path mask `[b, 1, 1]` (0 or 1/(1-p)), drawn from `(seed, site)`.
@@ -235,6 +240,7 @@ impl VimForImageClassification {
                 vb.pp("head").get((cfg.num_classes, d), "weight")?,
                 Some(vb.pp("head").get(cfg.num_classes, "bias")?),
             ),
+            input_hook: None,
         })
     }
 
@@ -330,10 +336,23 @@ impl VimForImageClassification {
         mut trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
         let x = self.embed(pixels)?;
-        let (b, l, _) = x.dims3()?;
         if let Some(t) = trace.as_deref_mut() {
             t.insert("hidden.patch_embed".into(), x.clone());
         }
+        let mut ci = self.cls_index(x.dim(1)? - 1);
+        let x = match &self.input_hook {
+            Some(hook) => {
+                let (aug, _, pos) = hook.insert(&x, None)?;
+                ci = pos
+                    .to_vec1::<u32>()?
+                    .get(ci)
+                    .map(|&p| p as usize)
+                    .ok_or_else(|| Error::input("pixel_values", "no class token position"))?;
+                aug
+            }
+            None => x,
+        };
+        let b = x.dim(0)?;
         let drop = |h: Tensor, site: usize| -> Result<Tensor> {
             match mode {
                 Mode::Train { seed } => {
@@ -374,7 +393,6 @@ impl VimForImageClassification {
         if let Some(t) = trace {
             t.insert("hidden.norm_f".into(), out.clone());
         }
-        let ci = self.cls_index(l - 1);
         Ok(out.narrow(1, ci, 1)?.squeeze(1)?)
     }
 
