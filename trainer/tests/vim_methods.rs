@@ -24,7 +24,7 @@ use trainer::model::vim::{
 use trainer::peft::{Adapter, AdapterSpec, PeftError};
 
 /// Method folders whose method is not on Vim yet, by prefix.
-const NOT_YET: &[&str] = &["affix_", "lora_patch_embed"];
+const NOT_YET: &[&str] = &["lora_patch_embed"];
 
 fn load(p: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu)
@@ -120,6 +120,21 @@ fn component_json(name: &str, hp: &Value, adapter: &HashMap<String, Tensor>) -> 
                            "n": dim0(adapter, table).expect("prompt n"), "projection": projection});
         if projection {
             v["hidden"] = json!(dim0(adapter, "prompt.fc1.weight"));
+        }
+        return v;
+    }
+    if let Some(kind) = name.strip_prefix("affix_") {
+        let projection = adapter.contains_key("affix.embedding");
+        let table = if projection {
+            "affix.embedding"
+        } else {
+            "affix.table"
+        };
+        let mut v = json!({"type": "affix", "kind": "prefix",
+                           "per_direction": kind.starts_with("dual"),
+                           "n": dim0(adapter, table).expect("affix n"), "projection": projection});
+        if projection {
+            v["hidden"] = json!(dim0(adapter, "affix.fc1.weight"));
         }
         return v;
     }

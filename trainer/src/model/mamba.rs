@@ -32,6 +32,18 @@ pub trait MixerHook: Send + Sync + std::fmt::Debug {
         Ok((xz, mask))
     }
 
+    /// A bidirectional mixer's tokens `[n, 2E]` (X then Z) for one scan direction: prepended
+    /// to that direction's sequence in its own scan order, their outputs dropped before the
+    /// directions are combined. `None`: this hook does not act per direction.
+    fn direction_prefix(
+        &self,
+        layer: usize,
+        backward: bool,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let _ = (layer, backward);
+        Ok(None)
+    }
+
     /// Receives the out_proj output for the augmented sequence; returns `[b, L, D]`.
     fn after_out(&self, layer: usize, out: Tensor) -> candle_core::Result<Tensor> {
         let _ = layer;

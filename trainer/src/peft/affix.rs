@@ -5,6 +5,12 @@
 //! dropped outputs: its gradient is exactly 0 (kept for the paper's parameter counts).
 //! With projection, table = fc2(tanh(fc1(E_p))) (H = 2E by default), which merges into the
 //! fixed table; a prefix affix also merges into per-layer initial states (`merge`).
+//!
+//! On a bidirectional model (Vim, MambaPEFT's vision code) the tokens are a prefix of each
+//! scan direction's sequence in its own scan order (the backward scan starts with them), and
+//! each direction drops its first n outputs before the two are combined. "Single" uses the
+//! same tokens for both directions; `per_direction` ("dual") gives each its own: layer i then
+//! reads columns [i·2·2E, (i+1)·2·2E), forward tokens first.
 
 use std::sync::Arc;
 
@@ -64,6 +70,9 @@ pub struct AffixConfig {
     /// H of the projection (default 2E).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden: Option<usize>,
+    /// One set of tokens per scan direction (bidirectional models; MambaPEFT's "dual").
+    #[serde(default, alias = "dual", skip_serializing_if = "std::ops::Not::not")]
+    pub per_direction: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr: Option<f64>,
     #[serde(default)]
@@ -77,6 +86,7 @@ impl AffixConfig {
             kind,
             projection,
             hidden: None,
+            per_direction: false,
             lr: None,
             weight_decay: 0.0,
         }
@@ -97,10 +107,22 @@ impl PeftMethod for AffixConfig {
     }
 
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
-        cfg.require_lm(
-            "affix",
-            "affix-tuning is implemented for Mamba-1 only so far",
-        )?;
+        let bidirectional = cfg.directions.len() > 1;
+        if bidirectional && self.kind != AffixKind::Prefix {
+            return Err(PeftError::Unsupported {
+                method: format!("affix with kind {:?}", self.kind),
+                family: cfg.family.name().into(),
+                why: "on a bidirectional model the affix is a prefix of each scan direction \
+                      (kind \"prefix\")"
+                    .into(),
+            });
+        }
+        if self.per_direction && !bidirectional {
+            return Err(PeftError::Contradictory(format!(
+                "affix: `per_direction` needs a bidirectional model; {} scans one way",
+                cfg.family.name()
+            )));
+        }
         check_range("affix", "n", "each layer's sequence", self.n, 1, MAX_TOKENS)?;
         if !self.projection && self.hidden.is_some() {
             return Err(PeftError::Contradictory(
@@ -123,7 +145,7 @@ impl PeftMethod for AffixConfig {
             self.n,
             e2,
             self.hidden.unwrap_or(e2),
-            cfg.num_hidden_layers * e2,
+            cfg.num_hidden_layers * self.copies() * e2,
         )
     }
 
@@ -136,6 +158,7 @@ impl PeftMethod for AffixConfig {
             table: Table::load(params, "affix", self.projection)?,
             kind: self.kind,
             width: 2 * sites.config().intermediate_size,
+            copies: self.copies(),
         });
         for i in 0..sites.config().num_hidden_layers {
             sites.set_mixer_hook(i, hook.clone())?;
@@ -157,6 +180,13 @@ impl PeftMethod for AffixConfig {
     }
 }
 
+impl AffixConfig {
+    /// Token sets per layer: 2 with `per_direction`, else 1.
+    fn copies(&self) -> usize {
+        if self.per_direction { 2 } else { 1 }
+    }
+}
+
 /// One hook shared by every layer; it slices the layer's tokens from the table.
 #[derive(Debug)]
 pub(crate) struct AffixHook {
@@ -164,12 +194,15 @@ pub(crate) struct AffixHook {
     kind: AffixKind,
     /// 2E.
     width: usize,
+    /// Token sets per layer (1, or 2 with one per scan direction).
+    copies: usize,
 }
 
 impl AffixHook {
-    /// Layer `layer`'s tokens `[n, 2E]`.
+    /// Layer `layer`'s tokens `[n, 2E]` (its first set).
     pub(crate) fn tokens(&self, layer: usize) -> Result<Tensor> {
-        self.table.columns(Some((layer * self.width, self.width)))
+        self.table
+            .columns(Some((layer * self.copies * self.width, self.width)))
     }
 }
 
@@ -193,6 +226,15 @@ impl MixerHook for AffixHook {
             None => None,
         };
         Ok((aug, mask))
+    }
+
+    fn direction_prefix(&self, layer: usize, backward: bool) -> Result<Option<Tensor>> {
+        if self.kind != AffixKind::Prefix {
+            candle_core::bail!("affix: a bidirectional mixer takes prefix tokens only");
+        }
+        let set = usize::from(backward && self.copies > 1);
+        let start = (layer * self.copies + set) * self.width;
+        Ok(Some(self.table.columns(Some((start, self.width)))?))
     }
 
     fn after_out(&self, _layer: usize, out: Tensor) -> Result<Tensor> {

@@ -540,9 +540,6 @@ impl PeftModel for VimForImageClassification {
         if !extras.embedding.is_empty() {
             return refuse("a token-embedding method", "it has no token embedding");
         }
-        if !extras.mixer_hooks.is_empty() {
-            return refuse("affix", "affix-tuning on Vim is not implemented yet");
-        }
         if extras.lm_head.is_some() {
             return refuse(
                 "an LM head",
@@ -554,6 +551,18 @@ impl PeftModel for VimForImageClassification {
         }
         if let Some(h) = extras.input_hook {
             self.input_hook = Some(h);
+        }
+        let n = self.layers.len();
+        for (i, hook) in extras.mixer_hooks {
+            self.layers
+                .get_mut(i)
+                .ok_or_else(|| {
+                    PeftError::Contradictory(format!(
+                        "a method targets layer {i}, but the model has {n} layers"
+                    ))
+                })?
+                .mixer
+                .hook = Some(hook);
         }
         Ok(())
     }
@@ -631,6 +640,7 @@ impl PeftModel for VimForImageClassification {
 
     fn has_adapters(&self) -> bool {
         self.input_hook.is_some()
+            || self.layers.iter().any(|b| b.mixer.hook.is_some())
             || self.cls_token.adapter().is_some()
             || self.pos_embed.adapter().is_some()
             || self.layers.iter().any(|b| {

@@ -10,9 +10,9 @@ use rand::{Rng, SeedableRng};
 
 use super::config::{VimConfig, cls_index};
 use crate::error::{Error, Result};
-use crate::model::InputHook;
 use crate::model::layers::{Linear, Param, Projection, RmsNorm, linear_forward};
 use crate::model::selective::{BranchInput, SelectiveBranch};
+use crate::model::{InputHook, MixerHook};
 
 /// Train or eval. Drop-path only acts in training, and draws its masks from `seed` (one
 /// seed per step: resuming from a checkpoint replays the same masks).
@@ -98,9 +98,34 @@ pub struct VimMixer {
     pub forward_branch: SelectiveBranch,
     /// `conv1d_b`, `x_proj_b`, `dt_proj_b`, `A_b_log`, `D_b`.
     pub backward_branch: SelectiveBranch,
+    /// Affix-tuning: per-direction prefix tokens ([`MixerHook::direction_prefix`]).
+    pub hook: Option<Arc<dyn MixerHook>>,
     divide_out: bool,
     d_inner: usize,
     layer_idx: usize,
+}
+
+/// Runs `branch` on `x`, `z` `[b, L, E]` with `prefix` `[n, 2E]` tokens (X then Z) before
+/// them, and returns the outputs of the L real positions.
+fn run_branch(
+    branch: &SelectiveBranch,
+    x: &Tensor,
+    z: &Tensor,
+    prefix: Option<&Tensor>,
+) -> Result<Tensor> {
+    let Some(t) = prefix else {
+        return Ok(branch.as_ref().forward(x, z, BranchInput::default())?.0);
+    };
+    let (b, l, e) = x.dims3()?;
+    let n = t.dim(0)?;
+    let t = t
+        .to_dtype(x.dtype())?
+        .unsqueeze(0)?
+        .broadcast_as((b, n, 2 * e))?;
+    let x = Tensor::cat(&[&t.narrow(2, 0, e)?, x], 1)?.contiguous()?;
+    let z = Tensor::cat(&[&t.narrow(2, e, e)?, z], 1)?.contiguous()?;
+    let (y, _) = branch.as_ref().forward(&x, &z, BranchInput::default())?;
+    Ok(y.narrow(1, n, l)?.contiguous()?)
 }
 
 /// Reverses `t` along dim 1 (time).
@@ -128,6 +153,7 @@ impl VimMixer {
             out_proj: Projection::new(Linear::new(vb.pp("out_proj").get((d, e), "weight")?, None)),
             forward_branch: SelectiveBranch::new(dims, "", layer_idx, &vb)?,
             backward_branch: SelectiveBranch::new(dims, "_b", layer_idx, &vb)?,
+            hook: None,
             divide_out: cfg.divide_out,
             d_inner: e,
             layer_idx,
@@ -144,14 +170,18 @@ impl VimMixer {
         let xz = self.in_proj.forward(h)?;
         let x = xz.narrow(D::Minus1, 0, e)?.contiguous()?;
         let z = xz.narrow(D::Minus1, e, e)?.contiguous()?;
-        let (y_f, _) = self
-            .forward_branch
-            .as_ref()
-            .forward(&x, &z, BranchInput::default())?;
-        let (y_b, _) = self.backward_branch.as_ref().forward(
+        let prefix = |backward: bool| -> Result<Option<Tensor>> {
+            match &self.hook {
+                Some(h) => Ok(h.direction_prefix(self.layer_idx, backward)?),
+                None => Ok(None),
+            }
+        };
+        let y_f = run_branch(&self.forward_branch, &x, &z, prefix(false)?.as_ref())?;
+        let y_b = run_branch(
+            &self.backward_branch,
             &flip_time(&x)?,
             &flip_time(&z)?,
-            BranchInput::default(),
+            prefix(true)?.as_ref(),
         )?;
         let y_b = flip_time(&y_b)?;
         let y = (&y_f + &y_b)?;
