@@ -5,10 +5,6 @@
 //! adapter tensor (the head included), with base weights frozen; for mergeable methods every
 //! merged checkpoint tensor (`merged.*`, Additional-scan as an expanded-state model) and the
 //! merged model's logits; a method without a merged form is refused.
-//!
-//! Methods still to come on Vim (issue 13) are listed in [`NOT_YET`]; the test fails if a
-//! folder of another method is skipped, and if a listed one starts to be supported (so the
-//! list only shrinks).
 
 mod common;
 
@@ -22,9 +18,6 @@ use trainer::model::vim::{
     Mode, VimCheckpoint, VimForImageClassification, VimLoadOptions, classification_loss,
 };
 use trainer::peft::{Adapter, AdapterSpec, PeftError};
-
-/// Method folders whose method is not on Vim yet, by prefix.
-const NOT_YET: &[&str] = &["lora_patch_embed"];
 
 fn load(p: &Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(p, &Device::Cpu)
@@ -143,8 +136,11 @@ fn component_json(name: &str, hp: &Value, adapter: &HashMap<String, Tensor>) -> 
         return json!({"type": "parallel_adapter", "r": r, "s": s("s"), "dropout": 0.0});
     }
     if let Some(target) = name.strip_prefix("lora_") {
-        let r = dim0(adapter, &format!("layers.0.{target}.lora_A"))
-            .unwrap_or_else(|| panic!("{name}: no layers.0.{target}.lora_A"));
+        let a = match target {
+            "patch_embed" => "patch_embed.lora_A".to_string(),
+            t => format!("layers.0.{t}.lora_A"),
+        };
+        let r = dim0(adapter, &a).unwrap_or_else(|| panic!("{name}: no {a}"));
         return json!({"type": "lora", "targets": target, "r": r, "s": s(&format!("s_{target}")),
                       "dropout": 0.0});
     }
@@ -315,23 +311,6 @@ fn every_vim_method_folder_matches_the_reference() {
         for name in names {
             let dir = root.join(name);
             let meta = common::read_json(&dir.join("method.json"));
-            if NOT_YET.iter().any(|p| name.starts_with(p)) {
-                // Still to come: the spec is refused with a message naming Vim, never run
-                // with wrong numbers.
-                let kind = name.split('_').next().unwrap_or(name);
-                let probe = match kind {
-                    "prompt" => json!({"type": "prompt", "n": 2}),
-                    "affix" => json!({"type": "affix", "n": 2}),
-                    _ => json!({"type": "lora", "targets": "embedding", "r": 2}),
-                };
-                let spec = AdapterSpec::from_value(&probe).expect("probe spec");
-                let err = Adapter::init(&spec, &base, 0).expect_err(name);
-                assert!(
-                    matches!(err, PeftError::Unsupported { .. }) && err.to_string().contains("vim"),
-                    "{name}: {err}"
-                );
-                continue;
-            }
             let worst = run(&dir, &base, &meta);
             eprintln!("{}: ok (grad rel ≤ {worst:.1e})", common::label(&dir));
             ran += 1;

@@ -55,7 +55,7 @@ impl DoraConfig {
             .iter()
             .map(|t| match LoraTarget::parse("dora", t, DORA_TARGETS)? {
                 LoraTarget::Proj(p) => Ok(p),
-                LoraTarget::Embedding => Err(PeftError::UnknownTarget {
+                LoraTarget::Embedding | LoraTarget::PatchEmbed => Err(PeftError::UnknownTarget {
                     method: "dora".into(),
                     target: t.clone(),
                     valid: DORA_TARGETS.iter().map(|s| s.to_string()).collect(),

@@ -91,6 +91,7 @@ fn same_peft_view(a: &AdapterSpec, b: &AdapterSpec) -> bool {
 fn peft_module(t: LoraTarget) -> &'static str {
     match t {
         LoraTarget::Embedding => "embeddings",
+        LoraTarget::PatchEmbed => "patch_embed",
         LoraTarget::Proj(p) => p.name(),
     }
 }

@@ -7,6 +7,11 @@
 //! weight path W + scale·BA that MambaPEFT uses for x_proj/dt_proj (dropout is 0 there).
 //! LoRA(dt_proj) acts on `dt_proj.weight` in both forward and merge (PEFT's unmerged
 //! forward skips it on HF Mamba; see the fixtures README).
+//!
+//! On a vision model, LoRA on the patch embedding (§4.4, MambaPEFT's Conv2dAdapter): down =
+//! a conv with the patch kernel and stride (`patch_embed.lora_A` `[r, C, p, p]`), up = a 1×1
+//! conv (`patch_embed.lora_B` `[D, r]`), dropout between; written as one more low-rank term on
+//! the flattened kernel, so it merges as kernel += s·up·down.
 
 use std::sync::Arc;
 
@@ -15,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{PeftError, PeftResult};
 use super::init::InitRng;
-use super::sites::{Dir, EmbeddingPart, LinearPart, Proj, Runtime, Sites, Stage, dims};
+use super::sites::{Dir, EmbeddingPart, LinearPart, LinearSite, Proj, Runtime, Sites, Stage, dims};
 use super::spec::{check_float, check_range, one_or_many};
 use super::target::{ModelShape, PeftBase};
 use super::{ParamShape, Params, PeftMethod};
@@ -25,15 +30,25 @@ use crate::model::layers::{LowRankTerm, embedding_lookup, linear_forward};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LoraTarget {
     Embedding,
+    /// A vision model's patch embedding.
+    PatchEmbed,
     Proj(Proj),
 }
 
-pub(crate) const LORA_TARGETS: &[&str] = &["embedding", "in_proj", "x_proj", "dt_proj", "out_proj"];
+pub(crate) const LORA_TARGETS: &[&str] = &[
+    "embedding",
+    "patch_embed",
+    "in_proj",
+    "x_proj",
+    "dt_proj",
+    "out_proj",
+];
 
 impl LoraTarget {
     pub fn parse(method: &str, s: &str, valid: &[&str]) -> PeftResult<Self> {
         let t = match s {
             "embedding" | "embeddings" => LoraTarget::Embedding,
+            "patch_embed" => LoraTarget::PatchEmbed,
             "in_proj" => LoraTarget::Proj(Proj::In),
             "x_proj" => LoraTarget::Proj(Proj::X),
             "dt_proj" => LoraTarget::Proj(Proj::Dt),
@@ -59,6 +74,7 @@ impl LoraTarget {
     pub fn name(self) -> &'static str {
         match self {
             LoraTarget::Embedding => "embedding",
+            LoraTarget::PatchEmbed => "patch_embed",
             LoraTarget::Proj(p) => p.name(),
         }
     }
@@ -68,6 +84,7 @@ impl LoraTarget {
     fn shape(self, cfg: &ModelShape) -> (usize, usize) {
         match self {
             LoraTarget::Embedding => (cfg.vocab_size.unwrap_or(0), cfg.hidden_size),
+            LoraTarget::PatchEmbed => (cfg.hidden_size, patch_inputs(cfg)),
             LoraTarget::Proj(p) => p.shape(cfg),
         }
     }
@@ -77,6 +94,7 @@ impl LoraTarget {
     fn defaults(self) -> (usize, f64, f64) {
         match self {
             LoraTarget::Embedding => (32, 1.0, 0.0),
+            LoraTarget::PatchEmbed => (32, 1.0, 0.1),
             LoraTarget::Proj(Proj::In) => (32, 0.1, 0.1),
             LoraTarget::Proj(Proj::X) => (64, 0.1, 0.0),
             LoraTarget::Proj(Proj::Dt) => (64, 0.1, 0.0),
@@ -166,6 +184,7 @@ impl LoraConfig {
 /// embedding).
 pub(crate) fn lora_names(t: LoraTarget, at: Option<(usize, Dir)>) -> (String, String) {
     match (t, at) {
+        (LoraTarget::PatchEmbed, _) => ("patch_embed.lora_A".into(), "patch_embed.lora_B".into()),
         (LoraTarget::Embedding, _) | (_, None) => {
             ("embeddings.lora_A".into(), "embeddings.lora_B".into())
         }
@@ -252,6 +271,13 @@ impl PeftMethod for LoraConfig {
             if *t == LoraTarget::Embedding {
                 cfg.vocab("lora on the embedding")?;
             }
+            if *t == LoraTarget::PatchEmbed && cfg.vision.is_none() {
+                return Err(PeftError::Unsupported {
+                    method: "lora on patch_embed".into(),
+                    family: cfg.family.name().into(),
+                    why: "it has no patch embedding (its token embedding is `embedding`)".into(),
+                });
+            }
             let (out, inp) = t.shape(cfg);
             check_rank("lora", t.name(), self.rank(*t), out, inp)?;
             check_scale("lora", "scale", self.scale(*t))?;
@@ -281,6 +307,12 @@ impl PeftMethod for LoraConfig {
                     out.push((a, vec![o, r]));
                     out.push((b, vec![r, i]));
                 }
+                LoraTarget::PatchEmbed => {
+                    let (a, b) = lora_names(t, None);
+                    let (c, p) = cfg.vision.map_or((0, 0), |v| (v.channels, v.patch_size));
+                    out.push((a, vec![r, c, p, p]));
+                    out.push((b, vec![o, r]));
+                }
                 LoraTarget::Proj(p) => {
                     for at in cfg.proj_copies(p) {
                         let (a, b) = lora_names(t, Some(at));
@@ -305,7 +337,8 @@ impl PeftMethod for LoraConfig {
                     rng.zeros(&shape)?
                 }
             } else if is_a || !self.zero_init {
-                let fan_in = shape.get(1).copied().unwrap_or(1);
+                // Fan-in: every input of one output (the whole kernel for the patch conv).
+                let fan_in = shape.iter().skip(1).product::<usize>().max(1);
                 rng.kaiming_uniform(&name, &shape, fan_in)?
             } else {
                 rng.zeros(&shape)?
@@ -326,6 +359,21 @@ impl PeftMethod for LoraConfig {
                         b: params.get(&b)?,
                         scale,
                     }));
+                }
+                LoraTarget::PatchEmbed => {
+                    let (a, b) = lora_names(t, None);
+                    let (_, inputs) = t.shape(sites.config());
+                    let a = params.get(&a)?;
+                    let r = a.dim(0)?;
+                    sites.add_site_linear(
+                        LinearSite::PatchEmbed,
+                        Arc::new(PatchLora {
+                            down: a.reshape((r, inputs))?,
+                            up: params.get(&b)?,
+                            scale,
+                            dropout: self.dropout_for(t),
+                        }),
+                    );
                 }
                 LoraTarget::Proj(p) => {
                     let (out, _) = p.shape(sites.config());
@@ -396,6 +444,40 @@ impl LinearPart for LowRank {
         } else {
             delta.pad_with_zeros(0, start, total - start - len)?
         };
+        Ok(Some((w + delta.to_dtype(w.dtype())?)?))
+    }
+}
+
+/// Inputs of one patch: C·p·p (0 for a model without patches).
+fn patch_inputs(cfg: &ModelShape) -> usize {
+    cfg.vision
+        .map_or(0, |v| v.channels * v.patch_size * v.patch_size)
+}
+
+/// The patch embedding's LoRA on the flattened kernel: y += s·up(drop(down·x)), dropout
+/// between the two convolutions as MambaPEFT's Conv2dAdapter has it.
+#[derive(Debug)]
+pub(crate) struct PatchLora {
+    /// `[r, C·p·p]`.
+    down: Tensor,
+    /// `[D, r]`.
+    up: Tensor,
+    scale: f64,
+    dropout: f64,
+}
+
+impl LinearPart for PatchLora {
+    fn stage(&self) -> Stage {
+        Stage::Add
+    }
+
+    fn output(&self, x: &Tensor, y: Tensor, rt: &Runtime) -> Result<Tensor> {
+        let h = rt.dropout(&linear_forward(x, &self.down, None)?, self.dropout)?;
+        y + (linear_forward(&h, &self.up, None)? * self.scale)?
+    }
+
+    fn merge(&self, w: &Tensor) -> Result<Option<Tensor>> {
+        let delta = (self.up.matmul(&self.down)? * self.scale)?;
         Ok(Some((w + delta.to_dtype(w.dtype())?)?))
     }
 }

@@ -108,6 +108,24 @@ impl Slot {
     }
 }
 
+/// A matrix a method can adapt: a mixer's projection (per layer and direction), or a vision
+/// model's patch embedding (its kernel flattened to `[D, C·p·p]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LinearSite {
+    Mixer(usize, Proj, Dir),
+    PatchEmbed,
+}
+
+impl LinearSite {
+    /// For messages: `layers.{i}.x_proj_b`, `patch_embed`.
+    pub fn name(self) -> String {
+        match self {
+            LinearSite::Mixer(i, proj, dir) => format!("layers.{i}.{}", proj.site_name(dir)),
+            LinearSite::PatchEmbed => "patch_embed".into(),
+        }
+    }
+}
+
 /// A tensor parameter a method can adapt: one of a mixer's (per layer and direction), or a
 /// vision model's class token or position embedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -254,7 +272,7 @@ pub struct Sites<'a> {
     base: &'a dyn PeftBase,
     shape: ModelShape,
     runtime: Arc<Runtime>,
-    pub(crate) linear: BTreeMap<(usize, Proj, Dir), Vec<Arc<dyn LinearPart>>>,
+    pub(crate) linear: BTreeMap<LinearSite, Vec<Arc<dyn LinearPart>>>,
     pub(crate) params: BTreeMap<ParamSite, Vec<Arc<dyn ParamPart>>>,
     pub(crate) extras: Extras,
     pub(crate) replacement: Option<std::collections::HashMap<String, Tensor>>,
@@ -287,10 +305,11 @@ impl<'a> Sites<'a> {
     }
 
     pub fn add_linear(&mut self, layer: usize, proj: Proj, dir: Dir, part: Arc<dyn LinearPart>) {
-        self.linear
-            .entry((layer, proj, dir))
-            .or_default()
-            .push(part);
+        self.add_site_linear(LinearSite::Mixer(layer, proj, dir), part);
+    }
+
+    pub fn add_site_linear(&mut self, site: LinearSite, part: Arc<dyn LinearPart>) {
+        self.linear.entry(site).or_default().push(part);
     }
 
     pub fn add_param(&mut self, site: ParamSite, part: Arc<dyn ParamPart>) {
@@ -360,15 +379,14 @@ impl<'a> Sites<'a> {
         };
         let rt = self.runtime;
         let n_layers = self.shape.num_hidden_layers;
-        for ((i, proj, dir), parts) in self.linear {
-            let site = model.projection_mut(i, proj, dir).ok_or_else(|| {
+        for (site, parts) in self.linear {
+            let proj = model.projection_mut(site).ok_or_else(|| {
                 PeftError::Contradictory(format!(
-                    "a method targets layer {i}'s {}, which this model (of {n_layers} layers) \
-                     does not have",
-                    proj.site_name(dir)
+                    "a method targets {}, which this model (of {n_layers} layers) does not have",
+                    site.name()
                 ))
             })?;
-            site.set_adapter(Some(Arc::new(SiteLinear::new(parts, rt.clone()))));
+            proj.set_adapter(Some(Arc::new(SiteLinear::new(parts, rt.clone()))));
         }
         for (site, parts) in self.params {
             let param = model.param_mut(site).ok_or_else(|| match site {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{PeftError, PeftResult};
-use super::sites::{Dir, EmbeddingPart, ParamSite, Proj, SiteEmbedding, Slot};
+use super::sites::{Dir, EmbeddingPart, LinearSite, ParamSite, Proj, SiteEmbedding, Slot};
 use crate::model::layers::{Param, Projection};
 use crate::model::selective::SelectiveBranch;
 use crate::model::vim::{VimConfig, VimForImageClassification};
@@ -58,6 +58,9 @@ pub struct VisionShape {
     /// Tokens with the class token: M + 1 (the rows of `pos_embed`).
     pub tokens: usize,
     pub num_classes: usize,
+    /// Image channels C and patch size p: the patch embedding's kernel is `[D, C, p, p]`.
+    pub channels: usize,
+    pub patch_size: usize,
 }
 
 impl ModelShape {
@@ -145,6 +148,8 @@ impl From<&VimConfig> for ModelShape {
             vision: Some(VisionShape {
                 tokens: cfg.seq_len(),
                 num_classes: cfg.num_classes,
+                channels: cfg.channels,
+                patch_size: cfg.patch_size,
             }),
             description: format!(
                 "vim img_size={:?} patch_size={} stride={} channels={} embed_dim={} depth={} \
@@ -216,8 +221,8 @@ fn vim_weight_shapes(cfg: &VimConfig) -> Vec<super::ParamShape> {
 /// identity start, Additional-scan's neighbour copy, full fine-tuning's copy).
 pub trait PeftBase {
     fn peft_shape(&self) -> ModelShape;
-    /// The projection `proj` of layer `layer` in direction `dir` (shared projectors: `Fwd`).
-    fn projection(&self, layer: usize, proj: Proj, dir: Dir) -> Option<&Projection>;
+    /// The matrix at `site` (shared projectors are `Dir::Fwd`).
+    fn projection(&self, site: LinearSite) -> Option<&Projection>;
     fn param(&self, site: ParamSite) -> Option<&Param>;
     /// Every base tensor under its checkpoint name.
     fn named_weights(&self) -> Vec<(String, Tensor)>;
@@ -236,7 +241,7 @@ pub(crate) fn base_weight(
     proj: Proj,
     dir: Dir,
 ) -> PeftResult<&Tensor> {
-    base.projection(layer, proj, dir)
+    base.projection(LinearSite::Mixer(layer, proj, dir))
         .map(|p| p.base().weight())
         .ok_or_else(|| missing_site(base, format!("layers.{layer}.{}", proj.site_name(dir))))
 }
@@ -257,7 +262,7 @@ fn missing_site(base: &dyn PeftBase, name: String) -> PeftError {
 
 /// A model the folded composites can be installed on.
 pub trait PeftModel: PeftBase + Clone + Sized {
-    fn projection_mut(&mut self, layer: usize, proj: Proj, dir: Dir) -> Option<&mut Projection>;
+    fn projection_mut(&mut self, site: LinearSite) -> Option<&mut Projection>;
     fn param_mut(&mut self, site: ParamSite) -> Option<&mut Param>;
     /// The family-specific seams (token embedding, sequence hooks, heads); see [`Extras`].
     fn install(&mut self, extras: Extras) -> PeftResult<()>;
@@ -301,7 +306,10 @@ impl PeftBase for MambaForCausalLM {
         self.config().into()
     }
 
-    fn projection(&self, layer: usize, proj: Proj, dir: Dir) -> Option<&Projection> {
+    fn projection(&self, site: LinearSite) -> Option<&Projection> {
+        let LinearSite::Mixer(layer, proj, dir) = site else {
+            return None;
+        };
         let m = &self.backbone.layers.get(layer)?.mixer;
         match (proj, dir) {
             (Proj::In, Dir::Fwd) => Some(&m.in_proj),
@@ -344,7 +352,10 @@ impl PeftBase for MambaForCausalLM {
 }
 
 impl PeftModel for MambaForCausalLM {
-    fn projection_mut(&mut self, layer: usize, proj: Proj, dir: Dir) -> Option<&mut Projection> {
+    fn projection_mut(&mut self, site: LinearSite) -> Option<&mut Projection> {
+        let LinearSite::Mixer(layer, proj, dir) = site else {
+            return None;
+        };
         let m = &mut self.backbone.layers.get_mut(layer)?.mixer;
         match (proj, dir) {
             (Proj::In, Dir::Fwd) => Some(&mut m.in_proj),
@@ -465,7 +476,10 @@ impl PeftBase for VimForImageClassification {
         (&self.config).into()
     }
 
-    fn projection(&self, layer: usize, proj: Proj, dir: Dir) -> Option<&Projection> {
+    fn projection(&self, site: LinearSite) -> Option<&Projection> {
+        let LinearSite::Mixer(layer, proj, dir) = site else {
+            return Some(&self.patch_embed.proj);
+        };
         let m = &self.layers.get(layer)?.mixer;
         let branch = match dir {
             Dir::Fwd => &m.forward_branch,
@@ -508,7 +522,10 @@ impl PeftBase for VimForImageClassification {
 }
 
 impl PeftModel for VimForImageClassification {
-    fn projection_mut(&mut self, layer: usize, proj: Proj, dir: Dir) -> Option<&mut Projection> {
+    fn projection_mut(&mut self, site: LinearSite) -> Option<&mut Projection> {
+        let LinearSite::Mixer(layer, proj, dir) = site else {
+            return Some(&mut self.patch_embed.proj);
+        };
         let m = &mut self.layers.get_mut(layer)?.mixer;
         match (proj, dir) {
             (Proj::In, Dir::Fwd) => Some(&mut m.in_proj),
@@ -591,7 +608,7 @@ impl PeftModel for VimForImageClassification {
             for proj in [Proj::In, Proj::X, Proj::Dt, Proj::Out] {
                 for &dir in shape.proj_dirs(proj) {
                     let name = format!("layers.{i}.mixer.{}.weight", proj.site_name(dir));
-                    let Some(p) = self.projection(i, proj, dir) else {
+                    let Some(p) = self.projection(LinearSite::Mixer(i, proj, dir)) else {
                         continue;
                     };
                     if let Some(a) = p.adapter() {
@@ -617,6 +634,13 @@ impl PeftModel for VimForImageClassification {
                 }
             }
         }
+        if let Some(a) = self.patch_embed.proj.adapter() {
+            let w = a
+                .merged_weight(self.patch_embed.proj.base())?
+                .ok_or_else(|| not_mergeable("patch_embed".into()))?;
+            let kernel = self.patch_embed.kernel_shape();
+            t.insert("patch_embed.proj.weight".into(), w.reshape(kernel)?);
+        }
         for (site, p) in [
             (ParamSite::ClsToken, &self.cls_token),
             (ParamSite::PosEmbed, &self.pos_embed),
@@ -640,6 +664,7 @@ impl PeftModel for VimForImageClassification {
 
     fn has_adapters(&self) -> bool {
         self.input_hook.is_some()
+            || self.patch_embed.proj.adapter().is_some()
             || self.layers.iter().any(|b| b.mixer.hook.is_some())
             || self.cls_token.adapter().is_some()
             || self.pos_embed.adapter().is_some()

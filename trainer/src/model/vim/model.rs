@@ -10,7 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::config::{VimConfig, cls_index};
 use crate::error::{Error, Result};
-use crate::model::layers::{Linear, Param, Projection, RmsNorm, linear_forward};
+use crate::model::layers::{Linear, Param, Projection, RmsNorm};
 use crate::model::selective::{BranchInput, SelectiveBranch};
 use crate::model::{InputHook, MixerHook};
 
@@ -27,13 +27,13 @@ pub enum Mode {
 pub type Trace = BTreeMap<String, Tensor>;
 
 /// `Conv2d(channels, D, kernel = patch, stride)` written as a gather of patch pixels and one
-/// matmul, so any stride (overlapping patches included) has a plain autograd backward.
+/// matmul, so any stride (overlapping patches included) has a plain autograd backward. The
+/// kernel is held flattened, `[D, C·p·p]` with its bias, as a [`Projection`] (the PEFT site of
+/// LoRA on the patch embedding).
 #[derive(Clone, Debug)]
 pub struct PatchEmbed {
-    /// `[D, C, p, p]`.
-    pub weight: Param,
-    /// `[D]`.
-    pub bias: Param,
+    pub proj: Projection,
+    channels: usize,
     patch: usize,
     stride: usize,
 }
@@ -43,11 +43,34 @@ impl PatchEmbed {
         let (d, c, p) = (cfg.embed_dim, cfg.channels, cfg.patch_size);
         let vb = vb.pp("patch_embed").pp("proj");
         Ok(PatchEmbed {
-            weight: Param::new(vb.get((d, c, p, p), "weight")?),
-            bias: Param::new(vb.get(d, "bias")?),
+            proj: Projection::new(Linear::new(
+                vb.get((d, c, p, p), "weight")?.reshape((d, c * p * p))?,
+                Some(vb.get(d, "bias")?),
+            )),
+            channels: c,
             patch: p,
             stride: cfg.stride,
         })
+    }
+
+    /// The kernel in the checkpoint's shape `[D, C, p, p]`.
+    pub fn kernel(&self) -> Tensor {
+        let w = self.proj.base().weight();
+        // The flat kernel was made from this shape, so the reshape cannot fail.
+        w.reshape(self.kernel_shape()).unwrap_or_else(|_| w.clone())
+    }
+
+    /// The checkpoint's kernel shape `[D, C, p, p]`.
+    pub fn kernel_shape(&self) -> (usize, usize, usize, usize) {
+        let d = self
+            .proj
+            .base()
+            .weight()
+            .dims()
+            .first()
+            .copied()
+            .unwrap_or(0);
+        (d, self.channels, self.patch, self.patch)
     }
 
     /// `[B, C, H, W]` → `[B, gh·gw, D]`, patches in row-major grid order.
@@ -81,10 +104,7 @@ impl PatchEmbed {
             .reshape((b, c * h * w))?
             .index_select(&idx, 1)?
             .reshape((b, gh * gw, c * p * p))?;
-        let weight = self.weight.value()?;
-        let d = weight.dim(0)?;
-        let weight = weight.reshape((d, c * p * p))?;
-        Ok(linear_forward(&cols, &weight, Some(&self.bias.value()?))?)
+        Ok(self.proj.forward(&cols)?)
     }
 }
 
@@ -276,18 +296,15 @@ impl VimForImageClassification {
 
     /// Every base tensor under its official (hustvl) checkpoint name.
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![
-            (
-                "patch_embed.proj.weight".to_string(),
-                self.patch_embed.weight.base().clone(),
-            ),
-            (
-                "patch_embed.proj.bias".to_string(),
-                self.patch_embed.bias.base().clone(),
-            ),
+        let pe = &self.patch_embed;
+        let mut out = vec![("patch_embed.proj.weight".to_string(), pe.kernel())];
+        if let Some(b) = pe.proj.base().bias() {
+            out.push(("patch_embed.proj.bias".to_string(), b.clone()));
+        }
+        out.extend([
             ("cls_token".to_string(), self.cls_token.base().clone()),
             ("pos_embed".to_string(), self.pos_embed.base().clone()),
-        ];
+        ]);
         for (i, block) in self.layers.iter().enumerate() {
             let p = format!("layers.{i}");
             out.push((format!("{p}.norm.weight"), block.norm.weight().clone()));
@@ -497,8 +514,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (16, 3, p, p), &dev)?;
             let b = Tensor::randn(0f32, 1.0, 16, &dev)?;
             let pe = PatchEmbed {
-                weight: Param::new(w.clone()),
-                bias: Param::new(b.clone()),
+                proj: Projection::new(Linear::new(w.reshape((16, 3 * p * p))?, Some(b.clone()))),
                 ..pe
             };
             let x = Tensor::randn(0f32, 1.0, (2, 3, img[0], img[1]), &dev)?;
