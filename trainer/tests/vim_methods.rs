@@ -346,3 +346,80 @@ fn an_adapter_for_another_family_is_refused_naming_both() {
     let cfg = common::read_json(&dir.path().join(trainer::peft::CONFIG_FILE));
     assert_eq!(cfg["family"], "mamba", "{cfg}");
 }
+
+/// Methods with no Vim fixture (full fine-tuning, BitFit, DoRA, linear probing) and every
+/// fixture method's spec: a freshly initialised adapter leaves the features unchanged (the
+/// head starts at zero), and with random values the merged model equals the adapted one.
+#[test]
+fn zero_init_preserves_the_features_and_merged_equals_unmerged() {
+    for (root, index, base_dir) in common::method_sets_of(Family::Vim) {
+        let base = base_model(&base_dir);
+        let pixels = &load(&root.join("base").join("expected.safetensors"))["pixel_values"];
+        let want = base
+            .forward_features(pixels, Mode::Eval, None)
+            .expect("features");
+        let mut specs = vec![
+            json!({"type": "full"}),
+            json!({"type": "bitfit"}),
+            json!({"type": "dora", "targets": ["in_proj", "out_proj", "x_proj"], "r": 2}),
+            json!({"type": "linear_probe"}),
+            json!({"type": "lora", "targets": ["patch_embed", "dt_proj"], "r": 2}),
+        ];
+        for m in index["methods"].as_array().expect("methods") {
+            let dir = root.join(m["name"].as_str().expect("name"));
+            let meta = common::read_json(&dir.join("method.json"));
+            let adapter = load(&dir.join("adapter.safetensors"));
+            specs.push(spec_for(&meta, &adapter).to_value());
+        }
+        for v in specs {
+            let spec = AdapterSpec::from_value(&v).expect("spec");
+            let label = format!("{}: {v}", common::label(&root));
+            let adapter = Adapter::init(&spec, &base, 7).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let adds_state = v["type"] == "additional_scan"
+                || v["methods"]
+                    .as_array()
+                    .is_some_and(|m| m.iter().any(|m| m["type"] == "additional_scan"));
+            let inserts = matches!(v["type"].as_str(), Some("prompt" | "affix"));
+            if !adds_state && !inserts {
+                let got = adapter
+                    .apply(&base)
+                    .expect("apply")
+                    .forward_features(pixels, Mode::Eval, None)
+                    .expect("features");
+                let d = diff(&got, &want);
+                assert!(
+                    d <= 2e-6,
+                    "{label}: a fresh adapter moves the features by {d}"
+                );
+            }
+            // Random values everywhere (B factors, deltas, head), then merge.
+            let random: HashMap<String, Tensor> = adapter
+                .named_tensors()
+                .into_iter()
+                .map(|(n, t)| {
+                    let noise = Tensor::randn(0f32, 0.05, t.dims(), &Device::Cpu).expect("randn");
+                    (n, (t + noise).expect("add"))
+                })
+                .collect();
+            let adapter = Adapter::from_tensors(&spec, &base, random).expect("from_tensors");
+            let unmerged = adapter
+                .apply(&base)
+                .expect("apply")
+                .forward(pixels, Mode::Eval, None)
+                .expect("forward");
+            match adapter.merge(&base) {
+                Ok(m) => {
+                    let merged = m
+                        .model()
+                        .expect("merged model")
+                        .forward(pixels, Mode::Eval, None)
+                        .expect("merged forward");
+                    let d = diff(&merged, &unmerged);
+                    assert!(d <= 1e-4, "{label}: merged differs from unmerged by {d}");
+                }
+                Err(PeftError::NotMergeable { .. }) if v["type"] == "parallel_adapter" => {}
+                Err(e) => panic!("{label}: merge: {e}"),
+            }
+        }
+    }
+}
