@@ -31,7 +31,7 @@ use trainer::kernels::bench::{BenchShape, scan_fwd, scan_fwd_bwd};
 use trainer::model::{Checkpoint, MambaConfig, MambaForCausalLM, ModelInput};
 use trainer::peft::AdapterSpec;
 use trainer::train::data::Batch;
-use trainer::train::engine::{Trainable, optimizer_step};
+use trainer::train::engine::{MicroBatch, Trainable, optimizer_step};
 use trainer::train::full::FullModel;
 use trainer::train::{AdamW, AdapterTrainable};
 
@@ -483,7 +483,7 @@ impl Bench {
                 scored: b * (l - 1),
                 tokens: b * l,
             };
-            let batches = [batch];
+            let batches = [MicroBatch::Tokens(batch)];
             let mut n = 0u64;
             let mut step = || -> Result<()> {
                 n += 1;
@@ -971,12 +971,12 @@ mod tests {
         );
         let mut opt = AdamW::new(t.param_groups()?, 1e-2, 0.9, 0.999, 1e-8)?;
         let ids = Tensor::from_vec(Lcg(3).tokens(2 * 8, cfg.vocab_size), (2, 8), &Device::Cpu)?;
-        let batches = [Batch {
+        let batches = [MicroBatch::Tokens(Batch {
             labels: ids.to_dtype(DType::I64)?,
             input_ids: ids,
             scored: 2 * 7,
             tokens: 2 * 8,
-        }];
+        })];
         let before_w = base.named_weights();
         let first = optimizer_step(&t, &mut opt, &batches, 1.0, 1.0, 1)?.loss;
         let mut last = first;

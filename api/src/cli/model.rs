@@ -1,5 +1,6 @@
-//! `molt model forward` and `molt model generate`: check a model folder from the command
-//! line without writing code.
+//! `molt model forward`, `molt model generate` and `molt model classify`: check a model folder
+//! from the command line without writing code. The family is read from the folder's
+//! `config.json`: a language model takes token ids, a Vision Mamba takes images.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -8,7 +9,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use trainer::generate::{FinishReason, GenerationConfig, generate};
-use trainer::model::{IGNORE_INDEX, LoadOptions, MambaForCausalLM, ModelInput, causal_lm_loss};
+use trainer::model::vim::{
+    EvalTransform, Mode, VimForImageClassification, VimLoadOptions, classification_loss,
+};
+use trainer::model::{
+    Family, IGNORE_INDEX, LoadOptions, MambaForCausalLM, ModelInput, causal_lm_loss,
+};
 use trainer::tokenizer::Tokenizer;
 
 #[derive(clap::Subcommand, Debug)]
@@ -19,6 +25,38 @@ pub enum ModelCommand {
     /// Generate a continuation of one or more prompts (needs tokenizer.json in the model
     /// folder).
     Generate(GenerateArgs),
+    /// Classify image files with a Vision Mamba (after its evaluation transform: resize,
+    /// centre crop, ImageNet normalisation) and print the top-k classes of each.
+    Classify(ClassifyArgs),
+}
+
+/// The most images one `molt model classify` takes (they are decoded together).
+const MAX_CLASSIFY_IMAGES: usize = 1024;
+
+#[derive(clap::Args, Debug)]
+pub struct ClassifyArgs {
+    /// Vision Mamba folder: config.json and weights.
+    #[arg(long, env = "MOLT_MODEL")]
+    pub model: PathBuf,
+
+    /// PEFT adapter folder to apply on top of the model.
+    #[arg(long, env = "MOLT_ADAPTER")]
+    pub adapter: Option<PathBuf>,
+
+    /// How many classes to print per image, most likely first.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: OutputFormat,
+
+    /// Device: `cpu`, or `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, env = "MOLT_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Image files (PNG, JPEG, WebP), at most 1024.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -33,12 +71,15 @@ pub struct ForwardArgs {
     #[arg(long, env = "MOLT_ADAPTER")]
     pub adapter: Option<PathBuf>,
 
-    /// Safetensors file holding `input_ids` [B, L] (I64 or U32), and optionally
+    /// Safetensors file. A language model: `input_ids` [B, L] (I64 or U32), and optionally
     /// `attention_mask` [B, L] (0 = padding) and `labels` [B, L] (I64, -100 = not scored).
+    /// A Vision Mamba: `pixel_values` F32 [B, 3, H, W] (normalised), optionally `labels`
+    /// [B] (I64).
     #[arg(long)]
     pub input: PathBuf,
 
-    /// Where to write `logits` (F32 [B, L, V]) and, with --loss, `loss` (F32 [1]).
+    /// Where to write `logits` (F32 [B, L, V], or [B, C] for images) and, with --loss, `loss`
+    /// (F32 [1]).
     #[arg(long)]
     pub output: PathBuf,
 
@@ -105,9 +146,176 @@ pub struct GenerateArgs {
 
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
+        ModelCommand::Forward(a) if family(&a.model)? == Family::Vim => forward_vision(a),
         ModelCommand::Forward(a) => forward(a),
-        ModelCommand::Generate(a) => generate_cmd(a),
+        ModelCommand::Generate(a) => {
+            if family(&a.model)? == Family::Vim {
+                bail!(
+                    "{}: a Vision Mamba classifies images; use `molt model classify`",
+                    a.model.display()
+                );
+            }
+            generate_cmd(a)
+        }
+        ModelCommand::Classify(a) => classify(a),
     }
+}
+
+fn family(dir: &Path) -> Result<Family> {
+    trainer::model::family::detect_dir(dir)
+        .with_context(|| format!("--model {}: reading its config.json", dir.display()))
+}
+
+fn load_vision(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: &str,
+) -> Result<VimForImageClassification> {
+    let opts = VimLoadOptions {
+        load: LoadOptions {
+            device: api::training::parse_device(device)
+                .map_err(|e| anyhow::anyhow!("--device: {e}"))?,
+            ..LoadOptions::default()
+        },
+        ..VimLoadOptions::default()
+    };
+    let base = VimForImageClassification::load(dir, &opts)
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    let Some(a) = adapter else {
+        return Ok(base);
+    };
+    let adapter = trainer::peft::Adapter::load(a, &base)
+        .with_context(|| format!("--adapter {}: loading the adapter", a.display()))?;
+    adapter.inference_model(&base).with_context(|| {
+        format!(
+            "--adapter {}: applying it to {}",
+            a.display(),
+            dir.display()
+        )
+    })
+}
+
+fn forward_vision(a: ForwardArgs) -> Result<()> {
+    let inputs = read_inputs(&a.input)?;
+    let model = load_vision(&a.model, a.adapter.as_deref(), &a.device)?;
+    let label = a.input.display().to_string();
+    let pixels = inputs
+        .get("pixel_values")
+        .with_context(|| format!("{label}: no `pixel_values` tensor ({})", names(&inputs)))?;
+    if pixels.dtype() != DType::F32 {
+        bail!(
+            "{label}: pixel_values: dtype {:?}, expected F32",
+            pixels.dtype()
+        );
+    }
+    let device = model.head.weight().device().clone();
+    let logits = model
+        .forward(&pixels.to_device(&device)?, Mode::Eval, None)
+        .with_context(|| label.clone())?;
+    let mut out: HashMap<String, Tensor> = HashMap::new();
+    if a.loss {
+        let labels = inputs
+            .get("labels")
+            .with_context(|| format!("{label}: --loss needs a `labels` tensor [B]"))?;
+        let loss = classification_loss(&logits, &labels.to_device(&device)?)
+            .with_context(|| label.clone())?;
+        tracing::info!(loss = loss.to_scalar::<f32>()?, "loss");
+        out.insert("loss".into(), loss.reshape(1)?.to_device(&Device::Cpu)?);
+    }
+    out.insert("logits".into(), logits.to_device(&Device::Cpu)?);
+    write_atomically(&a.output, &out)
+}
+
+fn classify(a: ClassifyArgs) -> Result<()> {
+    if a.images.len() > MAX_CLASSIFY_IMAGES {
+        bail!(
+            "{} images given; `molt model classify` takes at most {MAX_CLASSIFY_IMAGES} at once",
+            a.images.len()
+        );
+    }
+    if family(&a.model)? != Family::Vim {
+        bail!(
+            "{}: not an image classifier; `molt model classify` needs a Vision Mamba",
+            a.model.display()
+        );
+    }
+    let model = load_vision(&a.model, a.adapter.as_deref(), &a.device)?;
+    let classes = model.config.num_classes;
+    if a.top_k == 0 || a.top_k > classes {
+        bail!(
+            "--top-k {}: must be between 1 and the model's {classes} classes",
+            a.top_k
+        );
+    }
+    let device = model.head.weight().device().clone();
+    let transform = EvalTransform::for_image_size(model.config.img_size);
+    let names = class_names(&a.model, classes);
+    let stdout = std::io::stdout();
+    let mut w = stdout.lock();
+    for path in &a.images {
+        let img = EvalTransform::decode(path)
+            .with_context(|| format!("{}: reading the image", path.display()))?;
+        let pixels = transform
+            .apply(&img, &device)
+            .with_context(|| path.display().to_string())?
+            .unsqueeze(0)?;
+        let logits = model.forward(&pixels, Mode::Eval, None)?;
+        let probs = softmax(&logits.to_dtype(DType::F32)?.squeeze(0)?.to_vec1::<f32>()?);
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        // Most likely first; ties by class index.
+        order.sort_by(|&x, &y| probs[y].total_cmp(&probs[x]).then(x.cmp(&y)));
+        let top: Vec<(usize, f32)> = order.iter().take(a.top_k).map(|&c| (c, probs[c])).collect();
+        match a.format {
+            OutputFormat::Text => {
+                for (rank, (c, p)) in top.iter().enumerate() {
+                    writeln!(
+                        w,
+                        "{}\t{}\t{c}\t{}\t{p:.6}",
+                        path.display(),
+                        rank + 1,
+                        names[*c]
+                    )?;
+                }
+            }
+            OutputFormat::Json => {
+                let rec = serde_json::json!({
+                    "image": path.display().to_string(),
+                    "top": top.iter().map(|(c, p)| serde_json::json!({
+                        "class": c, "label": names[*c], "probability": p,
+                    })).collect::<Vec<_>>(),
+                });
+                writeln!(w, "{rec}")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Probabilities from logits (shifted by the maximum, so large logits do not overflow).
+fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exp.iter().sum();
+    exp.iter().map(|e| e / sum).collect()
+}
+
+/// Class names from `config.json`'s `id2label` (HF's convention) where present, else the
+/// class indices.
+fn class_names(dir: &Path, classes: usize) -> Vec<String> {
+    let labels = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v.get("id2label").cloned());
+    (0..classes)
+        .map(|c| {
+            labels
+                .as_ref()
+                .and_then(|l| l.get(c.to_string()))
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .unwrap_or_else(|| c.to_string())
+        })
+        .collect()
 }
 
 fn load_model(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<MambaForCausalLM> {

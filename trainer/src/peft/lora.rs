@@ -37,11 +37,12 @@ pub enum LoraTarget {
 
 pub(crate) const LORA_TARGETS: &[&str] = &[
     "embedding",
-    "patch_embed",
     "in_proj",
     "x_proj",
     "dt_proj",
     "out_proj",
+    // Vision models only (`validate` refuses it elsewhere, naming the family).
+    "patch_embed",
 ];
 
 impl LoraTarget {

@@ -53,6 +53,8 @@ pub enum DatasetKind {
     MultipleChoice,
     /// `{"messages": [{"role", "content"}, ...]}`
     Chat,
+    /// Labelled images (image classification).
+    Images,
 }
 
 impl DatasetKind {
@@ -66,6 +68,7 @@ impl DatasetKind {
                 "a multiple-choice example ({\"context\", \"choices\", \"label\"})"
             }
             DatasetKind::Chat => "a chat example ({\"messages\"})",
+            DatasetKind::Images => "a labelled image",
         }
     }
 }
@@ -77,6 +80,7 @@ impl fmt::Display for DatasetKind {
             DatasetKind::PromptCompletion => "prompt_completion",
             DatasetKind::MultipleChoice => "multiple_choice",
             DatasetKind::Chat => "chat",
+            DatasetKind::Images => "images",
         })
     }
 }

@@ -2,7 +2,10 @@
 //! clipping, AdamW, validation, checkpoints and exact resume.
 //!
 //! The loop knows nothing of PEFT: it trains anything that is a [`Trainable`] (a model whose
-//! trainable tensors come in parameter groups, and a way to save them).
+//! trainable tensors come in parameter groups, and a way to save them). It reaches the model
+//! families through their task ([`TaskModel`]): next-token loss on token sequences for a
+//! language model, cross-entropy on labelled images for a classifier ([`TrainSet`]). For
+//! images, "tokens" in the events and checkpoints count images.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,17 +17,133 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use super::data::{Batch, ChoiceExample, Tokenized, collate};
+use super::data::{Batch, ChoiceExample, DatasetKind, Tokenized, collate};
+use super::images::{ImageBatch, ImageSet};
 use super::optim::{self, AdamW, Grads, ParamGroup};
 use super::schedule::Schedule;
 use super::{Control, Hyperparameters, TrainError, TrainEvent, TrainObserver};
+use crate::model::vim::{Mode, VimForImageClassification, classification_loss};
 use crate::model::{MambaForCausalLM, ModelInput, causal_lm_loss};
 use crate::peft::InitialState;
+
+/// The model a trainable trains, by task.
+#[derive(Clone, Copy)]
+pub enum TaskModel<'a> {
+    CausalLm(&'a MambaForCausalLM),
+    Classifier(&'a VimForImageClassification),
+}
+
+impl TaskModel<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            TaskModel::CausalLm(_) => "a language model",
+            TaskModel::Classifier(_) => "an image classifier",
+        }
+    }
+}
+
+/// A training or validation set of some task.
+#[derive(Clone, Copy)]
+pub enum TrainSet<'a> {
+    /// Token sequences, right-padded with `pad` in a batch.
+    Tokens {
+        data: &'a Tokenized,
+        pad: u32,
+    },
+    Images(&'a ImageSet),
+}
+
+impl TrainSet<'_> {
+    pub fn len(&self) -> usize {
+        match self {
+            TrainSet::Tokens { data, .. } => data.examples.len(),
+            TrainSet::Images(set) => set.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn kind(&self) -> DatasetKind {
+        match self {
+            TrainSet::Tokens { data, .. } => data.kind,
+            TrainSet::Images(_) => DatasetKind::Images,
+        }
+    }
+
+    /// Source records (for multiple choice the sets, for images the images).
+    pub fn records(&self) -> usize {
+        match self {
+            TrainSet::Tokens { data, .. } => data.records,
+            TrainSet::Images(set) => set.len(),
+        }
+    }
+
+    /// The micro-batch of examples `idx`; `seed` draws its drop-path masks (images).
+    pub fn collate(
+        &self,
+        idx: &[usize],
+        device: &Device,
+        seed: u64,
+    ) -> candle_core::Result<MicroBatch> {
+        Ok(match self {
+            TrainSet::Tokens { data, pad } => {
+                let exs: Vec<_> = idx.iter().map(|&i| &data.examples[i]).collect();
+                MicroBatch::Tokens(collate(&exs, *pad, device)?)
+            }
+            TrainSet::Images(set) => MicroBatch::Images(set.collate(idx, device)?, seed),
+        })
+    }
+}
+
+/// One micro-batch of a training step.
+pub enum MicroBatch {
+    Tokens(Batch),
+    /// With the seed of its drop-path masks.
+    Images(ImageBatch, u64),
+}
+
+impl MicroBatch {
+    /// Its weight in the step's mean loss: scored tokens, or images.
+    fn weight(&self) -> usize {
+        match self {
+            MicroBatch::Tokens(b) => b.scored,
+            MicroBatch::Images(b, _) => b.labels.dims().first().copied().unwrap_or(0),
+        }
+    }
+
+    /// Real tokens, or images (throughput).
+    fn units(&self) -> u64 {
+        match self {
+            MicroBatch::Tokens(b) => b.tokens as u64,
+            MicroBatch::Images(..) => self.weight() as u64,
+        }
+    }
+
+    /// The mean loss of this micro-batch under `model`.
+    fn loss(&self, model: TaskModel<'_>) -> Result<Tensor, TrainError> {
+        match (model, self) {
+            (TaskModel::CausalLm(m), MicroBatch::Tokens(b)) => {
+                let logits = m.forward(&b.input_ids, None)?;
+                Ok(causal_lm_loss(&logits, &b.labels)?)
+            }
+            (TaskModel::Classifier(m), MicroBatch::Images(b, seed)) => {
+                let logits = m.forward(&b.pixels, Mode::Train { seed: *seed }, None)?;
+                Ok(classification_loss(&logits, &b.labels)?)
+            }
+            (model, _) => Err(TrainError::Method(format!(
+                "{} cannot train on this dataset's kind of examples",
+                model.name()
+            ))),
+        }
+    }
+}
 
 /// What the loop trains.
 pub trait Trainable {
     /// The model whose forward uses the trainable tensors.
-    fn model(&self) -> &MambaForCausalLM;
+    fn task_model(&self) -> TaskModel<'_>;
     /// The trainable tensors, grouped by optimizer setting. Called once per run.
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError>;
     /// Writes the trained tensors to `dir` (which exists).
@@ -109,28 +228,27 @@ pub struct StepStats {
 pub fn optimizer_step(
     trainable: &dyn Trainable,
     opt: &mut AdamW,
-    batches: &[Batch],
+    batches: &[MicroBatch],
     max_grad_norm: f64,
     lr_factor: f64,
     step: u64,
 ) -> Result<StepStats, TrainError> {
-    let model = trainable.model();
-    let scored: usize = batches.iter().map(|b| b.scored).sum();
+    let model = trainable.task_model();
+    let scored: usize = batches.iter().map(MicroBatch::weight).sum();
     let mut grads: Grads = Vec::new();
     let mut loss_sum = 0f64;
     let mut tokens = 0u64;
     trainable.set_training(true);
     for b in batches {
-        let logits = model.forward(&b.input_ids, None)?;
-        let mean = causal_lm_loss(&logits, &b.labels)?;
+        let mean = b.loss(model)?;
         // Token-weighted over the whole optimizer step, so k micro-batches of b examples
         // give the gradient of one batch of k·b (up to float rounding).
-        let weight = b.scored as f64 / scored as f64;
+        let weight = b.weight() as f64 / scored as f64;
         let scaled = (mean * weight)?;
         loss_sum += f64::from(scaled.to_dtype(DType::F32)?.to_scalar::<f32>()?);
         let store = scaled.backward()?;
         optim::accumulate(&mut grads, opt.grads_from(&store))?;
-        tokens += b.tokens as u64;
+        tokens += b.units();
     }
     trainable.set_training(false);
     if !loss_sum.is_finite() {
@@ -158,9 +276,8 @@ pub fn optimizer_step(
 pub struct LoopConfig<'a> {
     pub hyper: &'a Hyperparameters,
     pub seed: u64,
-    pub train: &'a Tokenized,
-    pub validation: Option<&'a Tokenized>,
-    pub pad: u32,
+    pub train: TrainSet<'a>,
+    pub validation: Option<TrainSet<'a>>,
     pub device: Device,
     pub checkpoint_dir: Option<&'a Path>,
     pub out_dir: &'a Path,
@@ -187,7 +304,7 @@ pub fn train(
     obs: &mut dyn TrainObserver,
 ) -> Result<LoopEnd, TrainError> {
     let h = cfg.hyper;
-    let n = cfg.train.examples.len();
+    let n = cfg.train.len();
     let batch = h.batch_size as usize;
     let accum = h.gradient_accumulation_steps as usize;
     let batches_per_epoch = n.div_ceil(batch);
@@ -237,15 +354,15 @@ pub fn train(
         start_step: step,
         n_epochs: h.n_epochs,
         train_examples: n,
-        validation_examples: cfg.validation.map(|v| v.examples.len()).unwrap_or(0),
+        validation_examples: cfg.validation.map(|v| v.len()).unwrap_or(0),
         trainable_parameters: opt.num_parameters(),
-        dataset_kind: cfg.train.kind,
+        dataset_kind: cfg.train.kind(),
     };
     if obs.event(&ev) == Control::Stop {
         return Ok(stopped(step, tokens_seen, last_loss));
     }
 
-    let model = trainable.model();
+    let model = trainable.task_model();
     let started = Instant::now();
     let start_step = step;
     let mut tokens_this_run = 0u64;
@@ -266,8 +383,9 @@ pub fn train(
         let mut batches = Vec::with_capacity(last_mb - first_mb);
         for mb in first_mb..last_mb {
             let idx = &ord[mb * batch..((mb + 1) * batch).min(n)];
-            let exs: Vec<_> = idx.iter().map(|&i| &cfg.train.examples[i]).collect();
-            batches.push(collate(&exs, cfg.pad, &cfg.device)?);
+            // Drop-path masks from (seed, epoch, micro-batch): a resumed run draws the same.
+            let mb_seed = order_seed(cfg.seed ^ (mb as u64).wrapping_mul(0x2545_F491), epoch);
+            batches.push(cfg.train.collate(idx, &cfg.device, mb_seed)?);
         }
         step += 1;
         let factor = schedule.factor(step);
@@ -307,13 +425,13 @@ pub fn train(
             && step % h.eval_every == 0
             && step < total
         {
-            let (loss, acc) = evaluate(model, v, batch, cfg.pad, &cfg.device)?;
+            let (loss, acc) = evaluate_set(model, v, batch, &cfg.device)?;
             validation = Some((loss, acc));
             let ev = TrainEvent::Validation {
                 step,
                 loss,
                 accuracy: acc,
-                examples: v.records,
+                examples: v.records(),
             };
             if obs.event(&ev) == Control::Stop {
                 return Ok(stopped(step, tokens_seen, last_loss));
@@ -350,13 +468,13 @@ pub fn train(
     }
 
     if let Some(v) = cfg.validation {
-        let (loss, acc) = evaluate(model, v, batch, cfg.pad, &cfg.device)?;
+        let (loss, acc) = evaluate_set(model, v, batch, &cfg.device)?;
         validation = Some((loss, acc));
         let ev = TrainEvent::Validation {
             step,
             loss,
             accuracy: acc,
-            examples: v.records,
+            examples: v.records(),
         };
         if obs.event(&ev) == Control::Stop {
             return Ok(stopped(step, tokens_seen, last_loss));
@@ -406,6 +524,50 @@ fn override_weight_decay(groups: Vec<ParamGroup>, h: &Hyperparameters) -> Vec<Pa
             g
         })
         .collect()
+}
+
+/// Validation of any task: see [`evaluate`] (token sequences) and [`evaluate_images`].
+pub fn evaluate_set(
+    model: TaskModel<'_>,
+    data: TrainSet<'_>,
+    batch: usize,
+    device: &Device,
+) -> Result<(f64, Option<f64>), TrainError> {
+    match (model, data) {
+        (TaskModel::CausalLm(m), TrainSet::Tokens { data, pad }) => {
+            evaluate(m, data, batch, pad, device)
+        }
+        (TaskModel::Classifier(m), TrainSet::Images(set)) => {
+            let (loss, acc) = evaluate_images(m, set, batch, device)?;
+            Ok((loss, Some(acc)))
+        }
+        (model, _) => Err(TrainError::Method(format!(
+            "{} cannot be validated on this dataset's kind of examples",
+            model.name()
+        ))),
+    }
+}
+
+/// Image validation: the mean cross-entropy and the top-1 accuracy (evaluation mode).
+pub fn evaluate_images(
+    model: &VimForImageClassification,
+    set: &ImageSet,
+    batch: usize,
+    device: &Device,
+) -> Result<(f64, f64), TrainError> {
+    let (mut loss, mut correct) = (0f64, 0usize);
+    let idx: Vec<usize> = (0..set.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        let b = set.collate(chunk, device)?;
+        let logits = model.forward(&b.pixels, Mode::Eval, None)?;
+        let mean = classification_loss(&logits, &b.labels)?;
+        loss += f64::from(mean.to_dtype(DType::F32)?.to_scalar::<f32>()?) * chunk.len() as f64;
+        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let want = b.labels.to_vec1::<u32>()?;
+        correct += pred.iter().zip(&want).filter(|(p, w)| p == w).count();
+    }
+    let n = set.len().max(1) as f64;
+    Ok((loss / n, correct as f64 / n))
 }
 
 /// Validation: the mean token loss over `data`, and for multiple choice the accuracy of

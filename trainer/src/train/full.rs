@@ -8,7 +8,7 @@ use candle_core::{Tensor, Var};
 use candle_nn::VarMap;
 
 use super::TrainError;
-use super::engine::Trainable;
+use super::engine::{TaskModel, Trainable};
 use super::optim::ParamGroup;
 use crate::model::{Checkpoint, MambaConfig, MambaForCausalLM};
 
@@ -74,8 +74,8 @@ fn no_decay(name: &str) -> bool {
 }
 
 impl Trainable for FullModel {
-    fn model(&self) -> &MambaForCausalLM {
-        &self.model
+    fn task_model(&self) -> TaskModel<'_> {
+        TaskModel::CausalLm(&self.model)
     }
 
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {

@@ -15,6 +15,7 @@
 pub mod data;
 pub mod engine;
 pub mod full;
+pub mod images;
 pub mod optim;
 pub mod pretrain;
 pub mod schedule;
@@ -27,9 +28,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::{Checkpoint, LoadOptions, MambaConfig, MambaForCausalLM};
-use crate::peft::{Adapter, AdapterSpec, PeftError};
+use crate::peft::{Adapter, AdapterSpec, PeftError, PeftModel};
 use crate::tokenizer::Tokenizer;
-use engine::{BTreeFingerprint, LoopConfig, Trainable};
+use engine::{BTreeFingerprint, LoopConfig, TaskModel, TrainSet, Trainable};
 
 pub use data::{DatasetError, DatasetKind, DatasetSummary, validate_dataset};
 pub use optim::{AdamW, ParamGroup, ParamGroupState};
@@ -436,9 +437,10 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
         LoopConfig {
             hyper: &req.hyper,
             seed: req.seed,
-            train: &train,
-            validation: validation.as_ref(),
-            pad,
+            train: TrainSet::Tokens { data: &train, pad },
+            validation: validation
+                .as_ref()
+                .map(|data| TrainSet::Tokens { data, pad }),
             device: req.device.clone(),
             checkpoint_dir: Some(&req.checkpoint_dir),
             out_dir: &req.out_dir,
@@ -472,22 +474,39 @@ pub fn special_tokens(cfg: &MambaConfig) -> (Option<u32>, u32) {
     (eos, pad)
 }
 
-/// A PEFT adapter on a frozen base: what [`run`] trains.
-pub struct AdapterTrainable {
+/// A PEFT adapter on a frozen base of any family: what [`run`] trains.
+pub struct AdapterTrainable<M = MambaForCausalLM> {
     adapter: Adapter,
-    model: MambaForCausalLM,
+    model: M,
 }
 
-impl AdapterTrainable {
+/// A model family's task, as the training loop sees it.
+pub trait HasTask {
+    fn task(&self) -> TaskModel<'_>;
+}
+
+impl HasTask for MambaForCausalLM {
+    fn task(&self) -> TaskModel<'_> {
+        TaskModel::CausalLm(self)
+    }
+}
+
+impl HasTask for crate::model::vim::VimForImageClassification {
+    fn task(&self) -> TaskModel<'_> {
+        TaskModel::Classifier(self)
+    }
+}
+
+impl<M: PeftModel + HasTask> AdapterTrainable<M> {
     /// A fresh adapter (initialised from `seed`), or the one saved in `resume_from`. Dropout
     /// masks are drawn from a seed derived from `seed` and a counter the checkpoint keeps.
     pub fn new(
         spec: &AdapterSpec,
-        base: &MambaForCausalLM,
+        base: &M,
         seed: u64,
         resume_from: Option<&Path>,
     ) -> Result<Self, TrainError> {
-        spec.validate(base.config()).map_err(method_error)?;
+        spec.validate(base.peft_shape()).map_err(method_error)?;
         let adapter = match resume_from {
             None => Adapter::init(spec, base, seed).map_err(method_error)?,
             Some(dir) => {
@@ -520,9 +539,9 @@ fn method_error(e: PeftError) -> TrainError {
     TrainError::Method(e.to_string())
 }
 
-impl Trainable for AdapterTrainable {
-    fn model(&self) -> &MambaForCausalLM {
-        &self.model
+impl<M: PeftModel + HasTask> Trainable for AdapterTrainable<M> {
+    fn task_model(&self) -> TaskModel<'_> {
+        self.model.task()
     }
 
     fn param_groups(&self) -> Result<Vec<ParamGroup>, TrainError> {

@@ -20,7 +20,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, TokenizerBuilder};
 
 use super::data::{DatasetKind, Encoder, Example, Tokenized};
-use super::engine::{self, LoopConfig};
+use super::engine::{self, LoopConfig, TrainSet};
 use super::full::FullModel;
 use super::{Hyperparameters, TrainError, TrainObserver};
 use crate::model::{Checkpoint, MambaConfig};
@@ -224,9 +224,13 @@ pub fn pretrain(
         LoopConfig {
             hyper: &req.hyper,
             seed: req.seed,
-            train: &train,
-            validation: validation.as_ref(),
-            pad: eot,
+            train: TrainSet::Tokens {
+                data: &train,
+                pad: eot,
+            },
+            validation: validation
+                .as_ref()
+                .map(|data| TrainSet::Tokens { data, pad: eot }),
             device: candle_core::Device::Cpu,
             checkpoint_dir: None,
             out_dir: &req.out_dir,
