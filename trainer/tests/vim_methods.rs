@@ -423,3 +423,48 @@ fn zero_init_preserves_the_features_and_merged_equals_unmerged() {
         }
     }
 }
+
+/// Trainable parameters at Vim-tiny's shape (224², patch 16, 24 layers, D 192, N 16) with
+/// Caltech-101's 102-class head, against ProDiaL's Table 3 (in millions, two decimals; its
+/// hyperparameters from Table 11: LoRA r 16, ProDiaL r_b (192, 384), r_ε 16). Shape only.
+#[test]
+fn parameter_counts_match_prodial_table_3_at_vim_tiny() {
+    let cfg = trainer::model::vim::VimConfig::from_value(
+        &json!({"img_size": 224, "patch_size": 16, "embed_dim": 192, "depth": 24,
+                "d_state": 16, "num_classes": 102, "use_middle_cls_token": true,
+                "if_divide_out": true, "bimamba_type": "v2", "rms_norm": true,
+                "residual_in_fp32": true, "fused_add_norm": true,
+                "final_pool_type": "mean", "if_abs_pos_embed": true, "if_cls_token": true}),
+        Path::new("config.json"),
+    )
+    .expect("Vim-tiny config");
+    let millions = |v: Value| {
+        let n = AdapterSpec::from_value(&v)
+            .expect("spec")
+            .trainable_parameters(&cfg);
+        (n as f64 / 1e4).round() / 100.0
+    };
+    for (spec, want) in [
+        (
+            json!({"type": "lora", "targets": ["in_proj", "out_proj"], "r": 16}),
+            0.61,
+        ),
+        (json!({"type": "lora", "targets": "in_proj", "r": 16}), 0.39),
+        (
+            json!({"type": "lora", "targets": "out_proj", "r": 16}),
+            0.24,
+        ),
+        (
+            json!({"type": "prodial", "targets": ["in_proj", "out_proj"],
+                "r_b": {"in_proj": 192, "out_proj": 384}, "r_eps": 16}),
+            0.65,
+        ),
+        (
+            json!({"type": "prodial", "targets": "in_proj", "r_b": 192, "r_eps": 16}),
+            0.41,
+        ),
+        (json!({"type": "linear_probe"}), 0.02),
+    ] {
+        assert_eq!(millions(spec.clone()), want, "{spec}");
+    }
+}
