@@ -13,8 +13,8 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LayerCache, MambaCache};
 use super::config::MambaConfig;
-use super::layers::{Embedding, Linear, Param, Projection, RmsNorm, linear_forward};
-use super::selective::{BranchInput, BranchRef};
+use super::layers::{Embedding, Linear, Projection, RmsNorm, linear_forward};
+use super::selective::{BranchDims, BranchInput, BranchRef, SelectiveBranch};
 use crate::error::{Error, Result};
 
 /// Hook into a mixer's sequence path, for methods that add positions inside a layer
@@ -64,24 +64,14 @@ pub trait InputHook: Send + Sync + std::fmt::Debug {
     ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)>;
 }
 
-/// The selective-SSM mixer of one layer.
+/// The selective-SSM mixer of one layer: in_proj, the selective branch (conv1d, x_proj,
+/// dt_proj and its bias, `A_log`, `D`; see [`SelectiveBranch`]), out_proj.
 #[derive(Clone, Debug)]
 pub struct MambaMixer {
     pub in_proj: Projection,
-    /// `[E, 1, K]`, as stored in checkpoints.
-    pub conv_weight: Param,
-    /// `[E]`; `None` when the checkpoint has no conv bias.
-    pub conv_bias: Option<Param>,
-    pub x_proj: Projection,
-    /// dt_proj without its bias: the bias is [`Self::dt_bias`], which the scan adds before
-    /// the softplus (the fused kernels' `delta_bias`).
-    pub dt_proj: Projection,
-    pub dt_bias: Param,
-    /// `[E, N]`; `A = -exp(A_log)`. N is read from here, not from the config, so extra state
+    /// `A_log` is `[E, N]`; N is read from it, not from the config, so extra state
     /// dimensions need no change to this code.
-    pub a_log: Param,
-    /// `[E]` skip connection.
-    pub d: Param,
+    pub branch: SelectiveBranch,
     pub out_proj: Projection,
     pub hook: Option<Arc<dyn MixerHook>>,
     layer_idx: usize,
@@ -111,26 +101,19 @@ impl MambaMixer {
         } else {
             None
         };
-        let conv_bias = if cfg.use_conv_bias {
-            Some(Param::new(get(&vb, &[e], "conv1d.bias")?))
-        } else {
-            None
+        let dims = BranchDims {
+            d_inner: e,
+            d_state: n,
+            dt_rank: r,
+            d_conv: k,
+            conv_bias: cfg.use_conv_bias,
         };
         Ok(MambaMixer {
             in_proj: Projection::new(Linear::new(
                 get(&vb, &[2 * e, d_model], "in_proj.weight")?,
                 in_bias,
             )),
-            conv_weight: Param::new(get(&vb, &[e, 1, k], "conv1d.weight")?),
-            conv_bias,
-            x_proj: Projection::new(Linear::new(
-                get(&vb, &[r + 2 * n, e], "x_proj.weight")?,
-                None,
-            )),
-            dt_proj: Projection::new(Linear::new(get(&vb, &[e, r], "dt_proj.weight")?, None)),
-            dt_bias: Param::new(get(&vb, &[e], "dt_proj.bias")?),
-            a_log: Param::new(get(&vb, &[e, n], "A_log")?),
-            d: Param::new(get(&vb, &[e], "D")?),
+            branch: SelectiveBranch::new(dims, "", layer_idx, &vb)?,
             out_proj: Projection::new(Linear::new(
                 get(&vb, &[d_model, e], "out_proj.weight")?,
                 out_bias,
@@ -151,26 +134,23 @@ impl MambaMixer {
 
     /// The SSM state width N (including any extra dimensions an adapter adds).
     pub fn state_size(&self) -> Result<usize> {
-        Ok(self.a_log.value()?.dim(1)?)
+        Ok(self.branch.a_log.value()?.dim(1)?)
     }
 
     pub fn conv_kernel(&self) -> usize {
-        self.conv_weight.base().dims().last().copied().unwrap_or(1)
+        self.branch
+            .conv_weight
+            .base()
+            .dims()
+            .last()
+            .copied()
+            .unwrap_or(1)
     }
 
     /// This mixer's selective branch (conv1d → x_proj → dt_proj → scan), the code shared
     /// with every family built on the Mamba-1 branch ([`super::selective`]).
     pub fn branch(&self) -> BranchRef<'_> {
-        BranchRef {
-            conv_weight: &self.conv_weight,
-            conv_bias: self.conv_bias.as_ref(),
-            x_proj: &self.x_proj,
-            dt_proj: &self.dt_proj,
-            dt_bias: &self.dt_bias,
-            a_log: &self.a_log,
-            d: &self.d,
-            layer_idx: self.layer_idx,
-        }
+        self.branch.as_ref()
     }
 
     /// Full-sequence forward. `u` is the normed block input `[b, L, D]`; `mask` is
@@ -561,15 +541,15 @@ impl MambaForCausalLM {
             if let Some(b) = m.in_proj.base().bias() {
                 push("in_proj.bias", b);
             }
-            push("conv1d.weight", m.conv_weight.base());
-            if let Some(b) = &m.conv_bias {
+            push("conv1d.weight", m.branch.conv_weight.base());
+            if let Some(b) = &m.branch.conv_bias {
                 push("conv1d.bias", b.base());
             }
-            push("x_proj.weight", m.x_proj.base().weight());
-            push("dt_proj.weight", m.dt_proj.base().weight());
-            push("dt_proj.bias", m.dt_bias.base());
-            push("A_log", m.a_log.base());
-            push("D", m.d.base());
+            push("x_proj.weight", m.branch.x_proj.base().weight());
+            push("dt_proj.weight", m.branch.dt_proj.base().weight());
+            push("dt_proj.bias", m.branch.dt_bias.base());
+            push("A_log", m.branch.a_log.base());
+            push("D", m.branch.d.base());
             push("out_proj.weight", m.out_proj.base().weight());
             if let Some(b) = m.out_proj.base().bias() {
                 push("out_proj.bias", b);
@@ -838,7 +818,10 @@ mod tests {
         let a = Var::from_tensor(&(Tensor::ones((2, 16), DType::F32, &Device::Cpu)? * 0.1)?)?;
         let b = Var::zeros((2 * e, 2), DType::F32, &Device::Cpu)?;
         let mixer = &mut model.backbone.layers[1].mixer;
-        mixer.d.set_adapter(Some(Arc::new(Delta(delta.clone()))));
+        mixer
+            .branch
+            .d
+            .set_adapter(Some(Arc::new(Delta(delta.clone()))));
         mixer.in_proj.set_adapter(Some(Arc::new(LowRank {
             a: a.clone(),
             b: b.clone(),

@@ -27,21 +27,26 @@ fn same_opt(a: Option<&Tensor>, b: Option<&Tensor>) -> bool {
 }
 
 fn projections(m: &MambaMixer) -> [&Projection; 4] {
-    [&m.in_proj, &m.x_proj, &m.dt_proj, &m.out_proj]
+    [&m.in_proj, &m.branch.x_proj, &m.branch.dt_proj, &m.out_proj]
 }
 
 fn projections_mut(m: &mut MambaMixer) -> [&mut Projection; 4] {
     [
         &mut m.in_proj,
-        &mut m.x_proj,
-        &mut m.dt_proj,
+        &mut m.branch.x_proj,
+        &mut m.branch.dt_proj,
         &mut m.out_proj,
     ]
 }
 
 fn params(m: &MambaMixer) -> Vec<&Param> {
-    let mut p = vec![&m.conv_weight, &m.dt_bias, &m.a_log, &m.d];
-    p.extend(m.conv_bias.as_ref());
+    let mut p = vec![
+        &m.branch.conv_weight,
+        &m.branch.dt_bias,
+        &m.branch.a_log,
+        &m.branch.d,
+    ];
+    p.extend(m.branch.conv_bias.as_ref());
     p
 }
 
@@ -255,6 +260,7 @@ mod tests {
         let mut shifted = base.clone();
         shifted.backbone.layers[0]
             .mixer
+            .branch
             .d
             .set_adapter(Some(Arc::new(Shift)));
         assert!(!shifted.is_additive_over(&base));

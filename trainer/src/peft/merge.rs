@@ -22,7 +22,6 @@ use super::sites::Sites;
 use super::spec::{AdapterSpec, head_shapes};
 use super::target::PeftModel;
 use super::{MergePlan, MethodConfig};
-use crate::kernels;
 use crate::model::{Checkpoint, LayerCache, MambaCache, MambaForCausalLM, MambaMixer, ModelInput};
 
 /// How to merge.
@@ -247,10 +246,10 @@ pub(crate) fn merged_weights(
             Ok(())
         };
         proj("in_proj", &m.in_proj)?;
-        proj("x_proj", &m.x_proj)?;
-        proj("dt_proj", &m.dt_proj)?;
+        proj("x_proj", &m.branch.x_proj)?;
+        proj("dt_proj", &m.branch.dt_proj)?;
         proj("out_proj", &m.out_proj)?;
-        let a_log = m.a_log.value()?.detach();
+        let a_log = m.branch.a_log.value()?.detach();
         let n = a_log.dim(1)?;
         if *state_size.get_or_insert(n) != n {
             return Err(PeftError::Contradictory(
@@ -258,17 +257,17 @@ pub(crate) fn merged_weights(
             ));
         }
         t.insert(format!("{p}.mixer.A_log"), a_log);
-        t.insert(format!("{p}.mixer.D"), m.d.value()?.detach());
+        t.insert(format!("{p}.mixer.D"), m.branch.d.value()?.detach());
         t.insert(
             format!("{p}.mixer.conv1d.weight"),
-            m.conv_weight.value()?.detach(),
+            m.branch.conv_weight.value()?.detach(),
         );
-        if let Some(b) = &m.conv_bias {
+        if let Some(b) = &m.branch.conv_bias {
             t.insert(format!("{p}.mixer.conv1d.bias"), b.value()?.detach());
         }
         t.insert(
             format!("{p}.mixer.dt_proj.bias"),
-            m.dt_bias.value()?.detach(),
+            m.branch.dt_bias.value()?.detach(),
         );
     }
     t.insert(
@@ -353,34 +352,12 @@ fn affix_state(m: &MambaMixer, tokens: &Tensor) -> PeftResult<(Tensor, Tensor)> 
     let e = m.d_inner();
     let n_tok = tokens.dim(0)?;
     let x = tokens.narrow(1, 0, e)?.unsqueeze(0)?.contiguous()?; // [1, n, E]
-    let w = m.conv_weight.value()?;
-    let k = w.dim(2)?;
-    let w = w.reshape((e, k))?;
-    let b = match &m.conv_bias {
-        Some(b) => b.value()?,
-        None => Tensor::zeros(e, w.dtype(), w.device())?,
-    };
-    let xc = kernels::causal_conv1d_silu(&x, &w, &b, None)?;
-    let a = m.a_log.value()?.to_dtype(DType::F32)?.exp()?.neg()?;
-    let n = a.dim(1)?;
-    let ssm = m.x_proj.forward(&xc)?;
-    let r = ssm.dim(2)?.checked_sub(2 * n).ok_or_else(|| {
-        PeftError::Contradictory(format!("x_proj gives fewer than 2·{n} outputs"))
-    })?;
-    let delta = m.dt_proj.forward(&ssm.narrow(2, 0, r)?)?;
-    let bm = ssm.narrow(2, r, n)?.contiguous()?;
-    let cm = ssm.narrow(2, r + n, n)?.contiguous()?;
-    let (_, last) = kernels::selective_scan(
-        &xc,
-        &delta,
-        &a,
-        &bm,
-        &cm,
-        &m.d.value()?,
-        &m.dt_bias.value()?,
-        None,
-        None,
-    )?;
+    // The state does not depend on the gate; the Z half is passed for the branch's shape.
+    let z = tokens.narrow(1, e, e)?.unsqueeze(0)?.contiguous()?;
+    let (_, last) = m
+        .branch()
+        .forward(&x, &z, crate::model::BranchInput::default())?;
+    let k = m.conv_kernel();
     let xt = x.squeeze(0)?.t()?; // [E, n]
     let conv = if n_tok >= k - 1 {
         xt.narrow(1, n_tok - (k - 1), k - 1)?

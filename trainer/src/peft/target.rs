@@ -313,8 +313,8 @@ impl PeftBase for MambaForCausalLM {
         let m = &self.backbone.layers.get(layer)?.mixer;
         match (proj, dir) {
             (Proj::In, Dir::Fwd) => Some(&m.in_proj),
-            (Proj::X, Dir::Fwd) => Some(&m.x_proj),
-            (Proj::Dt, Dir::Fwd) => Some(&m.dt_proj),
+            (Proj::X, Dir::Fwd) => Some(&m.branch.x_proj),
+            (Proj::Dt, Dir::Fwd) => Some(&m.branch.dt_proj),
             (Proj::Out, Dir::Fwd) => Some(&m.out_proj),
             (_, Dir::Bwd) => None,
         }
@@ -324,14 +324,7 @@ impl PeftBase for MambaForCausalLM {
         let ParamSite::Mixer(layer, slot, Dir::Fwd) = site else {
             return None;
         };
-        let m = &self.backbone.layers.get(layer)?.mixer;
-        match slot {
-            Slot::ALog => Some(&m.a_log),
-            Slot::D => Some(&m.d),
-            Slot::ConvWeight => Some(&m.conv_weight),
-            Slot::ConvBias => m.conv_bias.as_ref(),
-            Slot::DtBias => Some(&m.dt_bias),
-        }
+        branch_param(&self.backbone.layers.get(layer)?.mixer.branch, slot)
     }
 
     fn named_weights(&self) -> Vec<(String, Tensor)> {
@@ -359,8 +352,8 @@ impl PeftModel for MambaForCausalLM {
         let m = &mut self.backbone.layers.get_mut(layer)?.mixer;
         match (proj, dir) {
             (Proj::In, Dir::Fwd) => Some(&mut m.in_proj),
-            (Proj::X, Dir::Fwd) => Some(&mut m.x_proj),
-            (Proj::Dt, Dir::Fwd) => Some(&mut m.dt_proj),
+            (Proj::X, Dir::Fwd) => Some(&mut m.branch.x_proj),
+            (Proj::Dt, Dir::Fwd) => Some(&mut m.branch.dt_proj),
             (Proj::Out, Dir::Fwd) => Some(&mut m.out_proj),
             (_, Dir::Bwd) => None,
         }
@@ -370,14 +363,7 @@ impl PeftModel for MambaForCausalLM {
         let ParamSite::Mixer(layer, slot, Dir::Fwd) = site else {
             return None;
         };
-        let m = &mut self.backbone.layers.get_mut(layer)?.mixer;
-        match slot {
-            Slot::ALog => Some(&mut m.a_log),
-            Slot::D => Some(&mut m.d),
-            Slot::ConvWeight => Some(&mut m.conv_weight),
-            Slot::ConvBias => m.conv_bias.as_mut(),
-            Slot::DtBias => Some(&mut m.dt_bias),
-        }
+        branch_param_mut(&mut self.backbone.layers.get_mut(layer)?.mixer.branch, slot)
     }
 
     fn install(&mut self, extras: Extras) -> PeftResult<()> {
@@ -432,13 +418,10 @@ impl PeftModel for MambaForCausalLM {
             || self.backbone.layers.iter().any(|b| {
                 let x = &b.mixer;
                 x.hook.is_some()
-                    || [&x.in_proj, &x.x_proj, &x.dt_proj, &x.out_proj]
+                    || [&x.in_proj, &x.branch.x_proj, &x.branch.dt_proj, &x.out_proj]
                         .iter()
                         .any(|p| p.adapter().is_some())
-                    || [&x.a_log, &x.d, &x.conv_weight, &x.dt_bias]
-                        .into_iter()
-                        .chain(x.conv_bias.as_ref())
-                        .any(|p| p.adapter().is_some())
+                    || branch_params(&x.branch).any(|p| p.adapter().is_some())
             })
     }
 }
