@@ -15,6 +15,7 @@ use trainer::model::vim::{
 use trainer::model::{
     Family, IGNORE_INDEX, LoadOptions, MambaForCausalLM, ModelInput, causal_lm_loss,
 };
+use trainer::peft::PeftModel;
 use trainer::tokenizer::Tokenizer;
 
 #[derive(clap::Subcommand, Debug)]
@@ -172,15 +173,25 @@ fn load_vision(
     device: &str,
 ) -> Result<VimForImageClassification> {
     let opts = VimLoadOptions {
-        load: LoadOptions {
-            device: api::training::parse_device(device)
-                .map_err(|e| anyhow::anyhow!("--device: {e}"))?,
-            ..LoadOptions::default()
-        },
+        load: load_options(device)?,
         ..VimLoadOptions::default()
     };
     let base = VimForImageClassification::load(dir, &opts)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
+    with_adapter(base, dir, adapter)
+}
+
+fn load_options(device: &str) -> Result<LoadOptions> {
+    Ok(LoadOptions {
+        device: api::training::parse_device(device)
+            .map_err(|e| anyhow::anyhow!("--device: {e}"))?,
+        ..LoadOptions::default()
+    })
+}
+
+/// `base` (loaded from `dir`) with the adapter folder applied, if any: merged where possible,
+/// so inference pays nothing per token for the adapter.
+fn with_adapter<M: PeftModel>(base: M, dir: &Path, adapter: Option<&Path>) -> Result<M> {
     let Some(a) = adapter else {
         return Ok(base);
     };
@@ -319,26 +330,9 @@ fn class_names(dir: &Path, classes: usize) -> Vec<String> {
 }
 
 fn load_model(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<MambaForCausalLM> {
-    let opts = LoadOptions {
-        device: api::training::parse_device(device)
-            .map_err(|e| anyhow::anyhow!("--device: {e}"))?,
-        ..LoadOptions::default()
-    };
-    let base = MambaForCausalLM::load(dir, &opts)
+    let base = MambaForCausalLM::load(dir, &load_options(device)?)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
-    let Some(a) = adapter else {
-        return Ok(base);
-    };
-    let adapter = trainer::peft::Adapter::load(a, &base)
-        .with_context(|| format!("--adapter {}: loading the adapter", a.display()))?;
-    // Merged where possible: generation then pays nothing per token for the adapter.
-    adapter.inference_model(&base).with_context(|| {
-        format!(
-            "--adapter {}: applying it to {}",
-            a.display(),
-            dir.display()
-        )
-    })
+    with_adapter(base, dir, adapter)
 }
 
 fn forward(a: ForwardArgs) -> Result<()> {

@@ -260,6 +260,12 @@ fn missing_site(base: &dyn PeftBase, name: String) -> PeftError {
     ))
 }
 
+fn no_layer(i: usize, n: usize) -> PeftError {
+    PeftError::Contradictory(format!(
+        "a method targets layer {i}, but the model has {n} layers"
+    ))
+}
+
 /// A model the folded composites can be installed on.
 pub trait PeftModel: PeftBase + Clone + Sized {
     fn projection_mut(&mut self, site: LinearSite) -> Option<&mut Projection>;
@@ -383,16 +389,8 @@ impl PeftModel for MambaForCausalLM {
         }
         let n = self.backbone.layers.len();
         for (i, hook) in extras.mixer_hooks {
-            self.backbone
-                .layers
-                .get_mut(i)
-                .ok_or_else(|| {
-                    PeftError::Contradictory(format!(
-                        "a method targets layer {i}, but the model has {n} layers"
-                    ))
-                })?
-                .mixer
-                .hook = Some(hook);
+            let layer = self.backbone.layers.get_mut(i);
+            layer.ok_or_else(|| no_layer(i, n))?.mixer.hook = Some(hook);
         }
         if let Some(h) = extras.input_hook {
             self.input_hook = Some(h);
@@ -554,15 +552,8 @@ impl PeftModel for VimForImageClassification {
         }
         let n = self.layers.len();
         for (i, hook) in extras.mixer_hooks {
-            self.layers
-                .get_mut(i)
-                .ok_or_else(|| {
-                    PeftError::Contradictory(format!(
-                        "a method targets layer {i}, but the model has {n} layers"
-                    ))
-                })?
-                .mixer
-                .hook = Some(hook);
+            let layer = self.layers.get_mut(i);
+            layer.ok_or_else(|| no_layer(i, n))?.mixer.hook = Some(hook);
         }
         Ok(())
     }
