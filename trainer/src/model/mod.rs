@@ -3,8 +3,8 @@
 //! # The seam
 //!
 //! The rest of molt (PEFT, training, the worker, serving, the API) asks a model family, never
-//! a concrete architecture. A family is one folder (or file, for the original Mamba-1 code)
-//! under `model/` plus one registry line in [`family`]:
+//! a concrete architecture. A family is one folder under `model/` (`mamba/`, `vim/`)
+//! plus one registry line in [`family`]:
 //!
 //! | question | where it is answered | Mamba-1 | Vim |
 //! | --- | --- | --- | --- |
@@ -33,10 +33,12 @@
 //! initialisation, and installation of the folded composites. Every method is written once
 //! against those; a bidirectional family gets one instance per direction of each branch site.
 //!
-//! Still to do (issue 13): prompt- and affix-tuning and LoRA(patch embed) on Vim, merging a
-//! Vim adapter, moving Mamba-1 into its own `mamba/` folder, the HTTP/CLI entry points, and a
-//! reverse flag in the scan and conv kernels so Vim's backward branch stops flipping x, z and
-//! y (see `vim::model::flip_time`).
+//! Shared by the families: [`layers`], [`selective`], [`weights`] (reading safetensors and
+//! `.pth` files), [`loss`] (next-token loss for every language family).
+//!
+//! Still to do (issue 13): a reverse flag in the scan and conv kernels so Vim's backward
+//! branch stops flipping x, z and y (see `vim::model::flip_time`), image folders for
+//! `molt train`.
 //!
 //! ```no_run
 //! # fn main() -> trainer::Result<()> {
@@ -45,17 +47,16 @@
 //! # Ok(()) }
 //! ```
 
-pub mod cache;
-pub mod checkpoint;
-pub mod config;
 pub mod family;
-pub mod init;
 pub mod layers;
 pub mod loss;
 pub mod mamba;
-pub mod rows;
 pub mod selective;
 pub mod vim;
+pub mod weights;
+
+// Mamba-1's modules keep their paths (`model::checkpoint`, `model::config`, …).
+pub use mamba::{cache, checkpoint, config, init, rows};
 
 pub use cache::{LayerCache, MambaCache};
 pub use checkpoint::{Checkpoint, LoadOptions};

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use super::target::PeftBase;
 use crate::model::MambaConfig;
 
-/// `sha256:` + hex of the config's shape fields (`description`, see [`describe`]) and every
+/// `sha256:` + hex of the config's shape fields (`description`, see `describe`) and every
 /// `(name, shape)`, sorted by name.
 pub fn model_identity(description: &str, shapes: &[(String, Vec<usize>)]) -> String {
     let mut h = Sha256::new();

@@ -1,6 +1,6 @@
 //! Parameter-efficient fine-tuning: every method of MambaPEFT and ProDiaL
 //! (`/work/shared/peft-spec.md`), stacked freely into one adapter, on every model family that
-//! has the method's sites (Mamba-1, Vim; see [`target`]).
+//! has the method's sites (Mamba-1, Vim; see `peft::target`).
 //!
 //! Design:
 //! - Each method family is one file with a typed, serde config that implements

@@ -147,7 +147,7 @@ impl AdapterSpec {
     }
 
     /// Every trainable tensor's name and shape, without weights: the methods' and, on a
-    /// classification model, its head (always trained, see [`head_shapes`]).
+    /// classification model, its head (always trained, see `head_shapes`).
     pub fn parameter_shapes(&self, cfg: impl Into<ModelShape>) -> Vec<ParamShape> {
         let cfg = &cfg.into();
         self.methods

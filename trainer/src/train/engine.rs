@@ -739,7 +739,7 @@ fn check_resume(
 }
 
 /// Reads a checkpoint's state; falls back to the previous checkpoint kept while a new one
-/// was being swapped in (a crash between the two renames of [`write_checkpoint`]).
+/// was being swapped in (a crash between the two renames of `write_checkpoint`).
 pub fn find_checkpoint(dir: &Path) -> Result<(PathBuf, TrainerState), TrainError> {
     let mut candidates = vec![dir.to_path_buf()];
     if let Some(old) = sibling(dir, "old") {

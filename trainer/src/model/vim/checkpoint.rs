@@ -21,7 +21,7 @@ use super::config::VimConfig;
 use super::model::VimForImageClassification;
 use super::pos_embed::{PosEmbedResize, resize_pos_embed};
 use crate::error::{CheckpointProblem, Error, Result};
-use crate::model::checkpoint::{
+use crate::model::weights::{
     LoadOptions, WeightFile, load_one, non_finite, open_weight_file_with_key, var_map,
 };
 

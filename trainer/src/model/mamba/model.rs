@@ -13,9 +13,9 @@ use candle_nn::VarBuilder;
 
 use super::cache::{LayerCache, MambaCache};
 use super::config::MambaConfig;
-use super::layers::{Embedding, Linear, Projection, RmsNorm, linear_forward};
-use super::selective::{BranchDims, BranchInput, BranchRef, SelectiveBranch};
 use crate::error::{Error, Result};
+use crate::model::layers::{Embedding, Linear, Projection, RmsNorm, linear_forward};
+use crate::model::selective::{BranchDims, BranchInput, BranchRef, SelectiveBranch};
 
 /// Hook into a mixer's sequence path, for methods that add positions inside a layer
 /// (affix-tuning inserts soft tokens after in_proj and drops them after out_proj).
@@ -148,7 +148,7 @@ impl MambaMixer {
     }
 
     /// This mixer's selective branch (conv1d → x_proj → dt_proj → scan), the code shared
-    /// with every family built on the Mamba-1 branch ([`super::selective`]).
+    /// with every family built on the Mamba-1 branch ([`crate::model::selective`]).
     pub fn branch(&self) -> BranchRef<'_> {
         self.branch.as_ref()
     }
@@ -772,8 +772,8 @@ impl MambaForCausalLM {
 
 #[cfg(test)]
 mod tests {
+    use super::super::checkpoint::Checkpoint;
     use super::*;
-    use crate::model::checkpoint::Checkpoint;
     use crate::model::layers::{LinearAdapter, ParamAdapter};
     use crate::model::loss::causal_lm_loss;
     use candle_core::Var;

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::layers::{LinearAdapter, Param, Projection, RowSegments};
-use super::mamba::{MambaForCausalLM, MambaMixer};
+use super::model::{MambaForCausalLM, MambaMixer};
 use crate::error::{Error, Result};
+use crate::model::layers::{LinearAdapter, Param, Projection, RowSegments};
 
 fn same(a: &Tensor, b: &Tensor) -> bool {
     a.id() == b.id()
@@ -126,8 +126,8 @@ impl MambaForCausalLM {
 mod tests {
     use super::*;
     use crate::model::MambaConfig;
-    use crate::model::checkpoint::Checkpoint;
     use crate::model::layers::{Linear, LowRankTerm, ParamAdapter, linear_forward};
+    use crate::model::mamba::checkpoint::Checkpoint;
     use candle_core::{DType, Device};
 
     /// `W x + B (A x)`, additive; with `terms` it also offers itself as a low-rank term

@@ -1,0 +1,12 @@
+//! The Mamba-1 language model family (HF `MambaForCausalLM` and the original state-spaces
+//! checkpoints): its config, loader, modules, decoding cache, random init and the batched
+//! rows serving uses.
+
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod init;
+pub mod model;
+pub mod rows;
+
+pub use model::*;
