@@ -268,3 +268,137 @@ fn forward_classify_and_bad_input_on_every_vim_case() {
         }
     }
 }
+
+/// A folder of `per_class` PNGs per class: class k (of `classes`, named `c{k}`) has a bright
+/// square in quadrant k on a noisy dark background.
+fn quadrant_folder(dir: &Path, [h, w]: [usize; 2], classes: usize, per_class: usize, seed: u32) {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    for k in 0..classes {
+        let sub = dir.join(format!("c{k}"));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                let noise = (state >> 26) as u8;
+                let inside = (y as usize) / (h / 2).max(1) == k / 2
+                    && (x as usize) / (w / 2).max(1) == k % 2;
+                let v = if inside { 180u8 } else { 30u8 } + noise;
+                image::Rgb([v, v, v])
+            });
+            img.save(sub.join(format!("{i:03}.png"))).expect("png");
+        }
+    }
+}
+
+#[test]
+fn molt_train_fine_tunes_a_vim_on_an_image_folder() {
+    let case = fixtures::indexed_cases("vim_model")
+        .into_iter()
+        .next()
+        .expect("a vim case");
+    let model_dir = case.path("model_dir");
+    let base =
+        VimForImageClassification::load(&model_dir, &VimLoadOptions::default()).expect("load");
+    let img = base.config.img_size;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (train, val, out) = (
+        tmp.path().join("train"),
+        tmp.path().join("val"),
+        tmp.path().join("out"),
+    );
+    quadrant_folder(&train, img, 4, 12, 1);
+    quadrant_folder(&val, img, 4, 4, 2);
+    let out_s = out.to_str().expect("path");
+    let run = molt(&[
+        "train",
+        "--model",
+        model_dir.to_str().expect("path"),
+        "--train",
+        train.to_str().expect("path"),
+        "--validation",
+        val.to_str().expect("path"),
+        "--method",
+        r#"{"type": "lora", "targets": ["in_proj", "x_proj"], "r": 4, "s": 1.0}"#,
+        "--out",
+        out_s,
+        "--epochs",
+        "6",
+        "--batch-size",
+        "8",
+        "--lr",
+        "0.01",
+        "--json",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8_lossy(&run.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let acc = events
+        .iter()
+        .rev()
+        .find(|e| e["type"] == "validation")
+        .and_then(|e| e["accuracy"].as_f64())
+        .expect("a validation event with accuracy");
+    assert!(acc >= 0.65, "validation accuracy {acc} (chance 0.25)");
+    // The adapter classifies the validation images through `molt model classify`.
+    let pngs: Vec<String> = (0..4)
+        .map(|k| val.join(format!("c{k}/000.png")).display().to_string())
+        .collect();
+    let mut args = vec![
+        "model",
+        "classify",
+        "--model",
+        model_dir.to_str().expect("path"),
+        "--adapter",
+        out_s,
+        "--top-k",
+        "1",
+        "--format",
+        "json",
+    ];
+    args.extend(pngs.iter().map(String::as_str));
+    let cls = molt(&args);
+    assert!(
+        cls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cls.stderr)
+    );
+    let right = String::from_utf8_lossy(&cls.stdout)
+        .lines()
+        .enumerate()
+        .filter(|(k, l)| {
+            serde_json::from_str::<Value>(l)
+                .ok()
+                .and_then(|v| v["top"][0]["class"].as_u64())
+                == Some(*k as u64)
+        })
+        .count();
+    assert!(
+        right >= 3,
+        "{right} of 4 validation images classified right"
+    );
+    // Bad input: a folder with one class is refused naming it.
+    let one = tmp.path().join("one");
+    quadrant_folder(&one, img, 1, 2, 3);
+    let bad = molt(&[
+        "train",
+        "--model",
+        model_dir.to_str().expect("path"),
+        "--train",
+        one.to_str().expect("path"),
+        "--method",
+        r#"{"type": "lora", "targets": "in_proj"}"#,
+        "--out",
+        out_s,
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("one") && err.contains("at least two"),
+        "{err}"
+    );
+}

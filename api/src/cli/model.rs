@@ -172,8 +172,15 @@ fn load_vision(
     adapter: Option<&Path>,
     device: &str,
 ) -> Result<VimForImageClassification> {
+    // An adapter carries the head it was trained with: build the base for its classes.
+    let num_classes = adapter.and_then(|a| {
+        let t = candle_core::safetensors::load(a.join(trainer::peft::WEIGHTS_FILE), &Device::Cpu)
+            .ok()?;
+        t.get("head.bias").and_then(|b| b.dims().first().copied())
+    });
     let opts = VimLoadOptions {
         load: load_options(device)?,
+        num_classes,
         ..VimLoadOptions::default()
     };
     let base = VimForImageClassification::load(dir, &opts)

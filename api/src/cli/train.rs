@@ -1,4 +1,5 @@
-//! `molt train` (fine-tune a base model with a PEFT method on a local JSONL file) and
+//! `molt train` (fine-tune a base model with a PEFT method on a local JSONL file, or a Vision
+//! Mamba on an image folder) and
 //! `molt pretrain` (train a small Mamba and its tokenizer from random initialisation on a
 //! plain-text corpus: how `models/demo` is made). Both print one progress line per step.
 
@@ -121,14 +122,17 @@ fn read_arg(s: &str) -> Result<String> {
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
-    /// Base model folder: config.json, weights, tokenizer.json.
+    /// Base model folder: config.json, weights, tokenizer.json (a language model), or a
+    /// Vision Mamba's config.json and weights.
     #[arg(long, env = "MOLT_MODEL")]
     pub model: PathBuf,
-    /// Training data, JSONL: {"text"}, {"prompt","completion"} or
-    /// {"context","choices","label"} per line.
+    /// Training data. A language model: JSONL, {"text"}, {"prompt","completion"} or
+    /// {"context","choices","label"} per line. A Vision Mamba: an image folder with one
+    /// subfolder per class (sorted names are the classes; png, jpg, jpeg, webp).
     #[arg(long)]
     pub train: PathBuf,
-    /// Validation data in the same format (loss, and accuracy for multiple choice).
+    /// Validation data in the same format (loss, and accuracy for multiple choice and
+    /// images; an image folder must have the training folder's classes).
     #[arg(long)]
     pub validation: Option<PathBuf>,
     /// The PEFT method as JSON or @file.json, e.g. '{"type": "lora", "targets": "in_proj",

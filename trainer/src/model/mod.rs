@@ -37,8 +37,7 @@
 //! `.pth` files), [`loss`] (next-token loss for every language family).
 //!
 //! Still to do (issue 13): a reverse flag in the scan and conv kernels so Vim's backward
-//! branch stops flipping x, z and y (see `vim::model::flip_time`), image folders for
-//! `molt train`.
+//! branch stops flipping x, z and y (see `vim::model::flip_time`).
 //!
 //! ```no_run
 //! # fn main() -> trainer::Result<()> {

@@ -392,9 +392,13 @@ impl TrainError {
     }
 }
 
-/// Trains what `req` asks for. See the module docs.
+/// Trains what `req` asks for. See the module docs. A Vision Mamba base trains on image
+/// folders ([`images::load_folder`]) instead of JSONL.
 pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutcome, TrainError> {
     req.hyper.validate()?;
+    if crate::model::family::detect_dir(&req.model_dir)? == crate::model::Family::Vim {
+        return run_images(req, obs);
+    }
     let tokenizer = Tokenizer::from_model_dir(&req.model_dir)?.ok_or_else(|| {
         TrainError::Method(format!(
             "{}: the base model has no tokenizer.json; training from text needs one",
@@ -419,7 +423,14 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
         None => None,
     };
 
-    let fingerprint = fingerprint(req, &cfg)?;
+    let data = match &req.validation_file {
+        Some(v) => vec![
+            ("training file", file_sha256(&req.train_file)?),
+            ("validation file", file_sha256(v)?),
+        ],
+        None => vec![("training file", file_sha256(&req.train_file)?)],
+    };
+    let fingerprint = fingerprint(req, cfg.to_hf_json().to_string(), data)?;
     let resume = if req.resume {
         Some(engine::find_checkpoint(&req.checkpoint_dir)?)
     } else {
@@ -449,7 +460,11 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
         },
         obs,
     )?;
-    Ok(if end.stopped {
+    Ok(outcome(req, end))
+}
+
+fn outcome(req: &TrainRequest, end: engine::LoopEnd) -> TrainOutcome {
+    if end.stopped {
         TrainOutcome::Stopped {
             step: end.step,
             tokens_seen: end.tokens_seen,
@@ -463,7 +478,72 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
             validation_accuracy: end.validation.and_then(|v| v.1),
             out_dir: req.out_dir.clone(),
         }
-    })
+    }
+}
+
+/// [`run`] for a Vision Mamba: `train_file` / `validation_file` are image folders (one
+/// subfolder per class); the head is built for the training folder's classes (a fresh zero
+/// head when the checkpoint's has another size).
+fn run_images(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutcome, TrainError> {
+    use crate::model::vim::{EvalTransform, VimCheckpoint, VimLoadOptions};
+    let classes = images::folder_classes(&req.train_file)?;
+    let opts = VimLoadOptions {
+        load: LoadOptions {
+            dtype: DType::F32,
+            device: req.device.clone(),
+        },
+        num_classes: Some(classes.len()),
+        ..VimLoadOptions::default()
+    };
+    let base = VimCheckpoint::load(&req.model_dir, &opts)?.into_frozen()?;
+    let transform = EvalTransform::for_image_size(base.config.img_size);
+    let (train, train_files) = images::load_folder(&req.train_file, &classes, &transform)?;
+    let validation = match &req.validation_file {
+        Some(v) => Some(images::load_folder(v, &classes, &transform)?),
+        None => None,
+    };
+    let listing = |files: &[PathBuf]| -> Result<String, TrainError> {
+        let mut h = Sha256::new();
+        for f in files {
+            h.update(f.to_string_lossy().as_bytes());
+            h.update(file_sha256(f)?.as_bytes());
+        }
+        Ok(hex::encode(h.finalize()))
+    };
+    let mut data = vec![("training images", listing(&train_files)?)];
+    if let Some((_, files)) = &validation {
+        data.push(("validation images", listing(files)?));
+    }
+    let config =
+        serde_json::to_string(&base.config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let fingerprint = fingerprint(req, config, data)?;
+    let resume = if req.resume {
+        Some(engine::find_checkpoint(&req.checkpoint_dir)?)
+    } else {
+        None
+    };
+    let trainable = AdapterTrainable::new(
+        &req.method,
+        &base,
+        req.seed,
+        resume.as_ref().map(|r| r.0.as_path()),
+    )?;
+    let end = engine::train(
+        &trainable,
+        LoopConfig {
+            hyper: &req.hyper,
+            seed: req.seed,
+            train: TrainSet::Images(&train),
+            validation: validation.as_ref().map(|(set, _)| TrainSet::Images(set)),
+            device: req.device.clone(),
+            checkpoint_dir: Some(&req.checkpoint_dir),
+            out_dir: &req.out_dir,
+            fingerprint,
+            resume: resume.map(|r| r.1),
+        },
+        obs,
+    )?;
+    Ok(outcome(req, end))
 }
 
 /// The end-of-sequence token appended to texts and completions, and the padding id (any
@@ -569,13 +649,15 @@ impl<M: PeftModel + HasTask> Trainable for AdapterTrainable<M> {
 }
 
 /// Hashes of everything the numbers of a run depend on (see `engine::check_resume`).
-fn fingerprint(req: &TrainRequest, cfg: &MambaConfig) -> Result<BTreeFingerprint, TrainError> {
+/// `config` is the base model's config as JSON, `data` a hash per dataset.
+fn fingerprint(
+    req: &TrainRequest,
+    config: String,
+    data: Vec<(&str, String)>,
+) -> Result<BTreeFingerprint, TrainError> {
     let mut fp = BTreeFingerprint::new();
     let hex = |bytes: &[u8]| hex::encode(Sha256::digest(bytes));
-    fp.insert(
-        "base model config".into(),
-        hex(cfg.to_hf_json().to_string().as_bytes()),
-    );
+    fp.insert("base model config".into(), hex(config.as_bytes()));
     fp.insert(
         "method".into(),
         hex(req.method.to_value().to_string().as_bytes()),
@@ -588,9 +670,8 @@ fn fingerprint(req: &TrainRequest, cfg: &MambaConfig) -> Result<BTreeFingerprint
     let hj = serde_json::to_string(&h).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     fp.insert("hyperparameters".into(), hex(hj.as_bytes()));
     fp.insert("seed".into(), req.seed.to_string());
-    fp.insert("training file".into(), file_sha256(&req.train_file)?);
-    if let Some(v) = &req.validation_file {
-        fp.insert("validation file".into(), file_sha256(v)?);
+    for (name, hash) in data {
+        fp.insert(name.into(), hash);
     }
     Ok(fp)
 }
