@@ -7,13 +7,17 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
+mod common;
+
 #[path = "../../trainer/tests/common/mod.rs"]
 mod fixtures;
+
+use common::molt_cli as molt;
 
 use fixtures::IndexedCase;
 
@@ -64,18 +68,6 @@ fn load(c: &IndexedCase) -> Case {
 
 fn base_cases() -> Vec<Case> {
     fixtures::indexed_cases("base").iter().map(load).collect()
-}
-
-fn molt(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_molt"))
-        .args(args)
-        .env_remove("MOLT_MODEL")
-        .env_remove("MOLT_ADAPTER")
-        .output()
-        .expect("run molt");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "molt panicked:\n{stderr}");
-    out
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, (atol, rtol): (f64, f64)) -> f64 {

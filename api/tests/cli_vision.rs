@@ -7,27 +7,18 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
 use trainer::model::vim::{EvalTransform, Mode, VimForImageClassification, VimLoadOptions};
 use trainer::peft::{Adapter, AdapterSpec};
 
+mod common;
+
 #[path = "../../trainer/tests/common/mod.rs"]
 mod fixtures;
 
-fn molt(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_molt"))
-        .args(args)
-        .env_remove("MOLT_MODEL")
-        .env_remove("MOLT_ADAPTER")
-        .output()
-        .expect("run molt");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "molt panicked:\n{stderr}");
-    out
-}
+use common::molt_cli as molt;
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a.to_dtype(DType::F32).expect("f32") - b.to_dtype(DType::F32).expect("f32"))

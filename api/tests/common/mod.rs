@@ -21,6 +21,20 @@ pub fn molt_exe() -> &'static str {
     env!("CARGO_BIN_EXE_molt")
 }
 
+/// Runs `molt args…` to completion, with `MOLT_MODEL` / `MOLT_ADAPTER` unset so only the
+/// flags count; fails the test if it panicked.
+pub fn molt_cli(args: &[&str]) -> std::process::Output {
+    let out = Command::new(molt_exe())
+        .args(args)
+        .env_remove("MOLT_MODEL")
+        .env_remove("MOLT_ADAPTER")
+        .output()
+        .expect("run molt");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "molt panicked:\n{stderr}");
+    out
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -109,13 +109,12 @@ impl PeftMethod for AffixConfig {
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let bidirectional = cfg.directions.len() > 1;
         if bidirectional && self.kind != AffixKind::Prefix {
-            return Err(PeftError::Unsupported {
-                method: format!("affix with kind {:?}", self.kind),
-                family: cfg.family.name().into(),
-                why: "on a bidirectional model the affix is a prefix of each scan direction \
-                      (kind \"prefix\")"
-                    .into(),
-            });
+            return Err(PeftError::unsupported(
+                format!("affix with kind {:?}", self.kind),
+                cfg.family,
+                "on a bidirectional model the affix is a prefix of each scan direction \
+                 (kind \"prefix\")",
+            ));
         }
         if self.per_direction && !bidirectional {
             return Err(PeftError::Contradictory(format!(

@@ -105,6 +105,19 @@ pub enum PeftError {
 }
 
 impl PeftError {
+    /// `method` needs a site the `family` does not have; `why` says which.
+    pub(crate) fn unsupported(
+        method: impl Into<String>,
+        family: crate::model::Family,
+        why: impl Into<String>,
+    ) -> Self {
+        PeftError::Unsupported {
+            method: method.into(),
+            family: family.name().into(),
+            why: why.into(),
+        }
+    }
+
     pub(crate) fn config(method: &str, reason: impl Into<String>) -> Self {
         PeftError::InvalidConfig {
             method: method.to_string(),

@@ -273,11 +273,11 @@ impl PeftMethod for LoraConfig {
                 cfg.vocab("lora on the embedding")?;
             }
             if *t == LoraTarget::PatchEmbed && cfg.vision.is_none() {
-                return Err(PeftError::Unsupported {
-                    method: "lora on patch_embed".into(),
-                    family: cfg.family.name().into(),
-                    why: "it has no patch embedding (its token embedding is `embedding`)".into(),
-                });
+                return Err(PeftError::unsupported(
+                    "lora on patch_embed",
+                    cfg.family,
+                    "it has no patch embedding (its token embedding is `embedding`)",
+                ));
             }
             let (out, inp) = t.shape(cfg);
             check_rank("lora", t.name(), self.rank(*t), out, inp)?;

@@ -149,11 +149,11 @@ impl PeftMethod for PartialConfig {
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let t = PartialTarget::parse(&self.target)?;
         if t.slot().is_none() && cfg.vision.is_none() {
-            return Err(PeftError::Unsupported {
-                method: format!("partial tuning of `{}`", self.target),
-                family: cfg.family.name().into(),
-                why: "it has no class token or position embedding".into(),
-            });
+            return Err(PeftError::unsupported(
+                format!("partial tuning of `{}`", self.target),
+                cfg.family,
+                "it has no class token or position embedding",
+            ));
         }
         Ok(())
     }

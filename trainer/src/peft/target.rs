@@ -83,23 +83,8 @@ impl ModelShape {
 
     /// The token vocabulary, or an error naming `method` for a family without tokens.
     pub fn vocab(&self, method: &str) -> PeftResult<usize> {
-        self.vocab_size.ok_or_else(|| PeftError::Unsupported {
-            method: method.into(),
-            family: self.family.name().into(),
-            why: "it has no token embedding".into(),
-        })
-    }
-
-    /// An error unless the family is a language model (methods on tokens, the LM head).
-    pub fn require_lm(&self, method: &str, why: &str) -> PeftResult<()> {
-        match self.vocab_size {
-            Some(_) => Ok(()),
-            None => Err(PeftError::Unsupported {
-                method: method.into(),
-                family: self.family.name().into(),
-                why: why.into(),
-            }),
-        }
+        self.vocab_size
+            .ok_or_else(|| PeftError::unsupported(method, self.family, "it has no token embedding"))
     }
 }
 
@@ -294,17 +279,6 @@ pub struct Extras {
     pub head: Option<(Tensor, Tensor)>,
 }
 
-impl Extras {
-    /// The error for a seam `family` does not have.
-    pub fn unsupported(family: Family, method: &str, why: &str) -> PeftError {
-        PeftError::Unsupported {
-            method: method.into(),
-            family: family.name().into(),
-            why: why.into(),
-        }
-    }
-}
-
 // ---- Mamba-1 -------------------------------------------------------------------------------
 
 impl PeftBase for MambaForCausalLM {
@@ -374,9 +348,9 @@ impl PeftModel for MambaForCausalLM {
 
     fn install(&mut self, extras: Extras) -> PeftResult<()> {
         if extras.head.is_some() {
-            return Err(Extras::unsupported(
-                Family::Mamba,
+            return Err(PeftError::unsupported(
                 "a classification head",
+                Family::Mamba,
                 "a language model predicts tokens (use linear_probe for its LM head)",
             ));
         }
@@ -534,7 +508,8 @@ impl PeftModel for VimForImageClassification {
     }
 
     fn install(&mut self, extras: Extras) -> PeftResult<()> {
-        let refuse = |method: &str, why: &str| Err(Extras::unsupported(Family::Vim, method, why));
+        let refuse =
+            |method: &str, why: &str| Err(PeftError::unsupported(method, Family::Vim, why));
         if !extras.embedding.is_empty() {
             return refuse("a token-embedding method", "it has no token embedding");
         }

@@ -431,15 +431,36 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
         None => vec![("training file", file_sha256(&req.train_file)?)],
     };
     let fingerprint = fingerprint(req, cfg.to_hf_json().to_string(), data)?;
+    train_adapter(
+        req,
+        &ck.into_frozen()?,
+        TrainSet::Tokens { data: &train, pad },
+        validation
+            .as_ref()
+            .map(|data| TrainSet::Tokens { data, pad }),
+        fingerprint,
+        obs,
+    )
+}
+
+/// The part of [`run`] every family shares: the adapter (fresh, or from the checkpoint when
+/// resuming), the loop, the outcome.
+fn train_adapter<M: PeftModel + HasTask>(
+    req: &TrainRequest,
+    base: &M,
+    train: TrainSet<'_>,
+    validation: Option<TrainSet<'_>>,
+    fingerprint: BTreeFingerprint,
+    obs: &mut dyn TrainObserver,
+) -> Result<TrainOutcome, TrainError> {
     let resume = if req.resume {
         Some(engine::find_checkpoint(&req.checkpoint_dir)?)
     } else {
         None
     };
-    let base = ck.into_frozen()?;
     let trainable = AdapterTrainable::new(
         &req.method,
-        &base,
+        base,
         req.seed,
         resume.as_ref().map(|r| r.0.as_path()),
     )?;
@@ -448,10 +469,8 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
         LoopConfig {
             hyper: &req.hyper,
             seed: req.seed,
-            train: TrainSet::Tokens { data: &train, pad },
-            validation: validation
-                .as_ref()
-                .map(|data| TrainSet::Tokens { data, pad }),
+            train,
+            validation,
             device: req.device.clone(),
             checkpoint_dir: Some(&req.checkpoint_dir),
             out_dir: &req.out_dir,
@@ -460,11 +479,7 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
         },
         obs,
     )?;
-    Ok(outcome(req, end))
-}
-
-fn outcome(req: &TrainRequest, end: engine::LoopEnd) -> TrainOutcome {
-    if end.stopped {
+    Ok(if end.stopped {
         TrainOutcome::Stopped {
             step: end.step,
             tokens_seen: end.tokens_seen,
@@ -478,7 +493,7 @@ fn outcome(req: &TrainRequest, end: engine::LoopEnd) -> TrainOutcome {
             validation_accuracy: end.validation.and_then(|v| v.1),
             out_dir: req.out_dir.clone(),
         }
-    }
+    })
 }
 
 /// [`run`] for a Vision Mamba: `train_file` / `validation_file` are image folders (one
@@ -517,33 +532,14 @@ fn run_images(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOu
     let config =
         serde_json::to_string(&base.config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let fingerprint = fingerprint(req, config, data)?;
-    let resume = if req.resume {
-        Some(engine::find_checkpoint(&req.checkpoint_dir)?)
-    } else {
-        None
-    };
-    let trainable = AdapterTrainable::new(
-        &req.method,
+    train_adapter(
+        req,
         &base,
-        req.seed,
-        resume.as_ref().map(|r| r.0.as_path()),
-    )?;
-    let end = engine::train(
-        &trainable,
-        LoopConfig {
-            hyper: &req.hyper,
-            seed: req.seed,
-            train: TrainSet::Images(&train),
-            validation: validation.as_ref().map(|(set, _)| TrainSet::Images(set)),
-            device: req.device.clone(),
-            checkpoint_dir: Some(&req.checkpoint_dir),
-            out_dir: &req.out_dir,
-            fingerprint,
-            resume: resume.map(|r| r.1),
-        },
+        TrainSet::Images(&train),
+        validation.as_ref().map(|(set, _)| TrainSet::Images(set)),
+        fingerprint,
         obs,
-    )?;
-    Ok(outcome(req, end))
+    )
 }
 
 /// The end-of-sequence token appended to texts and completions, and the padding id (any
