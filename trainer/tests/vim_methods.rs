@@ -468,3 +468,64 @@ fn parameter_counts_match_prodial_table_3_at_vim_tiny() {
         assert_eq!(millions(spec.clone()), want, "{spec}");
     }
 }
+
+/// A method on a site the family lacks is refused before anything is built, naming the
+/// method, the family and why.
+#[test]
+fn methods_on_sites_a_family_lacks_are_refused_naming_them() {
+    let (_, _, vim_dir) = common::method_sets_of(Family::Vim)
+        .into_iter()
+        .next()
+        .expect("a Vim method set");
+    let vim = base_model(&vim_dir);
+    let mamba_case = common::indexed_cases("base")
+        .into_iter()
+        .next()
+        .expect("a base case");
+    let mamba = trainer::model::MambaForCausalLM::load(
+        &mamba_case.path("model_dir"),
+        &trainer::model::LoadOptions::default(),
+    )
+    .expect("mamba");
+    let refused = |v: Value, on_vim: bool| -> String {
+        let spec = AdapterSpec::from_value(&v).expect("spec");
+        let err = if on_vim {
+            Adapter::init(&spec, &vim, 0).expect_err("refused on vim")
+        } else {
+            Adapter::init(&spec, &mamba, 0).expect_err("refused on mamba")
+        };
+        err.to_string()
+    };
+    for (v, on_vim, needles) in [
+        (
+            json!({"type": "lora", "targets": "embedding", "r": 2}),
+            true,
+            vec!["lora on the embedding", "vim", "no token embedding"],
+        ),
+        (
+            json!({"type": "affix", "n": 2, "kind": "infix"}),
+            true,
+            vec!["affix with kind Infix", "vim", "prefix"],
+        ),
+        (
+            json!({"type": "lora", "targets": "patch_embed", "r": 2}),
+            false,
+            vec!["lora on patch_embed", "mamba", "no patch embedding"],
+        ),
+        (
+            json!({"type": "partial", "target": "cls_token"}),
+            false,
+            vec!["partial tuning of `cls_token`", "mamba", "no class token"],
+        ),
+        (
+            json!({"type": "affix", "n": 2, "per_direction": true}),
+            false,
+            vec!["per_direction", "bidirectional", "mamba"],
+        ),
+    ] {
+        let msg = refused(v.clone(), on_vim);
+        for n in needles {
+            assert!(msg.contains(n), "{v}: {msg:?} lacks {n:?}");
+        }
+    }
+}
