@@ -76,6 +76,8 @@ struct ScanCase {
     n: usize,
     z: bool,
     s0: bool,
+    /// Scan backwards in time (Vim's backward branch).
+    reverse: bool,
 }
 
 /// The scan's inputs as CPU tensors, in the order u, delta, A, B, C, D, bias, z, s0.
@@ -123,7 +125,8 @@ fn run_scan(c: ScanCase, inputs: &[Tensor], w: &Tensor, dev: &Device, io: DType)
     let z = c.z.then(|| t[7]);
     let s0 = c.s0.then(|| t[if c.z { 8 } else { 7 }]);
     let (y, last) =
-        kernels::selective_scan(t[0], t[1], t[2], t[3], t[4], t[5], t[6], z, s0).expect("scan");
+        kernels::selective_scan(t[0], t[1], t[2], t[3], t[4], t[5], t[6], z, s0, c.reverse)
+            .expect("scan");
     let w = w.to_device(dev).expect("w").to_dtype(y.dtype()).expect("w");
     let loss = (y.clone() * w).expect("mul").sum_all().expect("sum");
     let grads = loss.backward().expect("backward");
@@ -187,6 +190,7 @@ const SCAN_CASES: [ScanCase; 6] = [
         n: 4,
         z: false,
         s0: false,
+        reverse: false,
     },
     ScanCase {
         b: 2,
@@ -195,6 +199,7 @@ const SCAN_CASES: [ScanCase; 6] = [
         n: 16,
         z: true,
         s0: false,
+        reverse: false,
     },
     ScanCase {
         b: 2,
@@ -203,6 +208,7 @@ const SCAN_CASES: [ScanCase; 6] = [
         n: 16,
         z: true,
         s0: true,
+        reverse: false,
     },
     ScanCase {
         b: 3,
@@ -211,6 +217,7 @@ const SCAN_CASES: [ScanCase; 6] = [
         n: 17,
         z: false,
         s0: true,
+        reverse: false,
     },
     ScanCase {
         b: 1,
@@ -219,6 +226,7 @@ const SCAN_CASES: [ScanCase; 6] = [
         n: 64,
         z: true,
         s0: true,
+        reverse: false,
     },
     ScanCase {
         b: 2,
@@ -227,6 +235,7 @@ const SCAN_CASES: [ScanCase; 6] = [
         n: 32,
         z: true,
         s0: false,
+        reverse: false,
     },
 ];
 
@@ -237,6 +246,12 @@ fn scan_cuda_matches_cpu_forward_and_every_gradient_f32() {
     };
     for (i, c) in SCAN_CASES.into_iter().enumerate() {
         check_scan(c, i as u64, &dev, DType::F32);
+        check_scan(
+            ScanCase { reverse: true, ..c },
+            50 + i as u64,
+            &dev,
+            DType::F32,
+        );
     }
 }
 
@@ -264,6 +279,7 @@ fn scan_cuda_state_sizes_beyond_the_kernels_use_the_reference() {
             n: 80,
             z: true,
             s0: true,
+            reverse: false,
         },
         40,
         &dev,
@@ -273,7 +289,13 @@ fn scan_cuda_state_sizes_beyond_the_kernels_use_the_reference() {
 
 /// Conv on `dev`: x (optionally a strided narrow of a wider tensor), weight, bias,
 /// history → y and every gradient, on the CPU in f32.
-fn run_conv(inputs: &[Tensor], strided: bool, dev: &Device, io: DType) -> Vec<Tensor> {
+fn run_conv(
+    inputs: &[Tensor],
+    strided: bool,
+    reverse: bool,
+    dev: &Device,
+    io: DType,
+) -> Vec<Tensor> {
     let vars: Vec<Var> = inputs
         .iter()
         .enumerate()
@@ -295,8 +317,9 @@ fn run_conv(inputs: &[Tensor], strided: bool, dev: &Device, io: DType) -> Vec<Te
         vars[0].as_tensor().clone()
     };
     let hist = vars.get(3).map(|v| v.as_tensor());
-    let y = kernels::causal_conv1d_silu(&x, vars[1].as_tensor(), vars[2].as_tensor(), hist)
-        .expect("conv");
+    let y =
+        kernels::causal_conv1d_silu(&x, vars[1].as_tensor(), vars[2].as_tensor(), hist, reverse)
+            .expect("conv");
     let w = rand_t(&mut StdRng::seed_from_u64(7), y.dims(), -1.0, 1.0)
         .to_device(dev)
         .and_then(|w| w.to_dtype(y.dtype()))
@@ -343,14 +366,19 @@ fn conv_cuda_matches_cpu_forward_and_every_gradient() {
         if hist && k > 1 {
             inputs.push(rand_t(&mut rng, &[b, e, k - 1], -2.0, 2.0));
         }
-        for io in [DType::F32, DType::BF16] {
+        // The anti-causal conv (Vim's backward branch) takes no history.
+        let directions: &[bool] = if hist { &[false] } else { &[false, true] };
+        for (&reverse, io) in directions
+            .iter()
+            .flat_map(|r| [(r, DType::F32), (r, DType::BF16)])
+        {
             let mut inp = inputs.clone();
             inp[0] = inp[0]
                 .to_dtype(io)
                 .and_then(|t| t.to_dtype(DType::F32))
                 .expect("round");
-            let want = run_conv(&inp, strided, &Device::Cpu, DType::F32);
-            let got = run_conv(&inp, strided, &dev, io);
+            let want = run_conv(&inp, strided, reverse, &Device::Cpu, DType::F32);
+            let got = run_conv(&inp, strided, reverse, &dev, io);
             let tol = if io == DType::F32 { F32_TOL } else { BF16_TOL };
             let names = [
                 "y",
@@ -360,7 +388,12 @@ fn conv_cuda_matches_cpu_forward_and_every_gradient() {
                 "history gradient",
             ];
             for ((name, g), w) in names.iter().zip(&got).zip(&want) {
-                assert_close(&format!("conv case {i} {io:?}: {name}"), g, w, tol);
+                assert_close(
+                    &format!("conv case {i} {io:?} reverse={reverse}: {name}"),
+                    g,
+                    w,
+                    tol,
+                );
             }
         }
     }

@@ -133,8 +133,10 @@ struct Impl {
 
 const FUSED: Impl = Impl {
     name: "fused",
-    scan: kernels::selective_scan,
-    conv: kernels::causal_conv1d_silu,
+    scan: |u, delta, a, b, c, d, bias, z, s0| {
+        kernels::selective_scan(u, delta, a, b, c, d, bias, z, s0, false)
+    },
+    conv: |x, w, b, hist| kernels::causal_conv1d_silu(x, w, b, hist, false),
     scan_step: kernels::selective_scan_step,
     conv_step: kernels::causal_conv1d_step,
 };
@@ -595,6 +597,7 @@ fn scan_without_autograd_matches_tracked_run() {
         &t(&vars.bias),
         vars.z.as_ref().map(t).as_ref(),
         vars.s0.as_ref().map(t).as_ref(),
+        false,
     )
     .unwrap();
     let exact = Tol {
@@ -679,7 +682,7 @@ fn results_do_not_depend_on_the_thread_count() {
         );
         let x = v.u.as_tensor();
         let w = Tensor::ones((c.e, 4), DType::F32, &Device::Cpu).unwrap();
-        let yc = kernels::causal_conv1d_silu(x, &w, v.d.as_tensor(), None).unwrap();
+        let yc = kernels::causal_conv1d_silu(x, &w, v.d.as_tensor(), None, false).unwrap();
         let gc = yc.sum_all().unwrap().backward().unwrap();
         out.push(values(&yc));
         out.push(values(&grad(&gc, &v.d, "conv bias")));
@@ -759,6 +762,112 @@ fn conv_fused_matches_reference() {
                 );
                 seed += 1;
             }
+        }
+    }
+}
+
+/// The fused kernels run backwards in time (`reverse`) ...
+#[allow(clippy::too_many_arguments)]
+fn scan_reversed(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+    bias: &Tensor,
+    z: Option<&Tensor>,
+    s0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    kernels::selective_scan(u, delta, a, b, c, d, bias, z, s0, true)
+}
+
+/// ... equal the forward kernels on inputs flipped in time, with the output flipped back.
+#[allow(clippy::too_many_arguments)]
+fn scan_on_flipped(
+    u: &Tensor,
+    delta: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+    bias: &Tensor,
+    z: Option<&Tensor>,
+    s0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let f = kernels::flip_time;
+    let z = z.map(f).transpose()?;
+    let (y, last) = kernels::selective_scan(
+        &f(u)?,
+        &f(delta)?,
+        a,
+        &f(b)?,
+        &f(c)?,
+        d,
+        bias,
+        z.as_ref(),
+        s0,
+        false,
+    )?;
+    Ok((f(&y)?, last))
+}
+
+#[test]
+fn scan_reverse_equals_scan_of_the_flipped_sequence() {
+    let mut seed = 3000;
+    for l in [1, 5].into_iter().chain(CHUNK_EDGE_LENGTHS) {
+        for (b, e, n, z, s0) in [(2, 17, 4, true, false), (1, 9, 16, false, true)] {
+            let c = ScanCase { b, l, e, n, z, s0 };
+            let vars = ScanVars::random(&c, seed);
+            let (y, last, grads) = vars.run(scan_reversed);
+            let (y_ref, last_ref, grads_ref) = vars.run(scan_on_flipped);
+            assert_close_scaled(&format!("reverse {c:?} y"), &y, &y_ref);
+            assert_close_scaled(&format!("reverse {c:?} last state"), &last, &last_ref);
+            for (name, v) in vars.named() {
+                let (g, g_ref) = (grad(&grads, v, name), grad(&grads_ref, v, name));
+                assert_close_scaled(&format!("reverse {c:?} grad {name}"), &g, &g_ref);
+            }
+            seed += 1;
+        }
+    }
+}
+
+#[test]
+fn conv_reverse_equals_conv_of_the_flipped_sequence() {
+    let mut seed = 4000;
+    for l in [1, 2, 3, 5, 63, 64, 65, 130] {
+        for (k, e, b) in [(2, 1, 1), (3, 17, 2), (4, 33, 3)] {
+            let mut g = Gen::new(seed);
+            seed += 1;
+            // A strided view, as in the model.
+            let wide = Var::from_tensor(&g.normal(&[b, l, 2 * e], 0.0, 1.0)).unwrap();
+            let x = wide.narrow(2, e, e).unwrap();
+            let w = Var::from_tensor(&g.normal(&[e, k], 0.0, 0.7)).unwrap();
+            let bias = Var::from_tensor(&g.normal(&[e], 0.0, 0.5)).unwrap();
+            let up = g.normal(&[b, l, e], 0.0, 1.0);
+            let run = |reverse: bool| {
+                let y = if reverse {
+                    kernels::causal_conv1d_silu(&x, &w, &bias, None, true).unwrap()
+                } else {
+                    let f = kernels::flip_time;
+                    let y = kernels::causal_conv1d_silu(&f(&x).unwrap(), &w, &bias, None, false);
+                    f(&y.unwrap()).unwrap()
+                };
+                let grads = (&y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                (
+                    y,
+                    grad(&grads, &wide, "x"),
+                    grad(&grads, &w, "weight"),
+                    grad(&grads, &bias, "bias"),
+                )
+            };
+            let (y, gx, gw, gb) = run(true);
+            let (y_ref, gx_ref, gw_ref, gb_ref) = run(false);
+            let what = format!("reverse conv b={b} l={l} e={e} k={k}");
+            assert_close_scaled(&format!("{what} y"), &y, &y_ref);
+            assert_close_scaled(&format!("{what} grad x"), &gx, &gx_ref);
+            assert_close_scaled(&format!("{what} grad weight"), &gw, &gw_ref);
+            assert_close_scaled(&format!("{what} grad bias"), &gb, &gb_ref);
         }
     }
 }
@@ -848,8 +957,19 @@ fn scan_steps_and_split_prefill_reproduce_the_sequence() {
     );
     let z = v.z.as_ref().map(t).unwrap();
     let s0 = v.s0.as_ref().map(t).unwrap();
-    let (y, last) =
-        kernels::selective_scan(&u, &delta, &a, &bm, &cm, &d, &bias, Some(&z), Some(&s0)).unwrap();
+    let (y, last) = kernels::selective_scan(
+        &u,
+        &delta,
+        &a,
+        &bm,
+        &cm,
+        &d,
+        &bias,
+        Some(&z),
+        Some(&s0),
+        false,
+    )
+    .unwrap();
 
     // Token by token with the decode step.
     let mut state = s0.clone();
@@ -887,6 +1007,7 @@ fn scan_steps_and_split_prefill_reproduce_the_sequence() {
         &bias,
         Some(&part(&z, 0, split)),
         Some(&s0),
+        false,
     )
     .unwrap();
     let rest = c.l - split;
@@ -900,6 +1021,7 @@ fn scan_steps_and_split_prefill_reproduce_the_sequence() {
         &bias,
         Some(&part(&z, split, rest)),
         Some(&s1),
+        false,
     )
     .unwrap();
     assert_close_scaled("split y", &Tensor::cat(&[y1, y2], 1).unwrap(), &y);
@@ -913,7 +1035,7 @@ fn conv_steps_and_history_reproduce_the_sequence() {
     let x = g.normal(&[b, l, e], 0.0, 1.0);
     let (w, bias) = (g.normal(&[e, k], 0.0, 0.7), g.normal(&[e], 0.0, 0.5));
     let hist = g.normal(&[b, e, k - 1], 0.0, 1.0);
-    let y = kernels::causal_conv1d_silu(&x, &w, &bias, Some(&hist)).unwrap();
+    let y = kernels::causal_conv1d_silu(&x, &w, &bias, Some(&hist), false).unwrap();
 
     // Steps from a state holding the history (its oldest slot is dropped at once).
     let mut state = Tensor::cat(
@@ -935,8 +1057,14 @@ fn conv_steps_and_history_reproduce_the_sequence() {
 
     // Two segments: the second's history is the first's last K-1 inputs.
     let split = 9;
-    let y1 = kernels::causal_conv1d_silu(&x.narrow(1, 0, split).unwrap(), &w, &bias, Some(&hist))
-        .unwrap();
+    let y1 = kernels::causal_conv1d_silu(
+        &x.narrow(1, 0, split).unwrap(),
+        &w,
+        &bias,
+        Some(&hist),
+        false,
+    )
+    .unwrap();
     let h2 = x
         .narrow(1, split - (k - 1), k - 1)
         .unwrap()
@@ -947,6 +1075,7 @@ fn conv_steps_and_history_reproduce_the_sequence() {
         &w,
         &bias,
         Some(&h2),
+        false,
     )
     .unwrap();
     assert_close_scaled("conv split", &Tensor::cat(&[y1, y2], 1).unwrap(), &y);
@@ -989,6 +1118,7 @@ fn other_dtypes_are_computed_in_f32() {
             &a[6],
             Some(&a[7]),
             None,
+            false,
         )
         .unwrap()
     };
@@ -1053,6 +1183,7 @@ fn empty_sequence_returns_the_initial_state() {
         &v.bias,
         v.z.as_ref().map(|z| z.as_tensor()),
         v.s0.as_ref().map(|s| s.as_tensor()),
+        false,
     )
     .unwrap();
     assert_eq!(y.dims(), &[2, 0, 5]);
@@ -1068,7 +1199,7 @@ fn empty_sequence_returns_the_initial_state() {
     let w = Tensor::ones((5, 4), DType::F32, &Device::Cpu).unwrap();
     let b = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(
-        kernels::causal_conv1d_silu(&x, &w, &b, None)
+        kernels::causal_conv1d_silu(&x, &w, &b, None, false)
             .unwrap()
             .dims(),
         &[2, 0, 5]
@@ -1105,7 +1236,7 @@ fn shape_mismatches_are_errors_naming_the_tensor() {
     );
     let z = t(v.z.as_ref().unwrap());
     let scan = |u: &Tensor, bm: &Tensor, z: &Tensor, s0: Option<&Tensor>| {
-        kernels::selective_scan(u, &delta, &a, bm, &cm, &d, &bias, Some(z), s0)
+        kernels::selective_scan(u, &delta, &a, bm, &cm, &d, &bias, Some(z), s0, false)
     };
     let msg = err_text(scan(&u, &bm.narrow(2, 0, 2).unwrap(), &z, None));
     assert!(
@@ -1126,10 +1257,11 @@ fn shape_mismatches_are_errors_naming_the_tensor() {
         &w,
         &d.narrow(0, 0, 4).unwrap(),
         None,
+        false,
     ));
     assert!(msg.contains("bias has shape [4]"), "{msg}");
     let hist = Tensor::zeros((2, 5, 4), DType::F32, &Device::Cpu).unwrap();
-    let msg = err_text(kernels::causal_conv1d_silu(&u, &w, &d, Some(&hist)));
+    let msg = err_text(kernels::causal_conv1d_silu(&u, &w, &d, Some(&hist), false));
     assert!(
         msg.contains("history has shape [2, 5, 4]") && msg.contains("[2, 5, 3]"),
         "{msg}"

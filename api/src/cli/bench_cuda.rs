@@ -179,6 +179,7 @@ fn bench_scan(dev: &Device, args: &BenchCudaArgs) -> Result<()> {
                     &t(&bias),
                     Some(&t(&z)),
                     None,
+                    false,
                 )?;
                 Ok(y)
             };

@@ -142,11 +142,7 @@ impl ScanInputs {
 
     /// Forward, `sum(y · upstream)`, backward; with the fused kernel or the reference.
     pub fn fwd_bwd(&self, fused: bool) -> Result<()> {
-        let f = if fused {
-            super::selective_scan
-        } else {
-            super::reference::selective_scan
-        };
+        let f = scan_impl(fused);
         let (y, _) = f(
             &self.u,
             &self.delta,
@@ -168,6 +164,29 @@ impl ScanInputs {
     }
 }
 
+type ScanFn = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    Option<&Tensor>,
+    Option<&Tensor>,
+) -> Result<(Tensor, Tensor)>;
+
+/// The fused scan (forward in time) or the reference.
+fn scan_impl(fused: bool) -> ScanFn {
+    if fused {
+        |u, delta, a, b, c, d, bias, z, s0| {
+            super::selective_scan(u, delta, a, b, c, d, bias, z, s0, false)
+        }
+    } else {
+        super::reference::selective_scan
+    }
+}
+
 /// Scan forward + backward (all 8 gradients, with z): fused vs reference.
 pub fn scan_fwd_bwd(shape: &BenchShape, runs: usize, reference_runs: usize) -> Result<Comparison> {
     let inp = ScanInputs::random(shape)?;
@@ -180,11 +199,7 @@ pub fn scan_fwd_bwd(shape: &BenchShape, runs: usize, reference_runs: usize) -> R
 pub fn scan_fwd(shape: &BenchShape, runs: usize, reference_runs: usize) -> Result<Comparison> {
     let inp = ScanInputs::random(shape)?;
     let run = |fused: bool| {
-        let f = if fused {
-            super::selective_scan
-        } else {
-            super::reference::selective_scan
-        };
+        let f = scan_impl(fused);
         let t = |v: &Var| v.as_tensor().detach();
         f(
             &t(&inp.u),
@@ -213,12 +228,11 @@ pub fn conv_fwd_bwd(shape: &BenchShape, runs: usize, reference_runs: usize) -> R
     let bias = Var::randn(0f32, 0.5, e, &dev)?;
     let up = Tensor::randn(0f32, 1.0, (b, l, e), &dev)?;
     let run = |fused: bool| -> Result<()> {
-        let f = if fused {
-            super::causal_conv1d_silu
+        let y = if fused {
+            super::causal_conv1d_silu(&x, &w, &bias, None, false)?
         } else {
-            super::reference::causal_conv1d_silu
+            super::reference::causal_conv1d_silu(&x, &w, &bias, None)?
         };
-        let y = f(&x, &w, &bias, None)?;
         (y * &up)?.sum_all()?.backward().map(|_| ())
     };
     let fused = time(runs, || run(true))?;
@@ -283,6 +297,7 @@ pub fn scan_kernels_only(shape: &BenchShape, runs: usize) -> Result<(Timing, Tim
         n: shape.d_state,
         has_z: true,
         has_s0: false,
+        reverse: false,
     };
     let inp = ScanInputs::random(shape)?;
     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();

@@ -28,6 +28,34 @@ pub(crate) struct ConvDims {
     pub k: usize,
     /// Rows of history in front of the input in `x_ext` (0 or K-1).
     pub p: usize,
+    /// Anti-causal: output row `t` reads rows `t..t+K-1` (tap `k` reads `t + K-1-k`, zero
+    /// past the end), which is the causal conv of the time-reversed input, reversed back
+    /// (Vim's backward branch). Never with history (`p = 0`).
+    pub reverse: bool,
+}
+
+impl ConvDims {
+    /// The `x_ext` row that tap `k` of output row `t` reads, if it is inside `x_ext`.
+    #[inline(always)]
+    fn tap(&self, t: usize, k: usize) -> Option<usize> {
+        if self.reverse {
+            let j = t + self.k - 1 - k;
+            (j < self.l).then_some(j)
+        } else {
+            (t + self.p + k).checked_sub(self.k - 1)
+        }
+    }
+
+    /// The output row whose tap `k` reads `x_ext` row `j` (the inverse of [`Self::tap`]).
+    #[inline(always)]
+    fn tapped_by(&self, j: usize, k: usize) -> Option<usize> {
+        let t = if self.reverse {
+            (j + k).checked_sub(self.k - 1)
+        } else {
+            (j + self.k - 1).checked_sub(self.p + k)
+        };
+        t.filter(|&t| t < self.l)
+    }
 }
 
 /// Row access into a `[b, rows, E]` tensor whose last dim is contiguous.
@@ -83,8 +111,8 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// Pre-activation of output row `t`, channels `c..c + w`:
-/// `bias + Σ_k w[k]·x[t + k - (K-1)]`, rows before the start of `x_ext` being zero.
+/// Pre-activation of output row `t`, channels `c..c + w`: `bias + Σ_k w[k]·x[tap(t, k)]`
+/// (`x[t + k - (K-1)]` causally), rows outside `x_ext` being zero.
 /// `wt` is the weight transposed to `[K][E]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -101,8 +129,7 @@ fn preact<S: Simd>(
 ) -> S::V {
     let mut acc = s.load(bias, c, w);
     for k in 0..dims.k {
-        // x_ext row of tap k: t + P - (K-1) + k, skipped while negative.
-        let Some(j) = (t + dims.p + k).checked_sub(dims.k - 1) else {
+        let Some(j) = dims.tap(t, k) else {
             continue;
         };
         acc = s.mul_add(
@@ -169,7 +196,7 @@ fn preact_grad_rows_impl<S: Simd>(
             let gb = s.add(s.load(&gwb, k * e + c, w), g);
             s.store(&mut gwb, k * e + c, w, gb);
             for kk in 0..k {
-                let Some(j) = (t + dims.p + kk).checked_sub(k - 1) else {
+                let Some(j) = dims.tap(t, kk) else {
                     continue;
                 };
                 let at = kk * e + c;
@@ -195,8 +222,8 @@ with_simd! {
     ) -> Vec<f32> = preact_grad_rows_impl;
 }
 
-/// Input gradient for `x_ext` rows `j0..` of batch `bi`:
-/// `gx[j] = Σ_k w[k]·ga[j - P + (K-1) - k]` over valid output rows.
+/// Input gradient for `x_ext` rows `j0..` of batch `bi`: `gx[j] = Σ_k w[k]·ga[t]` over the
+/// output rows `t` whose tap `k` reads `j`.
 #[inline(always)]
 fn input_grad_rows_impl<S: Simd>(
     s: S,
@@ -214,10 +241,7 @@ fn input_grad_rows_impl<S: Simd>(
             let w = W.min(e - c);
             let mut acc = s.zero();
             for k in 0..dims.k {
-                let Some(t) = (j + dims.k - 1).checked_sub(dims.p + k) else {
-                    continue;
-                };
-                if t < dims.l {
+                if let Some(t) = dims.tapped_by(j, k) {
                     let gar = &ga[(bi * dims.l + t) * e..][..e];
                     acc = s.mul_add(s.load(wt, k * e + c, w), s.load(gar, c, w), acc);
                 }
@@ -336,7 +360,7 @@ impl CustomOp3 for ConvOp {
             x_ext
                 .detach()
                 .apply_op3_no_bwd(&wb, &grad, &ConvGradOp { dims: self.dims })?;
-        let ConvDims { b, l, e, k, p } = self.dims;
+        let ConvDims { b, l, e, k, p, .. } = self.dims;
         let [gx, gw, gb] = super::unpack(&packed, [&[b, p + l, e], &[e, k], &[e]])?;
         // f32 grads; on CUDA x may be f16/bf16.
         Ok((Some(gx.to_dtype(x_ext.dtype())?), Some(gw), Some(gb)))
@@ -363,7 +387,7 @@ impl CustomOp3 for ConvGradOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = &self.dims;
-        let ConvDims { b, l, e, k, p } = *dims;
+        let ConvDims { b, l, e, k, p, .. } = *dims;
         let x = Rows::new(s1, l1, dims)?;
         let wb = f32_slice(s2, l2, "causal_conv1d_silu backward (weight, bias)")?;
         let grad = f32_slice(s3, l3, "causal_conv1d_silu backward (grad of y)")?;

@@ -191,6 +191,7 @@ pub(crate) fn scan_fwd(
             dims.has_z as i32,
             dims.has_s0 as i32,
             keep_all as i32,
+            dims.reverse as i32,
         ];
         fn launch<T: CudaDType + DeviceRepr>(
             func: &Kernel,
@@ -198,7 +199,7 @@ pub(crate) fn scan_fwd(
             (s1, l1, s2, l2): (&CudaStorage, &Layout, &CudaStorage, &Layout),
             rest: &CudaView<'_, f32>,
             out: &mut CudaSlice<f32>,
-            ints: &[i32; 7],
+            ints: &[i32; 8],
             ble: usize,
         ) -> Result<()> {
             const OP: &str = "selective_scan (cuda)";
@@ -283,6 +284,7 @@ pub(crate) fn scan_bwd(
             i32_of(n, OP)?,
             dims.has_z as i32,
             dims.has_s0 as i32,
+            dims.reverse as i32,
         ];
         #[allow(clippy::too_many_arguments)]
         fn launch<T: CudaDType + DeviceRepr>(
@@ -294,7 +296,7 @@ pub(crate) fn scan_bwd(
             slabs: &CudaView<'_, f32>,
             ws: &mut CudaSlice<f32>,
             grads: &mut CudaSlice<f32>,
-            ints: &[i32; 6],
+            ints: &[i32; 7],
             ble: usize,
         ) -> Result<()> {
             const OP: &str = "selective_scan backward (cuda)";
@@ -349,13 +351,14 @@ fn conv_x_layout(dims: &ConvDims, l1: &Layout, what: &str) -> Result<(i64, i64, 
     Ok((l1.start_offset() as i64, st[0] as i64, st[1] as i64))
 }
 
-fn conv_ints(dims: &ConvDims, what: &str) -> Result<[i32; 5]> {
+fn conv_ints(dims: &ConvDims, what: &str) -> Result<[i32; 6]> {
     Ok([
         i32_of(dims.b, what)?,
         i32_of(dims.l, what)?,
         i32_of(dims.e, what)?,
         i32_of(dims.k, what)?,
         i32_of(dims.p, what)?,
+        dims.reverse as i32,
     ])
 }
 
@@ -473,7 +476,7 @@ pub(crate) fn conv_bwd(
 ) -> Result<(CudaStorage, Shape)> {
     const OP: &str = "causal_conv1d_silu backward (cuda)";
     let dev = s1.device();
-    let ConvDims { b, l, e, k, p } = *dims;
+    let ConvDims { b, l, e, k, p, .. } = *dims;
     let xl = conv_x_layout(dims, l1, OP)?;
     let wb = view::<f32>(s2, l2, OP)?;
     len_check(OP, wb.len(), e * (k + 1))?;

@@ -96,6 +96,10 @@ pub(crate) fn unpack<const K: usize>(
 ///
 /// Differentiable in every input (including `A`, `D`, `delta_bias` and `initial_state`); the
 /// backward recomputes states chunk by chunk from boundary states kept by the forward.
+///
+/// `reverse` scans from the last time row to the first (Vim's backward branch): the result
+/// equals flipping every `[b, L, ·]` input in time, scanning, and flipping `y` back, without
+/// the copies. `initial_state` then enters at row L-1 and the last state is after row 0.
 #[allow(clippy::too_many_arguments)]
 pub fn selective_scan(
     u: &Tensor,
@@ -107,6 +111,7 @@ pub fn selective_scan(
     delta_bias: &Tensor,
     z: Option<&Tensor>,
     initial_state: Option<&Tensor>,
+    reverse: bool,
 ) -> Result<(Tensor, Tensor)> {
     const OP: &str = "selective_scan";
     let (bsz, len, e) = dims3(OP, "u", u, "[b, L, E]")?;
@@ -125,7 +130,22 @@ pub fn selective_scan(
     }
     let on_gpu = u.device().is_cuda();
     if !fused(u.device()) || (on_gpu && n > CUDA_MAX_N) {
-        return reference::selective_scan(u, delta, a, b, c, d, delta_bias, z, initial_state);
+        if !reverse {
+            return reference::selective_scan(u, delta, a, b, c, d, delta_bias, z, initial_state);
+        }
+        let z = z.map(flip_time).transpose()?;
+        let (y, last) = reference::selective_scan(
+            &flip_time(u)?,
+            &flip_time(delta)?,
+            a,
+            &flip_time(b)?,
+            &flip_time(c)?,
+            d,
+            delta_bias,
+            z.as_ref(),
+            initial_state,
+        )?;
+        return Ok((flip_time(&y)?, last));
     }
     let dims = scan::ScanDims {
         b: bsz,
@@ -134,6 +154,7 @@ pub fn selective_scan(
         n,
         has_z: z.is_some(),
         has_s0: initial_state.is_some(),
+        reverse,
     };
     // u and delta go in as they are; the other inputs are packed (see `scan`).
     // (`contiguous` is free for already-contiguous tensors.)
@@ -186,11 +207,15 @@ pub fn selective_scan(
 /// Causal depthwise conv1d over time with `K-1` zeros on the left (or the given
 /// `[b, E, K-1]` history), plus bias, then SiLU. `x` is `[b, L, E]`, `weight` `[E, K]`,
 /// `bias` `[E]`; returns `[b, L, E]`.
+///
+/// `reverse` makes it anti-causal (zeros on the right): the causal conv of the time-reversed
+/// `x`, reversed back, without the copies (Vim's backward branch). It takes no history.
 pub fn causal_conv1d_silu(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     history: Option<&Tensor>,
+    reverse: bool,
 ) -> Result<Tensor> {
     const OP: &str = "causal_conv1d_silu";
     let (bsz, len, e) = dims3(OP, "x", x, "[b, L, E]")?;
@@ -201,9 +226,16 @@ pub fn causal_conv1d_silu(
     }
     expect_shape(OP, "bias", bias, &[e])?;
     if let Some(h) = history {
+        if reverse {
+            bail!("{OP}: a reverse (anti-causal) conv takes no history")
+        }
         expect_shape(OP, "history", h, &[bsz, e, k - 1])?;
     }
     if !fused(x.device()) {
+        if reverse {
+            let y = reference::causal_conv1d_silu(&flip_time(x)?, weight, bias, None)?;
+            return flip_time(&y);
+        }
         return reference::causal_conv1d_silu(x, weight, bias, history);
     }
     let out_dtype = x.dtype();
@@ -231,6 +263,7 @@ pub fn causal_conv1d_silu(
         e,
         k,
         p,
+        reverse,
     };
     x_ext
         .apply_op3(&w, &bias, conv::ConvOp { dims })?
@@ -317,6 +350,14 @@ pub fn causal_conv1d_step(
     let out = st.apply_op3_no_bwd(&x32, &wb, &step::ConvStepOp { b: bsz, e, k })?;
     let [y, new_state] = unpack(&out, [&[bsz, e], &[bsz, e, k]])?;
     Ok((y.to_dtype(x.dtype())?, new_state))
+}
+
+/// Reverses a `[b, L, ·]` tensor along time (dim 1).
+pub fn flip_time(t: &Tensor) -> Result<Tensor> {
+    let l = t.dim(1)?;
+    let idx: Vec<u32> = (0..l as u32).rev().collect();
+    let idx = Tensor::from_vec(idx, l, t.device())?;
+    t.contiguous()?.index_select(&idx, 1)
 }
 
 /// PyTorch's softplus (threshold 20), written stably: `max(v, 0) + log1p(exp(-|v|))`.

@@ -39,6 +39,10 @@ pub(crate) struct ScanDims {
     pub n: usize,
     pub has_z: bool,
     pub has_s0: bool,
+    /// Scan from the last time row to the first (Vim's backward branch): scan step `t`
+    /// reads and writes row `L-1-t`; states, chunks and the returned last state are in scan
+    /// order.
+    pub reverse: bool,
 }
 
 /// Offsets of each input in the virtual concatenation `[u, delta, rest]`; the backward's
@@ -79,6 +83,12 @@ impl ScanDims {
     /// the last state.
     fn nslabs(&self, keep_all: bool) -> usize {
         if keep_all { self.nchunks() + 1 } else { 1 }
+    }
+
+    /// The time row scan step `t` reads and writes.
+    #[inline(always)]
+    fn row(&self, t: usize) -> usize {
+        if self.reverse { self.l - 1 - t } else { t }
     }
 
     fn block_width(&self, blk: usize) -> usize {
@@ -236,11 +246,12 @@ fn fwd_task_impl<S: Simd>(
             out.slabs.extend(st.iter().map(|&v| s.to_lanes(v)));
         }
         for t in 0..l {
-            let row = (bi * l + t) * e + bp.e0;
+            let tr = dims.row(t);
+            let row = (bi * l + tr) * e + bp.e0;
             let u = s.load(inp.u, row, bp.w);
             let (dt, _) = simd::softplus(s, s.add(s.load(inp.delta, row, bp.w), bp.bias));
             let du = s.mul(dt, u);
-            let brow = (bi * l + t) * n;
+            let brow = (bi * l + tr) * n;
             let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
             let mut y = s.zero();
             for ((sn, &an), (&bv, &cv)) in st.iter_mut().zip(&bp.a).zip(bt.iter().zip(ct)) {
@@ -303,7 +314,7 @@ pub(crate) fn forward(
                 for (lb, blk) in dims.group_blocks(g).enumerate() {
                     let (e0, w) = (blk * W, dims.block_width(blk));
                     for t in 0..l {
-                        Portable.store(yb, t * e + e0, w, out.y[lb * l + t]);
+                        Portable.store(yb, dims.row(t) * e + e0, w, out.y[lb * l + t]);
                     }
                 }
             }
@@ -337,7 +348,7 @@ struct BwdOut {
     gu: Vec<Lanes>,
     gdelta: Vec<Lanes>,
     gz: Vec<Lanes>,
-    /// `[L][N]`, summed over this task's channels.
+    /// `[L][N]` in scan order, summed over this task's channels.
     gb: Vec<f32>,
     gc: Vec<f32>,
     /// `[block][N][W]`, summed over time.
@@ -418,7 +429,8 @@ fn bwd_task_impl<S: Simd>(
             // Recompute the chunk forward, keeping every state and decay.
             for j in 0..len {
                 let t = t0 + j;
-                let row = (bi * l + t) * e + bp.e0;
+                let tr = dims.row(t);
+                let row = (bi * l + tr) * e + bp.e0;
                 let u = s.load(inp.u, row, bp.w);
                 let v = s.add(s.load(inp.delta, row, bp.w), bp.bias);
                 let (dt, ev) = simd::softplus(s, v);
@@ -432,7 +444,7 @@ fn bwd_task_impl<S: Simd>(
                     }
                     None => (g, z),
                 };
-                let brow = (bi * l + t) * n;
+                let brow = (bi * l + tr) * n;
                 let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
                 let mut y = z;
                 let steps = ss[j * n..(j + 1) * n]
@@ -462,7 +474,7 @@ fn bwd_task_impl<S: Simd>(
             let gab = &mut ga[lb * n..(lb + 1) * n];
             for j in (0..len).rev() {
                 let t = t0 + j;
-                let brow = (bi * l + t) * n;
+                let brow = (bi * l + dims.row(t)) * n;
                 let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
                 let (dt, gy, du, u) = (dts[j], gys[j], dus[j], us[j]);
                 let prev = if j > 0 {
@@ -585,7 +597,7 @@ pub(crate) fn backward(
                     for (lb, blk) in dims.group_blocks(g).enumerate() {
                         let (e0, w) = (blk * W, dims.block_width(blk));
                         for t in 0..l {
-                            Portable.store(db, t * e + e0, w, src[lb * l + t]);
+                            Portable.store(db, dims.row(t) * e + e0, w, src[lb * l + t]);
                         }
                     }
                 }
@@ -596,12 +608,14 @@ pub(crate) fn backward(
     for bi in 0..b {
         for g in 0..groups {
             let out = &outs[bi * groups + g];
-            let at = bi * l * n;
-            for (dst, src) in g_bm[at..at + l * n].iter_mut().zip(&out.gb) {
-                *dst += src;
-            }
-            for (dst, src) in g_cm[at..at + l * n].iter_mut().zip(&out.gc) {
-                *dst += src;
+            for t in 0..l {
+                let (at, from) = ((bi * l + dims.row(t)) * n, t * n);
+                for (dst, src) in g_bm[at..at + n].iter_mut().zip(&out.gb[from..from + n]) {
+                    *dst += src;
+                }
+                for (dst, src) in g_cm[at..at + n].iter_mut().zip(&out.gc[from..from + n]) {
+                    *dst += src;
+                }
             }
         }
     }
@@ -830,8 +844,11 @@ mod tests {
 
     /// Runs every forward and backward task with both implementations and compares them.
     fn compare<P: Simd, Q: Simd>(p: P, q: Q) {
-        for (b, l, e, n, has_z, has_s0) in [(2, 70, 19, 4, true, true), (1, 5, 3, 16, false, false)]
-        {
+        for (b, l, e, n, has_z, has_s0, reverse) in [
+            (2, 70, 19, 4, true, true, false),
+            (1, 5, 3, 16, false, false, false),
+            (2, 70, 19, 4, true, false, true),
+        ] {
             let dims = ScanDims {
                 b,
                 l,
@@ -839,6 +856,7 @@ mod tests {
                 n,
                 has_z,
                 has_s0,
+                reverse,
             };
             let o = dims.offsets();
             let (u, delta) = (noise(b * l * e, 1), noise(b * l * e, 2));

@@ -36,8 +36,8 @@
 //! Shared by the families: [`layers`], [`selective`], [`weights`] (reading safetensors and
 //! `.pth` files), [`loss`] (next-token loss for every language family).
 //!
-//! Still to do (issue 13): a reverse flag in the scan and conv kernels so Vim's backward
-//! branch stops flipping x, z and y (see `vim::model::flip_time`).
+//! A bidirectional family runs its backward branch through the same kernels with
+//! `BranchInput::reverse` (scan from the last row, anti-causal conv): no flipped copies.
 //!
 //! ```no_run
 //! # fn main() -> trainer::Result<()> {

@@ -43,6 +43,9 @@ pub struct BranchInput<'a> {
     pub conv_history: Option<&'a Tensor>,
     /// Initial SSM state `[b, E, N]`.
     pub initial_state: Option<&'a Tensor>,
+    /// Run over time backwards (anti-causal conv, scan from the end) in the kernels, as
+    /// Vim's backward branch does, instead of flipping x and z and flipping y back.
+    pub reverse: bool,
 }
 
 impl BranchRef<'_> {
@@ -91,7 +94,7 @@ impl BranchRef<'_> {
         input: BranchInput<'_>,
     ) -> Result<(Tensor, Tensor)> {
         let (w, b) = self.conv_params()?;
-        let xc = kernels::causal_conv1d_silu(x, &w, &b, input.conv_history)?;
+        let xc = kernels::causal_conv1d_silu(x, &w, &b, input.conv_history, input.reverse)?;
         let xc = match input.mask {
             Some(m) => xc.broadcast_mul(m)?,
             None => xc,
@@ -113,6 +116,7 @@ impl BranchRef<'_> {
             &dt_bias,
             Some(z),
             input.initial_state,
+            input.reverse,
         )?)
     }
 

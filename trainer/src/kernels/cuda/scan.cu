@@ -15,7 +15,14 @@
 struct ScanArgs {
     int b, l, e, n;
     int has_z, has_s0;
+    // Scan step t reads and writes time row l-1-t (Vim's backward branch); states and
+    // chunks stay in scan order.
+    int reverse;
 };
+
+__device__ __forceinline__ int time_row(const ScanArgs& s, int t) {
+    return s.reverse ? s.l - 1 - t : t;
+}
 
 // Offsets inside `rest` (the packed f32 inputs after u and delta).
 struct RestOffsets {
@@ -63,8 +70,8 @@ __device__ void scan_fwd(const T* __restrict__ u, const T* __restrict__ delta,
     };
     if (keep_all) store(0);
     for (int t = 0; t < s.l; t++) {
-        const long long row = ((long long)bi * s.l + t) * s.e + e;
-        const long long brow = ((long long)bi * s.l + t) * n;
+        const long long row = ((long long)bi * s.l + time_row(s, t)) * s.e + e;
+        const long long brow = ((long long)bi * s.l + time_row(s, t)) * n;
         const float uu = to_f32(u[row]);
         const float dt = softplus_f(to_f32(delta[row]) + bias);
         const float du = dt * uu;
@@ -136,8 +143,8 @@ __device__ void scan_bwd(const T* __restrict__ u, const T* __restrict__ delta,
         // need s_t (dC, dz) or nothing from the future (dD).
         for (int j = 0; j < len; j++) {
             const int t = t0 + j;
-            const long long row = ((long long)bi * s.l + t) * s.e + e;
-            const long long brow = ((long long)bi * s.l + t) * n;
+            const long long row = ((long long)bi * s.l + time_row(s, t)) * s.e + e;
+            const long long brow = ((long long)bi * s.l + time_row(s, t)) * n;
             const float uu = to_f32(u[row]);
             const float dt = softplus_f(to_f32(delta[row]) + bias);
             const float du = dt * uu;
@@ -166,8 +173,8 @@ __device__ void scan_bwd(const T* __restrict__ u, const T* __restrict__ delta,
         // Reverse recurrence over the chunk; h is dL/ds carried from the future.
         for (int j = len - 1; j >= 0; j--) {
             const int t = t0 + j;
-            const long long row = ((long long)bi * s.l + t) * s.e + e;
-            const long long brow = ((long long)bi * s.l + t) * n;
+            const long long row = ((long long)bi * s.l + time_row(s, t)) * s.e + e;
+            const long long brow = ((long long)bi * s.l + time_row(s, t)) * n;
             const float uu = to_f32(u[row]);
             const float v = to_f32(delta[row]) + bias;
             const float dt = softplus_f(v);
@@ -216,15 +223,15 @@ __device__ void scan_bwd(const T* __restrict__ u, const T* __restrict__ delta,
 #define SCAN_KERNELS(TNAME, T, NMAX)                                                          \
     extern "C" __global__ void scan_fwd_##TNAME##_n##NMAX(                                     \
         const T* u, const T* delta, const float* rest, float* out, int b, int l, int e, int n, \
-        int has_z, int has_s0, int keep_all) {                                                 \
-        ScanArgs s = {b, l, e, n, has_z, has_s0};                                              \
+        int has_z, int has_s0, int keep_all, int reverse) {                                    \
+        ScanArgs s = {b, l, e, n, has_z, has_s0, reverse};                                     \
         scan_fwd<T, NMAX>(u, delta, rest, out, s, keep_all);                                   \
     }                                                                                          \
     extern "C" __global__ void scan_bwd_##TNAME##_n##NMAX(                                     \
         const T* u, const T* delta, const float* rest, const float* grad_y,                    \
         const float* slabs, float* ws, float* grads, int b, int l, int e, int n, int has_z,    \
-        int has_s0) {                                                                          \
-        ScanArgs s = {b, l, e, n, has_z, has_s0};                                              \
+        int has_s0, int reverse) {                                                             \
+        ScanArgs s = {b, l, e, n, has_z, has_s0, reverse};                                     \
         scan_bwd<T, NMAX>(u, delta, rest, grad_y, slabs, ws, grads, s);                        \
     }
 

@@ -188,6 +188,7 @@ impl MambaMixer {
                 mask,
                 conv_history: history.as_ref(),
                 initial_state: init.as_ref(),
+                reverse: false,
             },
         )?;
         if let Some(c) = cache {

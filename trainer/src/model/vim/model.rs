@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use super::config::{VimConfig, cls_index};
 use crate::error::{Error, Result};
+use crate::kernels;
 use crate::model::layers::{Linear, Param, Projection, RmsNorm};
 use crate::model::selective::{BranchInput, SelectiveBranch};
 use crate::model::{InputHook, MixerHook};
@@ -125,16 +126,23 @@ pub struct VimMixer {
     layer_idx: usize,
 }
 
-/// Runs `branch` on `x`, `z` `[b, L, E]` with `prefix` `[n, 2E]` tokens (X then Z) before
-/// them, and returns the outputs of the L real positions.
+/// Runs `branch` on `x`, `z` `[b, L, E]` (backwards in time when `reverse`) with `prefix`
+/// `[n, 2E]` tokens (X then Z) scanned before them, and returns the outputs of the L real
+/// positions. Backwards, the prefix comes first in scan order, so it sits after the last
+/// position in time, in reverse row order.
 fn run_branch(
     branch: &SelectiveBranch,
     x: &Tensor,
     z: &Tensor,
     prefix: Option<&Tensor>,
+    reverse: bool,
 ) -> Result<Tensor> {
+    let input = BranchInput {
+        reverse,
+        ..BranchInput::default()
+    };
     let Some(t) = prefix else {
-        return Ok(branch.as_ref().forward(x, z, BranchInput::default())?.0);
+        return Ok(branch.as_ref().forward(x, z, input)?.0);
     };
     let (b, l, e) = x.dims3()?;
     let n = t.dim(0)?;
@@ -142,23 +150,17 @@ fn run_branch(
         .to_dtype(x.dtype())?
         .unsqueeze(0)?
         .broadcast_as((b, n, 2 * e))?;
-    let x = Tensor::cat(&[&t.narrow(2, 0, e)?, x], 1)?.contiguous()?;
-    let z = Tensor::cat(&[&t.narrow(2, e, e)?, z], 1)?.contiguous()?;
-    let (y, _) = branch.as_ref().forward(&x, &z, BranchInput::default())?;
-    Ok(y.narrow(1, n, l)?.contiguous()?)
-}
-
-/// Reverses `t` along dim 1 (time).
-///
-/// The backward branch flips x and z, scans, and flips the output back, as hustvl does. The
-/// fused kernels have no reverse flag yet, so this costs three gathers per layer; a reverse
-/// flag in `kernels::{selective_scan, causal_conv1d_silu}` (anti-causal conv, scan from the
-/// end) would remove them.
-fn flip_time(t: &Tensor) -> Result<Tensor> {
-    let l = t.dim(1)?;
-    let idx: Vec<u32> = (0..l as u32).rev().collect();
-    let idx = Tensor::from_vec(idx, l, t.device())?;
-    Ok(t.index_select(&idx, 1)?.contiguous()?)
+    let t = if reverse { kernels::flip_time(&t)? } else { t };
+    let (tx, tz) = (t.narrow(2, 0, e)?, t.narrow(2, e, e)?);
+    let (x, z, at) = if reverse {
+        (Tensor::cat(&[x, &tx], 1)?, Tensor::cat(&[z, &tz], 1)?, 0)
+    } else {
+        (Tensor::cat(&[&tx, x], 1)?, Tensor::cat(&[&tz, z], 1)?, n)
+    };
+    let (y, _) = branch
+        .as_ref()
+        .forward(&x.contiguous()?, &z.contiguous()?, input)?;
+    Ok(y.narrow(1, at, l)?.contiguous()?)
 }
 
 impl VimMixer {
@@ -196,14 +198,8 @@ impl VimMixer {
                 None => Ok(None),
             }
         };
-        let y_f = run_branch(&self.forward_branch, &x, &z, prefix(false)?.as_ref())?;
-        let y_b = run_branch(
-            &self.backward_branch,
-            &flip_time(&x)?,
-            &flip_time(&z)?,
-            prefix(true)?.as_ref(),
-        )?;
-        let y_b = flip_time(&y_b)?;
+        let y_f = run_branch(&self.forward_branch, &x, &z, prefix(false)?.as_ref(), false)?;
+        let y_b = run_branch(&self.backward_branch, &x, &z, prefix(true)?.as_ref(), true)?;
         let y = (&y_f + &y_b)?;
         let y = if self.divide_out { (y * 0.5)? } else { y };
         let out = self.out_proj.forward(&y)?;
