@@ -1,4 +1,5 @@
-//! `molt bench`: the speed benchmark of issue 2 on random-init Mamba-1 models.
+//! `molt bench`: the speed benchmark of issue 2 on random-init Mamba-1 models (and, with
+//! `--shapes vim-tiny`, issue 13's Vision Mamba figures: see `bench_vim`).
 //!
 //! Measures, per model shape (mamba-130m and a small one): forward tokens/s, generation
 //! tokens/s, a training-step's tokens/s (LoRA r=8 on in_proj + out_proj with AdamW, and a
@@ -43,6 +44,10 @@ pub enum Shape {
     /// state-spaces/mamba-130m: hidden 768, 24 layers, state 16, vocab 50280, dt rank 48.
     #[value(name = "130m")]
     M130,
+    /// Vision Mamba tiny (224², patch 16, 24 layers, embed 192, state 16, 102 classes):
+    /// inference and PEFT training images/s at a batch of `--images` (issue 13).
+    #[value(name = "vim-tiny")]
+    VimTiny,
 }
 
 impl Shape {
@@ -50,18 +55,21 @@ impl Shape {
         match self {
             Shape::Small => "small",
             Shape::M130 => "130m",
+            Shape::VimTiny => "vim-tiny",
         }
     }
 
-    fn config(self) -> MambaConfig {
+    /// The language model's config, or `None` for a vision shape.
+    fn config(self) -> Option<MambaConfig> {
         let (hidden, layers) = match self {
             Shape::Small => (256, 4),
             Shape::M130 => (768, 24),
+            Shape::VimTiny => return None,
         };
         // MambaConfig::new gives HF's defaults (state 16, expand 2, conv 4, dt rank
         // ceil(hidden/16) = 48 for 768, no in/out bias, conv bias, tied head): the shapes
         // pytorch_bench.py builds.
-        MambaConfig::new(hidden, layers, 50280)
+        Some(MambaConfig::new(hidden, layers, 50280))
     }
 }
 
@@ -135,6 +143,10 @@ pub struct BenchArgs {
     pub gen_tokens: Option<usize>,
 
     /// Seed of the random weights and inputs.
+    /// Images per batch for the vision shapes.
+    #[arg(long, env = "MOLT_BENCH_IMAGES", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub images: u32,
+
     #[arg(long, env = "MOLT_BENCH_SEED", default_value_t = 0)]
     pub seed: u64,
 }
@@ -188,23 +200,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
         seed: args.seed,
         metrics: args.metrics.clone(),
         sizes: args.sizes.clone(),
+        images: args.images as usize,
         out: Out,
     };
     b.run(&args.shapes)
 }
 
-struct Bench {
-    reps: usize,
-    budget: f64,
+pub(super) struct Bench {
+    pub(super) reps: usize,
+    pub(super) budget: f64,
     gen_tokens: usize,
-    seed: u64,
+    pub(super) seed: u64,
     metrics: Vec<Metric>,
     sizes: Vec<(usize, usize)>,
-    out: Out,
+    pub(super) images: usize,
+    pub(super) out: Out,
 }
 
 impl Bench {
-    fn wants(&self, m: Metric) -> bool {
+    pub(super) fn wants(&self, m: Metric) -> bool {
         self.metrics.contains(&m)
     }
 
@@ -290,8 +304,10 @@ impl Bench {
     }
 
     fn shape(&self, shape: Shape) -> Result<()> {
-        let cfg = shape.config();
         let name = shape.name();
+        let Some(cfg) = shape.config() else {
+            return self.vim(name, &super::bench_vim::vim_tiny()?);
+        };
         eprintln!(
             "shape {name}: hidden {}, {} layers, E {}, N {}, vocab {}",
             cfg.hidden_size,
@@ -517,16 +533,8 @@ impl Bench {
             m.others_cpu,
             m.peak_rss_mib.unwrap_or(f64::NAN)
         );
-        let mut fields = vec![
-            ("batch", json!(batch)),
-            ("seq", json!(seq)),
-            ("reps", json!(m.reps)),
-            ("median_s", json!(round(m.median_s, 6))),
-            ("peak_rss_mib", json!(m.peak_rss_mib.map(|v| round(v, 1)))),
-            ("cpu_wall", json!(m.cpu_wall)),
-            ("others_cpu", json!(m.others_cpu)),
-            ("steal", json!(m.steal)),
-        ];
+        let mut fields = vec![("batch", json!(batch)), ("seq", json!(seq))];
+        fields.extend(m.fields());
         fields.extend(extra.iter().cloned());
         self.out
             .emit(Some(at), metric, json!(round(tps, 3)), "tokens/s", &fields);
@@ -687,20 +695,41 @@ const METHODS: &[MethodRow] = &[
 // ---------------------------------------------------------------------------------------------
 // Timing, load and memory probes.
 
-struct Measured {
-    median_s: f64,
+pub(super) struct Measured {
+    pub(super) median_s: f64,
     min_s: f64,
-    reps: usize,
-    cpu_wall: f64,
-    others_cpu: f64,
+    pub(super) reps: usize,
+    pub(super) cpu_wall: f64,
+    pub(super) others_cpu: f64,
     steal: f64,
-    peak_rss_mib: Option<f64>,
+    pub(super) peak_rss_mib: Option<f64>,
+}
+
+impl Measured {
+    /// The fields every measurement line carries besides its value.
+    pub(super) fn fields(&self) -> Vec<(&'static str, Value)> {
+        vec![
+            ("reps", json!(self.reps)),
+            ("median_s", json!(round(self.median_s, 6))),
+            (
+                "peak_rss_mib",
+                json!(self.peak_rss_mib.map(|v| round(v, 1))),
+            ),
+            ("cpu_wall", json!(self.cpu_wall)),
+            ("others_cpu", json!(self.others_cpu)),
+            ("steal", json!(self.steal)),
+        ]
+    }
 }
 
 /// Runs `f` up to `reps` times (at least once; stops early once `budget_s` of timed work is
 /// spent). The caller runs the warm-up. VmHWM is reset first, so the peak is this
 /// measurement's (plus whatever was resident before it).
-fn timed(reps: usize, budget_s: f64, mut f: impl FnMut() -> Result<()>) -> Result<Measured> {
+pub(super) fn timed(
+    reps: usize,
+    budget_s: f64,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<Measured> {
     // Keep the peak of what ran before this measurement before resetting it.
     if let Some(p) = peak_rss_mib() {
         PEAK_SEEN_KIB.fetch_max((p * 1024.0) as u64, Ordering::Relaxed);
@@ -857,7 +886,7 @@ fn avx2_fma() -> bool {
     }
 }
 
-fn round(v: f64, digits: i32) -> f64 {
+pub(super) fn round(v: f64, digits: i32) -> f64 {
     let p = 10f64.powi(digits);
     (v * p).round() / p
 }
@@ -867,16 +896,27 @@ fn round(v: f64, digits: i32) -> f64 {
 
 /// A small deterministic generator for token ids (no need for a crypto RNG,
 /// and it keeps this crate's dependencies as they are).
-struct Lcg(u64);
+pub(super) struct Lcg(pub(super) u64);
 
 impl Lcg {
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         // SplitMix64.
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    /// `n` standard normal values (Box–Muller), e.g. normalised pixels.
+    pub(super) fn normals(&mut self, n: usize) -> Vec<f32> {
+        let mut unit = || (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+        (0..n)
+            .map(|_| {
+                let (u1, u2) = (unit().max(f64::MIN_POSITIVE), unit());
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+            })
+            .collect()
     }
 
     fn tokens(&mut self, n: usize, vocab: usize) -> Vec<u32> {
@@ -892,16 +932,16 @@ fn random_input(rng: &mut Lcg, b: usize, l: usize, vocab: usize) -> Result<Model
 }
 
 /// Where a measurement belongs: the model shape (or shapes, for whole-process figures).
-struct Ctx {
-    shape: String,
+pub(super) struct Ctx {
+    pub(super) shape: String,
 }
 
 /// Writes the JSON lines (a type so the format lives in one place).
-struct Out;
+pub(super) struct Out;
 
 impl Out {
     /// One JSON line on stdout: side, shape, batch, seq, metric, value, unit, then `extra`.
-    fn emit(
+    pub(super) fn emit(
         &self,
         at: Option<&Ctx>,
         metric: &str,
@@ -943,7 +983,7 @@ mod tests {
 
     #[test]
     fn shapes_match_issue_2() {
-        let c = Shape::M130.config();
+        let c = Shape::M130.config().expect("an LM shape");
         assert_eq!(
             (
                 c.hidden_size,
@@ -954,7 +994,7 @@ mod tests {
             (768, 24, 16, 50280)
         );
         assert_eq!((c.intermediate_size, c.time_step_rank), (1536, 48));
-        let s = Shape::Small.config();
+        let s = Shape::Small.config().expect("an LM shape");
         assert_eq!((s.hidden_size, s.num_hidden_layers), (256, 4));
     }
 
@@ -993,7 +1033,7 @@ mod tests {
 
     #[test]
     fn method_table_parses_and_matches_the_papers_counts() -> Result<()> {
-        let cfg = Shape::M130.config();
+        let cfg = Shape::M130.config().expect("an LM shape");
         assert!(METHODS[0].label.starts_with("LoRA(in_proj)"));
         let mut labels = std::collections::HashSet::new();
         for m in METHODS {

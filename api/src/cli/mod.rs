@@ -6,6 +6,7 @@ pub mod bench;
 pub mod bench_cuda;
 pub mod bench_serve;
 pub mod bench_service;
+mod bench_vim;
 pub mod client;
 pub mod model;
 pub mod train;

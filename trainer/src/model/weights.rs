@@ -1,6 +1,7 @@
 //! Reading weight files, whatever the model family: memory-mapped safetensors and PyTorch
 //! `.pth` / `.bin` state dicts, one tensor at a time, with the checks every loader shares
-//! (non-finite values) and the `VarMap` full fine-tuning builds.
+//! (non-finite values) and the `VarMap` full fine-tuning builds; and seeded random weights
+//! ([`RandomWeights`]) for the families' random-init models.
 
 use std::path::Path;
 
@@ -8,6 +9,8 @@ use candle_core::pickle::PthTensors;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 
 use crate::error::{CheckpointProblem, Error, Result};
 
@@ -176,4 +179,78 @@ pub(crate) fn non_finite(t: &Tensor, file: &str, name: &str) -> Result<Option<Ch
         count,
         first_index,
     }))
+}
+
+/// Seeded random weights for benchmarks and tests, with the reference Mamba inits every
+/// family's selective branch shares.
+pub(crate) struct RandomWeights {
+    rng: StdRng,
+    device: Device,
+}
+
+impl RandomWeights {
+    pub(crate) fn new(seed: u64, device: &Device) -> Self {
+        RandomWeights {
+            rng: StdRng::seed_from_u64(seed),
+            device: device.clone(),
+        }
+    }
+
+    pub(crate) fn uniform(&mut self, shape: &[usize], bound: f32) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| self.rng.random_range(-bound..=bound))
+            .collect();
+        Ok(Tensor::from_vec(v, shape, &self.device)?)
+    }
+
+    pub(crate) fn normal(&mut self, shape: &[usize], std: f32) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        let mut v = Vec::with_capacity(n);
+        while v.len() < n {
+            // Box–Muller; u1 is kept away from 0 so the log is finite.
+            let u1: f32 = self.rng.random_range(f32::EPSILON..1.0);
+            let u2: f32 = self.rng.random();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let th = 2.0 * std::f32::consts::PI * u2;
+            v.push(r * th.cos() * std);
+            if v.len() < n {
+                v.push(r * th.sin() * std);
+            }
+        }
+        Ok(Tensor::from_vec(v, shape, &self.device)?)
+    }
+
+    pub(crate) fn fill(&self, shape: &[usize], f: impl Fn(&[usize]) -> f32) -> Result<Tensor> {
+        let (rows, cols) = match shape {
+            [r, c] => (*r, *c),
+            [r] => (*r, 1),
+            _ => (shape.iter().product(), 1),
+        };
+        let mut v = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            for c in 0..cols {
+                v.push(f(&[r, c]));
+            }
+        }
+        Ok(Tensor::from_vec(v, shape, &self.device)?)
+    }
+
+    /// S4D-real: `A_log[e, n] = log(n + 1)`.
+    pub(crate) fn s4d_a_log(&self, e: usize, n: usize) -> Result<Tensor> {
+        self.fill(&[e, n], |ix| ((ix[1] + 1) as f32).ln())
+    }
+
+    /// The dt bias: softplus⁻¹ of a log-uniform dt in [1e-3, 1e-1].
+    pub(crate) fn dt_bias(&mut self, e: usize) -> Result<Tensor> {
+        let (lo, hi) = (1e-3f32.ln(), 1e-1f32.ln());
+        let dts: Vec<f32> = (0..e)
+            .map(|_| {
+                let dt = self.rng.random_range(lo..hi).exp().max(1e-4);
+                // softplus⁻¹(dt) = dt + log(1 − exp(−dt))
+                dt + (-(-dt).exp_m1()).ln()
+            })
+            .collect();
+        Ok(Tensor::from_vec(dts, e, &self.device)?)
+    }
 }

@@ -5,59 +5,11 @@
 use std::collections::HashMap;
 
 use candle_core::{Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 use super::checkpoint::Checkpoint;
 use super::config::MambaConfig;
 use crate::error::Result;
-
-struct Gen {
-    rng: StdRng,
-    device: Device,
-}
-
-impl Gen {
-    fn uniform(&mut self, shape: &[usize], bound: f32) -> Result<Tensor> {
-        let n = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| self.rng.random_range(-bound..=bound))
-            .collect();
-        Ok(Tensor::from_vec(v, shape, &self.device)?)
-    }
-
-    fn normal(&mut self, shape: &[usize], std: f32) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let mut v = Vec::with_capacity(n);
-        while v.len() < n {
-            // Box–Muller; u1 is kept away from 0 so the log is finite.
-            let u1: f32 = self.rng.random_range(f32::EPSILON..1.0);
-            let u2: f32 = self.rng.random();
-            let r = (-2.0 * u1.ln()).sqrt();
-            let th = 2.0 * std::f32::consts::PI * u2;
-            v.push(r * th.cos() * std);
-            if v.len() < n {
-                v.push(r * th.sin() * std);
-            }
-        }
-        Ok(Tensor::from_vec(v, shape, &self.device)?)
-    }
-
-    fn fill(&self, shape: &[usize], f: impl Fn(&[usize]) -> f32) -> Result<Tensor> {
-        let (rows, cols) = match shape {
-            [r, c] => (*r, *c),
-            [r] => (*r, 1),
-            _ => (shape.iter().product(), 1),
-        };
-        let mut v = Vec::with_capacity(rows * cols);
-        for r in 0..rows {
-            for c in 0..cols {
-                v.push(f(&[r, c]));
-            }
-        }
-        Ok(Tensor::from_vec(v, shape, &self.device)?)
-    }
-}
+use crate::model::weights::RandomWeights;
 
 /// Every weight of a random model, under HF names, in f32.
 pub fn random_tensors(
@@ -65,10 +17,7 @@ pub fn random_tensors(
     seed: u64,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut g = Gen {
-        rng: StdRng::seed_from_u64(seed),
-        device: device.clone(),
-    };
+    let mut g = RandomWeights::new(seed, device);
     let (d, e, n, r, k, v) = (
         cfg.hidden_size,
         cfg.intermediate_size,
@@ -104,23 +53,8 @@ pub fn random_tensors(
             g.uniform(&[r + 2 * n, e], fan(e))?,
         );
         t.insert(format!("{m}.dt_proj.weight"), g.uniform(&[e, r], fan(r))?);
-        let dts: Vec<f32> = (0..e)
-            .map(|_| {
-                let lo = 1e-3f32.ln();
-                let hi = 1e-1f32.ln();
-                let dt = g.rng.random_range(lo..hi).exp().max(1e-4);
-                // softplus⁻¹(dt) = dt + log(1 − exp(−dt))
-                dt + (-(-dt).exp_m1()).ln()
-            })
-            .collect();
-        t.insert(
-            format!("{m}.dt_proj.bias"),
-            Tensor::from_vec(dts, e, device)?,
-        );
-        t.insert(
-            format!("{m}.A_log"),
-            g.fill(&[e, n], |ix| ((ix[1] + 1) as f32).ln())?,
-        );
+        t.insert(format!("{m}.dt_proj.bias"), g.dt_bias(e)?);
+        t.insert(format!("{m}.A_log"), g.s4d_a_log(e, n)?);
         t.insert(format!("{m}.D"), g.fill(&[e], |_| 1.0)?);
         t.insert(format!("{m}.out_proj.weight"), g.uniform(&[d, e], fan(e))?);
     }

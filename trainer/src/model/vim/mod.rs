@@ -9,6 +9,7 @@
 //!   `norm_f`, the head at the class token; seeded drop-path in training only.
 //! - [`checkpoint`]: official key names from `model.safetensors` or `.pth`; fresh zero head
 //!   when the checkpoint has none or another class count; `pos_embed` resize ([`pos_embed`]).
+//! - [`init`]: a seeded random Vim (benchmarks, tests).
 //! - [`transform`]: the evaluation transform (Pillow-exact bicubic resize, center crop,
 //!   ImageNet normalisation).
 //!
@@ -23,6 +24,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod init;
 pub mod model;
 pub mod pos_embed;
 pub mod transform;
