@@ -32,10 +32,11 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import probes  # noqa: E402  (bench/probes.py, beside this script)
 
 # The two model shapes of issue 2. `time_step_rank` for the small shape is HF's "auto"
 # (ceil(hidden / 16)); the 130m shape is state-spaces/mamba-130m's config.
@@ -67,115 +68,6 @@ LORA_ALPHA = 16
 
 def log(msg: str) -> None:
     print(f"[pytorch_bench] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Machine-load and memory probes (Linux /proc; degrade to None elsewhere).
-
-
-def _proc_stat() -> tuple[float, float] | None:
-    """(busy, steal) jiffies of the whole machine since boot."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return float(user + nice + system + irq + softirq), float(steal)
-
-
-def _reset_peak_rss() -> bool:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0), which lets one
-    # process report a separate peak for each measurement.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-class Probe:
-    """Wall time, own CPU time and the machine's other load over a span of timed reps."""
-
-    def __init__(self) -> None:
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.ncpu = os.cpu_count() or 1
-        self.wall = 0.0
-        self.cpu = 0.0
-        self.busy = 0.0
-        self.steal = 0.0
-        self.have_stat = True
-
-    def span(self):
-        probe = self
-
-        class _Span:
-            def __enter__(self):
-                self.s0 = _proc_stat()
-                self.c0 = time.process_time()
-                self.t0 = time.perf_counter()
-                return self
-
-            def __exit__(self, *exc):
-                self.dt = time.perf_counter() - self.t0
-                dc = time.process_time() - self.c0
-                s1 = _proc_stat()
-                probe.wall += self.dt
-                probe.cpu += dc
-                if self.s0 is None or s1 is None:
-                    probe.have_stat = False
-                else:
-                    probe.busy += (s1[0] - self.s0[0]) / probe.hz
-                    probe.steal += (s1[1] - self.s0[1]) / probe.hz
-                return False
-
-        return _Span()
-
-    def fields(self) -> dict:
-        wall = max(self.wall, 1e-9)
-        out = {"cpu_wall": round(self.cpu / wall, 3)}
-        if self.have_stat:
-            # Jiffy granularity (10 ms) makes short spans noisy; clamp the small negative values.
-            others = max(0.0, self.busy - self.cpu) / (wall * self.ncpu)
-            out["others_cpu"] = round(min(others, 1.0), 3)
-            out["steal"] = round(self.steal / (wall * self.ncpu), 3)
-        return out
-
-
-# The largest per-measurement peak so far: VmHWM (and with it ru_maxrss, which Linux reads
-# from the same high-water mark) is reset before each measurement.
-_PEAK_SEEN_MIB = 0.0
-
-
-def timed(fn, reps: int, budget_s: float):
-    """Runs fn `reps` times (stopping early once `budget_s` of timed work is spent, after at
-    least one rep); returns (median seconds, number of reps, probe fields, peak RSS MiB)."""
-    global _PEAK_SEEN_MIB
-    _PEAK_SEEN_MIB = max(_PEAK_SEEN_MIB, _peak_rss_mib() or 0.0)
-    probe = Probe()
-    have_hwm = _reset_peak_rss()
-    times = []
-    for _ in range(max(reps, 1)):
-        with probe.span() as s:
-            fn()
-        times.append(s.dt)
-        if sum(times) >= budget_s:
-            break
-    peak = _peak_rss_mib() if have_hwm else None
-    _PEAK_SEEN_MIB = max(_PEAK_SEEN_MIB, peak or 0.0)
-    return statistics.median(times), len(times), probe.fields(), peak
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +121,7 @@ def run_shape(args) -> None:
                     model(input_ids=x, use_cache=False).logits
 
             fwd()  # warm-up
-            med, n, load, peak = timed(fwd, args.reps, budget)
+            med, n, load, peak = probes.timed(fwd, args.reps, budget)
             log(f"{shape} forward {b}x{l}: {b * l / med:.1f} tokens/s ({n} reps, {load})")
             emit("forward_tokens_per_s", round(b * l / med, 3), "tokens/s", b, l,
                  reps=n, median_s=round(med, 5), peak_rss_mib=peak, **load)
@@ -256,7 +148,7 @@ def run_shape(args) -> None:
                 assert out.shape[1] == GEN_PROMPT + new, out.shape
 
             generate()  # warm-up
-            med, n, load, peak = timed(generate, args.reps, budget)
+            med, n, load, peak = probes.timed(generate, args.reps, budget)
             tps = b * new / med
             log(f"{shape} generate batch {b}: {tps:.1f} tokens/s ({n} reps, {load})")
             emit("generate_tokens_per_s", round(tps, 3), "tokens/s", b, new,
@@ -315,7 +207,7 @@ def run_shape(args) -> None:
             # thread pools) but a full-length PyTorch step at the 130m shape costs minutes (its
             # backward replays the Python time loop of the scan step by step).
             step(x[:, : min(l, 32)])
-            med, n, load, peak = timed(lambda: step(x), args.reps, budget)
+            med, n, load, peak = probes.timed(lambda: step(x), args.reps, budget)
             log(f"{shape} train_lora {b}x{l}: {b * l / med:.2f} tokens/s ({n} reps, {load})")
             emit("train_lora_tokens_per_s", round(b * l / med, 3), "tokens/s", b, l,
                  reps=n, median_s=round(med, 5), peak_rss_mib=peak, **load)
@@ -323,7 +215,7 @@ def run_shape(args) -> None:
     # The whole child's peak over every measurement above (ru_maxrss is in KiB on Linux; it
     # shares VmHWM's high-water mark, so take the max with the per-measurement peaks).
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    emit("process_peak_rss", round(max(maxrss, _PEAK_SEEN_MIB, _peak_rss_mib() or 0.0), 1), "MiB")
+    emit("process_peak_rss", round(probes.process_peak_mib(maxrss), 1), "MiB")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,10 +49,11 @@ import math
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import probes  # noqa: E402  (bench/probes.py, beside this script)
 
 # Vim-tiny (hustvl vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2)
 # with a 102-class head (a VTAB/Caltech-101-sized task). dt_rank = ceil(192 / 16) = 12.
@@ -103,110 +104,6 @@ CLIP_NORM = 5.0  # global grad-norm clip over the trainable set (MambaPEFT visio
 
 def log(msg: str) -> None:
     print(f"[vim_bench] {msg}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Machine-load and memory probes (Linux /proc; degrade to None elsewhere). As pytorch_bench.py.
-
-
-def _proc_stat() -> tuple[float, float] | None:
-    """(busy, steal) jiffies of the whole machine since boot."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return float(user + nice + system + irq + softirq), float(steal)
-
-
-def _reset_peak_rss() -> bool:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0), which lets one
-    # process report a separate peak for each measurement.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mib() -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-class Probe:
-    """Wall time, own CPU time and the machine's other load over a span of timed reps."""
-
-    def __init__(self) -> None:
-        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-        self.ncpu = os.cpu_count() or 1
-        self.wall = 0.0
-        self.cpu = 0.0
-        self.busy = 0.0
-        self.steal = 0.0
-        self.have_stat = True
-
-    def span(self):
-        probe = self
-
-        class _Span:
-            def __enter__(self):
-                self.s0 = _proc_stat()
-                self.c0 = time.process_time()
-                self.t0 = time.perf_counter()
-                return self
-
-            def __exit__(self, *exc):
-                self.dt = time.perf_counter() - self.t0
-                dc = time.process_time() - self.c0
-                s1 = _proc_stat()
-                probe.wall += self.dt
-                probe.cpu += dc
-                if self.s0 is None or s1 is None:
-                    probe.have_stat = False
-                else:
-                    probe.busy += (s1[0] - self.s0[0]) / probe.hz
-                    probe.steal += (s1[1] - self.s0[1]) / probe.hz
-                return False
-
-        return _Span()
-
-    def fields(self) -> dict:
-        wall = max(self.wall, 1e-9)
-        out = {"cpu_wall": round(self.cpu / wall, 3)}
-        if self.have_stat:
-            # Jiffy granularity (10 ms) makes short spans noisy; clamp the small negative values.
-            others = max(0.0, self.busy - self.cpu) / (wall * self.ncpu)
-            out["others_cpu"] = round(min(others, 1.0), 3)
-            out["steal"] = round(self.steal / (wall * self.ncpu), 3)
-        return out
-
-
-_PEAK_SEEN_MIB = 0.0
-
-
-def timed(fn, reps: int):
-    """Runs fn `reps` times; returns (median seconds, reps, probe fields, peak RSS MiB)."""
-    global _PEAK_SEEN_MIB
-    _PEAK_SEEN_MIB = max(_PEAK_SEEN_MIB, _peak_rss_mib() or 0.0)
-    probe = Probe()
-    have_hwm = _reset_peak_rss()
-    times = []
-    for _ in range(max(reps, 1)):
-        with probe.span() as s:
-            fn()
-        times.append(s.dt)
-    peak = _peak_rss_mib() if have_hwm else None
-    _PEAK_SEEN_MIB = max(_PEAK_SEEN_MIB, peak or 0.0)
-    return statistics.median(times), len(times), probe.fields(), peak
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,7 +631,7 @@ def run_job(args) -> None:
 
         for _ in range(args.warmup):
             fwd()
-        med, n, load, peak = timed(fwd, args.reps)
+        med, n, load, peak = probes.timed(fwd, args.reps)
         log(f"{shape} forward batch {b}: {b / med:.2f} images/s ({n} reps, median {med:.3f} s, {load})")
         emit("vim_forward_images_per_s", round(b / med, 4), "images/s",
              reps=n, median_s=round(med, 5), peak_rss_mib=peak, **load)
@@ -759,7 +656,7 @@ def run_job(args) -> None:
 
         for _ in range(args.train_warmup):
             step()
-        med, n, load, peak = timed(step, args.train_reps)
+        med, n, load, peak = probes.timed(step, args.train_reps)
         if not all(math.isfinite(v) for v in losses):
             sys.exit(f"{method}: non-finite loss {losses}")
         log(f"{shape} train {method} batch {b}: {b / med:.4f} images/s ({n} reps, median {med:.2f} s, "
@@ -769,7 +666,7 @@ def run_job(args) -> None:
              lr=TRAIN_LR, clip=args.clip, reps=n, median_s=round(med, 5), peak_rss_mib=peak, **load)
 
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    emit("process_peak_rss", round(max(maxrss, _PEAK_SEEN_MIB, _peak_rss_mib() or 0.0), 1), "MiB",
+    emit("process_peak_rss", round(probes.process_peak_mib(maxrss), 1), "MiB",
          job=job)
 
 

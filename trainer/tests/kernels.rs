@@ -766,35 +766,13 @@ fn conv_fused_matches_reference() {
     }
 }
 
-/// The fused kernels run backwards in time (`reverse`) ...
-#[allow(clippy::too_many_arguments)]
-fn scan_reversed(
-    u: &Tensor,
-    delta: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    d: &Tensor,
-    bias: &Tensor,
-    z: Option<&Tensor>,
-    s0: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+/// The fused scan run backwards in time (`reverse`) ...
+const SCAN_REVERSED: ScanFn = |u, delta, a, b, c, d, bias, z, s0| {
     kernels::selective_scan(u, delta, a, b, c, d, bias, z, s0, true)
-}
+};
 
-/// ... equal the forward kernels on inputs flipped in time, with the output flipped back.
-#[allow(clippy::too_many_arguments)]
-fn scan_on_flipped(
-    u: &Tensor,
-    delta: &Tensor,
-    a: &Tensor,
-    b: &Tensor,
-    c: &Tensor,
-    d: &Tensor,
-    bias: &Tensor,
-    z: Option<&Tensor>,
-    s0: Option<&Tensor>,
-) -> Result<(Tensor, Tensor)> {
+/// ... equals the forward scan on inputs flipped in time, with the output flipped back.
+const SCAN_ON_FLIPPED: ScanFn = |u, delta, a, b, c, d, bias, z, s0| {
     let f = kernels::flip_time;
     let z = z.map(f).transpose()?;
     let (y, last) = kernels::selective_scan(
@@ -810,7 +788,7 @@ fn scan_on_flipped(
         false,
     )?;
     Ok((f(&y)?, last))
-}
+};
 
 #[test]
 fn scan_reverse_equals_scan_of_the_flipped_sequence() {
@@ -819,8 +797,8 @@ fn scan_reverse_equals_scan_of_the_flipped_sequence() {
         for (b, e, n, z, s0) in [(2, 17, 4, true, false), (1, 9, 16, false, true)] {
             let c = ScanCase { b, l, e, n, z, s0 };
             let vars = ScanVars::random(&c, seed);
-            let (y, last, grads) = vars.run(scan_reversed);
-            let (y_ref, last_ref, grads_ref) = vars.run(scan_on_flipped);
+            let (y, last, grads) = vars.run(SCAN_REVERSED);
+            let (y_ref, last_ref, grads_ref) = vars.run(SCAN_ON_FLIPPED);
             assert_close_scaled(&format!("reverse {c:?} y"), &y, &y_ref);
             assert_close_scaled(&format!("reverse {c:?} last state"), &last, &last_ref);
             for (name, v) in vars.named() {
