@@ -16,7 +16,8 @@ use std::collections::BTreeMap;
 use candle_core::{DType, Device, Result, Tensor, Var, backprop::GradStore};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use trainer::kernels::{self, reference};
+use trainer::kernels;
+use trainer::kernels::reference::{self, ScanFn};
 
 mod common;
 
@@ -98,17 +99,6 @@ fn grad(grads: &GradStore, v: &Var, name: &str) -> Tensor {
 // ---------------------------------------------------------------------------------------
 // The two implementations under one interface
 
-type ScanFn = fn(
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    Option<&Tensor>,
-    Option<&Tensor>,
-) -> Result<(Tensor, Tensor)>;
 type ConvFn = fn(&Tensor, &Tensor, &Tensor, Option<&Tensor>) -> Result<Tensor>;
 type ScanStepFn = fn(
     &Tensor,

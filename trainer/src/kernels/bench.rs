@@ -6,6 +6,8 @@ use std::time::Instant;
 
 use candle_core::{Device, Result, Tensor, Var};
 
+use super::reference::ScanFn;
+
 /// Shape of one benchmark run.
 #[derive(Clone, Copy, Debug)]
 pub struct BenchShape {
@@ -163,18 +165,6 @@ impl ScanInputs {
         Ok(())
     }
 }
-
-type ScanFn = fn(
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    &Tensor,
-    Option<&Tensor>,
-    Option<&Tensor>,
-) -> Result<(Tensor, Tensor)>;
 
 /// The fused scan (forward in time) or the reference.
 fn scan_impl(fused: bool) -> ScanFn {

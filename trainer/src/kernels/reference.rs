@@ -6,6 +6,21 @@ use candle_core::{D, Result, Tensor};
 
 use super::softplus;
 
+/// The signature of [`selective_scan`] (u, delta, A, B, C, D, delta_bias, z, initial state),
+/// which benchmarks and tests use to run either implementation; the fused one also takes
+/// `reverse`.
+pub type ScanFn = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    Option<&Tensor>,
+    Option<&Tensor>,
+) -> Result<(Tensor, Tensor)>;
+
 #[allow(clippy::too_many_arguments)]
 pub fn selective_scan(
     u: &Tensor,
