@@ -67,7 +67,10 @@ fn load(c: &IndexedCase) -> Case {
 }
 
 fn base_cases() -> Vec<Case> {
-    fixtures::indexed_cases("base").iter().map(load).collect()
+    fixtures::indexed_cases(trainer::model::Family::Mamba, "base")
+        .iter()
+        .map(load)
+        .collect()
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, (atol, rtol): (f64, f64)) -> f64 {
@@ -271,7 +274,7 @@ fn forward_rejects_bad_input_with_a_message() {
 /// every set): the logits are the fixture's adapted logits.
 #[test]
 fn forward_with_an_adapter_matches_the_reference() {
-    for case in fixtures::indexed_cases("adapter") {
+    for case in fixtures::indexed_cases(trainer::model::Family::Mamba, "adapter") {
         let r =
             candle_core::safetensors::load(case.dir.join("reference.safetensors"), &Device::Cpu)
                 .expect("adapter reference");

@@ -64,7 +64,7 @@ fn top_classes(model: &VimForImageClassification, path: &Path, k: usize) -> Vec<
 
 #[test]
 fn forward_classify_and_bad_input_on_every_vim_case() {
-    for case in fixtures::indexed_cases("vim_model") {
+    for case in fixtures::indexed_cases(trainer::model::Family::Vim, "vim_model") {
         let manifest = case.manifest();
         let tol = |class: &str| {
             manifest["tolerances"][class]["atol"]
@@ -283,7 +283,7 @@ fn quadrant_folder(dir: &Path, [h, w]: [usize; 2], classes: usize, per_class: us
 
 #[test]
 fn molt_train_fine_tunes_a_vim_on_an_image_folder() {
-    let case = fixtures::indexed_cases("vim_model")
+    let case = fixtures::indexed_cases(trainer::model::Family::Vim, "vim_model")
         .into_iter()
         .next()
         .expect("a vim case");

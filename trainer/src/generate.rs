@@ -8,7 +8,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::model::{MambaForCausalLM, ModelInput};
+use crate::model::lm_checkpoint::LmConfig;
+use crate::model::{CausalLm, Mixer, ModelInput};
 
 /// How to generate.
 #[derive(Clone, Debug)]
@@ -44,13 +45,13 @@ impl Default for GenerationConfig {
 
 impl GenerationConfig {
     /// Takes EOS and pad ids from the model's config.
-    pub fn for_model(model: &MambaForCausalLM) -> Self {
+    pub fn for_model<M: Mixer>(model: &CausalLm<M>) -> Self {
         let c = model.config();
         GenerationConfig {
-            eos_token_ids: c.eos_token_ids.clone(),
+            eos_token_ids: c.eos_token_ids().to_vec(),
             pad_token_id: c
-                .pad_token_id
-                .or(c.eos_token_ids.first().copied())
+                .pad_token_id()
+                .or(c.eos_token_ids().first().copied())
                 .unwrap_or(0),
             ..Default::default()
         }
@@ -94,8 +95,8 @@ pub struct GenerationOutput {
 }
 
 /// Generates for each prompt (token ids). See [`generate_with`].
-pub fn generate(
-    model: &MambaForCausalLM,
+pub fn generate<M: Mixer>(
+    model: &CausalLm<M>,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
 ) -> Result<GenerationOutput> {
@@ -105,8 +106,8 @@ pub fn generate(
 /// Like [`generate`], calling `on_step(step, tokens)` after every step with the token each
 /// row produced (`None` for rows already finished). Returning `false` stops generation
 /// (streaming clients that disconnect, stop strings).
-pub fn generate_with(
-    model: &MambaForCausalLM,
+pub fn generate_with<M: Mixer>(
+    model: &CausalLm<M>,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
     mut on_step: impl FnMut(usize, &[Option<u32>]) -> bool,

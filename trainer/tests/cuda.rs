@@ -466,7 +466,7 @@ fn base_cases() -> Vec<(
     Value,
     std::collections::HashMap<String, Tensor>,
 )> {
-    common::indexed_cases("base")
+    common::indexed_cases(trainer::model::Family::Mamba, "base")
         .into_iter()
         .map(|c| {
             let reference =

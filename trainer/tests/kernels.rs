@@ -181,7 +181,7 @@ impl OpsCase {
 /// Every `ops` case of every fixture case set (`tests/fixtures/index.json`, `alt/index.json`).
 fn ops_cases() -> Vec<OpsCase> {
     let mut out = Vec::new();
-    for case in common::indexed_cases("ops") {
+    for case in common::indexed_cases(trainer::model::Family::Mamba, "ops") {
         let name = case.label.clone();
         let manifest = case.manifest();
         let classes = &manifest["tolerances"];

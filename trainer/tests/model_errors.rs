@@ -25,7 +25,7 @@ struct Base {
 }
 
 fn bases() -> Vec<Base> {
-    common::indexed_cases("base")
+    common::indexed_cases(trainer::model::Family::Mamba, "base")
         .into_iter()
         .map(|c| {
             let dir = c.path("model_dir");

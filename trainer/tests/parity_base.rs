@@ -1,6 +1,7 @@
-//! Parity with HF transformers' `MambaForCausalLM` (pure-PyTorch path, float32, CPU) on every
-//! `base` case of every fixture case set (`tests/fixtures/index.json` and `alt/index.json`,
-//! see `common`). Names, shapes and tolerances come from each case's `manifest.json`, so a
+//! Parity with HF transformers' `MambaForCausalLM` and `Mamba2ForCausalLM` (pure-PyTorch
+//! path, float32, CPU) on every `base` case of every language fixture set
+//! (`tests/fixtures/index.json`, `alt/index.json`, `mamba2/index.json`, see `common`): the
+//! same checks run on both families through the shared `CausalLm` shell. Names, shapes and tolerances come from each case's `manifest.json`, so a
 //! case added in the same format runs with no code change.
 //!
 //! Reference: transformers 5.23.0 / torch 2.15.0 (see the manifests' `versions`).
@@ -13,12 +14,17 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use trainer::generate::{GenerationConfig, generate};
-use trainer::model::{LoadOptions, MambaForCausalLM, ModelInput, causal_lm_loss};
+use trainer::model::lm_checkpoint::{LmCheckpoint, LmConfig};
+use trainer::model::mamba2::Mamba2Mixer;
+use trainer::model::{
+    CausalLm, Family, LoadOptions, MambaForCausalLM, MambaMixer, Mixer, ModelInput, causal_lm_loss,
+};
 use trainer::tokenizer::Tokenizer;
 
 mod common;
 
 struct Case {
+    family: Family,
     name: String,
     model_dir: PathBuf,
     manifest: Value,
@@ -77,20 +83,26 @@ impl Case {
         }
     }
 
-    fn load(&self) -> MambaForCausalLM {
-        MambaForCausalLM::load(&self.model_dir, &LoadOptions::default())
-            .unwrap_or_else(|e| panic!("{}: load: {e}", self.name))
+    fn load<M: Mixer>(&self) -> CausalLm<M> {
+        load_lm::<M>(&self.model_dir).unwrap_or_else(|e| panic!("{}: load: {e}", self.name))
     }
 }
 
+/// Every base case of the language families (Mamba-1, then Mamba-2).
 fn base_cases() -> Vec<Case> {
-    common::indexed_cases("base")
+    [Family::Mamba, Family::Mamba2]
         .into_iter()
-        .map(|c| {
+        .flat_map(|family| {
+            common::indexed_cases(family, "base")
+                .into_iter()
+                .map(move |c| (family, c))
+        })
+        .map(|(family, c)| {
             let reference =
                 candle_core::safetensors::load(c.dir.join("reference.safetensors"), &Device::Cpu)
                     .expect("reference.safetensors");
             Case {
+                family,
                 model_dir: c.path("model_dir"),
                 manifest: c.manifest(),
                 name: c.label,
@@ -98,6 +110,32 @@ fn base_cases() -> Vec<Case> {
             }
         })
         .collect()
+}
+
+/// The Mamba-1 base cases (checks of Mamba-1's own formats).
+fn mamba1_cases() -> Vec<Case> {
+    base_cases()
+        .into_iter()
+        .filter(|c| c.family == Family::Mamba)
+        .collect()
+}
+
+/// Loads a model folder as the language family `M` mixes for.
+fn load_lm<M: Mixer>(dir: &Path) -> trainer::Result<CausalLm<M>> {
+    LmCheckpoint::<M::Config>::load(dir, &LoadOptions::default())?.into_frozen()
+}
+
+/// Runs `$check::<M>(&case)` on every base case, with `M` the mixer of the case's family.
+macro_rules! for_each_case {
+    ($check:ident) => {
+        for case in base_cases() {
+            match case.family {
+                Family::Mamba => $check::<MambaMixer>(&case),
+                Family::Mamba2 => $check::<Mamba2Mixer>(&case),
+                other => panic!("{}: {other} is not a language family", case.name),
+            }
+        }
+    };
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -170,289 +208,303 @@ fn ids_of(t: &Tensor) -> Vec<Vec<u32>> {
 
 #[test]
 fn logits_hidden_states_and_loss() {
-    for case in base_cases() {
-        let model = case.load();
-        let ids = case.tensor("input_ids");
-        let input = ModelInput::new(&ids, None, model.vocab_size()).expect("input");
-        let out = model.forward_with(&input, true).expect("forward");
-        let (d, _) = assert_close(
-            &format!("{} logits", case.name),
-            &out.logits,
-            &case.tensor("logits"),
-            case.tol("logits"),
-        );
-        eprintln!("{}: logits max abs diff {d:.3e}", case.name);
+    for_each_case!(logits_hidden_states_and_loss_case);
+}
 
-        let n_layers = model.config().num_hidden_layers;
-        assert_eq!(out.hidden_states.len(), n_layers + 2);
-        let mut worst = 0f64;
-        for name in case.names("hidden.") {
-            let idx = match name.as_str() {
-                "hidden.embeddings" => 0,
-                "hidden.norm_f" => n_layers + 1,
-                other => {
-                    let i: usize = other
-                        .strip_prefix("hidden.block.")
-                        .and_then(|s| s.parse().ok())
-                        .unwrap_or_else(|| panic!("unknown hidden tensor {other}"));
-                    i + 1
-                }
-            };
-            let (d, _) = assert_close(
-                &format!("{} {name}", case.name),
-                &out.hidden_states[idx],
-                &case.tensor(&name),
-                case.tol(&name),
-            );
-            worst = worst.max(d);
-        }
-        eprintln!("{}: hidden states max abs diff {worst:.3e}", case.name);
+fn logits_hidden_states_and_loss_case<M: Mixer>(case: &Case) {
+    let model = case.load::<M>();
+    let ids = case.tensor("input_ids");
+    let input = ModelInput::new(&ids, None, model.vocab_size()).expect("input");
+    let out = model.forward_with(&input, true).expect("forward");
+    let (d, _) = assert_close(
+        &format!("{} logits", case.name),
+        &out.logits,
+        &case.tensor("logits"),
+        case.tol("logits"),
+    );
+    eprintln!("{}: logits max abs diff {d:.3e}", case.name);
 
-        let loss = causal_lm_loss(&out.logits, &ids).expect("loss");
+    let n_layers = model.config().num_layers();
+    assert_eq!(out.hidden_states.len(), n_layers + 2);
+    let mut worst = 0f64;
+    for name in case.names("hidden.") {
+        let idx = match name.as_str() {
+            "hidden.embeddings" => 0,
+            "hidden.norm_f" => n_layers + 1,
+            other => {
+                let i: usize = other
+                    .strip_prefix("hidden.block.")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or_else(|| panic!("unknown hidden tensor {other}"));
+                i + 1
+            }
+        };
         let (d, _) = assert_close(
-            &format!("{} loss", case.name),
-            &loss.reshape(1).expect("reshape"),
-            &case.tensor("loss"),
-            case.tol("loss"),
+            &format!("{} {name}", case.name),
+            &out.hidden_states[idx],
+            &case.tensor(&name),
+            case.tol(&name),
         );
-        eprintln!("{}: loss abs diff {d:.3e}", case.name);
+        worst = worst.max(d);
     }
+    eprintln!("{}: hidden states max abs diff {worst:.3e}", case.name);
+
+    let loss = causal_lm_loss(&out.logits, &ids).expect("loss");
+    let (d, _) = assert_close(
+        &format!("{} loss", case.name),
+        &loss.reshape(1).expect("reshape"),
+        &case.tensor("loss"),
+        case.tol("loss"),
+    );
+    eprintln!("{}: loss abs diff {d:.3e}", case.name);
 }
 
 #[test]
 fn full_finetune_gradients() {
-    for case in base_cases() {
-        let (model, varmap) =
-            MambaForCausalLM::load_trainable(&case.model_dir, &LoadOptions::default())
-                .unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let ids = case.tensor("input_ids");
-        let logits = model.forward(&ids, None).expect("forward");
-        let loss = causal_lm_loss(&logits, &ids).expect("loss");
-        let grads = loss.backward().expect("backward");
+    for_each_case!(full_finetune_gradients_case);
+}
 
-        let vars = varmap.data().lock().expect("varmap").clone();
-        let grad_names = case.names("grad.");
-        // Every trainable parameter has a reference gradient and vice versa.
-        let mut params: Vec<&String> = vars.keys().collect();
-        params.sort();
-        let listed: Vec<String> = grad_names
-            .iter()
-            .map(|n| n.trim_start_matches("grad.").to_string())
-            .collect();
-        assert_eq!(
-            params.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            listed.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-            "{}: parameters vs reference gradients",
-            case.name
+fn full_finetune_gradients_case<M: Mixer>(case: &Case) {
+    let (model, varmap) = LmCheckpoint::<M::Config>::load(&case.model_dir, &LoadOptions::default())
+        .and_then(|c| c.into_trainable())
+        .unwrap_or_else(|e| panic!("{}: {e}", case.name));
+    let ids = case.tensor("input_ids");
+    let logits = model.forward(&ids, None).expect("forward");
+    let loss = causal_lm_loss(&logits, &ids).expect("loss");
+    let grads = loss.backward().expect("backward");
+
+    let vars = varmap.data().lock().expect("varmap").clone();
+    let grad_names = case.names("grad.");
+    // Every trainable parameter has a reference gradient and vice versa.
+    let mut params: Vec<&String> = vars.keys().collect();
+    params.sort();
+    let listed: Vec<String> = grad_names
+        .iter()
+        .map(|n| n.trim_start_matches("grad.").to_string())
+        .collect();
+    assert_eq!(
+        params.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        listed.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        "{}: parameters vs reference gradients",
+        case.name
+    );
+    let (mut worst_abs, mut worst_l2) = (0f64, 0f64);
+    for name in &grad_names {
+        let param = name.trim_start_matches("grad.");
+        let var = &vars[param];
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{}: no gradient for {param}", case.name));
+        let (d, l2) = assert_close(
+            &format!("{} {name}", case.name),
+            g,
+            &case.tensor(name),
+            case.tol(name),
         );
-        let (mut worst_abs, mut worst_l2) = (0f64, 0f64);
-        for name in &grad_names {
-            let param = name.trim_start_matches("grad.");
-            let var = &vars[param];
-            let g = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{}: no gradient for {param}", case.name));
-            let (d, l2) = assert_close(
-                &format!("{} {name}", case.name),
-                g,
-                &case.tensor(name),
-                case.tol(name),
-            );
-            worst_abs = worst_abs.max(d);
-            worst_l2 = worst_l2.max(l2);
-        }
-        eprintln!(
-            "{}: {} gradients, max abs diff {worst_abs:.3e}, max rel L2 {worst_l2:.3e}",
-            case.name,
-            grad_names.len()
-        );
+        worst_abs = worst_abs.max(d);
+        worst_l2 = worst_l2.max(l2);
     }
+    eprintln!(
+        "{}: {} gradients, max abs diff {worst_abs:.3e}, max rel L2 {worst_l2:.3e}",
+        case.name,
+        grad_names.len()
+    );
 }
 
 #[test]
 fn prefill_cache_step_logits_and_greedy_tokens() {
-    for case in base_cases() {
-        let model = case.load();
-        let prompt = case.tensor("gen.prompt_ids");
-        let input = ModelInput::new(&prompt, None, model.vocab_size()).expect("prompt");
-        let b = prompt.dim(0).expect("batch");
-        let mut cache = model.new_cache(b).expect("cache");
-        model.prefill(&input, &mut cache).expect("prefill");
-        let mut worst = 0f64;
-        for name in case.names("gen.prefill.") {
-            let (kind, layer) = name
-                .strip_prefix("gen.prefill.")
-                .and_then(|s| s.rsplit_once('.'))
-                .unwrap_or_else(|| panic!("unexpected name {name}"));
-            let layer: usize = layer.parse().expect("layer index");
-            let got = match kind {
-                "conv_state" => &cache.layers[layer].conv,
-                "ssm_state" => &cache.layers[layer].ssm,
-                other => panic!("unknown cache tensor {other}"),
-            };
-            let (d, _) = assert_close(
-                &format!("{} {name}", case.name),
-                got,
-                &case.tensor(&name),
-                case.tol(&name),
-            );
-            worst = worst.max(d);
-        }
-        eprintln!("{}: prefill cache max abs diff {worst:.3e}", case.name);
+    for_each_case!(prefill_cache_step_logits_and_greedy_tokens_case);
+}
 
-        let step_logits = case.tensor("gen.step_logits");
-        let steps = step_logits.dim(0).expect("steps");
-        let cfg = GenerationConfig {
-            max_new_tokens: steps,
-            eos_token_ids: Vec::new(), // the reference generated with EOS stopping off
-            keep_step_logits: true,
-            ..GenerationConfig::for_model(&model)
+fn prefill_cache_step_logits_and_greedy_tokens_case<M: Mixer>(case: &Case) {
+    let model = case.load::<M>();
+    let prompt = case.tensor("gen.prompt_ids");
+    let input = ModelInput::new(&prompt, None, model.vocab_size()).expect("prompt");
+    let b = prompt.dim(0).expect("batch");
+    let mut cache = model.new_cache(b).expect("cache");
+    model.prefill(&input, &mut cache).expect("prefill");
+    let mut worst = 0f64;
+    for name in case.names("gen.prefill.") {
+        let (kind, layer) = name
+            .strip_prefix("gen.prefill.")
+            .and_then(|s| s.rsplit_once('.'))
+            .unwrap_or_else(|| panic!("unexpected name {name}"));
+        let layer: usize = layer.parse().expect("layer index");
+        let got = match kind {
+            "conv_state" => &cache.layers[layer].conv,
+            "ssm_state" => &cache.layers[layer].ssm,
+            other => panic!("unknown cache tensor {other}"),
         };
-        let prompts = ids_of(&prompt);
-        let out = generate(&model, &prompts, &cfg).expect("generate");
-        assert_eq!(out.step_logits.len(), steps);
-        let tol = case.tol("gen.step_logits");
-        let want_seq = ids_of(&case.tensor("gen.sequences"));
-        let mut worst = 0f64;
-        for s in 0..steps {
-            let want = step_logits.get(s).expect("step");
-            let (d, _) = assert_close(
-                &format!("{} gen.step_logits[{s}]", case.name),
-                &out.step_logits[s],
-                &want,
-                tol,
-            );
-            worst = worst.max(d);
-        }
-        eprintln!("{}: decode step logits max abs diff {worst:.3e}", case.name);
-        for (r, want_row) in want_seq.iter().enumerate() {
-            let mut got_row = prompts[r].clone();
-            got_row.extend(&out.tokens[r]);
-            assert_eq!(&got_row, want_row, "{}: greedy sequence row {r}", case.name);
-        }
+        let (d, _) = assert_close(
+            &format!("{} {name}", case.name),
+            got,
+            &case.tensor(&name),
+            case.tol(&name),
+        );
+        worst = worst.max(d);
+    }
+    eprintln!("{}: prefill cache max abs diff {worst:.3e}", case.name);
+
+    let step_logits = case.tensor("gen.step_logits");
+    let steps = step_logits.dim(0).expect("steps");
+    let cfg = GenerationConfig {
+        max_new_tokens: steps,
+        eos_token_ids: Vec::new(), // the reference generated with EOS stopping off
+        keep_step_logits: true,
+        ..GenerationConfig::for_model(&model)
+    };
+    let prompts = ids_of(&prompt);
+    let out = generate(&model, &prompts, &cfg).expect("generate");
+    assert_eq!(out.step_logits.len(), steps);
+    let tol = case.tol("gen.step_logits");
+    let want_seq = ids_of(&case.tensor("gen.sequences"));
+    let mut worst = 0f64;
+    for s in 0..steps {
+        let want = step_logits.get(s).expect("step");
+        let (d, _) = assert_close(
+            &format!("{} gen.step_logits[{s}]", case.name),
+            &out.step_logits[s],
+            &want,
+            tol,
+        );
+        worst = worst.max(d);
+    }
+    eprintln!("{}: decode step logits max abs diff {worst:.3e}", case.name);
+    for (r, want_row) in want_seq.iter().enumerate() {
+        let mut got_row = prompts[r].clone();
+        got_row.extend(&out.tokens[r]);
+        assert_eq!(&got_row, want_row, "{}: greedy sequence row {r}", case.name);
     }
 }
 
 #[test]
 fn left_padded_masked_batch() {
-    for case in base_cases() {
-        let model = case.load();
-        let ids = case.tensor("masked.input_ids");
-        let mask = case.tensor("masked.attention_mask");
-        let logits = model.forward(&ids, Some(&mask)).expect("masked forward");
-        let (d, _) = assert_close(
-            &format!("{} masked.logits", case.name),
-            &logits,
-            &case.tensor("masked.logits"),
+    for_each_case!(left_padded_masked_batch_case);
+}
+
+fn left_padded_masked_batch_case<M: Mixer>(case: &Case) {
+    let model = case.load::<M>();
+    let ids = case.tensor("masked.input_ids");
+    let mask = case.tensor("masked.attention_mask");
+    let logits = model.forward(&ids, Some(&mask)).expect("masked forward");
+    let (d, _) = assert_close(
+        &format!("{} masked.logits", case.name),
+        &logits,
+        &case.tensor("masked.logits"),
+        case.tol("masked.logits"),
+    );
+    eprintln!("{}: masked logits max abs diff {d:.3e}", case.name);
+
+    // The padded row's real positions equal an unpadded run of the same tokens.
+    let mask_rows = ids_of(&mask);
+    let ids_rows = ids_of(&ids);
+    for (r, m) in mask_rows.iter().enumerate() {
+        let start = m.iter().position(|v| *v == 1).expect("a real token");
+        if start == 0 {
+            continue;
+        }
+        let real: Vec<u32> = ids_rows[r][start..].to_vec();
+        let n = real.len();
+        let alone = model
+            .forward(
+                &Tensor::from_vec(real, (1, n), &Device::Cpu).expect("ids"),
+                None,
+            )
+            .expect("unpadded forward");
+        let padded = logits
+            .get(r)
+            .and_then(|t| t.narrow(0, start, n))
+            .and_then(|t| t.unsqueeze(0))
+            .expect("slice");
+        assert_close(
+            &format!("{} row {r} padded vs alone", case.name),
+            &padded,
+            &alone,
             case.tol("masked.logits"),
         );
-        eprintln!("{}: masked logits max abs diff {d:.3e}", case.name);
-
-        // The padded row's real positions equal an unpadded run of the same tokens.
-        let mask_rows = ids_of(&mask);
-        let ids_rows = ids_of(&ids);
-        for (r, m) in mask_rows.iter().enumerate() {
-            let start = m.iter().position(|v| *v == 1).expect("a real token");
-            if start == 0 {
-                continue;
-            }
-            let real: Vec<u32> = ids_rows[r][start..].to_vec();
-            let n = real.len();
-            let alone = model
-                .forward(
-                    &Tensor::from_vec(real, (1, n), &Device::Cpu).expect("ids"),
-                    None,
-                )
-                .expect("unpadded forward");
-            let padded = logits
-                .get(r)
-                .and_then(|t| t.narrow(0, start, n))
-                .and_then(|t| t.unsqueeze(0))
-                .expect("slice");
-            assert_close(
-                &format!("{} row {r} padded vs alone", case.name),
-                &padded,
-                &alone,
-                case.tol("masked.logits"),
-            );
-        }
     }
 }
 
 #[test]
 fn batched_generation_matches_one_at_a_time() {
-    for case in base_cases() {
-        let model = case.load();
-        let mut prompts = ids_of(&case.tensor("gen.prompt_ids"));
-        // Different lengths force left padding in the batch.
-        let half = prompts[0].len().div_ceil(2);
-        prompts[0].truncate(half);
-        let cfg = GenerationConfig {
-            max_new_tokens: 6,
-            eos_token_ids: Vec::new(),
-            ..GenerationConfig::for_model(&model)
-        };
-        let batched = generate(&model, &prompts, &cfg).expect("batched");
-        for (r, p) in prompts.iter().enumerate() {
-            let alone = generate(&model, std::slice::from_ref(p), &cfg).expect("alone");
-            assert_eq!(batched.tokens[r], alone.tokens[0], "{}: row {r}", case.name);
-        }
+    for_each_case!(batched_generation_matches_one_at_a_time_case);
+}
+
+fn batched_generation_matches_one_at_a_time_case<M: Mixer>(case: &Case) {
+    let model = case.load::<M>();
+    let mut prompts = ids_of(&case.tensor("gen.prompt_ids"));
+    // Different lengths force left padding in the batch.
+    let half = prompts[0].len().div_ceil(2);
+    prompts[0].truncate(half);
+    let cfg = GenerationConfig {
+        max_new_tokens: 6,
+        eos_token_ids: Vec::new(),
+        ..GenerationConfig::for_model(&model)
+    };
+    let batched = generate(&model, &prompts, &cfg).expect("batched");
+    for (r, p) in prompts.iter().enumerate() {
+        let alone = generate(&model, std::slice::from_ref(p), &cfg).expect("alone");
+        assert_eq!(batched.tokens[r], alone.tokens[0], "{}: row {r}", case.name);
     }
 }
 
 #[test]
 fn sampling_is_reproducible_with_a_seed() {
-    for case in base_cases() {
-        let model = case.load();
-        let prompts = ids_of(&case.tensor("gen.prompt_ids"));
-        let run = |seed| {
-            let cfg = GenerationConfig {
-                max_new_tokens: 8,
-                temperature: 1.5,
-                top_p: 0.95,
-                seed,
-                eos_token_ids: Vec::new(),
-                ..GenerationConfig::for_model(&model)
-            };
-            generate(&model, &prompts, &cfg).expect("sample").tokens
+    for_each_case!(sampling_is_reproducible_with_a_seed_case);
+}
+
+fn sampling_is_reproducible_with_a_seed_case<M: Mixer>(case: &Case) {
+    let model = case.load::<M>();
+    let prompts = ids_of(&case.tensor("gen.prompt_ids"));
+    let run = |seed| {
+        let cfg = GenerationConfig {
+            max_new_tokens: 8,
+            temperature: 1.5,
+            top_p: 0.95,
+            seed,
+            eos_token_ids: Vec::new(),
+            ..GenerationConfig::for_model(&model)
         };
-        let a = run(11);
-        assert_eq!(a, run(11), "{}: same seed, same tokens", case.name);
-        assert!(
-            (12..20).any(|s| run(s) != a),
-            "{}: different seeds never changed the sample",
-            case.name
-        );
-    }
+        generate(&model, &prompts, &cfg).expect("sample").tokens
+    };
+    let a = run(11);
+    assert_eq!(a, run(11), "{}: same seed, same tokens", case.name);
+    assert!(
+        (12..20).any(|s| run(s) != a),
+        "{}: different seeds never changed the sample",
+        case.name
+    );
 }
 
 #[test]
 fn eos_stops_a_row() {
-    for case in base_cases() {
-        let model = case.load();
-        let prompts = ids_of(&case.tensor("gen.prompt_ids"));
-        let want = ids_of(&case.tensor("gen.sequences"));
-        let p = prompts[0].len();
-        // Declare the reference's 3rd generated token of row 0 an EOS: row 0 must stop there.
-        let eos = want[0][p + 2];
-        let cfg = GenerationConfig {
-            max_new_tokens: want[0].len() - p,
-            eos_token_ids: vec![eos],
-            ..GenerationConfig::for_model(&model)
-        };
-        let out = generate(&model, &prompts, &cfg).expect("generate");
-        let first = want[0][p..]
-            .iter()
-            .position(|t| *t == eos)
-            .expect("eos in row");
-        assert_eq!(
-            out.tokens[0],
-            want[0][p..=p + first].to_vec(),
-            "{}",
-            case.name
-        );
-        assert_eq!(out.finish_reasons[0], trainer::generate::FinishReason::Eos);
-    }
+    for_each_case!(eos_stops_a_row_case);
+}
+
+fn eos_stops_a_row_case<M: Mixer>(case: &Case) {
+    let model = case.load::<M>();
+    let prompts = ids_of(&case.tensor("gen.prompt_ids"));
+    let want = ids_of(&case.tensor("gen.sequences"));
+    let p = prompts[0].len();
+    // Declare the reference's 3rd generated token of row 0 an EOS: row 0 must stop there.
+    let eos = want[0][p + 2];
+    let cfg = GenerationConfig {
+        max_new_tokens: want[0].len() - p,
+        eos_token_ids: vec![eos],
+        ..GenerationConfig::for_model(&model)
+    };
+    let out = generate(&model, &prompts, &cfg).expect("generate");
+    let first = want[0][p..]
+        .iter()
+        .position(|t| *t == eos)
+        .expect("eos in row");
+    assert_eq!(
+        out.tokens[0],
+        want[0][p..=p + first].to_vec(),
+        "{}",
+        case.name
+    );
+    assert_eq!(out.finish_reasons[0], trainer::generate::FinishReason::Eos);
 }
 
 #[test]
@@ -583,9 +635,8 @@ fn write_pytorch_bin(path: &Path, tensors: &[(String, Tensor)]) {
     zip.finish().expect("zip");
 }
 
-fn check_logits(case: &Case, dir: &Path, what: &str) {
-    let model = MambaForCausalLM::load(dir, &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("{} {what}: {e}", case.name));
+fn check_logits<M: Mixer>(case: &Case, dir: &Path, what: &str) {
+    let model = load_lm::<M>(dir).unwrap_or_else(|e| panic!("{} {what}: {e}", case.name));
     let logits = model
         .forward(&case.tensor("input_ids"), None)
         .expect("forward");
@@ -599,47 +650,49 @@ fn check_logits(case: &Case, dir: &Path, what: &str) {
 
 #[test]
 fn sharded_safetensors_give_the_same_logits() {
-    for case in base_cases() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        std::fs::copy(
-            case.model_dir.join("config.json"),
-            tmp.path().join("config.json"),
-        )
-        .expect("config");
-        let all =
-            candle_core::safetensors::load(case.model_dir.join("model.safetensors"), &Device::Cpu)
-                .expect("weights");
-        let mut names: Vec<&String> = all.keys().collect();
-        names.sort();
-        let mut weight_map = serde_json::Map::new();
-        let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
-        for (i, name) in names.iter().enumerate() {
-            let shard = i % 2;
-            let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
-            weight_map.insert((*name).clone(), Value::from(file));
-            shards[shard].insert((*name).clone(), all[*name].clone());
-        }
-        for (i, s) in shards.iter().enumerate() {
-            candle_core::safetensors::save(
-                s,
-                tmp.path()
-                    .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
-            )
-            .expect("save shard");
-        }
-        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
-        std::fs::write(
-            tmp.path().join("model.safetensors.index.json"),
-            serde_json::to_string(&index).expect("json"),
-        )
-        .expect("index");
-        check_logits(&case, tmp.path(), "sharded");
+    for_each_case!(sharded_safetensors_give_the_same_logits_case);
+}
+
+fn sharded_safetensors_give_the_same_logits_case<M: Mixer>(case: &Case) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(
+        case.model_dir.join("config.json"),
+        tmp.path().join("config.json"),
+    )
+    .expect("config");
+    let all =
+        candle_core::safetensors::load(case.model_dir.join("model.safetensors"), &Device::Cpu)
+            .expect("weights");
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+    for (i, name) in names.iter().enumerate() {
+        let shard = i % 2;
+        let file = format!("model-0000{}-of-00002.safetensors", shard + 1);
+        weight_map.insert((*name).clone(), Value::from(file));
+        shards[shard].insert((*name).clone(), all[*name].clone());
     }
+    for (i, s) in shards.iter().enumerate() {
+        candle_core::safetensors::save(
+            s,
+            tmp.path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+        )
+        .expect("save shard");
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        tmp.path().join("model.safetensors.index.json"),
+        serde_json::to_string(&index).expect("json"),
+    )
+    .expect("index");
+    check_logits::<M>(case, tmp.path(), "sharded");
 }
 
 #[test]
 fn state_spaces_config_original_naming_and_pytorch_bin_give_the_same_logits() {
-    for case in base_cases() {
+    for case in mamba1_cases() {
         let hf: Value = serde_json::from_str(
             &std::fs::read_to_string(case.model_dir.join("config.json")).expect("config"),
         )
@@ -747,7 +800,7 @@ fn state_spaces_config_original_naming_and_pytorch_bin_give_the_same_logits() {
 
 #[test]
 fn an_untied_head_is_used() {
-    for case in base_cases() {
+    for case in mamba1_cases() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut cfg: Value = serde_json::from_str(
             &std::fs::read_to_string(case.model_dir.join("config.json")).expect("config"),
@@ -786,8 +839,8 @@ fn an_untied_head_is_used() {
 #[test]
 fn the_walk_covers_other_shapes() {
     use std::collections::BTreeSet;
-    let base = common::indexed_cases("base");
-    let adapters = common::indexed_cases("adapter");
+    let base = common::indexed_cases(trainer::model::Family::Mamba, "base");
+    let adapters = common::indexed_cases(trainer::model::Family::Mamba, "adapter");
     let sets: BTreeSet<&PathBuf> = base.iter().map(|c| &c.set).collect();
     assert!(sets.len() >= 2, "only one case set: {sets:?}");
     for set in &sets {
@@ -824,4 +877,35 @@ fn the_walk_covers_other_shapes() {
             distinct(key)
         );
     }
+}
+
+/// Mamba-2 cases with an `original_model_dir` (mamba_ssm's own format: `backbone.embedding`,
+/// `pytorch_model.bin` with `lm_head.weight` sharing the embedding's storage, an
+/// `ssm_cfg: {"layer": "Mamba2"}` config with a padded vocabulary) reproduce
+/// `original.logits`, whose first `vocab_size` columns are the HF logits.
+#[test]
+fn mamba2_original_format_gives_the_reference_logits() {
+    let mut checked = 0;
+    for c in common::indexed_cases(Family::Mamba2, "base") {
+        if c.entry.get("original_model_dir").is_none() {
+            continue;
+        }
+        let case = base_cases()
+            .into_iter()
+            .find(|b| b.name == c.label)
+            .expect("the case");
+        let model = load_lm::<Mamba2Mixer>(&c.path("original_model_dir"))
+            .unwrap_or_else(|e| panic!("{}: original format: {e}", c.label));
+        let logits = model
+            .forward(&case.tensor("input_ids"), None)
+            .expect("forward");
+        assert_close(
+            &format!("{} original.logits", case.name),
+            &logits,
+            &case.tensor("original.logits"),
+            case.tol("original.logits"),
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no Mamba-2 case has an original-format model");
 }

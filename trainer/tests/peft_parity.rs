@@ -99,7 +99,7 @@ impl Case {
 }
 
 fn adapter_cases() -> Vec<Case> {
-    common::indexed_cases("adapter")
+    common::indexed_cases(trainer::model::Family::Mamba, "adapter")
         .into_iter()
         .map(|c| Case {
             model_dir: c.path("model_dir"),
@@ -308,7 +308,7 @@ fn peft_lora_and_dora_adapters_match() {
 /// spec, and a reloaded adapter reproduces the logits bit for bit.
 /// Every base model of the case sets, with the first row of its case's `input_ids`.
 fn base_models() -> Vec<(String, MambaForCausalLM, Tensor)> {
-    common::indexed_cases("base")
+    common::indexed_cases(trainer::model::Family::Mamba, "base")
         .into_iter()
         .map(|c| {
             let base = MambaForCausalLM::load(&c.path("model_dir"), &LoadOptions::default())

@@ -53,7 +53,7 @@ fn quadrant_images(
 
 #[test]
 fn vim_learns_a_synthetic_image_task_with_lora_prodial_and_additional_scan() {
-    for case in common::indexed_cases("vim_model") {
+    for case in common::indexed_cases(trainer::model::Family::Vim, "vim_model") {
         let base = VimCheckpoint::load(&case.path("model_dir"), &VimLoadOptions::default())
             .and_then(|c| c.into_frozen())
             .unwrap_or_else(|e| panic!("{}: {e}", case.label));

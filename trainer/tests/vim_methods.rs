@@ -326,7 +326,7 @@ fn an_adapter_for_another_family_is_refused_naming_both() {
         .next()
         .expect("a Vim method set");
     let vim = base_model(&vim_dir);
-    let mamba_case = common::indexed_cases("base")
+    let mamba_case = common::indexed_cases(trainer::model::Family::Mamba, "base")
         .into_iter()
         .next()
         .expect("a base case");
@@ -478,7 +478,7 @@ fn methods_on_sites_a_family_lacks_are_refused_naming_them() {
         .next()
         .expect("a Vim method set");
     let vim = base_model(&vim_dir);
-    let mamba_case = common::indexed_cases("base")
+    let mamba_case = common::indexed_cases(trainer::model::Family::Mamba, "base")
         .into_iter()
         .next()
         .expect("a base case");

@@ -105,7 +105,7 @@ fn load_opts() -> VimLoadOptions {
 
 #[test]
 fn vim_model_cases_match_hustvl() {
-    for case in common::indexed_cases("vim_model") {
+    for case in common::indexed_cases(trainer::model::Family::Vim, "vim_model") {
         let manifest = case.manifest();
         let refs = reference(&case.dir);
         let model_dir = case.path("model_dir");
@@ -173,7 +173,7 @@ fn vim_model_cases_match_hustvl() {
 
 #[test]
 fn pth_checkpoint_loads_the_same_tensors() {
-    for case in common::indexed_cases("vim_model") {
+    for case in common::indexed_cases(trainer::model::Family::Vim, "vim_model") {
         let model_dir = case.path("model_dir");
         if !model_dir.join("checkpoint.pth").is_file() {
             continue;
@@ -196,7 +196,7 @@ fn pth_checkpoint_loads_the_same_tensors() {
 
 #[test]
 fn vim_posinterp_cases_match_both_resizes() {
-    for case in common::indexed_cases("vim_posinterp") {
+    for case in common::indexed_cases(trainer::model::Family::Vim, "vim_posinterp") {
         let manifest = case.manifest();
         let refs = reference(&case.dir);
         let model_dir = case.path("model_dir");
@@ -287,7 +287,7 @@ fn base_tensors(model_dir: &Path) -> HashMap<String, Tensor> {
 
 #[test]
 fn missing_or_other_head_gives_a_fresh_zero_head() {
-    for case in common::indexed_cases("vim_model") {
+    for case in common::indexed_cases(trainer::model::Family::Vim, "vim_model") {
         let model_dir = case.path("model_dir");
         let config = common::read_json(&model_dir.join("config.json"));
         let classes = config["num_classes"].as_u64().expect("num_classes") as usize;
@@ -336,7 +336,7 @@ fn missing_or_other_head_gives_a_fresh_zero_head() {
 
 #[test]
 fn a_misshaped_tensor_is_named_with_both_shapes() {
-    for case in common::indexed_cases("vim_model") {
+    for case in common::indexed_cases(trainer::model::Family::Vim, "vim_model") {
         let model_dir = case.path("model_dir");
         let mut tensors = base_tensors(&model_dir);
         let name = "layers.0.mixer.x_proj_b.weight";
@@ -361,7 +361,7 @@ fn a_misshaped_tensor_is_named_with_both_shapes() {
 
 #[test]
 fn drop_path_is_off_in_eval_and_seeded_in_training() {
-    for case in common::indexed_cases("vim_model") {
+    for case in common::indexed_cases(trainer::model::Family::Vim, "vim_model") {
         let model_dir = case.path("model_dir");
         let refs = reference(&case.dir);
         let mut config = common::read_json(&model_dir.join("config.json"));
@@ -400,7 +400,7 @@ fn drop_path_is_off_in_eval_and_seeded_in_training() {
 #[test]
 fn vim_preprocess_cases_match_pillow_and_torchvision() {
     use trainer::model::vim::EvalTransform;
-    for case in common::indexed_cases("vim_preprocess") {
+    for case in common::indexed_cases(trainer::model::Family::Vim, "vim_preprocess") {
         let manifest = case.manifest();
         let refs = reference(&case.dir);
         let recipe = &manifest["recipe"];

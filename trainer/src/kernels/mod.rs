@@ -60,6 +60,14 @@ fn dims3(op: &str, name: &str, t: &Tensor, layout: &str) -> Result<(usize, usize
     }
 }
 
+/// The dims of a rank-4 tensor, or an error naming it and its expected `layout`.
+fn dims4(op: &str, name: &str, t: &Tensor, layout: &str) -> Result<(usize, usize, usize, usize)> {
+    match *t.dims() {
+        [d0, d1, d2, d3] => Ok((d0, d1, d2, d3)),
+        _ => bail!("{op}: {name} has shape {:?}, expected {layout}", t.dims()),
+    }
+}
+
 /// The dims of a rank-2 tensor, or an error naming it and its expected `layout`.
 fn dims2(op: &str, name: &str, t: &Tensor, layout: &str) -> Result<(usize, usize)> {
     match *t.dims() {
@@ -350,6 +358,108 @@ pub fn causal_conv1d_step(
     let out = st.apply_op3_no_bwd(&x32, &wb, &step::ConvStepOp { b: bsz, e, k })?;
     let [y, new_state] = unpack(&out, [&[bsz, e], &[bsz, e, k]])?;
     Ok((y.to_dtype(x.dtype())?, new_state))
+}
+
+/// Mamba-2's SSD scan (the state-space dual form, HF `mamba2_chunk_scan`): `x` `[b, L, H, P]`,
+/// raw `dt` `[b, L, H]` (before `dt_bias` and the softplus), `A` `[H]` (already negative),
+/// `B`, `C` `[b, L, G, N]` (head h reads group `h / (H/G)`), `D`, `dt_bias` `[H]`,
+/// `initial_state` `[b, H, P, N]` or zero. With `dt = clamp(softplus(dt + dt_bias), dt_limit)`
+/// each head runs `S_t = exp(dt_t·A)·S_{t-1} + dt_t·x_t ⊗ B_t`, `y_t = S_t·C_t + D·x_t`.
+/// Returns `y` `[b, L, H, P]` (no gate) and the last state `[b, H, P, N]` (F32, detached).
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_scan(
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+    dt_bias: &Tensor,
+    dt_limit: (f64, f64),
+    initial_state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "ssd_scan";
+    let (bsz, len, h, p) = dims4(OP, "x", x, "[b, L, H, P]")?;
+    let (_, _, g, n) = dims4(OP, "B", b, "[b, L, G, N]")?;
+    expect_shape(OP, "dt", dt, &[bsz, len, h])?;
+    expect_shape(OP, "A", a, &[h])?;
+    expect_shape(OP, "B", b, &[bsz, len, g, n])?;
+    expect_shape(OP, "C", c, &[bsz, len, g, n])?;
+    expect_shape(OP, "D", d, &[h])?;
+    expect_shape(OP, "dt_bias", dt_bias, &[h])?;
+    if g == 0 || !h.is_multiple_of(g) {
+        bail!("{OP}: {g} groups do not divide {h} heads")
+    }
+    if let Some(s) = initial_state {
+        expect_shape(OP, "initial_state", s, &[bsz, h, p, n])?;
+    }
+    if len == 0 {
+        bail!("{OP}: empty sequence")
+    }
+    let (y, last) = reference::ssd_scan(x, dt, a, b, c, d, dt_bias, dt_limit, initial_state)?;
+    Ok((y, last.to_dtype(DType::F32)?))
+}
+
+/// One cached decode step of [`ssd_scan`]: `state` `[b, H, P, N]`, `x` `[b, H, P]`, raw `dt`
+/// `[b, H]`, `B`, `C` `[b, G, N]`. dt is not clamped (HF's and mamba_ssm's step). Returns `y`
+/// `[b, H, P]` and the new state (F32). No autograd.
+#[allow(clippy::too_many_arguments)]
+pub fn ssd_step(
+    state: &Tensor,
+    x: &Tensor,
+    dt: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    d: &Tensor,
+    dt_bias: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    const OP: &str = "ssd_step";
+    let (bsz, h, p, n) = dims4(OP, "state", state, "[b, H, P, N]")?;
+    let (_, g, _) = dims3(OP, "B", b, "[b, G, N]")?;
+    expect_shape(OP, "x", x, &[bsz, h, p])?;
+    expect_shape(OP, "dt", dt, &[bsz, h])?;
+    expect_shape(OP, "A", a, &[h])?;
+    expect_shape(OP, "B", b, &[bsz, g, n])?;
+    expect_shape(OP, "C", c, &[bsz, g, n])?;
+    expect_shape(OP, "D", d, &[h])?;
+    expect_shape(OP, "dt_bias", dt_bias, &[h])?;
+    if g == 0 || !h.is_multiple_of(g) {
+        bail!("{OP}: {g} groups do not divide {h} heads")
+    }
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let (y, s) = reference::ssd_step(
+        &f32(state)?,
+        &f32(x)?,
+        &f32(dt)?,
+        &f32(a)?,
+        &f32(b)?,
+        &f32(c)?,
+        &f32(d)?,
+        &f32(dt_bias)?,
+    )?;
+    Ok((y.to_dtype(x.dtype())?, s))
+}
+
+/// Mamba-2's grouped gated RMSNorm: `v = y ⊙ silu(z)`, each group of `E/groups` consecutive
+/// channels scaled by `rsqrt(mean(v²) + eps)`, then `⊙ weight`; `y`, `z` `[..., E]`.
+pub fn gated_rms_norm(
+    y: &Tensor,
+    z: &Tensor,
+    weight: &Tensor,
+    groups: usize,
+    eps: f64,
+) -> Result<Tensor> {
+    const OP: &str = "gated_rms_norm";
+    let e = y.dims().last().copied().unwrap_or(0);
+    if z.dims() != y.dims() {
+        bail!("{OP}: z has shape {:?}, y has {:?}", z.dims(), y.dims())
+    }
+    expect_shape(OP, "weight", weight, &[e])?;
+    if groups == 0 || !e.is_multiple_of(groups) {
+        bail!("{OP}: {groups} groups do not divide {e} channels")
+    }
+    reference::gated_rms_norm(y, z, weight, groups, eps)
 }
 
 /// Reverses a `[b, L, ·]` tensor along time (dim 1).

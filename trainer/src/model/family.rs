@@ -4,7 +4,7 @@
 //! | --- | --- |
 //! | [`Family::Mamba`] (Mamba-1 LM) | HF `model_type: "mamba"`; or `hidden_size` (HF style) without `model_type`; or state-spaces `d_model` with no `ssm_cfg.layer` / `ssm_cfg.layer: "Mamba1"` |
 //! | [`Family::Vim`] (Vision Mamba) | Vim's kwargs: `img_size`, `patch_size` and `embed_dim`, or `bimamba_type` |
-//! | Mamba-2 (not yet) | HF `model_type: "mamba2"`, or `ssm_cfg.layer: "Mamba2"`: refused with [`Error::Unsupported`] naming the field |
+//! | [`Family::Mamba2`] (Mamba-2 LM) | HF `model_type: "mamba2"`, or state-spaces `ssm_cfg.layer: "Mamba2"` |
 //!
 //! Adding a family is one variant here, one arm in [`detect`], and one folder under
 //! `model/` (see the seam in [`super`]).
@@ -24,24 +24,27 @@ pub enum Family {
     Mamba,
     /// Vision Mamba (hustvl/Vim `VisionMamba`, bimamba v2, middle class token).
     Vim,
+    /// Mamba-2 language model (`Mamba2ForCausalLM`, mamba_ssm with `ssm_cfg.layer: "Mamba2"`).
+    Mamba2,
 }
 
 impl Family {
     /// Every family, in registry order.
-    pub const ALL: [Family; 2] = [Family::Mamba, Family::Vim];
+    pub const ALL: [Family; 3] = [Family::Mamba, Family::Vim, Family::Mamba2];
 
     /// The name written in adapter configs and API responses.
     pub fn name(self) -> &'static str {
         match self {
             Family::Mamba => "mamba",
             Family::Vim => "vim",
+            Family::Mamba2 => "mamba2",
         }
     }
 
     /// What the family's head does.
     pub fn task(self) -> Task {
         match self {
-            Family::Mamba => Task::CausalLm,
+            Family::Mamba | Family::Mamba2 => Task::CausalLm,
             Family::Vim => Task::ImageClassification,
         }
     }
@@ -79,15 +82,11 @@ pub fn detect(config: &Value, path: &Path) -> Result<Family> {
     if let Some(mt) = obj.get("model_type") {
         match mt.as_str() {
             Some("mamba") => return Ok(Family::Mamba),
-            Some("mamba2") => {
-                return Err(unsupported(
-                    "model_type is \"mamba2\": Mamba-2 is not supported yet".into(),
-                ));
-            }
+            Some("mamba2") => return Ok(Family::Mamba2),
             Some("vim" | "vision_mamba") => return Ok(Family::Vim),
             Some(other) => {
                 return Err(unsupported(format!(
-                    "model_type is \"{other}\"; known families: mamba (Mamba-1), vim (Vision Mamba)"
+                    "model_type is \"{other}\"; known families: mamba (Mamba-1), mamba2 (Mamba-2), vim (Vision Mamba)"
                 )));
             }
             None => {
@@ -102,14 +101,10 @@ pub fn detect(config: &Value, path: &Path) -> Result<Family> {
     if let Some(layer) = obj.get("ssm_cfg").and_then(|c| c.get("layer")) {
         match layer.as_str() {
             Some("Mamba1") => {}
-            Some("Mamba2") => {
-                return Err(unsupported(
-                    "ssm_cfg.layer is \"Mamba2\": Mamba-2 is not supported yet".into(),
-                ));
-            }
+            Some("Mamba2") => return Ok(Family::Mamba2),
             _ => {
                 return Err(unsupported(format!(
-                    "ssm_cfg.layer is {layer}; only \"Mamba1\" layers are supported"
+                    "ssm_cfg.layer is {layer}; known layers: \"Mamba1\", \"Mamba2\""
                 )));
             }
         }
@@ -177,21 +172,18 @@ mod tests {
     }
 
     #[test]
-    fn mamba2_is_refused_naming_the_field() {
-        let e = det(r#"{"model_type": "mamba2", "hidden_size": 8}"#)
+    fn mamba2_in_both_namings() {
+        assert_eq!(
+            det(r#"{"model_type": "mamba2", "hidden_size": 8}"#).unwrap(),
+            Family::Mamba2
+        );
+        let f = det(r#"{"d_model": 8, "ssm_cfg": {"layer": "Mamba2"}}"#).unwrap();
+        assert_eq!(f, Family::Mamba2);
+        assert_eq!(f.task(), Task::CausalLm);
+        let e = det(r#"{"d_model": 8, "ssm_cfg": {"layer": "Mamba3"}}"#)
             .unwrap_err()
             .to_string();
-        assert!(
-            e.contains("model_type") && e.contains("not supported yet"),
-            "{e}"
-        );
-        let e = det(r#"{"d_model": 8, "ssm_cfg": {"layer": "Mamba2"}}"#)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("ssm_cfg.layer") && e.contains("not supported yet"),
-            "{e}"
-        );
+        assert!(e.contains("ssm_cfg.layer") && e.contains("Mamba3"), "{e}");
     }
 
     #[test]

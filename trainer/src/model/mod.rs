@@ -46,16 +46,21 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cache;
 pub mod family;
+pub(crate) mod fields;
 pub mod layers;
+pub mod lm;
+pub mod lm_checkpoint;
 pub mod loss;
 pub mod mamba;
+pub mod mamba2;
 pub mod selective;
 pub mod vim;
 pub mod weights;
 
 // Mamba-1's modules keep their paths (`model::checkpoint`, `model::config`, …).
-pub use mamba::{cache, checkpoint, config, init, rows};
+pub use mamba::{checkpoint, config, init, rows};
 
 pub use cache::{LayerCache, MambaCache};
 pub use checkpoint::{Checkpoint, LoadOptions};
@@ -65,11 +70,9 @@ pub use layers::{
     Embedding, EmbeddingAdapter, Linear, LinearAdapter, LowRankTerm, Param, ParamAdapter,
     Projection, RmsNorm, RowSegments,
 };
+pub use lm::{Backbone, Block, CausalLm, ForwardOutput, InputHook, Mixer, ModelInput};
 pub use loss::{IGNORE_INDEX, causal_lm_loss};
-pub use mamba::{
-    ForwardOutput, InputHook, MambaBlock, MambaForCausalLM, MambaMixer, MambaModel, MixerHook,
-    ModelInput,
-};
+pub use mamba::{MambaBlock, MambaForCausalLM, MambaMixer, MambaModel, MixerHook};
 pub use selective::{BranchInput, BranchRef, SelectiveBranch};
 
 use std::path::Path;
@@ -79,6 +82,7 @@ use std::path::Path;
 pub enum AnyModel {
     Mamba(MambaForCausalLM),
     Vim(vim::VimForImageClassification),
+    Mamba2(mamba2::Mamba2ForCausalLM),
 }
 
 impl AnyModel {
@@ -86,6 +90,7 @@ impl AnyModel {
         match self {
             AnyModel::Mamba(_) => Family::Mamba,
             AnyModel::Vim(_) => Family::Vim,
+            AnyModel::Mamba2(_) => Family::Mamba2,
         }
     }
 }
@@ -94,6 +99,7 @@ impl AnyModel {
 pub fn load(dir: &Path, opts: &LoadOptions) -> crate::Result<AnyModel> {
     Ok(match family::detect_dir(dir)? {
         Family::Mamba => AnyModel::Mamba(MambaForCausalLM::load(dir, opts)?),
+        Family::Mamba2 => AnyModel::Mamba2(mamba2::Mamba2ForCausalLM::load(dir, opts)?),
         Family::Vim => AnyModel::Vim(vim::VimForImageClassification::load(
             dir,
             &vim::VimLoadOptions {

@@ -127,10 +127,23 @@ impl IndexedCase {
     }
 }
 
-/// Every case of `kind` (`base`, `adapter`, `ops`) in every case set, in index order.
-pub fn indexed_cases(kind: &str) -> Vec<IndexedCase> {
+/// The family of a case set: that of the first model folder its index names (a set holds
+/// one family: the shared set and `alt/` Mamba-1, `vim/` Vim, `mamba2/` Mamba-2).
+fn set_family(set: &Path, index: &Value) -> Option<trainer::model::Family> {
+    index["cases"].as_array()?.iter().find_map(|c| {
+        let dir = set.join(c["model_dir"].as_str()?);
+        trainer::model::family::detect_dir(&dir).ok()
+    })
+}
+
+/// Every case of `kind` (`base`, `adapter`, `ops`, `vim_model`, …) in every case set of
+/// `family`, in index order.
+pub fn indexed_cases(family: trainer::model::Family, kind: &str) -> Vec<IndexedCase> {
     let mut out = Vec::new();
     for (set, index) in case_sets() {
+        if set_family(&set, &index) != Some(family) {
+            continue;
+        }
         for entry in index["cases"]
             .as_array()
             .unwrap_or_else(|| panic!("{}: `cases` is not a list", set.display()))
@@ -148,7 +161,10 @@ pub fn indexed_cases(kind: &str) -> Vec<IndexedCase> {
             });
         }
     }
-    assert!(!out.is_empty(), "no `{kind}` case in any fixture index");
+    assert!(
+        !out.is_empty(),
+        "no `{kind}` case of family {family} in any fixture index"
+    );
     out
 }
 

@@ -9,12 +9,13 @@
 //!
 //! Detection: `hidden_size` present ⇒ Hugging Face; only `d_model` ⇒ state-spaces.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::model::fields::Fields;
 
 /// Which naming the config file used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,9 +103,7 @@ impl MambaConfig {
                 reason: "expected a JSON object".into(),
             });
         };
-        let r = Reader {
-            path: path.to_path_buf(),
-        };
+        let r = Reader(Fields::new(path));
         let cfg = if obj.contains_key("hidden_size") {
             r.hugging_face(&obj)?
         } else if obj.contains_key("d_model") {
@@ -148,119 +147,17 @@ impl MambaConfig {
     }
 }
 
-/// Upper bound for any size field (16M): far above every real Mamba, far below overflow.
-const LIMIT: usize = 1 << 24;
+/// The Mamba-1 reads on top of the shared [`Fields`].
+struct Reader(Fields);
 
-struct Reader {
-    path: PathBuf,
+impl std::ops::Deref for Reader {
+    type Target = Fields;
+    fn deref(&self) -> &Fields {
+        &self.0
+    }
 }
 
 impl Reader {
-    fn err(&self, field: &str, reason: impl Into<String>) -> Error {
-        Error::ConfigField {
-            path: self.path.clone(),
-            field: field.to_string(),
-            reason: reason.into(),
-        }
-    }
-
-    fn unsupported(&self, what: impl Into<String>) -> Error {
-        Error::Unsupported {
-            path: self.path.clone(),
-            what: what.into(),
-        }
-    }
-
-    /// A non-negative integer (a float with no fractional part is accepted, as JSON writers
-    /// sometimes produce `2.0`). `null` counts as absent.
-    fn usize_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<usize>> {
-        match obj.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => self.as_usize(v, field).map(Some),
-        }
-    }
-
-    fn as_usize(&self, v: &Value, field: &str) -> Result<usize> {
-        let n = if let Some(u) = v.as_u64() {
-            u
-        } else if let Some(f) = v.as_f64()
-            && f >= 0.0
-            && f.fract() == 0.0
-            && f < 1e15
-        {
-            f as u64
-        } else {
-            return Err(self.err(field, format!("expected a non-negative integer, found {v}")));
-        };
-        // Every size is bounded so that products of sizes cannot overflow, and a typo
-        // cannot make the loader try to allocate the impossible.
-        if n > LIMIT as u64 {
-            return Err(self.err(field, format!("{n} is implausibly large (limit {LIMIT})")));
-        }
-        Ok(n as usize)
-    }
-
-    fn product(&self, field: &str, a: usize, b: usize) -> Result<usize> {
-        a.checked_mul(b)
-            .filter(|p| *p <= LIMIT * 64)
-            .ok_or_else(|| self.err(field, format!("{a} × {b} is implausibly large")))
-    }
-
-    fn usize_req(&self, obj: &Map<String, Value>, field: &str) -> Result<usize> {
-        self.usize_opt(obj, field)?
-            .ok_or_else(|| self.err(field, "missing (required)"))
-    }
-
-    fn bool_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<bool>> {
-        match obj.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.err(field, format!("expected true or false, found {v}"))),
-        }
-    }
-
-    fn f64_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<f64>> {
-        match obj.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
-        }
-    }
-
-    fn token_id(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<u32>> {
-        // Some exporters write -1 for "no such token"; that is an absent id, not an error.
-        if obj
-            .get(field)
-            .and_then(Value::as_i64)
-            .is_some_and(|v| v < 0)
-        {
-            return Ok(None);
-        }
-        match self.usize_opt(obj, field)? {
-            None => Ok(None),
-            Some(id) => u32::try_from(id)
-                .map(Some)
-                .map_err(|_| self.err(field, format!("token id {id} does not fit in u32"))),
-        }
-    }
-
-    /// `eos_token_id` may be one id or a list of ids.
-    fn token_ids(&self, obj: &Map<String, Value>, field: &str) -> Result<Vec<u32>> {
-        match obj.get(field) {
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| {
-                    let id = self.as_usize(v, field)?;
-                    u32::try_from(id)
-                        .map_err(|_| self.err(field, format!("token id {id} does not fit in u32")))
-                })
-                .collect(),
-            _ => Ok(self.token_id(obj, field)?.into_iter().collect()),
-        }
-    }
-
     /// `time_step_rank` / `dt_rank`: an integer or `"auto"` (= ceil(hidden / 16)).
     fn rank(&self, obj: &Map<String, Value>, field: &str, hidden: usize) -> Result<usize> {
         match obj.get(field) {
@@ -427,7 +324,7 @@ impl Reader {
             ConfigStyle::HuggingFace => ("hidden_size", "num_hidden_layers", "vocab_size"),
             ConfigStyle::StateSpaces => ("d_model", "n_layer", "vocab_size"),
         };
-        let positive = [
+        self.positive(&[
             (hidden, c.hidden_size),
             (layers, c.num_hidden_layers),
             (vocab, c.vocab_size),
@@ -435,18 +332,8 @@ impl Reader {
             ("conv_kernel", c.conv_kernel),
             ("expand", c.expand),
             ("time_step_rank", c.time_step_rank),
-        ];
-        for (field, v) in positive {
-            if v == 0 {
-                return Err(self.err(field, "must be at least 1"));
-            }
-        }
-        if !(c.layer_norm_epsilon.is_finite() && c.layer_norm_epsilon > 0.0) {
-            return Err(self.err(
-                "layer_norm_epsilon",
-                format!("must be a positive number, found {}", c.layer_norm_epsilon),
-            ));
-        }
+        ])?;
+        self.epsilon("layer_norm_epsilon", c.layer_norm_epsilon)?;
         Ok(())
     }
 }

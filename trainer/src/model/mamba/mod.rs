@@ -2,7 +2,6 @@
 //! checkpoints): its config, loader, modules, decoding cache, random init and the batched
 //! rows serving uses.
 
-pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod init;

@@ -7,16 +7,14 @@
 //! `ssm_cfg.{d_conv = 4, expand = 2, dt_rank = ceil(embed_dim / 16), conv_bias = true,
 //! bias = false}`, `if_divide_out = false`, `norm_epsilon = 1e-5`, `channels = 3`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::model::fields::{Fields, LIMIT};
 use crate::model::selective::BranchDims;
-
-/// Upper bound for any size field, as for Mamba-1 configs.
-const LIMIT: usize = 1 << 24;
 
 /// Where the class token sits in the token sequence.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,9 +121,7 @@ impl VimConfig {
 
     /// Resolves the kwargs in `value`; `path` is only used in messages.
     pub fn from_value(value: &Value, path: &Path) -> Result<Self> {
-        let r = Reader {
-            path: path.to_path_buf(),
-        };
+        let r = Reader(Fields::new(path));
         let Value::Object(obj) = value else {
             return Err(r.err("(top level)", "expected a JSON object"));
         };
@@ -245,26 +241,17 @@ pub fn cls_index(pos: ClsPosition, m: usize) -> usize {
     }
 }
 
-struct Reader {
-    path: PathBuf,
+/// The Vim reads on top of the shared [`Fields`].
+struct Reader(Fields);
+
+impl std::ops::Deref for Reader {
+    type Target = Fields;
+    fn deref(&self) -> &Fields {
+        &self.0
+    }
 }
 
 impl Reader {
-    fn err(&self, field: &str, reason: impl Into<String>) -> Error {
-        Error::ConfigField {
-            path: self.path.clone(),
-            field: field.to_string(),
-            reason: reason.into(),
-        }
-    }
-
-    fn unsupported(&self, what: String) -> Error {
-        Error::Unsupported {
-            path: self.path.clone(),
-            what,
-        }
-    }
-
     /// A bool option that must have the value `want` (`default` when absent).
     fn require_bool(
         &self,
@@ -280,36 +267,6 @@ impl Reader {
             )));
         }
         Ok(())
-    }
-
-    fn as_usize(&self, v: &Value, field: &str) -> Result<usize> {
-        let n = if let Some(u) = v.as_u64() {
-            u
-        } else if let Some(f) = v.as_f64()
-            && f >= 0.0
-            && f.fract() == 0.0
-            && f < 1e15
-        {
-            f as u64
-        } else {
-            return Err(self.err(field, format!("expected a non-negative integer, found {v}")));
-        };
-        if n > LIMIT as u64 {
-            return Err(self.err(field, format!("{n} is implausibly large (limit {LIMIT})")));
-        }
-        Ok(n as usize)
-    }
-
-    fn usize_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<usize>> {
-        match obj.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => self.as_usize(v, field).map(Some),
-        }
-    }
-
-    fn usize_req(&self, obj: &Map<String, Value>, field: &str) -> Result<usize> {
-        self.usize_opt(obj, field)?
-            .ok_or_else(|| self.err(field, "missing (required)"))
     }
 
     /// An int (square) or a two-element list `[H, W]`.
@@ -328,24 +285,6 @@ impl Reader {
                 field,
                 format!("expected an integer or [height, width], found {v}"),
             )),
-        }
-    }
-
-    fn bool_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<bool>> {
-        match obj.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.err(field, format!("expected true or false, found {v}"))),
-        }
-    }
-
-    fn f64_opt(&self, obj: &Map<String, Value>, field: &str) -> Result<Option<f64>> {
-        match obj.get(field) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(field, format!("expected a number, found {v}"))),
         }
     }
 

@@ -1,4 +1,5 @@
-//! The recurrent inference state: per layer, the last K pre-conv inputs and the SSM state.
+//! The recurrent inference state of every language family: per layer, the last K pre-conv
+//! inputs and the SSM state (`[b, E, N]` for Mamba-1, `[b, H, P, N]` for Mamba-2).
 //! Decoding one token costs O(1) in the sequence length.
 
 use candle_core::Tensor;
@@ -8,9 +9,10 @@ use crate::error::{Error, Result};
 /// One layer's state.
 #[derive(Clone, Debug)]
 pub struct LayerCache {
-    /// `[b, E, K]`: the last K inputs to the conv (the X half of in_proj), oldest first.
+    /// `[b, C, K]`: the last K inputs to the conv (Mamba-1: the X half of in_proj; Mamba-2:
+    /// xBC), oldest first.
     pub conv: Tensor,
-    /// `[b, E, N]`, f32.
+    /// `[b, E, N]` (Mamba-1) or `[b, H, P, N]` (Mamba-2), f32.
     pub ssm: Tensor,
 }
 
