@@ -23,6 +23,8 @@ use trainer::tokenizer::Tokenizer;
 
 mod common;
 
+use common::{Tol, assert_close};
+
 struct Case {
     family: Family,
     name: String,
@@ -138,64 +140,6 @@ macro_rules! for_each_case {
     };
 }
 
-#[derive(Clone, Copy, Debug)]
-struct Tol {
-    atol: f64,
-    rtol: f64,
-    rel_l2: Option<f64>,
-}
-
-/// Elementwise `|got − want| ≤ atol + rtol·|want|` (and the relative L2 bound when the class
-/// has one). Returns (max abs diff, rel L2) for the report.
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: Tol) -> (f64, f64) {
-    assert_eq!(got.dims(), want.dims(), "{what}: shape");
-    let g = got
-        .to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f64>())
-        .expect("got values");
-    let w = want
-        .to_dtype(DType::F64)
-        .and_then(|t| t.flatten_all())
-        .and_then(|t| t.to_vec1::<f64>())
-        .expect("want values");
-    let mut max_abs = 0f64;
-    let mut worst: Option<(usize, f64)> = None;
-    let (mut num, mut den) = (0f64, 0f64);
-    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
-        let d = (a - b).abs();
-        assert!(a.is_finite(), "{what}: non-finite value {a} at {i}");
-        max_abs = max_abs.max(d);
-        let excess = d - (tol.atol + tol.rtol * b.abs());
-        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
-            worst = Some((i, excess));
-        }
-        num += d * d;
-        den += b * b;
-    }
-    let rel_l2 = if den > 0.0 {
-        (num / den).sqrt()
-    } else {
-        num.sqrt()
-    };
-    if let Some((i, _)) = worst {
-        panic!(
-            "{what}: element {i}: got {} want {} (|diff| {:.3e} > atol {} + rtol {}·|want|); max abs diff {max_abs:.3e}",
-            g[i],
-            w[i],
-            (g[i] - w[i]).abs(),
-            tol.atol,
-            tol.rtol
-        );
-    }
-    if let Some(bound) = tol.rel_l2 {
-        assert!(
-            rel_l2 <= bound,
-            "{what}: relative L2 error {rel_l2:.3e} > {bound}"
-        );
-    }
-    (max_abs, rel_l2)
-}
 
 fn ids_of(t: &Tensor) -> Vec<Vec<u32>> {
     t.to_dtype(DType::I64)

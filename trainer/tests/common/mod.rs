@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Tensor};
 use serde_json::{Value, json};
 use trainer::model::MambaConfig;
 
@@ -173,4 +174,83 @@ pub fn indexed_cases(family: trainer::model::Family, kind: &str) -> Vec<IndexedC
 pub fn prodial_blocks(cfg: &MambaConfig) -> Value {
     let blocks = |d: usize| d / (2..=d).find(|q| d.is_multiple_of(*q)).unwrap_or(1);
     json!({"in_proj": blocks(cfg.hidden_size), "out_proj": blocks(cfg.intermediate_size)})
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Tol {
+    pub atol: f64,
+    pub rtol: f64,
+    pub rel_l2: Option<f64>,
+}
+
+/// Elementwise `|got − want| ≤ atol + rtol·|want|` (and the relative L2 bound when the class
+/// has one). Returns (max abs diff, rel L2) for the report.
+pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: Tol) -> (f64, f64) {
+    assert_eq!(got.dims(), want.dims(), "{what}: shape");
+    let g = got
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("got values");
+    let w = want
+        .to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f64>())
+        .expect("want values");
+    let mut max_abs = 0f64;
+    let mut worst: Option<(usize, f64)> = None;
+    let (mut num, mut den) = (0f64, 0f64);
+    for (i, (a, b)) in g.iter().zip(&w).enumerate() {
+        let d = (a - b).abs();
+        assert!(a.is_finite(), "{what}: non-finite value {a} at {i}");
+        max_abs = max_abs.max(d);
+        let excess = d - (tol.atol + tol.rtol * b.abs());
+        if excess > 0.0 && worst.is_none_or(|(_, e)| excess > e) {
+            worst = Some((i, excess));
+        }
+        num += d * d;
+        den += b * b;
+    }
+    let rel_l2 = if den > 0.0 {
+        (num / den).sqrt()
+    } else {
+        num.sqrt()
+    };
+    if let Some((i, _)) = worst {
+        panic!(
+            "{what}: element {i}: got {} want {} (|diff| {:.3e} > atol {} + rtol {}·|want|); max abs diff {max_abs:.3e}",
+            g[i],
+            w[i],
+            (g[i] - w[i]).abs(),
+            tol.atol,
+            tol.rtol
+        );
+    }
+    if let Some(bound) = tol.rel_l2 {
+        assert!(
+            rel_l2 <= bound,
+            "{what}: relative L2 error {rel_l2:.3e} > {bound}"
+        );
+    }
+    (max_abs, rel_l2)
+}
+
+impl Tol {
+    /// The tolerance class `class` of a manifest's `tolerances`.
+    pub fn of(manifest: &Value, class: &str) -> Tol {
+        let t = &manifest["tolerances"][class];
+        Tol {
+            atol: t["atol"].as_f64().unwrap_or(0.0),
+            rtol: t["rtol"].as_f64().unwrap_or(0.0),
+            rel_l2: t["rel_l2"].as_f64(),
+        }
+    }
+
+    /// The class a manifest gives reference tensor `name`.
+    pub fn for_tensor(manifest: &Value, name: &str) -> Tol {
+        let class = manifest["tensors"]["reference.safetensors"][name]["tolerance"]
+            .as_str()
+            .unwrap_or_else(|| panic!("manifest: no tolerance class for `{name}`"));
+        Tol::of(manifest, class)
+    }
 }

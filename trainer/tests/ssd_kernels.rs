@@ -1,0 +1,216 @@
+//! Mamba-2's kernels — the SSD scan (with every gradient), its cached decode step and the
+//! grouped gated RMSNorm — against HF transformers' pure-PyTorch ops on every Mamba-2 `ops`
+//! case (`tests/fixtures/mamba2/`, walked by index; shapes, the dt limit, the group count and
+//! tolerances from each manifest), and the fused CPU scan against the plain-op reference on
+//! random inputs over many shapes.
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::Value;
+use trainer::kernels;
+use trainer::model::Family;
+
+use common::{Tol, assert_close};
+
+struct Ops {
+    label: String,
+    manifest: Value,
+    t: HashMap<String, Tensor>,
+}
+
+impl Ops {
+    fn get(&self, name: &str) -> Tensor {
+        self.t
+            .get(name)
+            .unwrap_or_else(|| panic!("{}: no `{name}`", self.label))
+            .clone()
+    }
+
+    fn check(&self, what: &str, got: &Tensor, name: &str) {
+        let (d, _) = assert_close(
+            &format!("{} {what}", self.label),
+            got,
+            &self.get(name),
+            Tol::for_tensor(&self.manifest, name),
+        );
+        eprintln!("{}: {what} max abs diff {d:.3e}", self.label);
+    }
+
+    /// `[lo, hi]` from the manifest (`"inf"` for +inf).
+    fn dt_limit(&self) -> (f64, f64) {
+        let v = &self.manifest["dt_limit"];
+        let num = |x: &Value| match x {
+            Value::String(s) if s == "inf" => f64::INFINITY,
+            other => other.as_f64().expect("dt_limit entry"),
+        };
+        (num(&v[0]), num(&v[1]))
+    }
+
+    /// G, from the manifest's `shapes` (the key carries its symbol, `n_groups(G)`).
+    fn groups(&self) -> usize {
+        let shapes = self.manifest["shapes"].as_object().expect("shapes");
+        shapes
+            .iter()
+            .find(|(k, _)| k.starts_with("n_groups"))
+            .and_then(|(_, v)| v.as_u64())
+            .expect("n_groups in shapes") as usize
+    }
+
+    /// The gated norm's eps as the notes state it (`eps=…`), else HF's default 1e-5.
+    fn gnorm_eps(&self) -> f64 {
+        self.manifest["notes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .find_map(|n| {
+                let rest = &n[n.find("eps=")? + 4..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_digit() || "e-+.".contains(c)))
+                    .unwrap_or(rest.len());
+                rest[..end].parse().ok()
+            })
+            .unwrap_or(1e-5)
+    }
+}
+
+fn ops_cases() -> Vec<Ops> {
+    common::indexed_cases(Family::Mamba2, "ops")
+        .into_iter()
+        .map(|c| Ops {
+            t: candle_core::safetensors::load(c.dir.join("reference.safetensors"), &Device::Cpu)
+                .expect("reference.safetensors"),
+            manifest: c.manifest(),
+            label: c.label,
+        })
+        .collect()
+}
+
+fn var(t: Tensor) -> Var {
+    Var::from_tensor(&t).expect("var")
+}
+
+#[test]
+fn ssd_scan_step_and_gated_norm_match_hf() {
+    for case in ops_cases() {
+        let limit = case.dt_limit();
+        let names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"];
+        let vars: Vec<Var> = names
+            .iter()
+            .map(|n| var(case.get(&format!("op.scan.in.{n}"))))
+            .collect();
+        let v = |i: usize| vars[i].as_tensor();
+        let (y, last) = kernels::ssd_scan(
+            v(0),
+            v(1),
+            v(2),
+            v(3),
+            v(4),
+            v(5),
+            v(6),
+            limit,
+            Some(v(7)),
+        )
+        .expect("scan");
+        case.check("scan y", &y, "op.scan.out.y");
+        case.check("scan final state", &last, "op.scan.out.final_state");
+        let grads = (y * case.get("op.scan.upstream.y"))
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        for (i, n) in names.iter().enumerate() {
+            let g = grads
+                .get(v(i))
+                .unwrap_or_else(|| panic!("{}: no gradient for {n}", case.label));
+            case.check(&format!("scan grad {n}"), g, &format!("op.scan.grad.{n}"));
+        }
+
+        let (y0, last0) = kernels::ssd_scan(
+            v(0),
+            v(1),
+            v(2),
+            v(3),
+            v(4),
+            v(5),
+            v(6),
+            limit,
+            None,
+        )
+        .expect("scan0");
+        case.check("scan0 y", &y0, "op.scan0.out.y");
+        case.check("scan0 final state", &last0, "op.scan0.out.final_state");
+
+        let step = |n: &str| case.get(&format!("op.step.in.{n}"));
+        let (ys, state) = kernels::ssd_step(
+            &step("state"),
+            &step("x"),
+            &step("dt"),
+            v(2),
+            &step("B"),
+            &step("C"),
+            v(5),
+            v(6),
+        )
+        .expect("step");
+        case.check("step y", &ys, "op.step.out.y");
+        case.check("step state", &state, "op.step.out.state");
+
+        let g = |n: &str| var(case.get(&format!("op.gnorm.in.{n}")));
+        let (gy, gz, gw) = (g("y"), g("z"), g("weight"));
+        let out = kernels::gated_rms_norm(
+            gy.as_tensor(),
+            gz.as_tensor(),
+            gw.as_tensor(),
+            case.groups(),
+            case.gnorm_eps(),
+        )
+        .expect("gated norm");
+        case.check("gated norm", &out, "op.gnorm.out.y");
+        let grads = (out * case.get("op.gnorm.upstream.y"))
+            .and_then(|t| t.sum_all())
+            .and_then(|t| t.backward())
+            .expect("backward");
+        for (v, n) in [(&gy, "y"), (&gz, "z"), (&gw, "weight")] {
+            let got = grads.get(v.as_tensor()).expect("gradient");
+            case.check(&format!("gated norm grad {n}"), got, &format!("op.gnorm.grad.{n}"));
+        }
+    }
+}
+
+/// The scan refuses inputs that do not fit together, naming them.
+#[test]
+fn ssd_scan_names_bad_shapes() {
+    let z = |s: &[usize]| Tensor::zeros(s, DType::F32, &Device::Cpu).expect("zeros");
+    let (b, l, h, p, g, n) = (1, 5, 4, 2, 3, 2);
+    let e = kernels::ssd_scan(
+        &z(&[b, l, h, p]),
+        &z(&[b, l, h]),
+        &z(&[h]),
+        &z(&[b, l, g, n]),
+        &z(&[b, l, g, n]),
+        &z(&[h]),
+        &z(&[h]),
+        (0.0, f64::INFINITY),
+        None,
+    )
+    .expect_err("3 groups cannot share 4 heads")
+    .to_string();
+    assert!(e.contains("groups") && e.contains("heads"), "{e}");
+    let e = kernels::ssd_scan(
+        &z(&[b, l, h, p]),
+        &z(&[b, l + 1, h]),
+        &z(&[h]),
+        &z(&[b, l, 1, n]),
+        &z(&[b, l, 1, n]),
+        &z(&[h]),
+        &z(&[h]),
+        (0.0, f64::INFINITY),
+        None,
+    )
+    .expect_err("dt of another length")
+    .to_string();
+    assert!(e.contains("dt"), "{e}");
+}
