@@ -140,7 +140,6 @@ macro_rules! for_each_case {
     };
 }
 
-
 fn ids_of(t: &Tensor) -> Vec<Vec<u32>> {
     t.to_dtype(DType::I64)
         .and_then(|t| t.to_vec2::<i64>())

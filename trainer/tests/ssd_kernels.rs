@@ -103,18 +103,9 @@ fn ssd_scan_step_and_gated_norm_match_hf() {
             .map(|n| var(case.get(&format!("op.scan.in.{n}"))))
             .collect();
         let v = |i: usize| vars[i].as_tensor();
-        let (y, last) = kernels::ssd_scan(
-            v(0),
-            v(1),
-            v(2),
-            v(3),
-            v(4),
-            v(5),
-            v(6),
-            limit,
-            Some(v(7)),
-        )
-        .expect("scan");
+        let (y, last) =
+            kernels::ssd_scan(v(0), v(1), v(2), v(3), v(4), v(5), v(6), limit, Some(v(7)))
+                .expect("scan");
         case.check("scan y", &y, "op.scan.out.y");
         case.check("scan final state", &last, "op.scan.out.final_state");
         let grads = (y * case.get("op.scan.upstream.y"))
@@ -128,18 +119,8 @@ fn ssd_scan_step_and_gated_norm_match_hf() {
             case.check(&format!("scan grad {n}"), g, &format!("op.scan.grad.{n}"));
         }
 
-        let (y0, last0) = kernels::ssd_scan(
-            v(0),
-            v(1),
-            v(2),
-            v(3),
-            v(4),
-            v(5),
-            v(6),
-            limit,
-            None,
-        )
-        .expect("scan0");
+        let (y0, last0) = kernels::ssd_scan(v(0), v(1), v(2), v(3), v(4), v(5), v(6), limit, None)
+            .expect("scan0");
         case.check("scan0 y", &y0, "op.scan0.out.y");
         case.check("scan0 final state", &last0, "op.scan0.out.final_state");
 
@@ -175,7 +156,11 @@ fn ssd_scan_step_and_gated_norm_match_hf() {
             .expect("backward");
         for (v, n) in [(&gy, "y"), (&gz, "z"), (&gw, "weight")] {
             let got = grads.get(v.as_tensor()).expect("gradient");
-            case.check(&format!("gated norm grad {n}"), got, &format!("op.gnorm.grad.{n}"));
+            case.check(
+                &format!("gated norm grad {n}"),
+                got,
+                &format!("op.gnorm.grad.{n}"),
+            );
         }
     }
 }
@@ -213,4 +198,86 @@ fn ssd_scan_names_bad_shapes() {
     .expect_err("dt of another length")
     .to_string();
     assert!(e.contains("dt"), "{e}");
+}
+
+/// Deterministic uniform values in `[lo, hi)` (a 64-bit LCG), as a tensor of `shape`.
+fn uniform(seed: &mut u64, shape: &[usize], lo: f32, hi: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            *seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (hi - lo) * ((*seed >> 40) as f32 / (1u64 << 24) as f32)
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
+}
+
+/// The fused CPU scan equals the plain-op reference — output, last state and the gradient of
+/// every input — over shapes that cross the kernel's 64-step chunks (lengths not a multiple
+/// of any chunk), several groups, heads and head dims, a clamped and an unclamped dt, with
+/// and without an initial state.
+#[test]
+fn fused_ssd_scan_equals_the_reference_on_many_shapes() {
+    let mut seed = 7u64;
+    // (batch, length, heads, head dim, groups, state, dt limit, initial state)
+    let inf = f64::INFINITY;
+    let cases = [
+        (2, 19, 4, 8, 1, 8, (0.0, inf), true),
+        (1, 130, 6, 4, 3, 5, (0.0, inf), false),
+        (2, 65, 4, 3, 2, 16, (0.02, 0.3), true),
+        (1, 200, 2, 16, 1, 12, (0.0, 0.1), false),
+        (3, 1, 2, 2, 2, 3, (0.0, inf), true),
+    ];
+    for (b, l, h, p, g, n, limit, with_s0) in cases {
+        let what = format!("b{b} L{l} H{h} P{p} G{g} N{n} limit {limit:?} s0 {with_s0}");
+        let vars = [
+            var(uniform(&mut seed, &[b, l, h, p], -1.0, 1.0)),
+            var(uniform(&mut seed, &[b, l, h], -3.0, 1.0)),
+            var(uniform(&mut seed, &[h], -2.0, -0.1)),
+            var(uniform(&mut seed, &[b, l, g, n], -1.0, 1.0)),
+            var(uniform(&mut seed, &[b, l, g, n], -1.0, 1.0)),
+            var(uniform(&mut seed, &[h], -1.0, 1.0)),
+            var(uniform(&mut seed, &[h], -1.0, 1.0)),
+            var(uniform(&mut seed, &[b, h, p, n], -0.5, 0.5)),
+        ];
+        let up = uniform(&mut seed, &[b, l, h, p], -1.0, 1.0);
+        let t = |i: usize| vars[i].as_tensor();
+        let s0 = with_s0.then(|| t(7));
+        let fused =
+            kernels::ssd_scan(t(0), t(1), t(2), t(3), t(4), t(5), t(6), limit, s0).expect("fused");
+        let plain =
+            kernels::reference::ssd_scan(t(0), t(1), t(2), t(3), t(4), t(5), t(6), limit, s0)
+                .expect("reference");
+        let tol = Tol {
+            atol: 2e-5,
+            rtol: 1e-4,
+            rel_l2: None,
+        };
+        assert_close(&format!("{what}: y"), &fused.0, &plain.0, tol);
+        assert_close(&format!("{what}: last state"), &fused.1, &plain.1, tol);
+        let grads = |y: &Tensor| {
+            (y * &up)
+                .and_then(|t| t.sum_all())
+                .and_then(|t| t.backward())
+                .expect("backward")
+        };
+        let (gf, gp) = (grads(&fused.0), grads(&plain.0));
+        let names = ["x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"];
+        let grad_tol = Tol {
+            atol: 1e-4,
+            rtol: 1e-3,
+            rel_l2: Some(1e-4),
+        };
+        for (i, name) in names.iter().enumerate() {
+            if i == 7 && !with_s0 {
+                continue;
+            }
+            let (Some(f), Some(r)) = (gf.get(t(i)), gp.get(t(i))) else {
+                panic!("{what}: no gradient for {name}");
+            };
+            assert_close(&format!("{what}: grad {name}"), f, r, grad_tol);
+        }
+    }
 }

@@ -20,6 +20,7 @@ mod cuda;
 pub mod reference;
 mod scan;
 mod simd;
+mod ssd;
 mod step;
 
 use std::sync::{Arc, OnceLock};
@@ -396,8 +397,46 @@ pub fn ssd_scan(
     if len == 0 {
         bail!("{OP}: empty sequence")
     }
-    let (y, last) = reference::ssd_scan(x, dt, a, b, c, d, dt_bias, dt_limit, initial_state)?;
-    Ok((y, last.to_dtype(DType::F32)?))
+    // No CUDA SSD kernel yet: GPUs run the reference composition.
+    if !x.device().is_cpu() {
+        let (y, last) = reference::ssd_scan(x, dt, a, b, c, d, dt_bias, dt_limit, initial_state)?;
+        return Ok((y, last.to_dtype(DType::F32)?));
+    }
+    let clamps = dt_limit.0 > 0.0 || dt_limit.1.is_finite();
+    let dims = ssd::SsdDims {
+        b: bsz,
+        l: len,
+        h,
+        p,
+        g,
+        n,
+        has_s0: initial_state.is_some(),
+        limit: clamps.then_some((dt_limit.0 as f32, dt_limit.1 as f32)),
+    };
+    let dense = |t: &Tensor| t.to_dtype(DType::F32)?.contiguous();
+    let (x32, dt32) = (dense(x)?, dense(dt)?);
+    let mut parts = vec![f32_flat(b)?, f32_flat(c)?, f32_flat(a)?, f32_flat(d)?];
+    parts.push(f32_flat(dt_bias)?);
+    if let Some(s) = initial_state {
+        parts.push(f32_flat(s)?);
+    }
+    let rest = Tensor::cat(&parts, 0)?;
+    let keep_all = x32.track_op() || dt32.track_op() || rest.track_op();
+    let saved = Arc::new(OnceLock::new());
+    let y = x32.apply_op3(
+        &dt32,
+        &rest,
+        ssd::SsdOp {
+            dims,
+            keep_all,
+            saved: saved.clone(),
+        },
+    )?;
+    let Some(states) = saved.get() else {
+        bail!("{OP}: the forward saved no state")
+    };
+    let last = Tensor::from_vec(ssd::last_state(&dims, states), (bsz, h, p, n), x.device())?;
+    Ok((y.to_dtype(x.dtype())?, last))
 }
 
 /// One cached decode step of [`ssd_scan`]: `state` `[b, H, P, N]`, `x` `[b, H, P]`, raw `dt`
