@@ -1,5 +1,6 @@
-//! End to end: the built `molt` binary on every base case of the fixture sets (the shared
-//! `tests/fixtures/` and `tests/fixtures/alt/`, walked through their `index.json`; shapes,
+//! End to end: the built `molt` binary on every base case of the language fixture sets
+//! (Mamba-1: `tests/fixtures/`, `tests/fixtures/alt/`; Mamba-2: `tests/fixtures/mamba2/`;
+//! walked through their `index.json`; shapes,
 //! vocabulary sizes and tolerances from each case's manifest). `model forward` must
 //! reproduce the reference logits and loss of HF transformers, `model generate` the
 //! reference greedy tokens (cases with a tokenizer), and bad input must end with a message
@@ -66,11 +67,16 @@ fn load(c: &IndexedCase) -> Case {
     }
 }
 
+/// Every base case of the language families (Mamba-1 and Mamba-2).
 fn base_cases() -> Vec<Case> {
-    fixtures::indexed_cases(trainer::model::Family::Mamba, "base")
-        .iter()
-        .map(load)
-        .collect()
+    [
+        trainer::model::Family::Mamba,
+        trainer::model::Family::Mamba2,
+    ]
+    .into_iter()
+    .flat_map(|f| fixtures::indexed_cases(f, "base"))
+    .map(|c| load(&c))
+    .collect()
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor, (atol, rtol): (f64, f64)) -> f64 {
@@ -250,8 +256,10 @@ fn forward_rejects_bad_input_with_a_message() {
         ]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
+        // (Mamba-2 takes no adapter yet, and says so before looking for the folder.)
         assert!(
-            err.contains("/some/adapter") && err.contains("adapter_config.json"),
+            err.contains("/some/adapter")
+                && (err.contains("adapter_config.json") || err.contains("not supported yet")),
             "{}: {err}",
             c.label
         );

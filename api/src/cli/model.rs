@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use trainer::generate::{FinishReason, GenerationConfig, generate};
+use trainer::model::mamba2::Mamba2ForCausalLM;
 use trainer::model::vim::{
     EvalTransform, Mode, VimForImageClassification, VimLoadOptions, classification_loss,
 };
 use trainer::model::{
-    Family, IGNORE_INDEX, LoadOptions, MambaForCausalLM, ModelInput, causal_lm_loss,
+    CausalLm, Family, IGNORE_INDEX, LoadOptions, MambaForCausalLM, Mixer, ModelInput,
+    causal_lm_loss,
 };
 use trainer::peft::PeftModel;
 use trainer::tokenizer::Tokenizer;
@@ -148,16 +150,30 @@ pub struct GenerateArgs {
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Forward(a) if family(&a.model)? == Family::Vim => forward_vision(a),
-        ModelCommand::Forward(a) => forward(a),
-        ModelCommand::Generate(a) => {
-            if family(&a.model)? == Family::Vim {
-                bail!(
-                    "{}: a Vision Mamba classifies images; use `molt model classify`",
-                    a.model.display()
-                );
+        ModelCommand::Forward(a) => match family(&a.model)? {
+            Family::Mamba2 => {
+                let model = load_mamba2(&a.model, a.adapter.as_deref(), &a.device)?;
+                forward(a, model)
             }
-            generate_cmd(a)
-        }
+            _ => {
+                let model = load_model(&a.model, a.adapter.as_deref(), &a.device)?;
+                forward(a, model)
+            }
+        },
+        ModelCommand::Generate(a) => match family(&a.model)? {
+            Family::Vim => bail!(
+                "{}: a Vision Mamba classifies images; use `molt model classify`",
+                a.model.display()
+            ),
+            Family::Mamba2 => {
+                let model = load_mamba2(&a.model, a.adapter.as_deref(), &a.device)?;
+                generate_cmd(a, model)
+            }
+            Family::Mamba => {
+                let model = load_model(&a.model, a.adapter.as_deref(), &a.device)?;
+                generate_cmd(a, model)
+            }
+        },
         ModelCommand::Classify(a) => classify(a),
     }
 }
@@ -342,9 +358,21 @@ fn load_model(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<MambaF
     with_adapter(base, dir, adapter)
 }
 
-fn forward(a: ForwardArgs) -> Result<()> {
+/// A Mamba-2 model folder. PEFT adapters on Mamba-2 are not supported yet, so `--adapter`
+/// is refused rather than ignored.
+fn load_mamba2(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<Mamba2ForCausalLM> {
+    if let Some(a) = adapter {
+        bail!(
+            "--adapter {}: adapters on Mamba-2 models are not supported yet",
+            a.display()
+        );
+    }
+    Mamba2ForCausalLM::load(dir, &load_options(device)?)
+        .with_context(|| format!("loading the model from {}", dir.display()))
+}
+
+fn forward<M: Mixer>(a: ForwardArgs, model: CausalLm<M>) -> Result<()> {
     let inputs = read_inputs(&a.input)?;
-    let model = load_model(&a.model, a.adapter.as_deref(), &a.device)?;
     let label = a.input.display().to_string();
     let ids = inputs
         .get("input_ids")
@@ -434,8 +462,7 @@ fn write_atomically(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()
     Ok(())
 }
 
-fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    let model = load_model(&a.model, a.adapter.as_deref(), &a.device)?;
+fn generate_cmd<M: Mixer>(a: GenerateArgs, model: CausalLm<M>) -> Result<()> {
     let tok = Tokenizer::from_model_dir(&a.model)?.with_context(|| {
         format!(
             "{}: no tokenizer.json; `molt model generate` needs one to turn text into tokens",
