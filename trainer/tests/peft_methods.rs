@@ -20,9 +20,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
-use trainer::model::{LoadOptions, MambaConfig, MambaForCausalLM, causal_lm_loss};
+use trainer::model::lm_checkpoint::LmCheckpoint;
+use trainer::model::mamba2::Mamba2Mixer;
+use trainer::model::{
+    CausalLm, Family, LoadOptions, MambaConfig, MambaForCausalLM, MambaMixer, causal_lm_loss,
+};
 use trainer::peft::{
-    Adapter, AdapterSpec, InitialState, MergeOptions, PeftError, augmented_logits,
+    Adapter, AdapterSpec, InitialState, MergeOptions, MixerSites, ModelShape, PeftError, Slice,
+    augmented_logits,
 };
 
 mod common;
@@ -86,22 +91,19 @@ fn get<'a>(m: &'a HashMap<String, Tensor>, k: &str, ctx: &str) -> &'a Tensor {
 
 // ---- method.json → AdapterSpec ------------------------------------------------------------
 
-/// The slice name of rows `[start, end)` of `target` in a model with `cfg`.
-fn slice_of(cfg: &MambaConfig, target: &str, rows: &Value) -> String {
+/// The slice name of rows `[start, end)` of `target` in a model of shape `cfg` (the slices'
+/// rows as molt lays them out for the family).
+fn slice_of(cfg: &ModelShape, target: &str, rows: &Value) -> String {
     let start = rows[0].as_u64().expect("rows[0]") as usize;
     let end = rows[1].as_u64().expect("rows[1]") as usize;
-    let (e, n, r) = (cfg.intermediate_size, cfg.state_size, cfg.time_step_rank);
-    let table: Vec<(&str, &str, usize, usize)> = vec![
-        ("in_proj", "X", 0, e),
-        ("in_proj", "Z", e, 2 * e),
-        ("x_proj", "dt", 0, r),
-        ("x_proj", "B", r, r + n),
-        ("x_proj", "C", r + n, r + 2 * n),
-    ];
-    table
-        .iter()
-        .find(|(t, _, s, en)| *t == target && *s == start && *en == end)
-        .map(|(_, name, _, _)| name.to_string())
+    ["X", "Z", "dt", "B", "C"]
+        .into_iter()
+        .find(|name| {
+            let slice = Slice::parse("lora_p", name).expect("slice");
+            let (s, len) = slice.rows(cfg);
+            slice.proj(cfg).name() == target && s == start && s + len == end
+        })
+        .map(str::to_string)
         .unwrap_or_else(|| panic!("rows {start}..{end} of {target} are no known slice"))
 }
 
@@ -142,7 +144,7 @@ fn method_json(
     family: &str,
     component: &str,
     hp: &Value,
-    cfg: &MambaConfig,
+    cfg: &ModelShape,
     adapter: &HashMap<String, Tensor>,
 ) -> Value {
     let suffix = component
@@ -337,7 +339,7 @@ fn component(name: &str, hp: &Value) -> (String, Value) {
     (family.to_string(), hp)
 }
 
-fn spec_for(meta: &Value, cfg: &MambaConfig, adapter: &HashMap<String, Tensor>) -> AdapterSpec {
+fn spec_for(meta: &Value, cfg: &ModelShape, adapter: &HashMap<String, Tensor>) -> AdapterSpec {
     let family = meta["family"].as_str().expect("family");
     let hp = &meta["hyperparameters"];
     let v = if family == "hybrid" {
@@ -450,16 +452,125 @@ fn cases_of(root: &Path, index: &Value) -> Vec<Case> {
 }
 
 fn load_base(dir: &Path) -> MambaForCausalLM {
-    MambaForCausalLM::load(dir, &LoadOptions::default())
+    load_lm::<MambaMixer>(dir)
+}
+
+/// A base checkpoint of the language family `M` mixes for.
+fn load_lm<M: MixerSites>(dir: &Path) -> CausalLm<M> {
+    LmCheckpoint::<M::Config>::load(dir, &LoadOptions::default())
+        .and_then(|c| c.into_frozen())
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// The Mamba-2 method sets (`mamba2/methods/`, …): every folder, walked by index.
+fn mamba2_method_sets() -> Vec<MethodSet> {
+    let sets: Vec<MethodSet> = common::method_sets_of(Family::Mamba2)
+        .into_iter()
+        .map(|(root, index, base_dir)| MethodSet {
+            cases: cases_of(&root, &index),
+            root,
+            index,
+            base_dir,
+        })
+        .collect();
+    assert!(
+        !sets.is_empty(),
+        "no Mamba-2 method set under tests/fixtures"
+    );
+    sets
 }
 
 /// Every check of one method folder; returns a one-line summary of the measured diffs.
 fn run_case(c: &Case) -> String {
+    run_case_on::<MambaMixer>(c) + &check_initial_state(c)
+}
+/// Mamba-1's prefix prompt/affix folded into initial states (`initstate.*` in the fixture).
+fn check_initial_state(c: &Case) -> String {
     let ctx = c.name.as_str();
+    if !c.expected.contains_key("initstate_logits") {
+        return String::new();
+    }
     let base = load_base(&c.base_dir);
     let cfg = base.config().clone();
-    let spec = spec_for(&c.meta, &cfg, &c.adapter);
+    let spec = spec_for(&c.meta, &(&cfg).into(), &c.adapter);
+    let adapter = Adapter::from_tensors(&spec, &base, c.adapter.clone())
+        .unwrap_or_else(|e| panic!("{ctx}: adapter tensors: {e}"));
+    let ids = get(&c.expected, "input_ids", ctx);
+    let logits = adapter
+        .apply(&base)
+        .and_then(|m| Ok(m.forward(ids, None)?))
+        .expect("forward");
+    let mut summary = String::new();
+    let opts = MergeOptions {
+        prefix_as_initial_state: true,
+    };
+    let merged = adapter
+        .merge_with(&base, &opts)
+        .expect("merge to initial state");
+    let state = merged.initial_state.as_ref().expect("initial state");
+    let mut d_s = 0f32;
+    for (i, (conv, ssm)) in state.layers.iter().enumerate() {
+        let dc = diff(
+            conv,
+            get(
+                &c.expected,
+                &format!("initstate.layers.{i}.conv_inputs"),
+                ctx,
+            ),
+        );
+        let ds = diff(
+            ssm,
+            get(&c.expected, &format!("initstate.layers.{i}.ssm_state"), ctx),
+        );
+        assert!(
+            dc <= 1e-4 && ds <= 1e-4,
+            "{ctx}: layer {i} initial state: conv {dc}, ssm {ds}"
+        );
+        d_s = d_s.max(dc).max(ds);
+    }
+    // The base model started from the fixture's states gives its initstate_logits.
+    let theirs = InitialState {
+        layers: (0..cfg.num_hidden_layers)
+            .map(|i| {
+                (
+                    c.expected[&format!("initstate.layers.{i}.conv_inputs")].clone(),
+                    c.expected[&format!("initstate.layers.{i}.ssm_state")].clone(),
+                )
+            })
+            .collect(),
+    };
+    let mut cache = theirs
+        .to_cache(ids.dim(0).expect("b"), DType::F32)
+        .expect("cache");
+    let embeds = base
+        .embed(&ids.to_dtype(DType::U32).expect("u32"))
+        .expect("embed");
+    let h = base
+        .backbone
+        .forward_embeds(&embeds, None, Some(&mut cache), None)
+        .expect("forward");
+    let d_il = diff(
+        &base.logits(&h).expect("logits"),
+        get(&c.expected, "initstate_logits", ctx),
+    );
+    assert!(d_il <= 1e-4, "{ctx}: initstate_logits differ by {d_il}");
+    // Ours, folded: the same logits as the unmerged adapter.
+    let folded = merged.forward(ids, None).expect("folded forward");
+    let d_f = diff(&folded, &logits);
+    assert!(
+        d_f <= 1e-4,
+        "{ctx}: initial-state form vs adapter logits differ by {d_f}"
+    );
+    summary += &format!("  initstate {d_s:.2e}  initstate-logits {d_il:.2e}  folded {d_f:.2e}");
+    summary
+}
+
+fn run_case_on<M: MixerSites>(c: &Case) -> String {
+    let ctx = c.name.as_str();
+    let base = load_lm::<M>(&c.base_dir);
+    let cfg = base.config().clone();
+    let shape = M::shape_of(&cfg);
+    let spec = spec_for(&c.meta, &shape, &c.adapter);
     let adapter = Adapter::from_tensors(&spec, &base, c.adapter.clone())
         .unwrap_or_else(|e| panic!("{ctx}: adapter tensors: {e}"));
     let model = adapter.apply(&base).expect("apply");
@@ -593,7 +704,10 @@ fn run_case(c: &Case) -> String {
                 "{ctx}: merge changed `{name}`, not listed in the fixture"
             );
         }
-        let merged_logits = merged.forward(ids, None).expect("merged forward");
+        let merged_logits = merged
+            .model()
+            .and_then(|m| Ok(m.forward(ids, None)?))
+            .expect("merged forward");
         let d_ml = diff(&merged_logits, get(&c.expected, "merged_logits", ctx));
         assert!(d_ml <= 1e-4, "{ctx}: merged_logits differ by {d_ml}");
         let d_mu = diff(&merged_logits, &logits);
@@ -611,70 +725,6 @@ fn run_case(c: &Case) -> String {
         assert!(e.to_string().contains("not mergeable"), "{ctx}: {e}");
     }
 
-    // Prefix prompt/affix as initial states.
-    if c.expected.contains_key("initstate_logits") {
-        let opts = MergeOptions {
-            prefix_as_initial_state: true,
-        };
-        let merged = adapter
-            .merge_with(&base, &opts)
-            .expect("merge to initial state");
-        let state = merged.initial_state.as_ref().expect("initial state");
-        let mut d_s = 0f32;
-        for (i, (conv, ssm)) in state.layers.iter().enumerate() {
-            let dc = diff(
-                conv,
-                get(
-                    &c.expected,
-                    &format!("initstate.layers.{i}.conv_inputs"),
-                    ctx,
-                ),
-            );
-            let ds = diff(
-                ssm,
-                get(&c.expected, &format!("initstate.layers.{i}.ssm_state"), ctx),
-            );
-            assert!(
-                dc <= 1e-4 && ds <= 1e-4,
-                "{ctx}: layer {i} initial state: conv {dc}, ssm {ds}"
-            );
-            d_s = d_s.max(dc).max(ds);
-        }
-        // The base model started from the fixture's states gives its initstate_logits.
-        let theirs = InitialState {
-            layers: (0..cfg.num_hidden_layers)
-                .map(|i| {
-                    (
-                        c.expected[&format!("initstate.layers.{i}.conv_inputs")].clone(),
-                        c.expected[&format!("initstate.layers.{i}.ssm_state")].clone(),
-                    )
-                })
-                .collect(),
-        };
-        let mut cache = theirs
-            .to_cache(ids.dim(0).expect("b"), DType::F32)
-            .expect("cache");
-        let embeds = base
-            .embed(&ids.to_dtype(DType::U32).expect("u32"))
-            .expect("embed");
-        let h = base
-            .backbone
-            .forward_embeds(&embeds, None, Some(&mut cache), None)
-            .expect("forward");
-        let d_il = diff(
-            &base.logits(&h).expect("logits"),
-            get(&c.expected, "initstate_logits", ctx),
-        );
-        assert!(d_il <= 1e-4, "{ctx}: initstate_logits differ by {d_il}");
-        // Ours, folded: the same logits as the unmerged adapter.
-        let folded = merged.forward(ids, None).expect("folded forward");
-        let d_f = diff(&folded, &logits);
-        assert!(
-            d_f <= 1e-4,
-            "{ctx}: initial-state form vs adapter logits differ by {d_f}"
-        );
-        summary += &format!("  initstate {d_s:.2e}  initstate-logits {d_il:.2e}  folded {d_f:.2e}");
-    }
     summary
 }
 
@@ -685,6 +735,23 @@ fn every_method_folder_matches_the_reference() {
         lines.push(run_case(&c));
     }
     eprintln!("measured parity (max abs diffs; grads relative to max|g|):");
+    for l in &lines {
+        eprintln!("  {l}");
+    }
+}
+
+/// Every Mamba-2 method folder (`mamba2/methods/`: spec §8's forms of the methods, in_proj
+/// slices Z | X | B | C | dt, per-head A / D / dt bias, the gated norm) against its
+/// reference: logits, loss, every gradient, merged weights and merged logits.
+#[test]
+fn every_mamba2_method_folder_matches_the_reference() {
+    let mut lines = Vec::new();
+    for set in mamba2_method_sets() {
+        for c in &set.cases {
+            lines.push(run_case_on::<Mamba2Mixer>(c));
+        }
+    }
+    eprintln!("measured parity on Mamba-2 (max abs diffs; grads relative to max|g|):");
     for l in &lines {
         eprintln!("  {l}");
     }
@@ -749,7 +816,7 @@ fn zero_init_adapters_preserve_the_base_function_on(set: &MethodSet) {
     let cfg = base.config().clone();
     let mut specs: Vec<(String, Value)> = Vec::new();
     for case in c {
-        let s = spec_for(&case.meta, &cfg, &case.adapter);
+        let s = spec_for(&case.meta, &(&cfg).into(), &case.adapter);
         specs.push((case.name.clone(), s.to_value()));
     }
     for extra in [
@@ -1019,11 +1086,14 @@ fn bad_specs_say_what_is_valid() {
         e.contains("unknown target `Q`") && e.contains("X, Z, dt, B, C"),
         "{e}"
     );
-    let e = err(json!({"type": "partial", "target": "norm"}));
+    let e = err(json!({"type": "partial", "target": "gate"}));
     assert!(
-        e.contains("unknown target `norm`") && e.contains("A_log, D, conv1d.weight, dt_proj.bias"),
+        e.contains("unknown target `gate`") && e.contains("A_log, D, conv1d.weight, dt_proj.bias"),
         "{e}"
     );
+    // Mamba-2's gated-norm weight is no Mamba-1 tensor.
+    let e = err(json!({"type": "partial", "target": "norm.weight"}));
+    assert!(e.contains("norm.weight") && e.contains("mamba"), "{e}");
     let e = err(json!({"type": "prodial", "targets": "in_proj", "r_b": 5}));
     assert!(
         e.contains("r_b = 5 does not divide d_in = 64") && e.contains("1, 2, 4, 8, 16, 32, 64"),
@@ -1391,7 +1461,7 @@ fn inference_model_equals_the_adapted_model_on(set: &MethodSet) {
     let base = load_base(&set.base_dir);
     let ids = set.input_ids();
     for case in &set.cases {
-        let spec = spec_for(&case.meta, base.config(), &case.adapter);
+        let spec = spec_for(&case.meta, &base.config().into(), &case.adapter);
         let adapter = Adapter::from_tensors(&spec, &base, case.adapter.clone()).expect("adapter");
         let a = adapter
             .apply(&base)
@@ -1424,7 +1494,7 @@ fn in_place_updates_are_seen_without_reapplying_on(set: &MethodSet) {
     let mut specs: Vec<Value> = set
         .cases
         .iter()
-        .map(|case| spec_for(&case.meta, base.config(), &case.adapter).to_value())
+        .map(|case| spec_for(&case.meta, &base.config().into(), &case.adapter).to_value())
         .collect();
     specs.extend([
         json!({"type": "dora", "targets": ["in_proj", "out_proj"], "r": 4}),

@@ -115,7 +115,8 @@ impl PeftMethod for AdditionalScanConfig {
         self.weight_decay
     }
 
-    fn validate(&self, _cfg: &ModelShape) -> PeftResult<()> {
+    fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
+        cfg.require_selective("additional_scan")?;
         check_range(
             "additional_scan",
             "n_add (N')",

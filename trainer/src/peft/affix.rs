@@ -107,6 +107,7 @@ impl PeftMethod for AffixConfig {
     }
 
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
+        cfg.require_selective("affix")?;
         let bidirectional = cfg.directions.len() > 1;
         if bidirectional && self.kind != AffixKind::Prefix {
             return Err(PeftError::unsupported(

@@ -171,7 +171,11 @@ fn bitfit_sites(cfg: &ModelShape) -> Vec<(ParamSite, String)> {
     if cfg.use_conv_bias {
         slots.push(Slot::ConvBias);
     }
-    slots.push(Slot::DtBias);
+    slots.push(if cfg.ssd.is_some() {
+        Slot::HeadDtBias
+    } else {
+        Slot::DtBias
+    });
     let mut v = Vec::new();
     for i in 0..cfg.num_hidden_layers {
         for &slot in &slots {
@@ -202,17 +206,27 @@ impl PeftMethod for BitFitConfig {
             return Err(PeftError::UnknownTarget {
                 method: "bitfit".into(),
                 target: "in_proj.bias/out_proj.bias".into(),
-                valid: vec!["conv1d.bias".into(), "dt_proj.bias".into()],
+                valid: vec![
+                    "conv1d.bias".into(),
+                    if cfg.ssd.is_some() {
+                        "dt_bias"
+                    } else {
+                        "dt_proj.bias"
+                    }
+                    .into(),
+                ],
             });
         }
         Ok(())
     }
 
     fn parameters(&self, cfg: &ModelShape) -> Vec<ParamShape> {
-        let e = cfg.intermediate_size;
         bitfit_sites(cfg)
             .into_iter()
-            .map(|(_, n)| (n, vec![e]))
+            .map(|(site, n)| match site {
+                ParamSite::Mixer(_, slot, _) => (n, cfg.slot_shape(slot)),
+                _ => (n, Vec::new()),
+            })
             .collect()
     }
 
@@ -371,6 +385,7 @@ impl PeftMethod for SllLoraConfig {
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         check_scale("sll_lora", "s", self.s)?;
         // The smallest matrix bounds the shared rank.
+        cfg.require_selective("sll_lora")?;
         let (o, i) = super::sites::Proj::X.shape(cfg);
         check_rank("sll_lora", "x_proj", self.r, o, i)?;
         self.as_lora().validate(cfg)

@@ -110,6 +110,7 @@ impl PeftMethod for DoraConfig {
             });
         }
         for (k, p) in targets.iter().enumerate() {
+            cfg.require_proj("dora", *p)?;
             if targets[..k].contains(p) {
                 return Err(PeftError::Contradictory(format!(
                     "dora: target `{}` listed twice",
@@ -230,11 +231,11 @@ pub struct DoraPConfig {
     pub weight_decay: f64,
 }
 
-fn dora_p_names(slice: Slice, i: usize, dir: Dir) -> [String; 3] {
-    let (a, b) = lora_p_names(slice, i, dir, "dora_p");
+fn dora_p_names(cfg: &ModelShape, slice: Slice, i: usize, dir: Dir) -> [String; 3] {
+    let (a, b) = lora_p_names(cfg, slice, i, dir, "dora_p");
     let m = format!(
         "layers.{i}.{}.dora_p_{}.magnitude",
-        slice.proj().site_name(dir),
+        slice.proj(cfg).site_name(dir),
         slice.name()
     );
     [a, b, m]
@@ -256,10 +257,10 @@ impl PeftMethod for DoraPConfig {
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let slice = Slice::parse("dora_p", &self.slice)?;
         let (_, len) = slice.rows(cfg);
-        let (_, inp) = slice.proj().shape(cfg);
+        let (_, inp) = slice.proj(cfg).shape(cfg);
         check_rank(
             "dora_p",
-            &format!("the {} slice of {}", slice.name(), slice.proj().name()),
+            &format!("the {} slice of {}", slice.name(), slice.proj(cfg).name()),
             self.r,
             len,
             inp,
@@ -272,11 +273,11 @@ impl PeftMethod for DoraPConfig {
             return Vec::new();
         };
         let (_, len) = slice.rows(cfg);
-        let (_, inp) = slice.proj().shape(cfg);
-        cfg.proj_copies(slice.proj())
+        let (_, inp) = slice.proj(cfg).shape(cfg);
+        cfg.proj_copies(slice.proj(cfg))
             .into_iter()
             .flat_map(|(i, dir)| {
-                let [a, b, m] = dora_p_names(slice, i, dir);
+                let [a, b, m] = dora_p_names(cfg, slice, i, dir);
                 [
                     (a, vec![self.r, inp]),
                     (b, vec![len, self.r]),
@@ -291,10 +292,10 @@ impl PeftMethod for DoraPConfig {
         let shape = base.peft_shape();
         let (start, len) = slice.rows(&shape);
         let mut out = Vec::new();
-        for (i, dir) in shape.proj_copies(slice.proj()) {
-            let w = base_weight(base, i, slice.proj(), dir)?.narrow(0, start, len)?;
+        for (i, dir) in shape.proj_copies(slice.proj(&shape)) {
+            let w = base_weight(base, i, slice.proj(&shape), dir)?.narrow(0, start, len)?;
             let inp = w.dim(1)?;
-            let [a, b, m] = dora_p_names(slice, i, dir);
+            let [a, b, m] = dora_p_names(&shape, slice, i, dir);
             out.push((a.clone(), rng.kaiming_uniform(&a, &[self.r, inp], inp)?));
             let bt = if self.zero_init {
                 rng.zeros(&[len, self.r])?
@@ -312,11 +313,11 @@ impl PeftMethod for DoraPConfig {
         let slice = Slice::parse("dora_p", &self.slice)?;
         let cfg = sites.config().clone();
         let (start, len) = slice.rows(&cfg);
-        for (i, dir) in cfg.proj_copies(slice.proj()) {
-            let [a, b, m] = dora_p_names(slice, i, dir);
+        for (i, dir) in cfg.proj_copies(slice.proj(&cfg)) {
+            let [a, b, m] = dora_p_names(&cfg, slice, i, dir);
             sites.add_linear(
                 i,
-                slice.proj(),
+                slice.proj(&cfg),
                 dir,
                 Arc::new(DoraColumns {
                     a: params.get(&a)?,

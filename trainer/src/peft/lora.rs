@@ -272,6 +272,9 @@ impl PeftMethod for LoraConfig {
             if *t == LoraTarget::Embedding {
                 cfg.vocab("lora on the embedding")?;
             }
+            if let LoraTarget::Proj(p) = t {
+                cfg.require_proj("lora", *p)?;
+            }
             if *t == LoraTarget::PatchEmbed && cfg.vision.is_none() {
                 return Err(PeftError::unsupported(
                     "lora on patch_embed",
@@ -509,7 +512,8 @@ impl EmbeddingPart for EmbeddingLora {
     }
 }
 
-/// A row slice of in_proj (X, Z) or x_proj (dt, B, C).
+/// A row slice of in_proj (X, Z) or x_proj (dt, B, C); on Mamba-2 every slice is a row
+/// block of in_proj (`z | x | B | C | dt`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Slice {
     X,
@@ -549,9 +553,11 @@ impl Slice {
         }
     }
 
-    pub fn proj(self) -> Proj {
+    /// The projection holding the slice in a model of shape `cfg`.
+    pub fn proj(self, cfg: &ModelShape) -> Proj {
         match self {
             Slice::X | Slice::Z => Proj::In,
+            _ if cfg.ssd.is_some() => Proj::In,
             _ => Proj::X,
         }
     }
@@ -559,6 +565,16 @@ impl Slice {
     /// (start, len) of the slice's rows.
     pub fn rows(self, cfg: &ModelShape) -> (usize, usize) {
         let (_, e, n, r) = dims(cfg);
+        if let Some(ssd) = cfg.ssd {
+            let gn = ssd.groups * n;
+            return match self {
+                Slice::Z => (0, e),
+                Slice::X => (e, e),
+                Slice::B => (2 * e, gn),
+                Slice::C => (2 * e + gn, gn),
+                Slice::Dt => (2 * e + 2 * gn, ssd.heads),
+            };
+        }
         match self {
             Slice::X => (0, e),
             Slice::Z => (e, e),
@@ -568,7 +584,8 @@ impl Slice {
         }
     }
 
-    /// Activation path with dropout on in_proj's slices, weight path on x_proj's (§4.3).
+    /// Activation path with dropout on in_proj's X and Z slices, weight path on the others
+    /// (§4.3).
     fn default_dropout(self) -> f64 {
         match self {
             Slice::X | Slice::Z => 0.1,
@@ -618,10 +635,16 @@ impl LoraPConfig {
     }
 }
 
-pub(crate) fn lora_p_names(slice: Slice, i: usize, dir: Dir, kind: &str) -> (String, String) {
+pub(crate) fn lora_p_names(
+    cfg: &ModelShape,
+    slice: Slice,
+    i: usize,
+    dir: Dir,
+    kind: &str,
+) -> (String, String) {
     let p = format!(
         "layers.{i}.{}.{kind}_{}",
-        slice.proj().site_name(dir),
+        slice.proj(cfg).site_name(dir),
         slice.name()
     );
     (format!("{p}.lora_A"), format!("{p}.lora_B"))
@@ -643,10 +666,10 @@ impl PeftMethod for LoraPConfig {
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let slice = Slice::parse("lora_p", &self.slice)?;
         let (_, len) = slice.rows(cfg);
-        let (_, inp) = slice.proj().shape(cfg);
+        let (_, inp) = slice.proj(cfg).shape(cfg);
         check_rank(
             "lora_p",
-            &format!("the {} slice of {}", slice.name(), slice.proj().name()),
+            &format!("the {} slice of {}", slice.name(), slice.proj(cfg).name()),
             self.r,
             len,
             inp,
@@ -660,11 +683,11 @@ impl PeftMethod for LoraPConfig {
             return Vec::new();
         };
         let (_, len) = slice.rows(cfg);
-        let (_, inp) = slice.proj().shape(cfg);
-        cfg.proj_copies(slice.proj())
+        let (_, inp) = slice.proj(cfg).shape(cfg);
+        cfg.proj_copies(slice.proj(cfg))
             .into_iter()
             .flat_map(|(i, dir)| {
-                let (a, b) = lora_p_names(slice, i, dir, "lora_p");
+                let (a, b) = lora_p_names(cfg, slice, i, dir, "lora_p");
                 [(a, vec![self.r, inp]), (b, vec![len, self.r])]
             })
             .collect()
@@ -689,12 +712,12 @@ impl PeftMethod for LoraPConfig {
         let slice = Slice::parse("lora_p", &self.slice)?;
         let cfg = sites.config().clone();
         let (start, len) = slice.rows(&cfg);
-        let (total, _) = slice.proj().shape(&cfg);
-        for (i, dir) in cfg.proj_copies(slice.proj()) {
-            let (a, b) = lora_p_names(slice, i, dir, "lora_p");
+        let (total, _) = slice.proj(&cfg).shape(&cfg);
+        for (i, dir) in cfg.proj_copies(slice.proj(&cfg)) {
+            let (a, b) = lora_p_names(&cfg, slice, i, dir, "lora_p");
             sites.add_linear(
                 i,
-                slice.proj(),
+                slice.proj(&cfg),
                 dir,
                 Arc::new(LowRank {
                     a: params.get(&a)?,

@@ -20,9 +20,10 @@ use super::error::{PeftError, PeftResult};
 use super::prompt::PromptKind;
 use super::sites::Sites;
 use super::spec::{AdapterSpec, head_shapes};
-use super::target::PeftModel;
+use super::target::{MixerSites, PeftModel, mixer_sites};
 use super::{MergePlan, MethodConfig};
-use crate::model::{Checkpoint, LayerCache, MambaCache, MambaForCausalLM, MambaMixer, ModelInput};
+use crate::model::lm_checkpoint::LmCheckpoint;
+use crate::model::{CausalLm, LayerCache, MambaCache, MambaForCausalLM, MambaMixer, ModelInput};
 
 /// How to merge.
 #[derive(Clone, Debug, Default)]
@@ -203,11 +204,12 @@ pub(crate) fn merge<M: PeftModel>(adapter: &Adapter, base: &M) -> PeftResult<Mer
     })
 }
 
-/// Reads the merged value of every seam of `adapted` (built on `base`).
-pub(crate) fn merged_weights(
-    adapted: &MambaForCausalLM,
-    base: &MambaForCausalLM,
-) -> PeftResult<MambaForCausalLM> {
+/// Reads the merged value of every seam of `adapted` (built on `base`), for any language
+/// family.
+pub(crate) fn merged_weights<M: MixerSites>(
+    adapted: &CausalLm<M>,
+    base: &CausalLm<M>,
+) -> PeftResult<CausalLm<M>> {
     let not_mergeable = |what: &str| PeftError::NotMergeable {
         method: what.to_string(),
         reason: "a part attached there has no merged form".into(),
@@ -227,12 +229,11 @@ pub(crate) fn merged_weights(
         (None, Some(_)) => Some(base.backbone.embeddings.weight().detach()),
         (None, None) => None,
     };
-    let mut state_size = None;
     for (i, block) in adapted.backbone.layers.iter().enumerate() {
         let p = format!("backbone.layers.{i}");
-        let m = &block.mixer;
         t.insert(format!("{p}.norm.weight"), block.norm.weight().detach());
-        let mut proj = |name: &str, pr: &crate::model::Projection| -> PeftResult<()> {
+        let sites = mixer_sites(&block.mixer);
+        for (name, pr) in sites.projections {
             let w = match pr.adapter() {
                 Some(a) => a
                     .merged_weight(pr.base())?
@@ -243,46 +244,20 @@ pub(crate) fn merged_weights(
             if let Some(b) = pr.base().bias() {
                 t.insert(format!("{p}.mixer.{name}.bias"), b.detach());
             }
-            Ok(())
-        };
-        proj("in_proj", &m.in_proj)?;
-        proj("x_proj", &m.branch.x_proj)?;
-        proj("dt_proj", &m.branch.dt_proj)?;
-        proj("out_proj", &m.out_proj)?;
-        let a_log = m.branch.a_log.value()?.detach();
-        let n = a_log.dim(1)?;
-        if *state_size.get_or_insert(n) != n {
-            return Err(PeftError::Contradictory(
-                "layers end up with different state sizes; a merged checkpoint needs one".into(),
-            ));
         }
-        t.insert(format!("{p}.mixer.A_log"), a_log);
-        t.insert(format!("{p}.mixer.D"), m.branch.d.value()?.detach());
-        t.insert(
-            format!("{p}.mixer.conv1d.weight"),
-            m.branch.conv_weight.value()?.detach(),
-        );
-        if let Some(b) = &m.branch.conv_bias {
-            t.insert(format!("{p}.mixer.conv1d.bias"), b.value()?.detach());
+        for (name, param) in sites.params {
+            t.insert(format!("{p}.mixer.{name}"), param.value()?.detach());
         }
-        t.insert(
-            format!("{p}.mixer.dt_proj.bias"),
-            m.branch.dt_bias.value()?.detach(),
-        );
     }
     t.insert(
         "backbone.norm_f.weight".into(),
         adapted.backbone.norm_f.weight().detach(),
     );
-    let mut cfg = base.config().clone();
-    if let Some(n) = state_size {
-        cfg.state_size = n;
-    }
+    let cfg = M::merged_config(base.config(), &t, head.is_some())?;
     if let Some(h) = head {
         t.insert("lm_head.weight".into(), h);
-        cfg.tie_word_embeddings = false;
     }
-    Ok(Checkpoint::from_tensors("merged adapter", cfg, t)?.into_frozen()?)
+    Ok(LmCheckpoint::from_tensors("merged adapter", cfg, t)?.into_frozen()?)
 }
 
 /// Replaces a residual prefix prompt/affix by the states it leaves in each layer.

@@ -72,7 +72,7 @@ pub use prodial::{ProdialConfig, ProdialTarget};
 pub use prompt::{PromptConfig, PromptKind, augmented_logits};
 pub use sites::{Dir, ParamSite, Proj, Sites, Slot, Stage};
 pub use spec::AdapterSpec;
-pub use target::{Extras, ModelShape, PeftBase, PeftModel, VisionShape};
+pub use target::{Extras, MixerSites, ModelShape, PeftBase, PeftModel, SsdShape, VisionShape};
 
 /// A set of trainable tensors that share an optimizer setting.
 #[derive(Clone, Debug)]

@@ -24,6 +24,8 @@ pub enum PartialTarget {
     D,
     Conv1d,
     DtBias,
+    /// Mamba-2: the gated RMSNorm's weight.
+    Norm,
     /// Vision: the class token.
     ClsToken,
     /// Vision: the position embedding.
@@ -35,6 +37,8 @@ pub(crate) const PARTIAL_TARGETS: &[&str] = &[
     "D",
     "conv1d.weight",
     "dt_proj.bias",
+    "dt_bias",
+    "norm.weight",
     "cls_token",
     "pos_embed",
 ];
@@ -46,6 +50,7 @@ impl PartialTarget {
             "D" => PartialTarget::D,
             "conv1d" | "conv1d.weight" => PartialTarget::Conv1d,
             "dt_bias" | "dt_proj.bias" | "bias" => PartialTarget::DtBias,
+            "norm" | "norm.weight" => PartialTarget::Norm,
             "cls_token" => PartialTarget::ClsToken,
             "pos_embed" => PartialTarget::PosEmbed,
             _ => {
@@ -58,31 +63,36 @@ impl PartialTarget {
         })
     }
 
-    /// The mixer slot, `None` for the vision tensors.
-    pub fn slot(self) -> Option<Slot> {
+    /// The mixer slot in a model of shape `cfg` (the dt bias is per channel on Mamba-1,
+    /// per head on Mamba-2), `None` for the vision tensors and for a slot the family lacks.
+    pub fn slot(self, cfg: &ModelShape) -> Option<Slot> {
+        let ssd = cfg.ssd.is_some();
         match self {
             PartialTarget::ALog => Some(Slot::ALog),
             PartialTarget::D => Some(Slot::D),
             PartialTarget::Conv1d => Some(Slot::ConvWeight),
+            PartialTarget::DtBias if ssd => Some(Slot::HeadDtBias),
             PartialTarget::DtBias => Some(Slot::DtBias),
-            PartialTarget::ClsToken | PartialTarget::PosEmbed => None,
+            PartialTarget::Norm if ssd => Some(Slot::Norm),
+            PartialTarget::Norm | PartialTarget::ClsToken | PartialTarget::PosEmbed => None,
         }
     }
 
     /// Every site this target adapts in a model of shape `cfg`, with the delta's shape.
     fn sites(self, cfg: &ModelShape) -> Vec<(ParamSite, Vec<usize>)> {
-        let (e, d) = (cfg.intermediate_size, cfg.hidden_size);
-        let shape = match self {
-            PartialTarget::ALog => vec![e, cfg.state_size],
-            PartialTarget::D | PartialTarget::DtBias => vec![e],
-            PartialTarget::Conv1d => vec![e, 1, cfg.conv_kernel],
+        let d = cfg.hidden_size;
+        match self {
             PartialTarget::ClsToken => return vec![(ParamSite::ClsToken, vec![1, 1, d])],
             PartialTarget::PosEmbed => {
                 let tokens = cfg.vision.map(|v| v.tokens).unwrap_or(0);
                 return vec![(ParamSite::PosEmbed, vec![1, tokens, d])];
             }
+            _ => {}
+        }
+        let Some(slot) = self.slot(cfg) else {
+            return Vec::new();
         };
-        let slot = self.slot().unwrap_or(Slot::ALog);
+        let shape = cfg.slot_shape(slot);
         (0..cfg.num_hidden_layers)
             .flat_map(|i| {
                 cfg.directions
@@ -148,11 +158,19 @@ impl PeftMethod for PartialConfig {
 
     fn validate(&self, cfg: &ModelShape) -> PeftResult<()> {
         let t = PartialTarget::parse(&self.target)?;
-        if t.slot().is_none() && cfg.vision.is_none() {
+        let vision = matches!(t, PartialTarget::ClsToken | PartialTarget::PosEmbed);
+        if vision && cfg.vision.is_none() {
             return Err(PeftError::unsupported(
                 format!("partial tuning of `{}`", self.target),
                 cfg.family,
                 "it has no class token or position embedding",
+            ));
+        }
+        if !vision && t.slot(cfg).is_none() {
+            return Err(PeftError::unsupported(
+                format!("partial tuning of `{}`", self.target),
+                cfg.family,
+                "its mixer has no such tensor (norm.weight is Mamba-2's gated norm)",
             ));
         }
         Ok(())

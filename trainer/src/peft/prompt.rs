@@ -24,8 +24,8 @@ use super::init::InitRng;
 use super::spec::check_range;
 use super::target::{ModelShape, PeftBase};
 use super::{MergePlan, MethodConfig, ParamShape, Params, PeftMethod, Sites};
+use crate::model::InputHook;
 use crate::model::layers::linear_forward;
-use crate::model::{InputHook, MambaForCausalLM};
 
 /// Where the soft tokens go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -367,8 +367,8 @@ impl InputHook for PromptHook {
 
 /// The logits of the whole augmented sequence `[b, L+n, V]` and the positions of the real
 /// tokens in it, for a model with a prompt (or the plain logits and `0..L` without one).
-pub fn augmented_logits(
-    model: &MambaForCausalLM,
+pub fn augmented_logits<M: crate::model::Mixer>(
+    model: &crate::model::CausalLm<M>,
     input_ids: &Tensor,
 ) -> PeftResult<(Tensor, Vec<u32>)> {
     let input = crate::model::ModelInput::new(input_ids, None, model.vocab_size())?;

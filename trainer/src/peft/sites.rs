@@ -64,7 +64,7 @@ impl Proj {
     pub fn shape(self, cfg: &ModelShape) -> (usize, usize) {
         let (d, e, n, r) = dims(cfg);
         match self {
-            Proj::In => (2 * e, d),
+            Proj::In => (cfg.in_proj_rows(), d),
             Proj::X => (r + 2 * n, e),
             Proj::Dt => (e, r),
             Proj::Out => (d, e),
@@ -79,7 +79,12 @@ pub enum Slot {
     D,
     ConvWeight,
     ConvBias,
+    /// Mamba-1's per-channel dt bias (`dt_proj.bias`).
     DtBias,
+    /// Mamba-2's per-head dt bias (`dt_bias`).
+    HeadDtBias,
+    /// Mamba-2's gated RMSNorm weight (`norm.weight`).
+    Norm,
 }
 
 impl Slot {
@@ -91,6 +96,8 @@ impl Slot {
             Slot::ConvWeight => "conv1d.weight",
             Slot::ConvBias => "conv1d.bias",
             Slot::DtBias => "dt_proj.bias",
+            Slot::HeadDtBias => "dt_bias",
+            Slot::Norm => "norm.weight",
         }
     }
 
@@ -104,6 +111,9 @@ impl Slot {
             (Dir::Bwd, Slot::ConvWeight) => "conv1d_b.weight".into(),
             (Dir::Bwd, Slot::ConvBias) => "conv1d_b.bias".into(),
             (Dir::Bwd, Slot::DtBias) => "dt_proj_b.bias".into(),
+            // Mamba-2 has one direction; these names only appear in messages.
+            (Dir::Bwd, Slot::HeadDtBias) => "dt_bias_b".into(),
+            (Dir::Bwd, Slot::Norm) => "norm_b.weight".into(),
         }
     }
 }

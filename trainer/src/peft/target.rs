@@ -17,9 +17,11 @@ use candle_core::{DType, Device, Tensor};
 use super::error::{PeftError, PeftResult};
 use super::sites::{Dir, EmbeddingPart, LinearSite, ParamSite, Proj, SiteEmbedding, Slot};
 use crate::model::layers::{Param, Projection};
+use crate::model::lm_checkpoint::LmConfig;
+use crate::model::mamba2::{Mamba2Config, Mamba2Mixer};
 use crate::model::selective::SelectiveBranch;
 use crate::model::vim::{VimConfig, VimForImageClassification};
-use crate::model::{Family, InputHook, MambaConfig, MambaForCausalLM, MixerHook};
+use crate::model::{CausalLm, Family, InputHook, MambaConfig, MambaMixer, Mixer, MixerHook};
 
 /// The sizes a method needs, whatever the family. Field names are Mamba-1's.
 #[derive(Clone, Debug, PartialEq)]
@@ -47,9 +49,20 @@ pub struct ModelShape {
     pub vocab_size: Option<usize>,
     /// Image classification: the vision sites (class token, position embedding, head).
     pub vision: Option<VisionShape>,
+    /// Mamba-2's SSD mixer sizes; `None` for the Mamba-1 selective mixer (Mamba-1, Vim).
+    pub ssd: Option<SsdShape>,
     /// The structural fields in a readable form: part of the base identity and of the
     /// "adapter is for another base model" message.
     pub description: String,
+}
+
+/// Mamba-2's mixer sizes beyond E, N and K: in_proj rows are `z [E] | x [E] | B [GN] |
+/// C [GN] | dt [H]`; A, D and the dt bias are per head; the gated norm has G groups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SsdShape {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub groups: usize,
 }
 
 /// The vision-only sizes.
@@ -65,12 +78,75 @@ pub struct VisionShape {
 
 impl ModelShape {
     /// The copies of `proj` in one layer: shared projectors once, branch projections once
-    /// per direction.
+    /// per direction (none on Mamba-2, which has no x_proj or dt_proj).
     pub fn proj_dirs(&self, proj: Proj) -> &[Dir] {
         match proj {
             Proj::In | Proj::Out => &[Dir::Fwd],
+            Proj::X | Proj::Dt if self.ssd.is_some() => &[],
             Proj::X | Proj::Dt => &self.directions,
         }
+    }
+
+    /// Rows of in_proj: `2E` (x | z), or Mamba-2's `2E + 2GN + H` (z | x | B | C | dt).
+    pub fn in_proj_rows(&self) -> usize {
+        let e = self.intermediate_size;
+        match self.ssd {
+            Some(s) => 2 * e + 2 * s.groups * self.state_size + s.heads,
+            None => 2 * e,
+        }
+    }
+
+    /// Channels of conv1d: E, or Mamba-2's `E + 2GN` (x, B and C).
+    pub fn conv_channels(&self) -> usize {
+        let e = self.intermediate_size;
+        match self.ssd {
+            Some(s) => e + 2 * s.groups * self.state_size,
+            None => e,
+        }
+    }
+
+    /// The shape of a mixer parameter: Mamba-2's A, D and dt bias are per head, its conv
+    /// covers x, B and C.
+    pub fn slot_shape(&self, slot: Slot) -> Vec<usize> {
+        let (e, n, k) = (self.intermediate_size, self.state_size, self.conv_kernel);
+        let heads = self.ssd.map(|s| s.heads);
+        match slot {
+            Slot::ALog => heads.map_or(vec![e, n], |h| vec![h]),
+            Slot::D => vec![heads.unwrap_or(e)],
+            Slot::ConvWeight => vec![self.conv_channels(), 1, k],
+            Slot::ConvBias => vec![self.conv_channels()],
+            Slot::DtBias | Slot::Norm => vec![e],
+            Slot::HeadDtBias => vec![heads.unwrap_or(e)],
+        }
+    }
+
+    /// Refuses `method` on a projection this family does not have (x_proj / dt_proj on
+    /// Mamba-2), listing what the family has.
+    pub fn require_proj(&self, method: &str, proj: Proj) -> PeftResult<()> {
+        if self.proj_dirs(proj).is_empty() {
+            return Err(PeftError::unsupported(
+                format!("{method} on {}", proj.name()),
+                self.family,
+                "it has no such projection (B, C and dt come from in_proj rows: use lora_p \
+                 with slice B, C or dt; in_proj and out_proj take LoRA, DoRA and ProDiaL)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a method that only exists for the Mamba-1 selective mixer.
+    pub fn require_selective(&self, method: &str) -> PeftResult<()> {
+        if self.ssd.is_some() {
+            return Err(PeftError::unsupported(
+                method,
+                self.family,
+                "it exists for the Mamba-1 selective scan only (Mamba-2 supports lora, \
+                 lora_p (X, Z, B, C, dt), dora_p, prodial, partial (A_log, D, conv1d.weight, \
+                 conv1d.bias, dt_bias, norm.weight), parallel_adapter, prompt, bitfit, \
+                 linear_probe, full)",
+            ));
+        }
+        Ok(())
     }
 
     /// Every copy of `proj` in the model: `(layer, direction)`, layer by layer.
@@ -110,6 +186,7 @@ impl From<&MambaConfig> for ModelShape {
             directions: vec![Dir::Fwd],
             vocab_size: Some(cfg.vocab_size),
             vision: None,
+            ssd: None,
             description: super::identity::describe(cfg),
         }
     }
@@ -130,6 +207,7 @@ impl From<&VimConfig> for ModelShape {
             weights: vim_weight_shapes(cfg),
             directions: vec![Dir::Fwd, Dir::Bwd],
             vocab_size: None,
+            ssd: None,
             vision: Some(VisionShape {
                 tokens: cfg.seq_len(),
                 num_classes: cfg.num_classes,
@@ -154,6 +232,52 @@ impl From<&VimConfig> for ModelShape {
                 cfg.num_classes,
                 cfg.cls_position,
                 cfg.divide_out
+            ),
+        }
+    }
+}
+
+impl From<&Mamba2Config> for ModelShape {
+    fn from(cfg: &Mamba2Config) -> Self {
+        ModelShape {
+            family: Family::Mamba2,
+            hidden_size: cfg.hidden_size,
+            intermediate_size: cfg.intermediate_size(),
+            state_size: cfg.state_size,
+            time_step_rank: 0,
+            conv_kernel: cfg.conv_kernel,
+            num_hidden_layers: cfg.num_hidden_layers,
+            use_conv_bias: cfg.use_conv_bias,
+            use_bias: cfg.use_bias,
+            weights: cfg
+                .expected_tensors()
+                .into_iter()
+                .map(|e| (e.name, e.shape))
+                .collect(),
+            directions: vec![Dir::Fwd],
+            vocab_size: Some(cfg.vocab_size),
+            vision: None,
+            ssd: Some(SsdShape {
+                heads: cfg.num_heads,
+                head_dim: cfg.head_dim,
+                groups: cfg.n_groups,
+            }),
+            description: format!(
+                "mamba2 hidden_size={} num_hidden_layers={} vocab_size={} num_heads={} \
+                 head_dim={} state_size={} n_groups={} conv_kernel={} time_step_limit={:?} \
+                 use_bias={} use_conv_bias={} tied={}",
+                cfg.hidden_size,
+                cfg.num_hidden_layers,
+                cfg.vocab_size,
+                cfg.num_heads,
+                cfg.head_dim,
+                cfg.state_size,
+                cfg.n_groups,
+                cfg.conv_kernel,
+                cfg.time_step_limit,
+                cfg.use_bias,
+                cfg.use_conv_bias,
+                cfg.tie_word_embeddings,
             ),
         }
     }
@@ -279,36 +403,64 @@ pub struct Extras {
     pub head: Option<(Tensor, Tensor)>,
 }
 
-// ---- Mamba-1 -------------------------------------------------------------------------------
+// ---- Language models (Mamba-1, Mamba-2) ----------------------------------------------------
 
-impl PeftBase for MambaForCausalLM {
+/// What a language family's mixer tells PEFT: its sites, by projection and slot. The rest of
+/// a language model (token embedding, prompt hooks, LM head) is the shared shell's, so
+/// [`PeftBase`] and [`PeftModel`] are written once for every [`CausalLm`].
+pub trait MixerSites: Mixer {
+    /// The shape PEFT reads from a config of this family.
+    fn shape_of(cfg: &Self::Config) -> ModelShape;
+    fn projection(&self, proj: Proj) -> Option<&Projection>;
+    fn projection_mut(&mut self, proj: Proj) -> Option<&mut Projection>;
+    fn param(&self, slot: Slot) -> Option<&Param>;
+    fn param_mut(&mut self, slot: Slot) -> Option<&mut Param>;
+    /// Installs a sequence hook (affix tokens); families without one refuse.
+    fn set_hook(&mut self, hook: Arc<dyn MixerHook>) -> PeftResult<()>;
+    fn has_hook(&self) -> bool;
+    /// The config of a model built from merged `tensors` (checkpoint names): Mamba-1 takes
+    /// an expanded state size from `A_log`; `untie` records an untied head.
+    fn merged_config(
+        cfg: &Self::Config,
+        tensors: &HashMap<String, Tensor>,
+        untie: bool,
+    ) -> PeftResult<Self::Config>;
+}
+
+/// The slots every language mixer may have, in checkpoint order.
+const SLOTS: [Slot; 7] = [
+    Slot::ALog,
+    Slot::D,
+    Slot::ConvWeight,
+    Slot::ConvBias,
+    Slot::DtBias,
+    Slot::HeadDtBias,
+    Slot::Norm,
+];
+
+const PROJS: [Proj; 4] = [Proj::In, Proj::X, Proj::Dt, Proj::Out];
+
+impl<M: MixerSites> PeftBase for CausalLm<M> {
     fn peft_shape(&self) -> ModelShape {
-        self.config().into()
+        M::shape_of(self.config())
     }
 
     fn projection(&self, site: LinearSite) -> Option<&Projection> {
-        let LinearSite::Mixer(layer, proj, dir) = site else {
+        let LinearSite::Mixer(layer, proj, Dir::Fwd) = site else {
             return None;
         };
-        let m = &self.backbone.layers.get(layer)?.mixer;
-        match (proj, dir) {
-            (Proj::In, Dir::Fwd) => Some(&m.in_proj),
-            (Proj::X, Dir::Fwd) => Some(&m.branch.x_proj),
-            (Proj::Dt, Dir::Fwd) => Some(&m.branch.dt_proj),
-            (Proj::Out, Dir::Fwd) => Some(&m.out_proj),
-            (_, Dir::Bwd) => None,
-        }
+        self.backbone.layers.get(layer)?.mixer.projection(proj)
     }
 
     fn param(&self, site: ParamSite) -> Option<&Param> {
         let ParamSite::Mixer(layer, slot, Dir::Fwd) = site else {
             return None;
         };
-        branch_param(&self.backbone.layers.get(layer)?.mixer.branch, slot)
+        self.backbone.layers.get(layer)?.mixer.param(slot)
     }
 
     fn named_weights(&self) -> Vec<(String, Tensor)> {
-        MambaForCausalLM::named_weights(self)
+        CausalLm::named_weights(self)
     }
 
     fn token_embedding(&self) -> Option<&Tensor> {
@@ -316,41 +468,39 @@ impl PeftBase for MambaForCausalLM {
     }
 
     fn device(&self) -> &Device {
-        MambaForCausalLM::device(self)
+        CausalLm::device(self)
     }
 
     fn dtype(&self) -> DType {
-        MambaForCausalLM::dtype(self)
+        CausalLm::dtype(self)
     }
 }
 
-impl PeftModel for MambaForCausalLM {
+impl<M: MixerSites> PeftModel for CausalLm<M> {
     fn projection_mut(&mut self, site: LinearSite) -> Option<&mut Projection> {
-        let LinearSite::Mixer(layer, proj, dir) = site else {
+        let LinearSite::Mixer(layer, proj, Dir::Fwd) = site else {
             return None;
         };
-        let m = &mut self.backbone.layers.get_mut(layer)?.mixer;
-        match (proj, dir) {
-            (Proj::In, Dir::Fwd) => Some(&mut m.in_proj),
-            (Proj::X, Dir::Fwd) => Some(&mut m.branch.x_proj),
-            (Proj::Dt, Dir::Fwd) => Some(&mut m.branch.dt_proj),
-            (Proj::Out, Dir::Fwd) => Some(&mut m.out_proj),
-            (_, Dir::Bwd) => None,
-        }
+        self.backbone
+            .layers
+            .get_mut(layer)?
+            .mixer
+            .projection_mut(proj)
     }
 
     fn param_mut(&mut self, site: ParamSite) -> Option<&mut Param> {
         let ParamSite::Mixer(layer, slot, Dir::Fwd) = site else {
             return None;
         };
-        branch_param_mut(&mut self.backbone.layers.get_mut(layer)?.mixer.branch, slot)
+        self.backbone.layers.get_mut(layer)?.mixer.param_mut(slot)
     }
 
     fn install(&mut self, extras: Extras) -> PeftResult<()> {
+        let family = self.peft_shape().family;
         if extras.head.is_some() {
             return Err(PeftError::unsupported(
                 "a classification head",
-                Family::Mamba,
+                family,
                 "a language model predicts tokens (use linear_probe for its LM head)",
             ));
         }
@@ -364,7 +514,7 @@ impl PeftModel for MambaForCausalLM {
         let n = self.backbone.layers.len();
         for (i, hook) in extras.mixer_hooks {
             let layer = self.backbone.layers.get_mut(i);
-            layer.ok_or_else(|| no_layer(i, n))?.mixer.hook = Some(hook);
+            layer.ok_or_else(|| no_layer(i, n))?.mixer.set_hook(hook)?;
         }
         if let Some(h) = extras.input_hook {
             self.input_hook = Some(h);
@@ -377,7 +527,7 @@ impl PeftModel for MambaForCausalLM {
 
     fn with_weights(&self, tensors: HashMap<String, Tensor>) -> PeftResult<Self> {
         let vb = candle_nn::VarBuilder::from_tensors(tensors, self.dtype(), self.device());
-        Ok(MambaForCausalLM::new(self.config(), vb)?)
+        Ok(CausalLm::new(self.config(), vb)?)
     }
 
     fn merged_weights(&self, base: &Self) -> PeftResult<Self> {
@@ -388,17 +538,179 @@ impl PeftModel for MambaForCausalLM {
         self.input_hook.is_some()
             || self.backbone.embeddings.adapter().is_some()
             || self.backbone.layers.iter().any(|b| {
-                let x = &b.mixer;
-                x.hook.is_some()
-                    || [&x.in_proj, &x.branch.x_proj, &x.branch.dt_proj, &x.out_proj]
+                let m = &b.mixer;
+                m.has_hook()
+                    || PROJS
                         .iter()
+                        .filter_map(|p| m.projection(*p))
                         .any(|p| p.adapter().is_some())
-                    || branch_params(&x.branch).any(|p| p.adapter().is_some())
+                    || SLOTS
+                        .iter()
+                        .filter_map(|s| m.param(*s))
+                        .any(|p| p.adapter().is_some())
             })
     }
 }
 
-// ---- Vim -----------------------------------------------------------------------------------
+/// A language mixer's sites under their checkpoint names (below
+/// `backbone.layers.{i}.mixer.`), for merging.
+pub(crate) struct NamedSites<'a> {
+    pub projections: Vec<(&'static str, &'a Projection)>,
+    pub params: Vec<(&'static str, &'a Param)>,
+}
+
+/// Every projection and parameter `m` has.
+pub(crate) fn mixer_sites<M: MixerSites>(m: &M) -> NamedSites<'_> {
+    NamedSites {
+        projections: PROJS
+            .iter()
+            .filter_map(|p| Some((p.name(), m.projection(*p)?)))
+            .collect(),
+        params: SLOTS
+            .iter()
+            .filter_map(|s| Some((s.name(), m.param(*s)?)))
+            .collect(),
+    }
+}
+
+impl MixerSites for MambaMixer {
+    fn shape_of(cfg: &MambaConfig) -> ModelShape {
+        cfg.into()
+    }
+
+    fn projection(&self, proj: Proj) -> Option<&Projection> {
+        Some(match proj {
+            Proj::In => &self.in_proj,
+            Proj::X => &self.branch.x_proj,
+            Proj::Dt => &self.branch.dt_proj,
+            Proj::Out => &self.out_proj,
+        })
+    }
+
+    fn projection_mut(&mut self, proj: Proj) -> Option<&mut Projection> {
+        Some(match proj {
+            Proj::In => &mut self.in_proj,
+            Proj::X => &mut self.branch.x_proj,
+            Proj::Dt => &mut self.branch.dt_proj,
+            Proj::Out => &mut self.out_proj,
+        })
+    }
+
+    fn param(&self, slot: Slot) -> Option<&Param> {
+        branch_param(&self.branch, slot)
+    }
+
+    fn param_mut(&mut self, slot: Slot) -> Option<&mut Param> {
+        branch_param_mut(&mut self.branch, slot)
+    }
+
+    fn set_hook(&mut self, hook: Arc<dyn MixerHook>) -> PeftResult<()> {
+        self.hook = Some(hook);
+        Ok(())
+    }
+
+    fn has_hook(&self) -> bool {
+        self.hook.is_some()
+    }
+
+    fn merged_config(
+        cfg: &MambaConfig,
+        tensors: &HashMap<String, Tensor>,
+        untie: bool,
+    ) -> PeftResult<MambaConfig> {
+        let mut cfg = cfg.clone();
+        // Additional-scan merges into an expanded state: every layer must agree on it.
+        let widths: std::collections::BTreeSet<usize> = tensors
+            .iter()
+            .filter(|(n, _)| n.ends_with(".mixer.A_log"))
+            .map(|(_, a)| a.dim(1))
+            .collect::<candle_core::Result<_>>()?;
+        match widths.len() {
+            0 => {}
+            1 => cfg.state_size = widths.into_iter().next().unwrap_or(cfg.state_size),
+            _ => {
+                return Err(PeftError::Contradictory(
+                    "layers end up with different state sizes; a merged checkpoint needs one"
+                        .into(),
+                ));
+            }
+        }
+        if untie {
+            cfg.tie_word_embeddings = false;
+        }
+        Ok(cfg)
+    }
+}
+
+impl MixerSites for Mamba2Mixer {
+    fn shape_of(cfg: &Mamba2Config) -> ModelShape {
+        cfg.into()
+    }
+
+    fn projection(&self, proj: Proj) -> Option<&Projection> {
+        match proj {
+            Proj::In => Some(&self.in_proj),
+            Proj::Out => Some(&self.out_proj),
+            Proj::X | Proj::Dt => None,
+        }
+    }
+
+    fn projection_mut(&mut self, proj: Proj) -> Option<&mut Projection> {
+        match proj {
+            Proj::In => Some(&mut self.in_proj),
+            Proj::Out => Some(&mut self.out_proj),
+            Proj::X | Proj::Dt => None,
+        }
+    }
+
+    fn param(&self, slot: Slot) -> Option<&Param> {
+        match slot {
+            Slot::ALog => Some(&self.a_log),
+            Slot::D => Some(&self.d),
+            Slot::ConvWeight => Some(&self.conv_weight),
+            Slot::ConvBias => self.conv_bias.as_ref(),
+            Slot::HeadDtBias => Some(&self.dt_bias),
+            Slot::Norm => Some(&self.norm),
+            Slot::DtBias => None,
+        }
+    }
+
+    fn param_mut(&mut self, slot: Slot) -> Option<&mut Param> {
+        match slot {
+            Slot::ALog => Some(&mut self.a_log),
+            Slot::D => Some(&mut self.d),
+            Slot::ConvWeight => Some(&mut self.conv_weight),
+            Slot::ConvBias => self.conv_bias.as_mut(),
+            Slot::HeadDtBias => Some(&mut self.dt_bias),
+            Slot::Norm => Some(&mut self.norm),
+            Slot::DtBias => None,
+        }
+    }
+
+    fn set_hook(&mut self, _hook: Arc<dyn MixerHook>) -> PeftResult<()> {
+        Err(PeftError::unsupported(
+            "affix-tuning",
+            Family::Mamba2,
+            "its mixer takes no sequence hook",
+        ))
+    }
+
+    fn has_hook(&self) -> bool {
+        false
+    }
+
+    fn merged_config(
+        cfg: &Mamba2Config,
+        _tensors: &HashMap<String, Tensor>,
+        untie: bool,
+    ) -> PeftResult<Mamba2Config> {
+        let mut cfg = cfg.clone();
+        if untie {
+            cfg.tie_word_embeddings = false;
+        }
+        Ok(cfg)
+    }
+}
 
 fn branch_param(b: &SelectiveBranch, slot: Slot) -> Option<&Param> {
     match slot {
@@ -407,6 +719,7 @@ fn branch_param(b: &SelectiveBranch, slot: Slot) -> Option<&Param> {
         Slot::ConvWeight => Some(&b.conv_weight),
         Slot::ConvBias => b.conv_bias.as_ref(),
         Slot::DtBias => Some(&b.dt_bias),
+        Slot::HeadDtBias | Slot::Norm => None,
     }
 }
 
@@ -417,6 +730,7 @@ fn branch_param_mut(b: &mut SelectiveBranch, slot: Slot) -> Option<&mut Param> {
         Slot::ConvWeight => Some(&mut b.conv_weight),
         Slot::ConvBias => b.conv_bias.as_mut(),
         Slot::DtBias => Some(&mut b.dt_bias),
+        Slot::HeadDtBias | Slot::Norm => None,
     }
 }
 
@@ -425,6 +739,8 @@ fn branch_params(b: &SelectiveBranch) -> impl Iterator<Item = &Param> {
         .into_iter()
         .chain(b.conv_bias.as_ref())
 }
+
+// ---- Vim -----------------------------------------------------------------------------------
 
 impl PeftBase for VimForImageClassification {
     fn peft_shape(&self) -> ModelShape {
