@@ -26,8 +26,8 @@ use trainer::model::{
     CausalLm, Family, LoadOptions, MambaConfig, MambaForCausalLM, MambaMixer, causal_lm_loss,
 };
 use trainer::peft::{
-    Adapter, AdapterSpec, InitialState, MergeOptions, MixerSites, ModelShape, PeftError, Slice,
-    augmented_logits,
+    Adapter, AdapterSpec, InitialState, MergeOptions, MixerSites, ModelShape, PeftBase, PeftError,
+    Slice, augmented_logits,
 };
 
 mod common;
@@ -801,32 +801,44 @@ fn base_folder_matches_the_plain_model() {
 /// the sequence.
 #[test]
 fn zero_init_adapters_preserve_the_base_function() {
-    for set in method_sets() {
-        zero_init_adapters_preserve_the_base_function_on(&set);
-    }
-}
-
-fn zero_init_adapters_preserve_the_base_function_on(set: &MethodSet) {
-    let ctx = set.label();
-    let c = &set.cases;
-    let base = load_base(&set.base_dir);
-    let ids = set.input_ids();
-    let want = base.forward(ids, None).expect("forward");
-    let base_tensors: HashMap<String, Tensor> = base.named_weights().into_iter().collect();
-    let cfg = base.config().clone();
-    let mut specs: Vec<(String, Value)> = Vec::new();
-    for case in c {
-        let s = spec_for(&case.meta, &(&cfg).into(), &case.adapter);
-        specs.push((case.name.clone(), s.to_value()));
-    }
-    for extra in [
+    let common_extras = [
         json!({"type": "dora", "targets": ["in_proj", "out_proj"], "r": 4}),
         json!({"type": "bitfit"}),
         json!({"type": "linear_probe"}),
-        json!({"type": "sll_lora", "r": 2}),
         json!({"type": "full"}),
+    ];
+    let mut mamba1 = common_extras.to_vec();
+    mamba1.extend([
+        json!({"type": "sll_lora", "r": 2}),
         json!({"type": "additional_scan", "n_add": 2, "zero_init_x_proj": true}),
-    ] {
+    ]);
+    for set in method_sets() {
+        zero_init_adapters_preserve_the_base_function_on::<MambaMixer>(&set, &mamba1);
+    }
+    let mut mamba2 = common_extras.to_vec();
+    mamba2.push(json!({"type": "partial", "target": "D"}));
+    for set in mamba2_method_sets() {
+        zero_init_adapters_preserve_the_base_function_on::<Mamba2Mixer>(&set, &mamba2);
+    }
+}
+
+fn zero_init_adapters_preserve_the_base_function_on<M: MixerSites>(
+    set: &MethodSet,
+    extras: &[Value],
+) {
+    let ctx = set.label();
+    let c = &set.cases;
+    let base = load_lm::<M>(&set.base_dir);
+    let ids = set.input_ids();
+    let want = base.forward(ids, None).expect("forward");
+    let base_tensors: HashMap<String, Tensor> = base.named_weights().into_iter().collect();
+    let shape = M::shape_of(base.config());
+    let mut specs: Vec<(String, Value)> = Vec::new();
+    for case in c {
+        let s = spec_for(&case.meta, &shape, &case.adapter);
+        specs.push((case.name.clone(), s.to_value()));
+    }
+    for extra in extras.iter().cloned() {
         let name = format!("{ctx}: {}", extra["type"].as_str().unwrap_or("?"));
         specs.push((name, extra));
     }
@@ -1580,4 +1592,114 @@ fn the_method_sets_cover_other_shapes() {
         distinct(|c| c.num_hidden_layers).len() >= 2,
         "one layer count only"
     );
+}
+
+/// Trainable-parameter counts at the mamba2-130m shape (the released state-spaces config:
+/// D 768, 24 layers, 24 heads × 64, N 128, one group, conv 4, so d_in_proj = 3352 and the conv
+/// has 1792 channels), derived by hand from spec §8's forms.
+#[test]
+fn mamba2_parameter_counts_at_the_130m_shape() {
+    let cfg = trainer::model::mamba2::Mamba2Config::from_value(
+        &json!({"d_model": 768, "d_intermediate": 0, "n_layer": 24, "vocab_size": 50277,
+                "ssm_cfg": {"layer": "Mamba2"}, "rms_norm": true, "pad_vocab_size_multiple": 16,
+                "tie_embeddings": true}),
+        Path::new("config.json"),
+    )
+    .expect("config");
+    assert_eq!(cfg.d_in_proj(), 3352);
+    let shape: ModelShape = (&cfg).into();
+    let count = |v: Value| {
+        let spec = AdapterSpec::from_value(&v).unwrap_or_else(|e| panic!("{v}: {e}"));
+        spec.validate(&shape).unwrap_or_else(|e| panic!("{v}: {e}"));
+        spec.trainable_parameters(&shape)
+    };
+    let (layers, d, e, h, n) = (24, 768, 1536, 24, 128);
+    assert_eq!(
+        count(json!({"type": "lora", "targets": "in_proj", "r": 8})),
+        layers * 8 * (d + 3352)
+    );
+    assert_eq!(
+        count(json!({"type": "lora", "targets": "out_proj", "r": 8})),
+        layers * 8 * (e + d)
+    );
+    // LoRA_p(X) r 64: the same count as on mamba-130m (3,538,944; spec §4.3).
+    assert_eq!(
+        count(json!({"type": "lora_p", "slice": "X", "r": 64})),
+        3_538_944
+    );
+    assert_eq!(
+        count(json!({"type": "lora_p", "slice": "B", "r": 4})),
+        layers * 4 * (d + n)
+    );
+    assert_eq!(
+        count(json!({"type": "lora_p", "slice": "dt", "r": 2})),
+        layers * 2 * (d + h)
+    );
+    assert_eq!(
+        count(json!({"type": "partial", "target": "A_log"})),
+        layers * h
+    );
+    assert_eq!(
+        count(json!({"type": "partial", "target": "dt_bias"})),
+        layers * h
+    );
+    assert_eq!(
+        count(json!({"type": "partial", "target": "norm.weight"})),
+        layers * e
+    );
+    assert_eq!(
+        count(json!({"type": "partial", "target": "conv1d.weight"})),
+        layers * 1792 * 4
+    );
+    assert_eq!(count(json!({"type": "bitfit"})), layers * (1792 + h));
+    assert_eq!(
+        count(json!({"type": "dora_p", "slice": "X", "r": 4})),
+        layers * (4 * (d + e) + d)
+    );
+    // ProDiaL on in_proj (d_out 3352): s [3352], r_b blocks of 768/r_b, LoRA r_ε.
+    assert_eq!(
+        count(json!({"type": "prodial", "targets": "in_proj", "r_b": {"in_proj": 16}, "r_eps": 4})),
+        layers * (3352 + 16 * (d / 16) * (d / 16) + 4 * (d + 3352))
+    );
+}
+
+/// Mamba-1-only methods are refused on Mamba-2 with a message that names the family and
+/// lists what it supports.
+#[test]
+fn mamba2_refuses_mamba1_methods_naming_what_it_supports() {
+    let set = mamba2_method_sets()
+        .into_iter()
+        .next()
+        .expect("a Mamba-2 set");
+    let base = load_lm::<Mamba2Mixer>(&set.base_dir);
+    let shape = base.peft_shape();
+    for (v, needle) in [
+        (
+            json!({"type": "additional_scan", "n_add": 2}),
+            "additional_scan",
+        ),
+        (json!({"type": "affix", "n": 2}), "affix"),
+        (json!({"type": "sll_lora", "r": 2}), "sll_lora"),
+        (
+            json!({"type": "lora", "targets": "x_proj", "r": 2}),
+            "x_proj",
+        ),
+        (
+            json!({"type": "dora", "targets": "dt_proj", "r": 2}),
+            "dt_proj",
+        ),
+    ] {
+        let spec = AdapterSpec::from_value(&v).expect("spec");
+        let e = spec.validate(&shape).expect_err("refused").to_string();
+        assert!(
+            e.contains(needle)
+                && e.contains("mamba2")
+                && (e.contains("lora_p") || e.contains("in_proj")),
+            "{v}: {e}"
+        );
+        let e = Adapter::init(&spec, &base, 0)
+            .expect_err("refused at init too")
+            .to_string();
+        assert!(e.contains(needle), "{v}: {e}");
+    }
 }

@@ -19,8 +19,12 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use trainer::model::{LoadOptions, MambaForCausalLM, causal_lm_loss};
-use trainer::peft::{Adapter, CONFIG_FILE, MethodConfig, WEIGHTS_FILE, to_peft_name};
+use trainer::model::lm_checkpoint::LmCheckpoint;
+use trainer::model::mamba2::Mamba2Mixer;
+use trainer::model::{CausalLm, Family, LoadOptions, MambaMixer, causal_lm_loss};
+use trainer::peft::{
+    Adapter, CONFIG_FILE, MethodConfig, MixerSites, PeftBase, WEIGHTS_FILE, to_peft_name,
+};
 
 mod common;
 use common::read_json;
@@ -39,6 +43,7 @@ struct Tol {
 }
 
 struct Case {
+    family: Family,
     name: String,
     model_dir: PathBuf,
     adapter_dir: PathBuf,
@@ -98,10 +103,24 @@ impl Case {
     }
 }
 
+/// A base checkpoint of the language family `M` mixes for.
+fn load_lm<M: MixerSites>(dir: &std::path::Path) -> CausalLm<M> {
+    LmCheckpoint::<M::Config>::load(dir, &LoadOptions::default())
+        .and_then(|c| c.into_frozen())
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+/// The adapter cases of the language families (Mamba-1, then Mamba-2).
 fn adapter_cases() -> Vec<Case> {
-    common::indexed_cases(trainer::model::Family::Mamba, "adapter")
+    [Family::Mamba, Family::Mamba2]
         .into_iter()
-        .map(|c| Case {
+        .flat_map(|f| {
+            common::indexed_cases(f, "adapter")
+                .into_iter()
+                .map(move |c| (f, c))
+        })
+        .map(|(family, c)| Case {
+            family,
             model_dir: c.path("model_dir"),
             adapter_dir: c.path("adapter_dir"),
             manifest: c.manifest(),
@@ -116,7 +135,7 @@ fn adapter_cases() -> Vec<Case> {
 }
 
 /// Every number of one case for `adapter` on `base`; returns a summary line.
-fn check_numbers(c: &Case, base: &MambaForCausalLM, adapter: &Adapter) -> String {
+fn check_numbers<M: MixerSites>(c: &Case, base: &CausalLm<M>, adapter: &Adapter) -> String {
     let ids = c.want("input_ids");
     let model = adapter.apply(base).expect("apply");
     let logits = model.forward(ids, None).expect("forward");
@@ -162,7 +181,10 @@ fn check_numbers(c: &Case, base: &MambaForCausalLM, adapter: &Adapter) -> String
             .unwrap_or_else(|| panic!("{}: merged checkpoint lacks {k}", c.name));
         d_w = d_w.max(c.check(k, got));
     }
-    let merged_logits = merged.forward(ids, None).expect("merged forward");
+    let merged_logits = merged
+        .model()
+        .and_then(|m| Ok(m.forward(ids, None)?))
+        .expect("merged forward");
     let d_ml = c.check("merged.logits", &merged_logits);
     let mut line = format!(
         "{:12} logits {d_logits:.2e}  loss {d_loss:.2e}  grad {d_grad:.2e}  merged-w {d_w:.2e}  merged-logits {d_ml:.2e}",
@@ -206,7 +228,22 @@ fn check_numbers(c: &Case, base: &MambaForCausalLM, adapter: &Adapter) -> String
 fn peft_lora_and_dora_adapters_match() {
     let mut lines = Vec::new();
     for c in adapter_cases() {
-        let base = MambaForCausalLM::load(&c.model_dir, &LoadOptions::default()).expect("base");
+        lines.push(match c.family {
+            Family::Mamba => peft_adapter_matches::<MambaMixer>(&c),
+            Family::Mamba2 => peft_adapter_matches::<Mamba2Mixer>(&c),
+            other => panic!("{}: {other} is not a language family", c.name),
+        });
+    }
+    eprintln!("measured parity with HF PEFT (max abs diffs):");
+    for l in lines {
+        eprintln!("  {l}");
+    }
+}
+
+/// One HF PEFT adapter folder: its numbers, then a save → reload round trip.
+fn peft_adapter_matches<M: MixerSites>(c: &Case) -> String {
+    {
+        let base = load_lm::<M>(&c.model_dir);
         let adapter = Adapter::load(&c.adapter_dir, &base)
             .unwrap_or_else(|e| panic!("{}: load adapter: {e}", c.name));
         // r, alpha, targets and DoRA come from adapter_config.json.
@@ -229,7 +266,7 @@ fn peft_lora_and_dora_adapters_match() {
             "{}",
             c.name
         );
-        lines.push(check_numbers(&c, &base, &adapter));
+        let line = check_numbers(c, &base, &adapter);
 
         // Save what molt loaded, reload it: same keys and shapes, same config keys, and
         // the same numbers.
@@ -296,23 +333,19 @@ fn peft_lora_and_dora_adapters_match() {
             "{}: reloaded adapter logits",
             c.name
         );
-        check_numbers(&c, &base, &reloaded);
-    }
-    eprintln!("measured parity with HF PEFT (max abs diffs):");
-    for l in lines {
-        eprintln!("  {l}");
+        check_numbers(c, &base, &reloaded);
+        line
     }
 }
 
 /// Adapters of every other method round-trip through save/load with the same tensors and
 /// spec, and a reloaded adapter reproduces the logits bit for bit.
 /// Every base model of the case sets, with the first row of its case's `input_ids`.
-fn base_models() -> Vec<(String, MambaForCausalLM, Tensor)> {
-    common::indexed_cases(trainer::model::Family::Mamba, "base")
+fn base_models<M: MixerSites>(family: Family) -> Vec<(String, CausalLm<M>, Tensor)> {
+    common::indexed_cases(family, "base")
         .into_iter()
         .map(|c| {
-            let base = MambaForCausalLM::load(&c.path("model_dir"), &LoadOptions::default())
-                .unwrap_or_else(|e| panic!("{}: {e}", c.label));
+            let base = load_lm::<M>(&c.path("model_dir"));
             let reference =
                 candle_core::safetensors::load(c.dir.join("reference.safetensors"), &Device::Cpu)
                     .expect("reference.safetensors");
@@ -324,13 +357,38 @@ fn base_models() -> Vec<(String, MambaForCausalLM, Tensor)> {
 
 #[test]
 fn molt_adapters_round_trip() {
-    for (label, base, ids) in base_models() {
-        molt_adapters_round_trip_on(&label, &base, &ids);
+    for (label, base, ids) in base_models::<MambaMixer>(Family::Mamba) {
+        let specs = mamba1_round_trip_specs(&base);
+        molt_adapters_round_trip_on(&label, &base, &ids, &specs);
+    }
+    for (label, base, ids) in base_models::<Mamba2Mixer>(Family::Mamba2) {
+        molt_adapters_round_trip_on(&label, &base, &ids, &mamba2_specs());
     }
 }
 
-fn molt_adapters_round_trip_on(label: &str, base: &MambaForCausalLM, ids: &Tensor) {
-    for v in [
+/// Mamba-2's methods (spec §8), stacked and alone, with non-zero starts.
+fn mamba2_specs() -> Vec<Value> {
+    vec![
+        serde_json::json!({"type": "lora", "targets": ["in_proj", "out_proj", "embedding"], "r": 4, "zero_init": false}),
+        serde_json::json!({"type": "lora", "targets": ["in_proj", "out_proj"], "r": 4, "alpha": 8, "dropout": 0.0, "zero_init": false}),
+        serde_json::json!({"type": "dora", "targets": ["in_proj"], "r": 2, "zero_init": false}),
+        serde_json::json!({"type": "prodial", "targets": "both", "r_b": {"in_proj": 2, "out_proj": 2}, "r_eps": 2}),
+        serde_json::json!({"type": "hybrid", "methods": [
+            {"type": "prompt", "n": 2, "kind": "prefix"},
+            {"type": "lora_p", "slice": "B", "r": 2, "zero_init": false},
+            {"type": "lora_p", "slice": "dt", "r": 2, "zero_init": false},
+            {"type": "dora_p", "slice": "X", "r": 2, "zero_init": false},
+            {"type": "partial", "target": "norm.weight", "lr": 1e-3},
+            {"type": "partial", "target": "dt_bias"},
+            {"type": "parallel_adapter", "r": 4, "zero_init": false},
+        ]}),
+        serde_json::json!({"type": "bitfit"}),
+        serde_json::json!({"type": "linear_probe"}),
+    ]
+}
+
+fn mamba1_round_trip_specs(base: &trainer::model::MambaForCausalLM) -> Vec<Value> {
+    vec![
         serde_json::json!({"type": "lora", "targets": ["in_proj", "embedding"], "r": 4, "zero_init": false}),
         serde_json::json!({"type": "lora", "targets": ["x_proj", "out_proj"], "r": 4, "alpha": 8, "dropout": 0.0, "zero_init": false}),
         serde_json::json!({"type": "dora", "targets": ["in_proj", "dt_proj"], "r": 2, "zero_init": false}),
@@ -344,8 +402,17 @@ fn molt_adapters_round_trip_on(label: &str, base: &MambaForCausalLM, ids: &Tenso
         ]}),
         serde_json::json!({"type": "bitfit"}),
         serde_json::json!({"type": "linear_probe"}),
-    ] {
-        let spec = trainer::peft::AdapterSpec::from_value(&v).expect("spec");
+    ]
+}
+
+fn molt_adapters_round_trip_on<M: MixerSites>(
+    label: &str,
+    base: &CausalLm<M>,
+    ids: &Tensor,
+    specs: &[Value],
+) {
+    for v in specs {
+        let spec = trainer::peft::AdapterSpec::from_value(v).expect("spec");
         let adapter = Adapter::init(&spec, base, 9).expect("init");
         let dir = tempfile::tempdir().expect("tempdir");
         adapter.save(dir.path()).expect("save");
@@ -393,21 +460,41 @@ fn molt_adapters_round_trip_on(label: &str, base: &MambaForCausalLM, ids: &Tenso
 /// cases.
 #[test]
 fn merged_checkpoints_load_back() {
-    for (label, base, ids) in base_models() {
-        merged_checkpoints_load_back_on(&label, &base, &ids);
+    for (label, base, ids) in base_models::<MambaMixer>(Family::Mamba) {
+        let specs = [
+            serde_json::json!({"type": "hybrid", "methods": [
+                {"type": "lora", "targets": ["embedding", "dt_proj"], "r": 4, "zero_init": false},
+                {"type": "additional_scan", "n_add": 2},
+                {"type": "dora_p", "slice": "X", "r": 2, "zero_init": false},
+            ]}),
+            serde_json::json!({"type": "prompt", "n": 3, "projection": true}),
+        ];
+        merged_checkpoints_load_back_on(&label, &base, &ids, &specs);
+    }
+    for (label, base, ids) in base_models::<Mamba2Mixer>(Family::Mamba2) {
+        let specs = [
+            serde_json::json!({"type": "hybrid", "methods": [
+                {"type": "lora", "targets": ["embedding", "in_proj"], "r": 4, "zero_init": false},
+                {"type": "lora_p", "slice": "C", "r": 2, "zero_init": false},
+                {"type": "dora_p", "slice": "X", "r": 2, "zero_init": false},
+                {"type": "partial", "target": "A_log"},
+            ]}),
+            serde_json::json!({"type": "prompt", "n": 3, "projection": true}),
+        ];
+        merged_checkpoints_load_back_on(&label, &base, &ids, &specs);
     }
 }
 
-fn merged_checkpoints_load_back_on(label: &str, base: &MambaForCausalLM, ids: &Tensor) {
-    for v in [
-        serde_json::json!({"type": "hybrid", "methods": [
-            {"type": "lora", "targets": ["embedding", "dt_proj"], "r": 4, "zero_init": false},
-            {"type": "additional_scan", "n_add": 2},
-            {"type": "dora_p", "slice": "X", "r": 2, "zero_init": false},
-        ]}),
-        serde_json::json!({"type": "prompt", "n": 3, "projection": true}),
-    ] {
-        let spec = trainer::peft::AdapterSpec::from_value(&v).expect("spec");
+/// The merged checkpoint is written in the family's HF format and read back by the family's
+/// own loader (the config records an untied head where the embedding LoRA untied it).
+fn merged_checkpoints_load_back_on<M: MixerSites>(
+    label: &str,
+    base: &CausalLm<M>,
+    ids: &Tensor,
+    specs: &[Value],
+) {
+    for v in specs {
+        let spec = trainer::peft::AdapterSpec::from_value(v).expect("spec");
         let adapter = Adapter::init(&spec, base, 5).expect("init");
         let want = adapter
             .apply(base)
@@ -416,8 +503,12 @@ fn merged_checkpoints_load_back_on(label: &str, base: &MambaForCausalLM, ids: &T
         let merged = adapter.merge(base).expect("merge");
         let dir = tempfile::tempdir().expect("tempdir");
         merged.save(dir.path()).expect("save merged");
-        let loaded =
-            MambaForCausalLM::load(dir.path(), &LoadOptions::default()).expect("load merged");
+        assert_eq!(
+            trainer::model::family::detect_dir(dir.path()).expect("family"),
+            base.peft_shape().family,
+            "{label}: the merged config names the family"
+        );
+        let loaded = load_lm::<M>(dir.path());
         let got = match merged.residual {
             Some(_) => {
                 let residual = Adapter::load(dir.path(), &loaded).expect("residual adapter");

@@ -78,6 +78,9 @@ pub trait LmConfig: Clone + std::fmt::Debug + Sized {
 
     /// A line in the log after loading.
     fn describe(&self) -> String;
+
+    /// The config as transformers' `save_pretrained` writes it (merged checkpoints).
+    fn to_hf_json(&self) -> serde_json::Value;
 }
 
 /// A validated checkpoint: resolved config and every weight under its HF name.

@@ -22,7 +22,7 @@ use super::sites::Sites;
 use super::spec::{AdapterSpec, head_shapes};
 use super::target::{MixerSites, PeftModel, mixer_sites};
 use super::{MergePlan, MethodConfig};
-use crate::model::lm_checkpoint::LmCheckpoint;
+use crate::model::lm_checkpoint::{LmCheckpoint, LmConfig};
 use crate::model::{CausalLm, LayerCache, MambaCache, MambaForCausalLM, MambaMixer, ModelInput};
 
 /// How to merge.
@@ -121,7 +121,9 @@ impl MergedModel {
         )?;
         Ok(model.logits(&h)?)
     }
+}
 
+impl<M: MixerSites> MergedModel<CausalLm<M>> {
     /// Writes an HF-format checkpoint (`config.json` + `model.safetensors`) that molt's
     /// loader reads; a residual adapter goes beside it (`adapter_config.json` +
     /// `adapter_model.safetensors`), an initial state to `initial_state.safetensors`.

@@ -141,8 +141,8 @@ impl ModelShape {
                 method,
                 self.family,
                 "it exists for the Mamba-1 selective scan only (Mamba-2 supports lora, \
-                 lora_p (X, Z, B, C, dt), dora_p, prodial, partial (A_log, D, conv1d.weight, \
-                 conv1d.bias, dt_bias, norm.weight), parallel_adapter, prompt, bitfit, \
+                 lora_p (X, Z, B, C, dt), dora, dora_p, prodial, partial (A_log, D, \
+                 conv1d.weight, dt_bias, norm.weight), parallel_adapter, prompt, bitfit, \
                  linear_probe, full)",
             ));
         }

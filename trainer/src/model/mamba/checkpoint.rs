@@ -99,6 +99,10 @@ impl LmConfig for MambaConfig {
         MambaForCausalLM::new(self, vb)
     }
 
+    fn to_hf_json(&self) -> serde_json::Value {
+        MambaConfig::to_hf_json(self)
+    }
+
     fn describe(&self) -> String {
         format!(
             "Mamba-1 ({:?} naming): {} layers, hidden {}, vocab {}",

@@ -156,6 +156,10 @@ impl LmConfig for Mamba2Config {
         Mamba2ForCausalLM::new(self, vb)
     }
 
+    fn to_hf_json(&self) -> serde_json::Value {
+        Mamba2Config::to_hf_json(self)
+    }
+
     fn describe(&self) -> String {
         format!(
             "Mamba-2 ({:?} naming): {} layers, hidden {}, {} heads × {}, state {}, {} group(s), vocab {}",
