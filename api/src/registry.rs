@@ -67,9 +67,9 @@ pub fn check_model_id(id: &str) -> Result<(), RegistryError> {
 fn check_config(bytes: &[u8], origin: &str) -> Result<(Value, String), RegistryError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| RegistryError::Invalid(format!("{origin}/config.json is not UTF-8")))?;
-    trainer::model::MambaConfig::from_json_str(text, Path::new(origin))
-        .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
     let value: Value = serde_json::from_str(text)
+        .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
+    trainer::model::check_config(&value, Path::new(origin))
         .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
     Ok((value, hex::encode(Sha256::digest(bytes))))
 }

@@ -220,9 +220,8 @@ pub fn check_method(method: &Value, model_config: &Value) -> Result<CheckedMetho
     let Some(_kind) = obj.get("type").and_then(Value::as_str) else {
         return Err(bad("method needs a string `type` (e.g. \"lora\")".into()));
     };
-    let cfg_text = model_config.to_string();
     let cfg =
-        trainer::model::MambaConfig::from_json_str(&cfg_text, std::path::Path::new("config.json"))
+        trainer::peft::ModelShape::from_config(model_config, std::path::Path::new("config.json"))
             .map_err(|e| ApiError::internal("reading the base model's config", &e))?;
     peft_check(method, &cfg).map_err(bad)
 }
@@ -230,7 +229,7 @@ pub fn check_method(method: &Value, model_config: &Value) -> Result<CheckedMetho
 /// Parses the method as `trainer::peft::AdapterSpec`, checks it against the model
 /// (`validate`), counts its trainable parameters, and returns it re-serialised with every
 /// default filled in.
-fn peft_check(method: &Value, cfg: &trainer::model::MambaConfig) -> Result<CheckedMethod, String> {
+fn peft_check(method: &Value, cfg: &trainer::peft::ModelShape) -> Result<CheckedMethod, String> {
     let spec = trainer::peft::AdapterSpec::from_value(method).map_err(|e| e.to_string())?;
     spec.validate(cfg)
         .map_err(|e| format!("method is not valid for this model: {e}"))?;

@@ -343,7 +343,7 @@ fn cases() -> Vec<(&'static str, Value, Task, f64, f64)> {
 fn base_loss(train: &Path) -> f64 {
     let tok = Tokenizer::from_file(&tiny_model().join("tokenizer.json")).unwrap();
     let base = MambaForCausalLM::load(&tiny_model(), &LoadOptions::default()).unwrap();
-    let (eos, pad) = special_tokens(base.config());
+    let (eos, pad) = special_tokens(&base.config().eos_token_ids, base.config().pad_token_id);
     let enc = Encoder {
         tokenizer: &tok,
         max_len: 32,

@@ -22,7 +22,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, ensure};
 use serde_json::json;
 use tokio::sync::mpsc;
-use trainer::model::{Checkpoint, LoadOptions, MambaConfig, MambaForCausalLM};
+use trainer::model::{AnyLm, Checkpoint, LoadOptions, MambaConfig, MambaForCausalLM};
 use trainer::peft::{Adapter, AdapterSpec};
 
 use api::serving::scheduler::SeqParams;
@@ -100,7 +100,7 @@ fn base_model(a: &BenchServeArgs) -> Result<(MambaForCausalLM, &'static str)> {
 }
 
 /// A LoRA with every tensor moved off its (zero) init, so it costs what a trained one does.
-fn lora(base: &MambaForCausalLM, rank: usize, seed: u64) -> Result<Adapter> {
+fn lora(base: &AnyLm, rank: usize, seed: u64) -> Result<Adapter> {
     let spec = AdapterSpec::from_value(
         &json!({"type": "lora", "targets": ["in_proj", "out_proj"], "r": rank}),
     )?;
@@ -182,7 +182,7 @@ pub fn run(a: BenchServeArgs) -> Result<()> {
     ensure!(a.sequences >= 1, "--sequences must be at least 1");
     ensure!(a.rounds >= 1, "--rounds must be at least 1");
     let (base, shape) = base_model(&a)?;
-    let base = Arc::new(base);
+    let base = Arc::new(AnyLm::from(base));
     let vocab = base.vocab_size();
     let mut variants: Vec<(String, Vec<ServedModel>)> = Vec::new();
     variants.push((

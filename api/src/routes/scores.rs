@@ -174,7 +174,7 @@ pub async fn create(
     let scores = blocking(move || {
         let _pin = pin;
         let device = model.device().clone();
-        score_choice_sets(&model, &sets, batch, pad, &device, init.as_deref())
+        score_choice_sets(model.as_ref(), &sets, batch, pad, &device, init.as_deref())
             .map_err(|e| ServingError::Load(format!("scoring: {e}")))
     })
     .await

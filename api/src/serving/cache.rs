@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::OnceCell;
-use trainer::model::MambaForCausalLM;
+use trainer::model::AnyLm;
 use trainer::peft::{Adapter, InitialState};
 
 use super::{ServingError, Stats};
@@ -21,7 +21,7 @@ pub struct LoadedAdapter {
     /// The cache key: the adapter id, or `merged:<adapter id>`.
     pub id: String,
     /// The adapted model (the base's tensors plus this adapter's parts), or the merged one.
-    pub model: Arc<MambaForCausalLM>,
+    pub model: Arc<AnyLm>,
     /// A merged prefix prompt/affix: the state every sequence starts from.
     pub initial_state: Option<Arc<InitialState>>,
     /// Bytes of the tensors residency costs: the adapter's own on top of the shared base,
@@ -29,16 +29,12 @@ pub struct LoadedAdapter {
     pub bytes: u64,
     /// The base, when the adapter only adds projection terms to it: its sequences then
     /// share the base's decode batch (one base matmul for all adapters' rows).
-    pub shared_base: Option<Arc<MambaForCausalLM>>,
+    pub shared_base: Option<Arc<AnyLm>>,
 }
 
 impl LoadedAdapter {
     /// Applies `adapter` unmerged on `base`.
-    pub fn new(
-        id: &str,
-        adapter: Adapter,
-        base: &Arc<MambaForCausalLM>,
-    ) -> Result<Self, ServingError> {
+    pub fn new(id: &str, adapter: Adapter, base: &Arc<AnyLm>) -> Result<Self, ServingError> {
         let model = adapter
             .apply_frozen(base.as_ref())
             .map_err(|e| ServingError::Load(format!("adapter {id}: {e}")))?;

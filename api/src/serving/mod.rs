@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use storage::BlobStore;
 use tokio::sync::OnceCell;
-use trainer::model::{LoadOptions, MambaForCausalLM};
+use trainer::model::{AnyLm, LoadOptions};
 use trainer::peft::{Adapter, InitialState, MergeOptions, PeftError};
 use trainer::tokenizer::Tokenizer;
 
@@ -201,7 +201,7 @@ pub struct LoadedBase {
     pub id: String,
     /// The local model folder it was loaded from.
     pub dir: PathBuf,
-    pub model: Arc<MambaForCausalLM>,
+    pub model: Arc<AnyLm>,
     pub tokenizer: Arc<Tokenizer>,
     pub scheduler: Scheduler,
 }
@@ -209,9 +209,9 @@ pub struct LoadedBase {
 impl LoadedBase {
     /// End-of-sequence ids and the padding id, from the model's config.
     pub fn special_tokens(&self) -> (Vec<u32>, u32) {
-        let c = self.model.config();
-        let (eos, pad) = trainer::train::special_tokens(c);
-        let mut all = c.eos_token_ids.clone();
+        let m = &self.model;
+        let (eos, pad) = trainer::train::special_tokens(m.eos_token_ids(), m.pad_token_id());
+        let mut all = m.eos_token_ids().to_vec();
         if all.is_empty() {
             all.extend(eos);
         }
@@ -224,14 +224,14 @@ impl LoadedBase {
 pub struct ServedModel {
     /// Groups sequences of the same model in a batch (base id, adapter id, merged id).
     pub key: String,
-    pub model: Arc<MambaForCausalLM>,
+    pub model: Arc<AnyLm>,
     /// A merged prefix prompt/affix: the state every sequence starts from.
     pub initial_state: Option<Arc<InitialState>>,
     /// Keeps a hot-swapped adapter resident while the request runs.
     pub pin: Option<Arc<LoadedAdapter>>,
     /// The base whose decode batch this model's sequences share: set for the base itself
     /// and for adapters that only add projection terms (see `LoadedAdapter::shared_base`).
-    pub shared_base: Option<Arc<MambaForCausalLM>>,
+    pub shared_base: Option<Arc<AnyLm>>,
 }
 
 impl ServedModel {
@@ -432,7 +432,7 @@ impl Engine {
             blocking(move || {
                 let a = Adapter::load(&adir, b.model.as_ref())
                     .map_err(|e| ServingError::Load(format!("adapter: {e}")))?;
-                let merged = a.merge_with(&b.model, &opts).map_err(|e| match e {
+                let merged = a.merge_lm(&b.model, &opts).map_err(|e| match e {
                     PeftError::NotMergeable { .. } | PeftError::Contradictory(_) => {
                         ServingError::Unmergeable(e.to_string())
                     }
@@ -501,7 +501,7 @@ impl Engine {
 /// adapter, an initial state.
 fn load_merged(key: &str, dir: &Path) -> Result<LoadedAdapter, ServingError> {
     let err = |e: &dyn std::fmt::Display| ServingError::Load(format!("{key}: {e}"));
-    let base = MambaForCausalLM::load(dir, &LoadOptions::default()).map_err(|e| err(&e))?;
+    let base = AnyLm::load(dir, &LoadOptions::default()).map_err(|e| err(&e))?;
     let bytes = base
         .named_weights()
         .iter()
@@ -518,7 +518,7 @@ fn load_merged(key: &str, dir: &Path) -> Result<LoadedAdapter, ServingError> {
         let mut t = candle_core::safetensors::load(&state_file, &candle_core::Device::Cpu)
             .map_err(|e| err(&e))?;
         let mut layers = Vec::new();
-        for i in 0..model.config().num_hidden_layers {
+        for i in 0..model.num_layers() {
             let conv = t.remove(&format!("layers.{i}.conv_inputs"));
             let ssm = t.remove(&format!("layers.{i}.ssm_state"));
             match (conv, ssm) {
@@ -548,8 +548,8 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ServingError::Load(format!("loader task failed: {e}")))?
 }
 
-fn load_base(dir: &Path) -> Result<(MambaForCausalLM, Tokenizer), ServingError> {
-    let model = MambaForCausalLM::load(dir, &LoadOptions::default())
+fn load_base(dir: &Path) -> Result<(AnyLm, Tokenizer), ServingError> {
+    let model = AnyLm::load(dir, &LoadOptions::default())
         .map_err(|e| ServingError::Load(format!("{}: {e}", dir.display())))?;
     let tok = Tokenizer::from_model_dir(dir)
         .map_err(|e| ServingError::Load(format!("{}: {e}", dir.display())))?

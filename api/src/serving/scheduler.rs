@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tokio::sync::mpsc::UnboundedSender;
 use trainer::generate::{argmax, sample};
-use trainer::model::{LayerCache, MambaCache, MambaForCausalLM, ModelInput};
+use trainer::model::{AnyLm, LayerCache, MambaCache, ModelInput};
 
 use super::{ServedModel, Stats};
 
@@ -169,10 +169,10 @@ struct Group {
     key: String,
     /// Set for the group of the base and its additive adapters: rows then come in runs of
     /// one model each (a new row joins at the end of its model's run), and `model` is the
-    /// base with each run's projection terms ([`MambaForCausalLM::row_segmented`]), rebuilt
+    /// base with each run's projection terms ([`AnyLm::row_segmented`]), rebuilt
     /// when the runs change.
-    shared_base: Option<Arc<MambaForCausalLM>>,
-    model: Arc<MambaForCausalLM>,
+    shared_base: Option<Arc<AnyLm>>,
+    model: Arc<AnyLm>,
     stale: bool,
     cache: MambaCache,
     /// `[b, V]`: the distribution each row draws its next token from.
@@ -196,8 +196,8 @@ impl Group {
 }
 
 /// `(rows, model)` of each run of consecutive sequences on one model.
-fn runs<'a>(models: impl Iterator<Item = &'a ServedModel>) -> Vec<(usize, &'a MambaForCausalLM)> {
-    let mut runs: Vec<(usize, &str, &MambaForCausalLM)> = Vec::new();
+fn runs<'a>(models: impl Iterator<Item = &'a ServedModel>) -> Vec<(usize, &'a AnyLm)> {
+    let mut runs: Vec<(usize, &str, &AnyLm)> = Vec::new();
     for m in models {
         match runs.last_mut() {
             Some((n, key, _)) if *key == m.key => *n += 1,
@@ -697,11 +697,7 @@ mod tests {
         out
     }
 
-    fn plain_model(
-        key: &str,
-        model: Arc<MambaForCausalLM>,
-        shared_base: Option<Arc<MambaForCausalLM>>,
-    ) -> ServedModel {
+    fn plain_model(key: &str, model: Arc<AnyLm>, shared_base: Option<Arc<AnyLm>>) -> ServedModel {
         ServedModel {
             key: key.into(),
             model,
@@ -712,7 +708,7 @@ mod tests {
     }
 
     /// A LoRA on in_proj and out_proj moved off its zero init, served hot-swapped.
-    fn lora(base: &Arc<MambaForCausalLM>, seed: u64) -> ServedModel {
+    fn lora(base: &Arc<AnyLm>, seed: u64) -> ServedModel {
         let spec = trainer::peft::AdapterSpec::from_value(
             &serde_json::json!({"type": "lora", "targets": ["in_proj", "out_proj"], "r": 2}),
         )
@@ -727,19 +723,47 @@ mod tests {
         ServedModel::adapter(Arc::new(loaded))
     }
 
-    #[test]
-    fn prompts_prefilled_together_match_each_alone() -> trainer::Result<()> {
+    /// Two random models of each language family: a base and one "of its own".
+    fn random_pairs() -> trainer::Result<Vec<(Arc<AnyLm>, Arc<AnyLm>)>> {
         let mut cfg = MambaConfig::new(32, 2, 64);
         cfg.state_size = 4;
-        let base = Arc::new(Checkpoint::random(&cfg, 2, &Device::Cpu)?.into_frozen()?);
+        let m1 = |seed| -> trainer::Result<Arc<AnyLm>> {
+            Ok(Arc::new(AnyLm::from(
+                Checkpoint::random(&cfg, seed, &Device::Cpu)?.into_frozen()?,
+            )))
+        };
+        let mut cfg2 = trainer::model::mamba2::Mamba2Config::new(32, 2, 64);
+        (
+            cfg2.head_dim,
+            cfg2.num_heads,
+            cfg2.state_size,
+            cfg2.n_groups,
+        ) = (8, 8, 4, 2);
+        let m2 = |seed| -> trainer::Result<Arc<AnyLm>> {
+            Ok(Arc::new(AnyLm::from(
+                trainer::model::mamba2::Mamba2Checkpoint::random(&cfg2, seed, &Device::Cpu)?
+                    .into_frozen()?,
+            )))
+        };
+        Ok(vec![(m1(2)?, m1(3)?), (m2(2)?, m2(3)?)])
+    }
+
+    /// For Mamba-1 and Mamba-2 alike: the base and two LoRA adapters share one decode
+    /// batch (row-segmented), a model of its own runs beside them, and every sequence gets
+    /// the tokens it gets alone.
+    #[test]
+    fn prompts_prefilled_together_match_each_alone() -> trainer::Result<()> {
+        for (base, other) in random_pairs()? {
+            prompts_prefilled_together_match_each_alone_on(base, other);
+        }
+        Ok(())
+    }
+
+    fn prompts_prefilled_together_match_each_alone_on(base: Arc<AnyLm>, other: Arc<AnyLm>) {
         let plain = plain_model("base", base.clone(), Some(base.clone()));
         let (one, two) = (lora(&base, 1), lora(&base, 2));
         // A model of its own (as a merged one is): batched apart from the shared group.
-        let other = plain_model(
-            "other",
-            Arc::new(Checkpoint::random(&cfg, 3, &Device::Cpu)?.into_frozen()?),
-            None,
-        );
+        let other = plain_model("other", other, None);
         // Different lengths (left padding), models interleaved (runs re-ordered).
         let cases: Vec<(ServedModel, Vec<u32>)> = vec![
             (other.clone(), vec![1, 2, 3, 4, 5, 6]),
@@ -794,7 +818,7 @@ mod tests {
             }
             // 2 prompts on `other`, 6 in the shared group.
             if stats.prefill_batched_rows.load(Ordering::Relaxed) - before == 8 {
-                return Ok(());
+                return;
             }
         }
         panic!("the prompts were never prefilled in one batch");
@@ -804,7 +828,9 @@ mod tests {
     fn a_long_prompt_is_prefilled_in_chunks_between_decode_steps() -> trainer::Result<()> {
         let mut cfg = MambaConfig::new(32, 2, 64);
         cfg.state_size = 4;
-        let base = Arc::new(Checkpoint::random(&cfg, 1, &Device::Cpu)?.into_frozen()?);
+        let base = Arc::new(AnyLm::from(
+            Checkpoint::random(&cfg, 1, &Device::Cpu)?.into_frozen()?,
+        ));
         let served = plain_model("base", base.clone(), Some(base.clone()));
         let stats = Arc::new(Stats::default());
         let sched = Scheduler::start("test", 8, 8, stats.clone());

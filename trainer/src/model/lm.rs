@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
 use crate::model::cache::{LayerCache, MambaCache};
-use crate::model::layers::{Embedding, RmsNorm, linear_forward};
+use crate::model::layers::{Embedding, Param, Projection, RmsNorm, linear_forward};
 use crate::model::lm_checkpoint::LmConfig;
 
 /// The sequence mixer of one block: what distinguishes one language family from another.
@@ -49,6 +49,12 @@ pub trait Mixer: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
 
     /// Every base weight under its checkpoint name below `prefix` (`backbone.layers.{i}.mixer`).
     fn named_weights(&self, prefix: &str, out: &mut Vec<(String, Tensor)>);
+
+    /// The projections, in a fixed order (serving's row-segmented batches pair them up).
+    fn projections(&self) -> Vec<&Projection>;
+    fn projections_mut(&mut self) -> Vec<&mut Projection>;
+    /// The tensor parameters (A_log, D, conv, dt bias, …), in a fixed order.
+    fn params(&self) -> Vec<&Param>;
 }
 
 fn get(vb: &VarBuilder, shape: &[usize], name: &str) -> Result<Tensor> {

@@ -40,11 +40,14 @@ impl Expected {
 }
 
 /// What a language-model family tells the shared loader.
-pub trait LmConfig: Clone + std::fmt::Debug + Sized {
+pub trait LmConfig: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
     /// The model built from a checkpoint.
     type Model;
 
     fn from_file(path: &Path) -> Result<Self>;
+
+    /// The family this config belongs to.
+    fn family(&self) -> crate::model::Family;
 
     /// Every tensor the config implies, under HF names (`lm_head.weight` only when untied).
     fn expected_tensors(&self) -> Vec<Expected>;

@@ -46,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod any_lm;
 pub mod cache;
 pub mod family;
 pub(crate) mod fields;
@@ -55,13 +56,15 @@ pub mod lm_checkpoint;
 pub mod loss;
 pub mod mamba;
 pub mod mamba2;
+pub mod rows;
 pub mod selective;
 pub mod vim;
 pub mod weights;
 
 // Mamba-1's modules keep their paths (`model::checkpoint`, `model::config`, …).
-pub use mamba::{checkpoint, config, init, rows};
+pub use mamba::{checkpoint, config, init};
 
+pub use any_lm::{AnyLm, LanguageModel};
 pub use cache::{LayerCache, MambaCache};
 pub use checkpoint::{Checkpoint, LoadOptions};
 pub use config::{ConfigStyle, MambaConfig};
@@ -108,4 +111,22 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> crate::Result<AnyModel> {
             },
         )?),
     })
+}
+
+/// Detects the family of a parsed `config.json` and checks it with that family's parser
+/// (every field the family reads, every size bounded); `path` is only used in messages.
+pub fn check_config(config: &serde_json::Value, path: &Path) -> crate::Result<Family> {
+    let family = family::detect(config, path)?;
+    match family {
+        Family::Mamba => {
+            MambaConfig::from_json_str(&config.to_string(), path)?;
+        }
+        Family::Mamba2 => {
+            mamba2::Mamba2Config::from_value(config, path)?;
+        }
+        Family::Vim => {
+            vim::VimConfig::from_value(config, path)?;
+        }
+    }
+    Ok(family)
 }

@@ -298,6 +298,32 @@ impl Adapter {
         Ok(merged)
     }
 
+    /// [`Self::merge_with`] for a language model of either family; folding a prefix into
+    /// initial states is Mamba-1's (a Mamba-2 prefix stays a residual prompt).
+    pub fn merge_lm(
+        &self,
+        base: &crate::model::AnyLm,
+        opts: &MergeOptions,
+    ) -> PeftResult<MergedModel<crate::model::AnyLm>> {
+        use crate::model::AnyLm;
+        match base {
+            AnyLm::Mamba(m) => {
+                let merged = self.merge_with(m, opts)?;
+                Ok(MergedModel {
+                    base: AnyLm::Mamba(merged.base),
+                    residual: merged.residual,
+                    initial_state: merged.initial_state,
+                })
+            }
+            AnyLm::Mamba2(_) if opts.prefix_as_initial_state => Err(PeftError::Contradictory(
+                "prefix_as_initial_state folds a prefix into Mamba-1 states; on Mamba-2 the \
+                 prompt stays a residual adapter"
+                    .into(),
+            )),
+            AnyLm::Mamba2(_) => self.merge(base),
+        }
+    }
+
     /// The head tensors' values `(weight, bias)` of a classification model's adapter.
     pub(crate) fn head_tensors(&self) -> Option<(Tensor, Tensor)> {
         match self.head.as_slice() {

@@ -23,7 +23,9 @@ use super::spec::{AdapterSpec, head_shapes};
 use super::target::{MixerSites, PeftModel, mixer_sites};
 use super::{MergePlan, MethodConfig};
 use crate::model::lm_checkpoint::{LmCheckpoint, LmConfig};
-use crate::model::{CausalLm, LayerCache, MambaCache, MambaForCausalLM, MambaMixer, ModelInput};
+use crate::model::{
+    AnyLm, CausalLm, LayerCache, MambaCache, MambaForCausalLM, MambaMixer, ModelInput,
+};
 
 /// How to merge.
 #[derive(Clone, Debug, Default)]
@@ -128,38 +130,53 @@ impl<M: MixerSites> MergedModel<CausalLm<M>> {
     /// loader reads; a residual adapter goes beside it (`adapter_config.json` +
     /// `adapter_model.safetensors`), an initial state to `initial_state.safetensors`.
     pub fn save(&self, dir: &Path) -> PeftResult<()> {
-        std::fs::create_dir_all(dir).map_err(|source| PeftError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let config = serde_json::to_string_pretty(&self.base.config().to_hf_json())
-            .map_err(|e| PeftError::file(dir.join("config.json"), e.to_string()))?;
-        let path = dir.join("config.json");
-        std::fs::write(&path, config).map_err(|source| PeftError::Io { path, source })?;
-        let tensors: HashMap<String, Tensor> = self
-            .base
-            .named_weights()
-            .into_iter()
-            .map(|(n, t)| Ok((n, t.contiguous()?)))
-            .collect::<PeftResult<_>>()?;
-        let path = dir.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &path)
-            .map_err(|e| PeftError::file(&path, e.to_string()))?;
-        if let Some(r) = &self.residual {
-            r.save(dir)?;
-        }
-        if let Some(s) = &self.initial_state {
-            let mut t = HashMap::new();
-            for (i, (conv, ssm)) in s.layers.iter().enumerate() {
-                t.insert(format!("layers.{i}.conv_inputs"), conv.contiguous()?);
-                t.insert(format!("layers.{i}.ssm_state"), ssm.contiguous()?);
-            }
-            let path = dir.join("initial_state.safetensors");
-            candle_core::safetensors::save(&t, &path)
-                .map_err(|e| PeftError::file(&path, e.to_string()))?;
-        }
-        Ok(())
+        save_merged(self, &self.base.config().to_hf_json(), dir)
     }
+}
+
+impl MergedModel<AnyLm> {
+    /// [`MergedModel::save`] for a language model of either family.
+    pub fn save(&self, dir: &Path) -> PeftResult<()> {
+        save_merged(self, &self.base.config_json(), dir)
+    }
+}
+
+fn save_merged<M: PeftModel>(
+    merged: &MergedModel<M>,
+    config: &serde_json::Value,
+    dir: &Path,
+) -> PeftResult<()> {
+    std::fs::create_dir_all(dir).map_err(|source| PeftError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let config = serde_json::to_string_pretty(config)
+        .map_err(|e| PeftError::file(dir.join("config.json"), e.to_string()))?;
+    let path = dir.join("config.json");
+    std::fs::write(&path, config).map_err(|source| PeftError::Io { path, source })?;
+    let tensors: HashMap<String, Tensor> = merged
+        .base
+        .named_weights()
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.contiguous()?)))
+        .collect::<PeftResult<_>>()?;
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path)
+        .map_err(|e| PeftError::file(&path, e.to_string()))?;
+    if let Some(r) = &merged.residual {
+        r.save(dir)?;
+    }
+    if let Some(s) = &merged.initial_state {
+        let mut t = HashMap::new();
+        for (i, (conv, ssm)) in s.layers.iter().enumerate() {
+            t.insert(format!("layers.{i}.conv_inputs"), conv.contiguous()?);
+            t.insert(format!("layers.{i}.ssm_state"), ssm.contiguous()?);
+        }
+        let path = dir.join("initial_state.safetensors");
+        candle_core::safetensors::save(&t, &path)
+            .map_err(|e| PeftError::file(&path, e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// Merges `adapter` into `base` (checked to be its base): the weight-form methods into the

@@ -21,7 +21,7 @@ use crate::model::lm_checkpoint::LmConfig;
 use crate::model::mamba2::{Mamba2Config, Mamba2Mixer};
 use crate::model::selective::SelectiveBranch;
 use crate::model::vim::{VimConfig, VimForImageClassification};
-use crate::model::{CausalLm, Family, InputHook, MambaConfig, MambaMixer, Mixer, MixerHook};
+use crate::model::{AnyLm, CausalLm, Family, InputHook, MambaConfig, MambaMixer, Mixer, MixerHook};
 
 /// The sizes a method needs, whatever the family. Field names are Mamba-1's.
 #[derive(Clone, Debug, PartialEq)]
@@ -161,6 +161,18 @@ impl ModelShape {
     pub fn vocab(&self, method: &str) -> PeftResult<usize> {
         self.vocab_size
             .ok_or_else(|| PeftError::unsupported(method, self.family, "it has no token embedding"))
+    }
+}
+
+impl ModelShape {
+    /// The shape of the model a parsed `config.json` describes, whatever its family; `path`
+    /// is only used in messages.
+    pub fn from_config(config: &serde_json::Value, path: &std::path::Path) -> crate::Result<Self> {
+        Ok(match crate::model::family::detect(config, path)? {
+            Family::Mamba => (&MambaConfig::from_json_str(&config.to_string(), path)?).into(),
+            Family::Mamba2 => (&Mamba2Config::from_value(config, path)?).into(),
+            Family::Vim => (&VimConfig::from_value(config, path)?).into(),
+        })
     }
 }
 
@@ -549,6 +561,81 @@ impl<M: MixerSites> PeftModel for CausalLm<M> {
                         .filter_map(|s| m.param(*s))
                         .any(|p| p.adapter().is_some())
             })
+    }
+}
+
+/// Runs `$body` with `$m` bound to the [`AnyLm`] variant's model.
+macro_rules! each_lm {
+    ($self:expr, $m:ident => $body:expr) => {
+        match $self {
+            AnyLm::Mamba($m) => $body,
+            AnyLm::Mamba2($m) => $body,
+        }
+    };
+}
+
+impl PeftBase for AnyLm {
+    fn peft_shape(&self) -> ModelShape {
+        each_lm!(self, m => m.peft_shape())
+    }
+
+    fn projection(&self, site: LinearSite) -> Option<&Projection> {
+        each_lm!(self, m => PeftBase::projection(m, site))
+    }
+
+    fn param(&self, site: ParamSite) -> Option<&Param> {
+        each_lm!(self, m => PeftBase::param(m, site))
+    }
+
+    fn named_weights(&self) -> Vec<(String, Tensor)> {
+        AnyLm::named_weights(self)
+    }
+
+    fn token_embedding(&self) -> Option<&Tensor> {
+        each_lm!(self, m => m.token_embedding())
+    }
+
+    fn device(&self) -> &Device {
+        AnyLm::device(self)
+    }
+
+    fn dtype(&self) -> DType {
+        AnyLm::dtype(self)
+    }
+}
+
+impl PeftModel for AnyLm {
+    fn projection_mut(&mut self, site: LinearSite) -> Option<&mut Projection> {
+        each_lm!(self, m => m.projection_mut(site))
+    }
+
+    fn param_mut(&mut self, site: ParamSite) -> Option<&mut Param> {
+        each_lm!(self, m => m.param_mut(site))
+    }
+
+    fn install(&mut self, extras: Extras) -> PeftResult<()> {
+        each_lm!(self, m => m.install(extras))
+    }
+
+    fn with_weights(&self, tensors: HashMap<String, Tensor>) -> PeftResult<Self> {
+        Ok(match self {
+            AnyLm::Mamba(m) => AnyLm::Mamba(m.with_weights(tensors)?),
+            AnyLm::Mamba2(m) => AnyLm::Mamba2(m.with_weights(tensors)?),
+        })
+    }
+
+    fn has_adapters(&self) -> bool {
+        each_lm!(self, m => m.has_adapters())
+    }
+
+    fn merged_weights(&self, base: &Self) -> PeftResult<Self> {
+        match (self, base) {
+            (AnyLm::Mamba(a), AnyLm::Mamba(b)) => Ok(AnyLm::Mamba(a.merged_weights(b)?)),
+            (AnyLm::Mamba2(a), AnyLm::Mamba2(b)) => Ok(AnyLm::Mamba2(a.merged_weights(b)?)),
+            _ => Err(PeftError::Contradictory(
+                "the adapted model and its base are of different families".into(),
+            )),
+        }
     }
 }
 

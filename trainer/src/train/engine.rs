@@ -23,13 +23,13 @@ use super::optim::{self, AdamW, Grads, ParamGroup};
 use super::schedule::Schedule;
 use super::{Control, Hyperparameters, TrainError, TrainEvent, TrainObserver};
 use crate::model::vim::{Mode, VimForImageClassification, classification_loss};
-use crate::model::{MambaForCausalLM, ModelInput, causal_lm_loss};
+use crate::model::{LanguageModel, ModelInput, causal_lm_loss};
 use crate::peft::InitialState;
 
 /// The model a trainable trains, by task.
 #[derive(Clone, Copy)]
 pub enum TaskModel<'a> {
-    CausalLm(&'a MambaForCausalLM),
+    CausalLm(&'a dyn LanguageModel),
     Classifier(&'a VimForImageClassification),
 }
 
@@ -573,7 +573,7 @@ pub fn evaluate_images(
 /// Validation: the mean token loss over `data`, and for multiple choice the accuracy of
 /// picking the choice with the highest summed log-likelihood.
 pub fn evaluate(
-    model: &MambaForCausalLM,
+    model: &dyn LanguageModel,
     data: &Tokenized,
     batch: usize,
     pad: u32,
@@ -612,7 +612,7 @@ pub fn evaluate(
 /// and how many tokens were scored. Every choice of every set runs in batches of `batch`
 /// sequences (right-padded; padding is not scored).
 pub fn score_choice_sets(
-    model: &MambaForCausalLM,
+    model: &dyn LanguageModel,
     sets: &[ChoiceExample],
     batch: usize,
     pad: u32,
@@ -653,7 +653,7 @@ pub fn argmax(v: &[f64]) -> Option<usize> {
 /// Per sequence of a batch: the summed log-probability of its scored labels, and how many
 /// there are. With an initial state (a merged prefix prompt), every sequence starts from it.
 pub fn sequence_logprobs(
-    model: &MambaForCausalLM,
+    model: &dyn LanguageModel,
     b: &Batch,
     initial_state: Option<&InitialState>,
 ) -> Result<(Vec<f64>, Vec<usize>), TrainError> {

@@ -27,7 +27,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Checkpoint, LoadOptions, MambaConfig, MambaForCausalLM};
+use crate::model::{AnyLm, LoadOptions, MambaForCausalLM};
 use crate::peft::{Adapter, AdapterSpec, PeftError, PeftModel};
 use crate::tokenizer::Tokenizer;
 use engine::{BTreeFingerprint, LoopConfig, TaskModel, TrainSet, Trainable};
@@ -409,9 +409,8 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
         dtype: DType::F32,
         device: req.device.clone(),
     };
-    let ck = Checkpoint::load(&req.model_dir, &opts)?;
-    let cfg = ck.config.clone();
-    let (eos, pad) = special_tokens(&cfg);
+    let base = AnyLm::load(&req.model_dir, &opts)?;
+    let (eos, pad) = special_tokens(base.eos_token_ids(), base.pad_token_id());
     let enc = data::Encoder {
         tokenizer: &tokenizer,
         max_len: req.hyper.max_seq_length as usize,
@@ -430,10 +429,10 @@ pub fn run(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutco
         ],
         None => vec![("training file", file_sha256(&req.train_file)?)],
     };
-    let fingerprint = fingerprint(req, cfg.to_hf_json().to_string(), data)?;
+    let fingerprint = fingerprint(req, base.config_json().to_string(), data)?;
     train_adapter(
         req,
-        &ck.into_frozen()?,
+        &base,
         TrainSet::Tokens { data: &train, pad },
         validation
             .as_ref()
@@ -544,9 +543,9 @@ fn run_images(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOu
 
 /// The end-of-sequence token appended to texts and completions, and the padding id (any
 /// valid id works: padded positions are never scored and come after every real token).
-pub fn special_tokens(cfg: &MambaConfig) -> (Option<u32>, u32) {
-    let eos = cfg.eos_token_ids.first().copied();
-    let pad = cfg.pad_token_id.or(eos).unwrap_or(0);
+pub fn special_tokens(eos_token_ids: &[u32], pad_token_id: Option<u32>) -> (Option<u32>, u32) {
+    let eos = eos_token_ids.first().copied();
+    let pad = pad_token_id.or(eos).unwrap_or(0);
     (eos, pad)
 }
 
@@ -561,7 +560,13 @@ pub trait HasTask {
     fn task(&self) -> TaskModel<'_>;
 }
 
-impl HasTask for MambaForCausalLM {
+impl<M: crate::model::Mixer> HasTask for crate::model::CausalLm<M> {
+    fn task(&self) -> TaskModel<'_> {
+        TaskModel::CausalLm(self)
+    }
+}
+
+impl HasTask for AnyLm {
     fn task(&self) -> TaskModel<'_> {
         TaskModel::CausalLm(self)
     }

@@ -22,6 +22,10 @@ impl LmConfig for MambaConfig {
         MambaConfig::from_file(path)
     }
 
+    fn family(&self) -> crate::model::Family {
+        crate::model::Family::Mamba
+    }
+
     fn expected_tensors(&self) -> Vec<Expected> {
         expected_tensors(self)
     }

@@ -6,6 +6,5 @@ pub mod checkpoint;
 pub mod config;
 pub mod init;
 pub mod model;
-pub mod rows;
 
 pub use model::*;

@@ -15,7 +15,7 @@ use candle_nn::VarBuilder;
 use super::config::MambaConfig;
 use crate::error::Result;
 use crate::model::cache::LayerCache;
-use crate::model::layers::{Linear, Projection};
+use crate::model::layers::{Linear, Param, Projection};
 use crate::model::lm::{Backbone, Block, CausalLm, Mixer, apply_mask, next_conv_state};
 use crate::model::selective::{BranchDims, BranchInput, BranchRef, SelectiveBranch};
 
@@ -234,6 +234,31 @@ impl Mixer for MambaMixer {
 
     fn inserts_positions(&self) -> bool {
         self.hook.is_some()
+    }
+
+    fn projections(&self) -> Vec<&Projection> {
+        vec![
+            &self.in_proj,
+            &self.branch.x_proj,
+            &self.branch.dt_proj,
+            &self.out_proj,
+        ]
+    }
+
+    fn projections_mut(&mut self) -> Vec<&mut Projection> {
+        vec![
+            &mut self.in_proj,
+            &mut self.branch.x_proj,
+            &mut self.branch.dt_proj,
+            &mut self.out_proj,
+        ]
+    }
+
+    fn params(&self) -> Vec<&Param> {
+        let b = &self.branch;
+        let mut p = vec![&b.conv_weight, &b.dt_bias, &b.a_log, &b.d];
+        p.extend(b.conv_bias.as_ref());
+        p
     }
 
     fn named_weights(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {

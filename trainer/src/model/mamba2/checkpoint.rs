@@ -23,6 +23,10 @@ impl LmConfig for Mamba2Config {
         Mamba2Config::from_file(path)
     }
 
+    fn family(&self) -> crate::model::Family {
+        crate::model::Family::Mamba2
+    }
+
     fn expected_tensors(&self) -> Vec<Expected> {
         let hf = self.style == ConfigStyle::HuggingFace;
         let n = |hf_name: &'static str, ss_name: &'static str| if hf { hf_name } else { ss_name };

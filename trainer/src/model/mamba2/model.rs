@@ -274,6 +274,26 @@ impl Mixer for Mamba2Mixer {
         })
     }
 
+    fn projections(&self) -> Vec<&Projection> {
+        vec![&self.in_proj, &self.out_proj]
+    }
+
+    fn projections_mut(&mut self) -> Vec<&mut Projection> {
+        vec![&mut self.in_proj, &mut self.out_proj]
+    }
+
+    fn params(&self) -> Vec<&Param> {
+        let mut p = vec![
+            &self.conv_weight,
+            &self.dt_bias,
+            &self.a_log,
+            &self.d,
+            &self.norm,
+        ];
+        p.extend(self.conv_bias.as_ref());
+        p
+    }
+
     fn named_weights(&self, prefix: &str, out: &mut Vec<(String, Tensor)>) {
         let mut push = |name: &str, t: &Tensor| {
             out.push((format!("{prefix}.{name}"), t.clone()));

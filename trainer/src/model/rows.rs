@@ -4,15 +4,16 @@
 //! every base tensor of the model shared and untouched. Rows of such adapted models can
 //! then run through one model whose projections compute the base matmul once for the whole
 //! batch and add each row range's own terms ([`RowSegments`]); everything else in a Mamba
-//! layer (conv, scan, norms) is per row anyway.
+//! layer (conv, scan, norms) is per row anyway. Written once for every language family
+//! through the [`Mixer`]'s projection and parameter lists.
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
-use super::model::{MambaForCausalLM, MambaMixer};
 use crate::error::{Error, Result};
-use crate::model::layers::{LinearAdapter, Param, Projection, RowSegments};
+use crate::model::layers::{LinearAdapter, RowSegments};
+use crate::model::lm::{CausalLm, Mixer};
 
 fn same(a: &Tensor, b: &Tensor) -> bool {
     a.id() == b.id()
@@ -26,35 +27,11 @@ fn same_opt(a: Option<&Tensor>, b: Option<&Tensor>) -> bool {
     }
 }
 
-fn projections(m: &MambaMixer) -> [&Projection; 4] {
-    [&m.in_proj, &m.branch.x_proj, &m.branch.dt_proj, &m.out_proj]
-}
-
-fn projections_mut(m: &mut MambaMixer) -> [&mut Projection; 4] {
-    [
-        &mut m.in_proj,
-        &mut m.branch.x_proj,
-        &mut m.branch.dt_proj,
-        &mut m.out_proj,
-    ]
-}
-
-fn params(m: &MambaMixer) -> Vec<&Param> {
-    let mut p = vec![
-        &m.branch.conv_weight,
-        &m.branch.dt_bias,
-        &m.branch.a_log,
-        &m.branch.d,
-    ];
-    p.extend(m.branch.conv_bias.as_ref());
-    p
-}
-
-impl MambaForCausalLM {
+impl<M: Mixer> CausalLm<M> {
     /// Whether `self` is `base` (sharing all of its tensors) with nothing changed but
     /// additive projection adapters: then its sequences can share `base`'s decode batch
     /// ([`Self::row_segmented`]).
-    pub fn is_additive_over(&self, base: &MambaForCausalLM) -> bool {
+    pub fn is_additive_over(&self, base: &CausalLm<M>) -> bool {
         let (a, b) = (&self.backbone, &base.backbone);
         if self.input_hook.is_some()
             || base.input_hook.is_some()
@@ -69,19 +46,22 @@ impl MambaForCausalLM {
         }
         a.layers.iter().zip(&b.layers).all(|(la, lb)| {
             let (ma, mb) = (&la.mixer, &lb.mixer);
-            let params_shared = params(ma).len() == params(mb).len()
-                && params(ma).iter().zip(params(mb)).all(|(pa, pb)| {
+            let (params_a, params_b) = (ma.params(), mb.params());
+            let params_shared = params_a.len() == params_b.len()
+                && params_a.iter().zip(&params_b).all(|(pa, pb)| {
                     same(pa.base(), pb.base()) && pa.adapter().is_none() && pb.adapter().is_none()
                 });
-            let projections_shared = projections(ma).iter().zip(projections(mb)).all(|(pa, pb)| {
-                same(pa.base().weight(), pb.base().weight())
-                    && same_opt(pa.base().bias(), pb.base().bias())
-                    && pb.adapter().is_none()
-                    && pa.adapter().is_none_or(|x| x.is_additive())
-            });
+            let (projs_a, projs_b) = (ma.projections(), mb.projections());
+            let projections_shared = projs_a.len() == projs_b.len()
+                && projs_a.iter().zip(&projs_b).all(|(pa, pb)| {
+                    same(pa.base().weight(), pb.base().weight())
+                        && same_opt(pa.base().bias(), pb.base().bias())
+                        && pb.adapter().is_none()
+                        && pa.adapter().is_none_or(|x| x.is_additive())
+                });
             same(la.norm.weight(), lb.norm.weight())
-                && ma.hook.is_none()
-                && mb.hook.is_none()
+                && !ma.inserts_positions()
+                && !mb.inserts_positions()
                 && params_shared
                 && projections_shared
         })
@@ -90,7 +70,7 @@ impl MambaForCausalLM {
     /// The model for one batch whose consecutive row ranges run additive variants of
     /// `self`: `segments` is `(rows, model)` in row order, each model passing
     /// [`Self::is_additive_over`] `self` (`self` itself for plain base rows).
-    pub fn row_segmented(&self, segments: &[(usize, &MambaForCausalLM)]) -> Result<Self> {
+    pub fn row_segmented(&self, segments: &[(usize, &CausalLm<M>)]) -> Result<Self> {
         if segments.iter().any(|(_, m)| !m.is_additive_over(self)) {
             return Err(Error::input(
                 "segments",
@@ -99,13 +79,15 @@ impl MambaForCausalLM {
         }
         let mut out = self.clone();
         for (i, block) in out.backbone.layers.iter_mut().enumerate() {
-            for (p, proj) in projections_mut(&mut block.mixer).into_iter().enumerate() {
+            for (p, proj) in block.mixer.projections_mut().into_iter().enumerate() {
                 let segs: Vec<(usize, Option<Arc<dyn LinearAdapter>>)> = segments
                     .iter()
                     .map(|(rows, m)| {
-                        let adapter = projections(&m.backbone.layers[i].mixer)[p]
-                            .adapter()
-                            .cloned();
+                        let adapter = m.backbone.layers[i]
+                            .mixer
+                            .projections()
+                            .get(p)
+                            .and_then(|x| x.adapter().cloned());
                         (*rows, adapter)
                     })
                     .collect();
