@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""PyTorch reference side of molt's speed benchmark (issue 2, "Speed").
+"""PyTorch reference side of molt's speed benchmark (issue 2, "Speed"; issue 14 for Mamba-2).
 
-Measures HF transformers' `MambaForCausalLM` (random init, CPU) + peft LoRA at the shapes that
+Measures HF transformers' `MambaForCausalLM` — or `Mamba2ForCausalLM` for the `mamba2-130m`
+shape, on its pure-PyTorch chunked path — (random init, CPU) + peft LoRA at the shapes that
 `molt bench` measures, and prints one JSON object per line on stdout so that bench/run.sh (or any
 other driver) can tabulate it next to molt's figures. Progress and warnings go to stderr.
 
@@ -44,6 +45,14 @@ SHAPES = {
     "small": dict(hidden_size=256, num_hidden_layers=4, time_step_rank=16),
     "130m": dict(hidden_size=768, num_hidden_layers=24, time_step_rank=48),
 }
+# state-spaces/mamba2-130m's config in HF's naming (vocab 50277 padded to 50288).
+MAMBA2_SHAPES = {
+    "mamba2-130m": dict(
+        hidden_size=768, num_hidden_layers=24, num_heads=24, head_dim=64, state_size=128,
+        n_groups=1, chunk_size=256, expand=2, conv_kernel=4, vocab_size=50288,
+        use_bias=False, use_conv_bias=True, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
+    ),
+}
 COMMON = dict(
     vocab_size=50280,
     state_size=16,
@@ -76,13 +85,20 @@ def log(msg: str) -> None:
 
 def run_shape(args) -> None:
     import torch
-    from transformers import MambaConfig, MambaForCausalLM
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     shape = args.child
-    cfg = MambaConfig(**COMMON, **SHAPES[shape])
-    model = MambaForCausalLM(cfg)
+    if shape in MAMBA2_SHAPES:
+        from transformers import Mamba2Config, Mamba2ForCausalLM
+
+        cfg = Mamba2Config(**MAMBA2_SHAPES[shape])
+        model = Mamba2ForCausalLM(cfg)
+    else:
+        from transformers import MambaConfig, MambaForCausalLM
+
+        cfg = MambaConfig(**COMMON, **SHAPES[shape])
+        model = MambaForCausalLM(cfg)
     model.to(torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     sizes = parse_sizes(args.sizes)
@@ -236,7 +252,8 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="small,130m", help="comma list of: " + ",".join(SHAPES))
+    ap.add_argument("--shapes", default="small,130m",
+                    help="comma list of: " + ",".join([*SHAPES, *MAMBA2_SHAPES]))
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions, median reported (default 5, --quick 1)")
     ap.add_argument("--max-seconds", type=float, default=None,
@@ -257,16 +274,17 @@ def main() -> None:
     if unknown:
         sys.exit(f"--metrics: unknown {sorted(unknown)}")
 
+    known = {**SHAPES, **MAMBA2_SHAPES}
     if args.child:
-        if args.child not in SHAPES:
+        if args.child not in known:
             sys.exit(f"unknown shape {args.child!r}")
         run_shape(args)
         return
 
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     for s in shapes:
-        if s not in SHAPES:
-            sys.exit(f"--shapes: unknown shape {s!r} (known: {', '.join(SHAPES)})")
+        if s not in known:
+            sys.exit(f"--shapes: unknown shape {s!r} (known: {', '.join(known)})")
 
     import importlib.metadata as md
 

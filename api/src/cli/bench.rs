@@ -29,8 +29,9 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value, json};
 use trainer::generate::{GenerationConfig, generate};
 use trainer::kernels::bench::{BenchShape, scan_fwd, scan_fwd_bwd};
-use trainer::model::{Checkpoint, MambaConfig, MambaForCausalLM, ModelInput};
+use trainer::model::{CausalLm, Checkpoint, MambaConfig, MambaForCausalLM, Mixer, ModelInput};
 use trainer::peft::AdapterSpec;
+use trainer::peft::MixerSites;
 use trainer::train::data::Batch;
 use trainer::train::engine::{MicroBatch, Trainable, optimizer_step};
 use trainer::train::full::FullModel;
@@ -48,6 +49,10 @@ pub enum Shape {
     /// inference and PEFT training images/s at a batch of `--images` (issue 13).
     #[value(name = "vim-tiny")]
     VimTiny,
+    /// state-spaces/mamba2-130m: hidden 768, 24 layers, 24 heads × 64, state 128, one
+    /// group, vocab 50288 (issue 14).
+    #[value(name = "mamba2-130m")]
+    Mamba2M130,
 }
 
 impl Shape {
@@ -56,6 +61,7 @@ impl Shape {
             Shape::Small => "small",
             Shape::M130 => "130m",
             Shape::VimTiny => "vim-tiny",
+            Shape::Mamba2M130 => "mamba2-130m",
         }
     }
 
@@ -64,7 +70,7 @@ impl Shape {
         let (hidden, layers) = match self {
             Shape::Small => (256, 4),
             Shape::M130 => (768, 24),
-            Shape::VimTiny => return None,
+            Shape::VimTiny | Shape::Mamba2M130 => return None,
         };
         // MambaConfig::new gives HF's defaults (state 16, expand 2, conv 4, dt rank
         // ceil(hidden/16) = 48 for 768, no in/out bias, conv bias, tied head): the shapes
@@ -212,7 +218,7 @@ pub(super) struct Bench {
     gen_tokens: usize,
     pub(super) seed: u64,
     metrics: Vec<Metric>,
-    sizes: Vec<(usize, usize)>,
+    pub(super) sizes: Vec<(usize, usize)>,
     pub(super) images: usize,
     pub(super) out: Out,
 }
@@ -305,6 +311,9 @@ impl Bench {
 
     fn shape(&self, shape: Shape) -> Result<()> {
         let name = shape.name();
+        if shape == Shape::Mamba2M130 {
+            return self.mamba2(name, &super::bench_mamba2::mamba2_130m()?);
+        }
         let Some(cfg) = shape.config() else {
             return self.vim(name, &super::bench_vim::vim_tiny()?);
         };
@@ -330,58 +339,10 @@ impl Bench {
         };
         self.out
             .emit(Some(&at), "params", json!(params), "count", &[]);
-        let mut rng = Lcg(self.seed ^ 0x9e37_79b9_7f4a_7c15);
-
-        if self.wants(Metric::Forward) {
-            for &(b, l) in &self.sizes {
-                let input = random_input(&mut rng, b, l, cfg.vocab_size)?;
-                let fwd = || -> Result<()> {
-                    frozen.forward_with(&input, false)?;
-                    Ok(())
-                };
-                fwd()?;
-                let m = timed(self.reps, self.budget, fwd)?;
-                self.report(&at, "forward_tokens_per_s", b, l, (b * l) as f64, &m, &[]);
-            }
-        }
-
-        if self.wants(Metric::Generate) {
-            for b in GEN_BATCHES {
-                let prompts: Vec<Vec<u32>> = (0..b)
-                    .map(|_| rng.tokens(GEN_PROMPT, cfg.vocab_size))
-                    .collect();
-                let gcfg = GenerationConfig {
-                    max_new_tokens: self.gen_tokens,
-                    // Greedy, and no EOS: a random model may produce one early, and the
-                    // figure is for a fixed number of tokens (min_new_tokens on the PyTorch side).
-                    eos_token_ids: Vec::new(),
-                    ..GenerationConfig::default()
-                };
-                let new = self.gen_tokens;
-                let gen_once = || -> Result<()> {
-                    let out = generate(&frozen, &prompts, &gcfg)?;
-                    ensure!(
-                        out.tokens.iter().all(|t| t.len() == new),
-                        "generation stopped before {new} tokens"
-                    );
-                    Ok(())
-                };
-                gen_once()?;
-                let m = timed(self.reps, self.budget, gen_once)?;
-                self.report(
-                    &at,
-                    "generate_tokens_per_s",
-                    b,
-                    new,
-                    (b * new) as f64,
-                    &m,
-                    &[("prompt", json!(GEN_PROMPT))],
-                );
-            }
-        }
+        self.forward_and_generate(&at, &frozen, cfg.vocab_size)?;
 
         if self.wants(Metric::Train) {
-            self.train_lora(&at, &cfg, &frozen)?;
+            self.train_lora(&at, cfg.vocab_size, &frozen)?;
         }
         if self.wants(Metric::Methods) {
             self.methods(&at, &cfg, &frozen)?;
@@ -437,9 +398,75 @@ impl Bench {
         Ok(())
     }
 
+    /// Forward tokens/s at each `--sizes` entry and greedy generation tokens/s at batch 1
+    /// and 8, for a language model of any family.
+    pub(super) fn forward_and_generate<M: Mixer>(
+        &self,
+        at: &Ctx,
+        frozen: &CausalLm<M>,
+        vocab: usize,
+    ) -> Result<()> {
+        let at = at.clone();
+        let mut rng = Lcg(self.seed ^ 0x9e37_79b9_7f4a_7c15);
+
+        if self.wants(Metric::Forward) {
+            for &(b, l) in &self.sizes {
+                let input = random_input(&mut rng, b, l, vocab)?;
+                let fwd = || -> Result<()> {
+                    frozen.forward_with(&input, false)?;
+                    Ok(())
+                };
+                fwd()?;
+                let m = timed(self.reps, self.budget, fwd)?;
+                self.report(&at, "forward_tokens_per_s", b, l, (b * l) as f64, &m, &[]);
+            }
+        }
+
+        if self.wants(Metric::Generate) {
+            for b in GEN_BATCHES {
+                let prompts: Vec<Vec<u32>> =
+                    (0..b).map(|_| rng.tokens(GEN_PROMPT, vocab)).collect();
+                let gcfg = GenerationConfig {
+                    max_new_tokens: self.gen_tokens,
+                    // Greedy, and no EOS: a random model may produce one early, and the
+                    // figure is for a fixed number of tokens (min_new_tokens on the PyTorch side).
+                    eos_token_ids: Vec::new(),
+                    ..GenerationConfig::default()
+                };
+                let new = self.gen_tokens;
+                let gen_once = || -> Result<()> {
+                    let out = generate(frozen, &prompts, &gcfg)?;
+                    ensure!(
+                        out.tokens.iter().all(|t| t.len() == new),
+                        "generation stopped before {new} tokens"
+                    );
+                    Ok(())
+                };
+                gen_once()?;
+                let m = timed(self.reps, self.budget, gen_once)?;
+                self.report(
+                    &at,
+                    "generate_tokens_per_s",
+                    b,
+                    new,
+                    (b * new) as f64,
+                    &m,
+                    &[("prompt", json!(GEN_PROMPT))],
+                );
+            }
+        }
+
+        Ok(())
+    }
+
     /// LoRA r=8 (α=16, PEFT's convention) on every in_proj and out_proj of a frozen model,
     /// trained as `molt train` trains it.
-    fn train_lora(&self, at: &Ctx, cfg: &MambaConfig, frozen: &MambaForCausalLM) -> Result<()> {
+    pub(super) fn train_lora<M: MixerSites>(
+        &self,
+        at: &Ctx,
+        vocab: usize,
+        frozen: &CausalLm<M>,
+    ) -> Result<()> {
         let spec = AdapterSpec::from_value(&lora_spec())?;
         let t = AdapterTrainable::new(&spec, frozen, self.seed, None)?;
         self.out.emit(
@@ -449,13 +476,13 @@ impl Bench {
             "count",
             &[],
         );
-        self.train_steps(at, cfg, &t, "train_lora_tokens_per_s", &[])
+        self.train_steps(at, vocab, &t, "train_lora_tokens_per_s", &[])
     }
 
     /// Every weight trainable (a `Var`), AdamW on all of them.
     fn train_full(&self, at: &Ctx, cfg: &MambaConfig) -> Result<()> {
         let t = FullModel::new(Checkpoint::random(cfg, self.seed, &Device::Cpu)?, 0.0)?;
-        self.train_steps(at, cfg, &t, "train_full_tokens_per_s", &[])
+        self.train_steps(at, cfg.vocab_size, &t, "train_full_tokens_per_s", &[])
     }
 
     /// Issue 3's table: every method (the papers' 130m configurations where they give one)
@@ -473,17 +500,17 @@ impl Bench {
                 ("trainable_params", json!(params)),
                 ("paper_params", json!(m.paper_params)),
             ];
-            self.train_steps(at, cfg, &t, "method_train_tokens_per_s", &extra)?;
+            self.train_steps(at, cfg.vocab_size, &t, "method_train_tokens_per_s", &extra)?;
         }
         Ok(())
     }
 
     /// Optimizer steps through the training loop's own step function on random tokens
     /// (every position scored), at each `--sizes` entry.
-    fn train_steps(
+    pub(super) fn train_steps(
         &self,
         at: &Ctx,
-        cfg: &MambaConfig,
+        vocab: usize,
         t: &dyn Trainable,
         metric: &str,
         extra: &[(&str, Value)],
@@ -492,7 +519,7 @@ impl Bench {
         let mut opt = AdamW::new(groups, 1e-4, 0.9, 0.999, 1e-8)?;
         let mut rng = Lcg(self.seed ^ 0x51ed_270b_a3f1_c3e5);
         for &(b, l) in &self.sizes {
-            let ids = Tensor::from_vec(rng.tokens(b * l, cfg.vocab_size), (b, l), &Device::Cpu)?;
+            let ids = Tensor::from_vec(rng.tokens(b * l, vocab), (b, l), &Device::Cpu)?;
             let batch = Batch {
                 labels: ids.to_dtype(DType::I64)?,
                 input_ids: ids,
@@ -932,6 +959,7 @@ fn random_input(rng: &mut Lcg, b: usize, l: usize, vocab: usize) -> Result<Model
 }
 
 /// Where a measurement belongs: the model shape (or shapes, for whole-process figures).
+#[derive(Clone)]
 pub(super) struct Ctx {
     pub(super) shape: String,
 }

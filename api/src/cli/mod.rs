@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod bench;
 pub mod bench_cuda;
+mod bench_mamba2;
 pub mod bench_serve;
 pub mod bench_service;
 mod bench_vim;

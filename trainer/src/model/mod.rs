@@ -3,38 +3,31 @@
 //! # The seam
 //!
 //! The rest of molt (PEFT, training, the worker, serving, the API) asks a model family, never
-//! a concrete architecture. A family is one folder under `model/` (`mamba/`, `vim/`)
-//! plus one registry line in [`family`]:
+//! a concrete architecture. A family is one folder under `model/` (`mamba/`, `mamba2/`,
+//! `vim/`) plus one registry line in [`family`]:
 //!
-//! | question | where it is answered | Mamba-1 | Vim |
-//! | --- | --- | --- | --- |
-//! | which family is this `config.json`? | [`family::detect`] | HF `model_type: "mamba"`, state-spaces `d_model` | `bimamba_type` / `img_size` + `patch_size` + `embed_dim` |
-//! | how is it loaded? | [`load`] → [`AnyModel`] | [`Checkpoint`] (HF and state-spaces names, `.bin`) | [`vim::VimCheckpoint`] (official names, `.pth` under `"model"`, fresh head, `pos_embed` resize) |
-//! | which PEFT sites does it have? | `peft::PeftBase` / `peft::PeftModel` (in `peft::target`) | one copy of each branch site | the branch sites twice (`Dir::Bwd` = the `_b` tensors), in/out_proj once, plus `cls_token`, `pos_embed` and the head |
-//! | task head and loss | [`Family::task`] | next token, [`causal_lm_loss`] | class at the class token, [`vim::classification_loss`] |
-//! | input pipeline | [`Family::task`] | tokenizer | image transform (not yet) |
-//! | serving entry points | [`AnyModel`] | generation, scoring | classification (`forward` → logits) |
+//! | question | where it is answered | Mamba-1 | Mamba-2 | Vim |
+//! | --- | --- | --- | --- | --- |
+//! | which family is this `config.json`? | [`family::detect`] | HF `model_type: "mamba"`, state-spaces `d_model` | HF `model_type: "mamba2"`, `ssm_cfg.layer: "Mamba2"` | `bimamba_type` / `img_size` + `patch_size` + `embed_dim` |
+//! | how is it loaded? | [`load`] → [`AnyModel`]; [`AnyLm::load`] for language models | [`lm_checkpoint::LmCheckpoint`] with [`MambaConfig`] | the same loader with [`mamba2::Mamba2Config`] | [`vim::VimCheckpoint`] (official names, `.pth` under `"model"`, fresh head, `pos_embed` resize) |
+//! | what computes a layer? | [`lm::Mixer`] inside the shared [`lm::CausalLm`] shell (embedding, blocks, head, cache, prefill, decode) | [`MambaMixer`] (the [`selective`] branch) | [`mamba2::Mamba2Mixer`] (SSD scan, gated norm) | its own bidirectional mixer (two [`selective`] branches) |
+//! | which PEFT sites does it have? | `peft::PeftBase` / `peft::PeftModel`; for language families through `peft::MixerSites` | in_proj, x_proj, dt_proj, out_proj; A_log, D, conv, dt_proj.bias | in_proj (slices z, x, B, C, dt), out_proj; per-head A_log, D, dt_bias; conv over xBC; norm.weight | the branch sites twice (`Dir::Bwd` = the `_b` tensors), in/out_proj once, plus `cls_token`, `pos_embed` and the head |
+//! | task head and loss | [`Family::task`] | next token, [`causal_lm_loss`] | next token | class at the class token, [`vim::classification_loss`] |
+//! | input pipeline | [`Family::task`] | tokenizer | tokenizer | image transform |
+//! | serving entry points | [`AnyLm`] (serving, training), [`AnyModel`] | generation, scoring | generation, scoring | classification (`forward` → logits) |
 //!
 //! Shared building blocks are written once: [`layers`] (Linear/Projection with adapters,
-//! Param, RmsNorm), the kernels (`crate::kernels`), and the Mamba-1 selective branch
-//! ([`selective`]: conv1d → x_proj → dt_proj → scan, gated by SiLU(z)), which Mamba-1's mixer
-//! runs once and Vim's mixer runs twice.
-//!
-//! Mamba-2 (`Mamba2ForCausalLM`: in_proj rows `z | xBC | dt`, per-head A, D and dt bias, a gated
-//! grouped RMSNorm, no x_proj / dt_proj) fits as one more variant: a `mamba2/` folder with
-//! its own mixer (it does not use [`selective`]), a `Family::Mamba2` line, its
-//! `peft::PeftBase` / `PeftModel` impls (in_proj slices and per-head parameters as sites; no
-//! x_proj / dt_proj, which those impls answer `None` and the methods refuse by name), and an
-//! arm in [`detect`] in place of today's "not supported yet" refusal. Nothing else in the seam
-//! changes.
+//! Param, RmsNorm), the kernels (`crate::kernels`), the language-model shell ([`lm`], with
+//! [`rows`] for serving's row-segmented batches and [`cache`]), the loader
+//! ([`lm_checkpoint`], [`weights`], `fields` for `config.json`), and the Mamba-1 selective
+//! branch ([`selective`]: conv1d → x_proj → dt_proj → scan, gated by SiLU(z)), which Mamba-1's
+//! mixer runs once and Vim's mixer runs twice. Mamba-2 shares the shell, not the branch.
 //!
 //! PEFT reaches a family through `peft::target`: a [`peft::ModelShape`](crate::peft::ModelShape)
-//! (sizes, scan directions, vision sizes), read access to each site's base tensor for
-//! initialisation, and installation of the folded composites. Every method is written once
-//! against those; a bidirectional family gets one instance per direction of each branch site.
-//!
-//! Shared by the families: [`layers`], [`selective`], [`weights`] (reading safetensors and
-//! `.pth` files), [`loss`] (next-token loss for every language family).
+//! (sizes, scan directions, vision sizes, Mamba-2's SSD layout), read access to each site's
+//! base tensor for initialisation, and installation of the folded composites. Every method
+//! is written once against those; a bidirectional family gets one instance per direction of
+//! each branch site; a method a family cannot host is refused naming the family.
 //!
 //! A bidirectional family runs its backward branch through the same kernels with
 //! `BranchInput::reverse` (scan from the last row, anti-causal conv): no flipped copies.
