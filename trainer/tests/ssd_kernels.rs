@@ -281,3 +281,33 @@ fn fused_ssd_scan_equals_the_reference_on_many_shapes() {
         }
     }
 }
+
+/// The fused decode step equals the plain-op reference step over several shapes (groups,
+/// head dims, state sizes not a multiple of the SIMD width), large dt included (softplus's
+/// linear branch).
+#[test]
+fn fused_ssd_step_equals_the_reference() {
+    let mut seed = 11u64;
+    for (b, h, p, g, n) in [(2, 4, 8, 1, 8), (3, 6, 5, 3, 13), (1, 2, 16, 2, 128)] {
+        let t = |seed: &mut u64, shape: &[usize], lo, hi| uniform(seed, shape, lo, hi);
+        let state = t(&mut seed, &[b, h, p, n], -1.0, 1.0);
+        let x = t(&mut seed, &[b, h, p], -1.0, 1.0);
+        let dt = t(&mut seed, &[b, h], -4.0, 24.0);
+        let a = t(&mut seed, &[h], -2.0, -0.1);
+        let bm = t(&mut seed, &[b, g, n], -1.0, 1.0);
+        let cm = t(&mut seed, &[b, g, n], -1.0, 1.0);
+        let d = t(&mut seed, &[h], -1.0, 1.0);
+        let bias = t(&mut seed, &[h], -1.0, 1.0);
+        let fused = kernels::ssd_step(&state, &x, &dt, &a, &bm, &cm, &d, &bias).expect("fused");
+        let plain = kernels::reference::ssd_step(&state, &x, &dt, &a, &bm, &cm, &d, &bias)
+            .expect("reference");
+        let tol = Tol {
+            atol: 1e-5,
+            rtol: 1e-5,
+            rel_l2: None,
+        };
+        let what = format!("b{b} H{h} P{p} G{g} N{n}");
+        assert_close(&format!("{what}: y"), &fused.0, &plain.0, tol);
+        assert_close(&format!("{what}: state"), &fused.1, &plain.1, tol);
+    }
+}

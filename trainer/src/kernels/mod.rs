@@ -466,18 +466,37 @@ pub fn ssd_step(
     if g == 0 || !h.is_multiple_of(g) {
         bail!("{OP}: {g} groups do not divide {h} heads")
     }
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-    let (y, s) = reference::ssd_step(
-        &f32(state)?,
-        &f32(x)?,
-        &f32(dt)?,
-        &f32(a)?,
-        &f32(b)?,
-        &f32(c)?,
-        &f32(d)?,
-        &f32(dt_bias)?,
+    if !x.device().is_cpu() {
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let (y, s) = reference::ssd_step(
+            &f32(state)?,
+            &f32(x)?,
+            &f32(dt)?,
+            &f32(a)?,
+            &f32(b)?,
+            &f32(c)?,
+            &f32(d)?,
+            &f32(dt_bias)?,
+        )?;
+        return Ok((y.to_dtype(x.dtype())?, s));
+    }
+    let st = state.to_dtype(DType::F32)?.contiguous()?;
+    let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+    let small = Tensor::cat(
+        &[
+            f32_flat(dt)?,
+            f32_flat(b)?,
+            f32_flat(c)?,
+            f32_flat(a)?,
+            f32_flat(d)?,
+            f32_flat(dt_bias)?,
+        ],
+        0,
     )?;
-    Ok((y.to_dtype(x.dtype())?, s))
+    let op = step::SsdStepOp { b: bsz, h, p, g, n };
+    let out = st.apply_op3_no_bwd(&x32, &small, &op)?;
+    let [y, new_state] = unpack(&out, [&[bsz, h, p], &[bsz, h, p, n]])?;
+    Ok((y.to_dtype(x.dtype())?, new_state))
 }
 
 /// Mamba-2's grouped gated RMSNorm: `v = y ⊙ silu(z)`, each group of `E/groups` consecutive

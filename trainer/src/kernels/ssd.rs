@@ -130,8 +130,23 @@ fn dt_and_slope(raw: f32, limit: Option<(f32, f32)>) -> (f32, f32) {
     }
 }
 
+/// `a·b` with eight running sums, so the compiler vectorises it (one sequential f32 sum
+/// would chain every multiply-add on the previous one).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut acc = [0.0f32; 8];
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// One chunk's per-step values for head `hi` of batch row `bi`: `w`, `d w / d raw`, `c`.

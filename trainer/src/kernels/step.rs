@@ -291,3 +291,143 @@ impl CustomOp3 for ConvStepOp {
         super::cuda::conv_step((b, e, k), s1, l1, s2, l2, s3, l3)
     }
 }
+
+/// Mamba-2's decode step inputs: `state` `[b, H, P, N]`, `x` `[b, H, P]`, raw `dt` `[b, H]`,
+/// `B`, `C` `[b, G, N]`, `A`, `D`, `dt_bias` `[H]`.
+pub(crate) struct SsdStepInputs<'a> {
+    pub h: usize,
+    pub p: usize,
+    pub g: usize,
+    pub n: usize,
+    pub state: &'a [f32],
+    pub x: &'a [f32],
+    pub dt: &'a [f32],
+    pub bm: &'a [f32],
+    pub cm: &'a [f32],
+    pub a: &'a [f32],
+    pub d: &'a [f32],
+    pub bias: &'a [f32],
+}
+
+/// Head `hi` of batch row `bi`: `S = e^{dt·A}·S + dt·x ⊗ B`, `y = S·C + D·x`, vectorised
+/// over N (one scalar decay per head).
+#[inline(always)]
+fn ssd_head_impl<S: Simd>(
+    s: S,
+    inp: &SsdStepInputs<'_>,
+    bi: usize,
+    hi: usize,
+    y: &mut [f32],
+    ns: &mut [f32],
+) {
+    let (h, p, n) = (inp.h, inp.p, inp.n);
+    let gi = hi / (h / inp.g);
+    let raw = inp.dt[bi * h + hi] + inp.bias[hi];
+    // torch's softplus (threshold 20); the cached step does not clamp dt.
+    let dt = if raw > 20.0 { raw } else { raw.exp().ln_1p() };
+    let decay = s.splat((dt * inp.a[hi]).exp());
+    let at = (bi * h + hi) * p;
+    let bt = &inp.bm[(bi * inp.g + gi) * n..][..n];
+    let ct = &inp.cm[(bi * inp.g + gi) * n..][..n];
+    for (pi, (yv, nrow)) in y.iter_mut().zip(ns.chunks_exact_mut(n)).enumerate() {
+        let xv = inp.x[at + pi];
+        let du = s.splat(dt * xv);
+        let srow = &inp.state[(at + pi) * n..][..n];
+        let mut acc = s.zero();
+        for c in (0..n).step_by(W) {
+            let cw = W.min(n - c);
+            let sn = s.mul_add(decay, s.load(srow, c, cw), s.mul(du, s.load(bt, c, cw)));
+            s.store(nrow, c, cw, sn);
+            acc = s.mul_add(sn, s.load(ct, c, cw), acc);
+        }
+        *yv = inp.d[hi] * xv + s.hsum(acc);
+    }
+}
+
+with_simd! {
+    fn ssd_head(inp: &SsdStepInputs<'_>, bi: usize, hi: usize, y: &mut [f32], ns: &mut [f32]) = ssd_head_impl;
+}
+
+/// One SSD step for the whole batch, parallel over batch rows × heads: one buffer holding
+/// `y` `[b, H, P]` followed by the new state `[b, H, P, N]`.
+pub(crate) fn ssd_step(inp: &SsdStepInputs<'_>, b: usize) -> Vec<f32> {
+    let (h, p, n) = (inp.h, inp.p, inp.n);
+    let mut out = vec![0.0f32; b * h * p * (1 + n)];
+    if p == 0 || n == 0 {
+        return out;
+    }
+    let (y, ns) = out.split_at_mut(b * h * p);
+    y.par_chunks_mut(p)
+        .zip(ns.par_chunks_mut(p * n))
+        .enumerate()
+        .for_each(|(task, (yh, nh))| ssd_head(inp, task / h, task % h, yh, nh));
+    out
+}
+
+/// The SSD step as a no-backward op over (state `[b, H, P, N]`, x `[b, H, P]`, packed
+/// `[dt (b·H) ; B (b·G·N) ; C (b·G·N) ; A ; D ; dt_bias (H each)]`); returns
+/// `[y (b·H·P) ; new state]`.
+pub(crate) struct SsdStepOp {
+    pub b: usize,
+    pub h: usize,
+    pub p: usize,
+    pub g: usize,
+    pub n: usize,
+}
+
+impl CustomOp3 for SsdStepOp {
+    fn name(&self) -> &'static str {
+        "molt-ssd-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Self { b, h, p, g, n } = *self;
+        let state = f32_slice(s1, l1, "ssd_step (state)")?;
+        let x = f32_slice(s2, l2, "ssd_step (x)")?;
+        let small = f32_slice(s3, l3, "ssd_step (inputs)")?;
+        let want = b * h + 2 * b * g * n + 3 * h;
+        if g == 0
+            || !h.is_multiple_of(g)
+            || state.len() != b * h * p * n
+            || x.len() != b * h * p
+            || small.len() != want
+        {
+            bail!(
+                "ssd_step: packed sizes {}/{}/{} do not match b={b}, H={h}, P={p}, G={g}, N={n}",
+                state.len(),
+                x.len(),
+                small.len()
+            )
+        }
+        let (dt, rest) = small.split_at(b * h);
+        let (bm, rest) = rest.split_at(b * g * n);
+        let (cm, rest) = rest.split_at(b * g * n);
+        let (a, rest) = rest.split_at(h);
+        let (d, bias) = rest.split_at(h);
+        let inp = SsdStepInputs {
+            h,
+            p,
+            g,
+            n,
+            state,
+            x,
+            dt,
+            bm,
+            cm,
+            a,
+            d,
+            bias,
+        };
+        let out = ssd_step(&inp, b);
+        let len = out.len();
+        Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
