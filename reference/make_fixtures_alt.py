@@ -227,11 +227,26 @@ def hf_config(spec):
     )
 
 
-def load_model(model_dir: Path):
-    m = MambaForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
-                                         dtype=torch.float32)
+def load_model(model_dir: Path, cls=MambaForCausalLM):
+    m = cls.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     m.eval()
     return m
+
+
+# What differs between the architectures make_base covers (make_mamba2_fixtures_alt.py adds
+# Mamba-2): the config, the model class, the config keys the manifest repeats, the cache
+# shapes and the description.
+MAMBA1 = {
+    "config": lambda spec: hf_config(spec),
+    "cls": MambaForCausalLM,
+    "config_keys": ["vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand",
+                    "conv_kernel", "time_step_rank", "intermediate_size", "layer_norm_epsilon",
+                    "tie_word_embeddings", "use_bias", "use_conv_bias", "residual_in_fp32"],
+    "conv_state": "the last conv_kernel pre-conv x inputs [batch, d_inner, conv_kernel]",
+    "ssm_state": "SSM state after the prompt [batch, d_inner, state]",
+    "title": "Mamba-1",
+    "check_config": lambda cfg_json: isinstance(cfg_json["time_step_rank"], int),
+}
 
 
 def capture_hidden(model):
@@ -251,16 +266,16 @@ def shifted_ce(logits, ids):
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
 
-def make_base(out: Path, spec):
+def make_base(out: Path, spec, arch=MAMBA1):
     name = spec["name"]
     case_dir = out / name
     model_dir = case_dir / "model"
     model_dir.mkdir(parents=True)
     seeds = spec["seeds"]
-    cfg = hf_config(spec)
+    cfg = arch["config"](spec)
 
     torch.manual_seed(seeds["torch.manual_seed (init)"])
-    model = MambaForCausalLM(cfg)
+    model = arch["cls"](cfg)
     g = torch.Generator().manual_seed(seeds["perturbation"])
     with torch.no_grad():
         for pname, p in sorted(model.named_parameters()):
@@ -271,11 +286,11 @@ def make_base(out: Path, spec):
     keys = sorted(load_file(str(model_dir / "model.safetensors")).keys())
     assert "lm_head.weight" not in keys, keys
     cfg_json = json.loads((model_dir / "config.json").read_text())
-    assert isinstance(cfg_json["time_step_rank"], int), cfg_json["time_step_rank"]
+    assert arch["check_config"](cfg_json), cfg_json
 
     # Everything below runs on the checkpoint as stored.
     mem_model = model
-    model = load_model(model_dir)
+    model = load_model(model_dir, arch["cls"])
     V = spec["vocab_size"]
     B, T = spec["batch"], spec["seq"]
     gi = torch.Generator().manual_seed(seeds["inputs"])
@@ -409,9 +424,9 @@ def make_base(out: Path, spec):
         if k.startswith("grad."):
             return ("grad", "d loss / d parameter, same shape as the parameter")
         if k.startswith("gen.prefill.conv_state."):
-            return ("state", "layer i conv cache after the prompt: the last conv_kernel pre-conv x inputs [batch, d_inner, conv_kernel]")
+            return ("state", "layer i conv cache after the prompt: " + arch["conv_state"])
         if k.startswith("gen.prefill.ssm_state."):
-            return ("state", "layer i SSM state after the prompt [batch, d_inner, state]")
+            return ("state", "layer i " + arch["ssm_state"])
         raise KeyError(f"{k} (d_inner {d_inner})")
 
     tensors = save_reference(case_dir, ref, describe)
@@ -421,12 +436,9 @@ def make_base(out: Path, spec):
         "set": SET,
         "generated_by": GENERATED_BY,
         "versions": versions(),
-        "description": f"Base HF Mamba-1 checkpoint '{name}' (random init, perturbed) with full-fine-tune references, on shapes other than the shared set's.",
+        "description": f"Base HF {arch['title']} checkpoint '{name}' (random init, perturbed) with full-fine-tune references, on shapes other than the shared set's.",
         "model_dir": f"{name}/model",
-        "config": {k: cfg_json[k] for k in [
-            "vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand",
-            "conv_kernel", "time_step_rank", "intermediate_size", "layer_norm_epsilon",
-            "tie_word_embeddings", "use_bias", "use_conv_bias", "residual_in_fp32"]},
+        "config": {k: cfg_json[k] for k in arch["config_keys"]},
         "checkpoint_keys": keys,
         "lm_head": "tied: model.safetensors has no lm_head.weight; logits = norm_f(h) @ backbone.embeddings.weight^T",
         "batch": {"batch": B, "seq": T, "labels": "labels = input_ids (HF shifts inside)"},

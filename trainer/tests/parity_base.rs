@@ -852,3 +852,33 @@ fn mamba2_original_format_gives_the_reference_logits() {
     }
     assert!(checked > 0, "no Mamba-2 case has an original-format model");
 }
+
+/// The Mamba-2 walk covers more than one shape too: head dims, group counts, chunk sizes,
+/// conv widths, a vocabulary that is not a multiple of 8, and a finite dt limit.
+#[test]
+fn the_mamba2_walk_covers_other_shapes() {
+    use std::collections::BTreeSet;
+    let configs: Vec<Value> = common::indexed_cases(Family::Mamba2, "base")
+        .iter()
+        .map(|c| common::read_json(&c.path("model_dir").join("config.json")))
+        .collect();
+    let distinct = |key: &str| -> BTreeSet<u64> {
+        configs
+            .iter()
+            .map(|c| c[key].as_u64().unwrap_or_else(|| panic!("config `{key}`")))
+            .collect()
+    };
+    for key in ["head_dim", "n_groups", "chunk_size", "conv_kernel", "num_heads"] {
+        assert!(distinct(key).len() >= 2, "one `{key}` only: {:?}", distinct(key));
+    }
+    assert!(
+        distinct("vocab_size").iter().any(|v| !v.is_multiple_of(8)),
+        "every vocabulary is a multiple of 8"
+    );
+    assert!(
+        configs
+            .iter()
+            .any(|c| c["time_step_limit"][1].as_f64().is_some_and(f64::is_finite)),
+        "no case has a finite dt limit"
+    );
+}
