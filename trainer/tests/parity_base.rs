@@ -868,8 +868,18 @@ fn the_mamba2_walk_covers_other_shapes() {
             .map(|c| c[key].as_u64().unwrap_or_else(|| panic!("config `{key}`")))
             .collect()
     };
-    for key in ["head_dim", "n_groups", "chunk_size", "conv_kernel", "num_heads"] {
-        assert!(distinct(key).len() >= 2, "one `{key}` only: {:?}", distinct(key));
+    for key in [
+        "head_dim",
+        "n_groups",
+        "chunk_size",
+        "conv_kernel",
+        "num_heads",
+    ] {
+        assert!(
+            distinct(key).len() >= 2,
+            "one `{key}` only: {:?}",
+            distinct(key)
+        );
     }
     assert!(
         distinct("vocab_size").iter().any(|v| !v.is_multiple_of(8)),

@@ -21,6 +21,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, 
 use rayon::prelude::*;
 
 use super::scan::f32_slice;
+use super::simd::{Simd, with_simd};
 
 /// The fused kernel's chunk length. The reference (HF) uses the config's `chunk_size`; the
 /// chunking only changes the rounding, so the kernel picks what suits the cache.
@@ -132,6 +133,7 @@ fn dt_and_slope(raw: f32, limit: Option<(f32, f32)>) -> (f32, f32) {
 
 /// `a·b` with eight running sums, so the compiler vectorises it (one sequential f32 sum
 /// would chain every multiply-add on the previous one).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ca
@@ -190,7 +192,18 @@ struct FwdTask {
     states: Vec<f32>,
 }
 
-fn forward_task(dims: &SsdDims, inp: &Inputs, bi: usize, hi: usize, keep_all: bool) -> FwdTask {
+/// One (batch row, head) of the forward. Generic over the instruction set only so that
+/// [`with_simd`] compiles its loops (dot products, axpys) for AVX2 + FMA where the CPU has
+/// them.
+#[inline(always)]
+fn forward_task_impl<S: Simd>(
+    _s: S,
+    dims: &SsdDims,
+    inp: &Inputs<'_>,
+    bi: usize,
+    hi: usize,
+    keep_all: bool,
+) -> FwdTask {
     let SsdDims { l, p, n, .. } = *dims;
     let gi = dims.group_of(hi);
     let pn = p * n;
@@ -250,6 +263,14 @@ fn forward_task(dims: &SsdDims, inp: &Inputs, bi: usize, hi: usize, keep_all: bo
     FwdTask { y, states }
 }
 
+with_simd! {
+    fn forward_task(dims: &SsdDims, inp: &Inputs<'_>, bi: usize, hi: usize, keep_all: bool) -> FwdTask = forward_task_impl;
+}
+
+with_simd! {
+    fn backward_task(dims: &SsdDims, inp: &Inputs<'_>, gy: &[f32], states: &[f32], bi: usize, hi: usize) -> BwdTask = backward_task_impl;
+}
+
 /// Runs the forward: `y` `[b, L, H, P]` and, per (batch row, head) task, its states.
 pub(crate) fn forward(
     dims: &SsdDims,
@@ -299,9 +320,12 @@ struct BwdTask {
     ds0: Vec<f32>,
 }
 
-fn backward_task(
+/// One (batch row, head) of the backward (see [`forward_task_impl`] for the `S`).
+#[inline(always)]
+fn backward_task_impl<S: Simd>(
+    _s: S,
     dims: &SsdDims,
-    inp: &Inputs,
+    inp: &Inputs<'_>,
     gy: &[f32],
     states: &[f32],
     bi: usize,
@@ -467,22 +491,25 @@ pub(crate) fn backward(
             o[hi * p..][..p].copy_from_slice(&tasks[bi * h + hi].dx[t * p..][..p]);
         }
     });
+    // Per time row: each head's dt gradient, and its share of its group's dB / dC.
     let heads_per_group = h / g;
-    for bi in 0..b {
-        for t in 0..l {
+    ddt.par_chunks_mut(h)
+        .zip(db.par_chunks_mut(g * n).zip(dc.par_chunks_mut(g * n)))
+        .enumerate()
+        .for_each(|(row, (ddt_row, (db_row, dc_row)))| {
+            let (bi, t) = (row / l, row % l);
             for hi in 0..h {
                 let task = &tasks[bi * h + hi];
-                ddt[dims.dt_at(bi, t, hi)] = task.ddt[t];
-                let at = dims.bc_at(bi, t, hi / heads_per_group);
-                for (o, v) in db[at..][..n].iter_mut().zip(&task.db[t * n..][..n]) {
+                ddt_row[hi] = task.ddt[t];
+                let at = (hi / heads_per_group) * n;
+                for (o, v) in db_row[at..][..n].iter_mut().zip(&task.db[t * n..][..n]) {
                     *o += v;
                 }
-                for (o, v) in dc[at..][..n].iter_mut().zip(&task.dc[t * n..][..n]) {
+                for (o, v) in dc_row[at..][..n].iter_mut().zip(&task.dc[t * n..][..n]) {
                     *o += v;
                 }
             }
-        }
-    }
+        });
     for (task, t) in tasks.iter().enumerate() {
         let hi = task % h;
         da[hi] += t.da;
