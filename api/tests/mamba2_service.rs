@@ -138,6 +138,64 @@ async fn complete(s: &Server, model: &str) -> Value {
     v
 }
 
+/// `/v1/scores` on `model`: every choice's log-likelihood equals the one `m` gives here.
+async fn check_scores(s: &Server, model: &str, m: &Mamba2ForCausalLM, tok: &Tokenizer) {
+    let items = json!([
+        {"context": "The mamba slides", "choices": [" over", " under the warm stone"]},
+        {"context": "It sings", "choices": [" songs", " nothing"]},
+    ]);
+    let (st, v) = s
+        .call(s.req(Method::POST, "/v1/scores").json(&json!({
+            "model": model, "items": items, "batch_size": 2
+        })))
+        .await;
+    assert_eq!(st, StatusCode::OK, "scores on {model}: {v}");
+    for (i, item) in items.as_array().expect("items").iter().enumerate() {
+        let ctx = tok
+            .encode(item["context"].as_str().expect("context"))
+            .expect("encode");
+        for (k, ch) in item["choices"]
+            .as_array()
+            .expect("choices")
+            .iter()
+            .enumerate()
+        {
+            let c: Vec<u32> = tok
+                .inner()
+                .encode(ch.as_str().expect("choice"), false)
+                .expect("encode")
+                .get_ids()
+                .to_vec();
+            let ids: Vec<u32> = ctx.iter().chain(&c).copied().collect();
+            let t = Tensor::new(ids.as_slice(), m.device())
+                .and_then(|t| t.unsqueeze(0))
+                .expect("ids");
+            let logits = m
+                .forward(&t, None)
+                .and_then(|l| Ok(l.squeeze(0)?))
+                .expect("forward");
+            let mut want = 0f64;
+            for (j, id) in c.iter().enumerate() {
+                let row: Vec<f32> = logits
+                    .get(ctx.len() + j - 1)
+                    .and_then(|r| r.to_vec1())
+                    .expect("row");
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let lse = row
+                    .iter()
+                    .map(|x| f64::from(x - max).exp())
+                    .sum::<f64>()
+                    .ln();
+                want += f64::from(row[*id as usize] - max) - lse;
+            }
+            let got = &v["data"][i]["choices"][k];
+            let lp = got["logprob"].as_f64().expect("logprob");
+            assert!((lp - want).abs() < 1e-3, "{model}: {got} vs {want}");
+            assert_eq!(got["tokens"], c.len(), "{model}: {got}");
+        }
+    }
+}
+
 async fn mamba2_service(backend: Backend) {
     let label = backend.label;
     let s = Server::start(ServeOptions {
@@ -167,6 +225,7 @@ async fn mamba2_service(backend: Backend) {
             "{label}"
         );
         assert_close(&token_logprobs(c), &want_lps, &format!("{label} {id} base"));
+        check_scores(&s, &id, &base, &tok).await;
 
         let (st, file) = s.upload("train.jsonl", dataset()).await;
         assert_eq!(st, StatusCode::OK, "{file}");
@@ -247,6 +306,7 @@ async fn mamba2_service(backend: Backend) {
                 "{what}"
             );
             assert_close(&token_logprobs(c), &lps, &format!("{what} hot-swapped"));
+            check_scores(&s, &ft, &adapted, &tok).await;
 
             // Merged: the same tokens; the download is a Mamba2ForCausalLM checkpoint.
             let (st, m) = s
