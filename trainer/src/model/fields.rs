@@ -166,6 +166,41 @@ impl Fields {
         }
     }
 
+    /// mamba_ssm's `MambaLMHeadModel` options molt does not implement, refused by name: MLP
+    /// blocks (`d_intermediate`), hybrid attention layers, LayerNorm blocks.
+    pub(crate) fn plain_mamba_blocks(&self, obj: &Map<String, Value>) -> Result<()> {
+        if let Some(d) = self.usize_opt(obj, "d_intermediate")?
+            && d != 0
+        {
+            return Err(self.unsupported(format!(
+                "d_intermediate is {d}: blocks with an MLP are not supported"
+            )));
+        }
+        if let Some(Value::Array(a)) = obj.get("attn_layer_idx")
+            && !a.is_empty()
+        {
+            return Err(self.unsupported(
+                "attn_layer_idx is not empty: hybrid attention layers are not supported",
+            ));
+        }
+        if self.bool_opt(obj, "rms_norm")? == Some(false) {
+            return Err(self.unsupported("rms_norm is false: LayerNorm blocks are not supported"));
+        }
+        Ok(())
+    }
+
+    /// A state-spaces `vocab_size` rounded up to `pad_vocab_size_multiple` (default 8), the
+    /// embedding's row count.
+    pub(crate) fn padded_vocab(&self, obj: &Map<String, Value>) -> Result<usize> {
+        let raw = self.usize_req(obj, "vocab_size")?;
+        let multiple = self.usize_opt(obj, "pad_vocab_size_multiple")?.unwrap_or(8);
+        if multiple > 1 {
+            self.product("pad_vocab_size_multiple", raw.div_ceil(multiple), multiple)
+        } else {
+            Ok(raw)
+        }
+    }
+
     /// Fails naming the first of `fields` that is zero.
     pub(crate) fn positive(&self, fields: &[(&str, usize)]) -> Result<()> {
         match fields.iter().find(|(_, v)| *v == 0) {

@@ -58,14 +58,28 @@ pub trait LmConfig: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
     }
 
     /// The config flag that would have to be true for a tensor found but not expected
-    /// (`use_bias` for `in_proj.bias`), so the message names the contradiction.
+    /// (`use_bias` for `in_proj.bias`), so the message names the contradiction. Both language
+    /// families name their optional biases alike.
     fn flag_for_unexpected(&self, name: &str) -> Option<&'static str> {
-        let _ = name;
-        None
+        if name.ends_with(".mixer.in_proj.bias") || name.ends_with(".mixer.out_proj.bias") {
+            Some("use_bias")
+        } else if name.ends_with(".mixer.conv1d.bias") {
+            Some("use_conv_bias")
+        } else {
+            None
+        }
     }
 
+    /// Which naming the config file used.
+    fn style(&self) -> crate::model::ConfigStyle;
+
     /// The layer-count field as this config's naming spells it (`num_hidden_layers`, `n_layer`).
-    fn layer_word(&self) -> &'static str;
+    fn layer_word(&self) -> &'static str {
+        match self.style() {
+            crate::model::ConfigStyle::HuggingFace => "num_hidden_layers",
+            crate::model::ConfigStyle::StateSpaces => "n_layer",
+        }
+    }
     fn num_layers(&self) -> usize;
     fn vocab_size(&self) -> usize;
     fn hidden_size(&self) -> usize;

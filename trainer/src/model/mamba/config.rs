@@ -258,36 +258,10 @@ impl Reader {
         let ssm = self.ssm_cfg(obj)?;
         let empty = Map::new();
         let ssm = ssm.unwrap_or(&empty);
-        if let Some(d_inter) = self.usize_opt(obj, "d_intermediate")?
-            && d_inter != 0
-        {
-            return Err(self.unsupported(format!(
-                "d_intermediate is {d_inter}: blocks with an MLP are not supported"
-            )));
-        }
-        if let Some(Value::Array(a)) = obj.get("attn_layer_idx")
-            && !a.is_empty()
-        {
-            return Err(self.unsupported(
-                "attn_layer_idx is not empty: hybrid attention layers are not supported",
-            ));
-        }
-        if self.bool_opt(obj, "rms_norm")? == Some(false) {
-            return Err(self.unsupported("rms_norm is false: LayerNorm blocks are not supported"));
-        }
+        self.plain_mamba_blocks(obj)?;
         let hidden = self.usize_req(obj, "d_model")?;
         let n_layer = self.usize_req(obj, "n_layer")?;
-        let vocab_raw = self.usize_req(obj, "vocab_size")?;
-        let multiple = self.usize_opt(obj, "pad_vocab_size_multiple")?.unwrap_or(8);
-        let vocab = if multiple > 1 {
-            self.product(
-                "pad_vocab_size_multiple",
-                vocab_raw.div_ceil(multiple),
-                multiple,
-            )?
-        } else {
-            vocab_raw
-        };
+        let vocab = self.padded_vocab(obj)?;
         let state = self.usize_opt(ssm, "d_state")?.unwrap_or(16);
         let conv = self.usize_opt(ssm, "d_conv")?.unwrap_or(4);
         let expand = self.usize_opt(ssm, "expand")?.unwrap_or(2);

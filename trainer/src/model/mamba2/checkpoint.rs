@@ -111,21 +111,8 @@ impl LmConfig for Mamba2Config {
         out
     }
 
-    fn flag_for_unexpected(&self, name: &str) -> Option<&'static str> {
-        if name.ends_with(".mixer.in_proj.bias") || name.ends_with(".mixer.out_proj.bias") {
-            Some("use_bias")
-        } else if name.ends_with(".mixer.conv1d.bias") {
-            Some("use_conv_bias")
-        } else {
-            None
-        }
-    }
-
-    fn layer_word(&self) -> &'static str {
-        match self.style {
-            ConfigStyle::HuggingFace => "num_hidden_layers",
-            ConfigStyle::StateSpaces => "n_layer",
-        }
+    fn style(&self) -> ConfigStyle {
+        self.style
     }
 
     fn num_layers(&self) -> usize {

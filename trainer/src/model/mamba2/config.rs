@@ -245,23 +245,7 @@ fn state_spaces(f: &Fields, obj: &Map<String, Value>) -> Result<Mamba2Config> {
             )));
         }
     }
-    if let Some(d) = f.usize_opt(obj, "d_intermediate")?
-        && d != 0
-    {
-        return Err(f.unsupported(format!(
-            "d_intermediate is {d}: blocks with an MLP are not supported"
-        )));
-    }
-    if let Some(Value::Array(a)) = obj.get("attn_layer_idx")
-        && !a.is_empty()
-    {
-        return Err(f.unsupported(
-            "attn_layer_idx is not empty: hybrid attention layers are not supported",
-        ));
-    }
-    if f.bool_opt(obj, "rms_norm")? == Some(false) {
-        return Err(f.unsupported("rms_norm is false: LayerNorm blocks are not supported"));
-    }
+    f.plain_mamba_blocks(obj)?;
     // Variants transformers cannot express; their numbers differ from the HF reference.
     for (field, unsupported_value, why) in [
         ("rmsnorm", false, "the mixer without its gated RMSNorm"),
@@ -302,17 +286,7 @@ fn state_spaces(f: &Fields, obj: &Map<String, Value>) -> Result<Mamba2Config> {
             format!("{head_dim} does not divide expand × d_model = {e}"),
         ));
     }
-    let vocab_raw = f.usize_req(obj, "vocab_size")?;
-    let multiple = f.usize_opt(obj, "pad_vocab_size_multiple")?.unwrap_or(8);
-    let vocab = if multiple > 1 {
-        f.product(
-            "pad_vocab_size_multiple",
-            vocab_raw.div_ceil(multiple),
-            multiple,
-        )?
-    } else {
-        vocab_raw
-    };
+    let vocab = f.padded_vocab(obj)?;
     Ok(Mamba2Config {
         hidden_size: hidden,
         num_hidden_layers: f.usize_req(obj, "n_layer")?,
