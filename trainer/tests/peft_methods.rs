@@ -794,7 +794,8 @@ fn base_folder_matches_the_plain_model() {
 }
 
 /// Zero-init adapters are the identity change: merged, every tensor is bit-identical to the
-/// base; unmerged, the logits equal the base logits up to float32 rounding (≤ 2e-6: with a
+/// base; unmerged, the logits equal the base logits up to float32 rounding (≤ 2e-6 ×
+/// max(1, max|logit|): with a
 /// trainable tensor in the graph the model takes its differentiable RMSNorm/scan paths
 /// instead of the fused inference kernels, which sum in another order). Additional-scan with
 /// its released uniform W_add changes the function by design (spec §4.9); prompt/affix change
@@ -864,9 +865,11 @@ fn zero_init_adapters_preserve_the_base_function_on<M: MixerSites>(
             .forward(ids, None)
             .expect("forward");
         let d = diff(&got, &want);
+        // float32 rounding grows with the logits' size (Mamba-2's reach ~4 here).
+        let bound = 2e-6 * max_abs(&want).max(1.0);
         assert!(
-            d <= 2e-6,
-            "{name}: zero-init adapter moves the logits by {d}"
+            d <= bound,
+            "{name}: zero-init adapter moves the logits by {d} (bound {bound})"
         );
         worst = worst.max(d);
         if kinds
