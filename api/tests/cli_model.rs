@@ -256,10 +256,8 @@ fn forward_rejects_bad_input_with_a_message() {
         ]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        // (Mamba-2 takes no adapter yet, and says so before looking for the folder.)
         assert!(
-            err.contains("/some/adapter")
-                && (err.contains("adapter_config.json") || err.contains("not supported yet")),
+            err.contains("/some/adapter") && err.contains("adapter_config.json"),
             "{}: {err}",
             c.label
         );
@@ -282,7 +280,13 @@ fn forward_rejects_bad_input_with_a_message() {
 /// every set): the logits are the fixture's adapted logits.
 #[test]
 fn forward_with_an_adapter_matches_the_reference() {
-    for case in fixtures::indexed_cases(trainer::model::Family::Mamba, "adapter") {
+    let cases = [
+        trainer::model::Family::Mamba,
+        trainer::model::Family::Mamba2,
+    ]
+    .into_iter()
+    .flat_map(|f| fixtures::indexed_cases(f, "adapter"));
+    for case in cases {
         let r =
             candle_core::safetensors::load(case.dir.join("reference.safetensors"), &Device::Cpu)
                 .expect("adapter reference");

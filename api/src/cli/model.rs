@@ -358,17 +358,11 @@ fn load_model(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<MambaF
     with_adapter(base, dir, adapter)
 }
 
-/// A Mamba-2 model folder. PEFT adapters on Mamba-2 are not supported yet, so `--adapter`
-/// is refused rather than ignored.
+/// A Mamba-2 model folder, with the adapter folder applied (merged where possible), if any.
 fn load_mamba2(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<Mamba2ForCausalLM> {
-    if let Some(a) = adapter {
-        bail!(
-            "--adapter {}: adapters on Mamba-2 models are not supported yet",
-            a.display()
-        );
-    }
-    Mamba2ForCausalLM::load(dir, &load_options(device)?)
-        .with_context(|| format!("loading the model from {}", dir.display()))
+    let base = Mamba2ForCausalLM::load(dir, &load_options(device)?)
+        .with_context(|| format!("loading the model from {}", dir.display()))?;
+    with_adapter(base, dir, adapter)
 }
 
 fn forward<M: Mixer>(a: ForwardArgs, model: CausalLm<M>) -> Result<()> {
