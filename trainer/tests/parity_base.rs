@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 use trainer::generate::{GenerationConfig, generate};
-use trainer::model::lm_checkpoint::{LmCheckpoint, LmConfig};
+use trainer::model::lm_checkpoint::LmConfig;
 use trainer::model::mamba2::Mamba2Mixer;
 use trainer::model::{
     CausalLm, Family, LoadOptions, MambaForCausalLM, MambaMixer, Mixer, ModelInput, causal_lm_loss,
@@ -124,7 +124,7 @@ fn mamba1_cases() -> Vec<Case> {
 
 /// Loads a model folder as the language family `M` mixes for.
 fn load_lm<M: Mixer>(dir: &Path) -> trainer::Result<CausalLm<M>> {
-    LmCheckpoint::<M::Config>::load(dir, &LoadOptions::default())?.into_frozen()
+    CausalLm::<M>::load(dir, &LoadOptions::default())
 }
 
 /// Runs `$check::<M>(&case)` on every base case, with `M` the mixer of the case's family.
@@ -208,8 +208,7 @@ fn full_finetune_gradients() {
 }
 
 fn full_finetune_gradients_case<M: Mixer>(case: &Case) {
-    let (model, varmap) = LmCheckpoint::<M::Config>::load(&case.model_dir, &LoadOptions::default())
-        .and_then(|c| c.into_trainable())
+    let (model, varmap) = CausalLm::<M>::load_trainable(&case.model_dir, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{}: {e}", case.name));
     let ids = case.tensor("input_ids");
     let logits = model.forward(&ids, None).expect("forward");

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Value, json};
-use trainer::model::lm_checkpoint::LmCheckpoint;
 use trainer::model::mamba2::Mamba2Mixer;
 use trainer::model::{
     CausalLm, Family, LoadOptions, MambaConfig, MambaForCausalLM, MambaMixer, causal_lm_loss,
@@ -457,8 +456,7 @@ fn load_base(dir: &Path) -> MambaForCausalLM {
 
 /// A base checkpoint of the language family `M` mixes for.
 fn load_lm<M: MixerSites>(dir: &Path) -> CausalLm<M> {
-    LmCheckpoint::<M::Config>::load(dir, &LoadOptions::default())
-        .and_then(|c| c.into_frozen())
+    CausalLm::<M>::load(dir, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 

@@ -19,7 +19,6 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
-use trainer::model::lm_checkpoint::LmCheckpoint;
 use trainer::model::mamba2::Mamba2Mixer;
 use trainer::model::{CausalLm, Family, LoadOptions, MambaMixer, causal_lm_loss};
 use trainer::peft::{
@@ -105,8 +104,7 @@ impl Case {
 
 /// A base checkpoint of the language family `M` mixes for.
 fn load_lm<M: MixerSites>(dir: &std::path::Path) -> CausalLm<M> {
-    LmCheckpoint::<M::Config>::load(dir, &LoadOptions::default())
-        .and_then(|c| c.into_frozen())
+    CausalLm::<M>::load(dir, &LoadOptions::default())
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
 }
 

@@ -9,15 +9,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use trainer::generate::{FinishReason, GenerationConfig, generate};
-use trainer::model::mamba2::Mamba2ForCausalLM;
+use trainer::model::mamba2::Mamba2Mixer;
 use trainer::model::vim::{
     EvalTransform, Mode, VimForImageClassification, VimLoadOptions, classification_loss,
 };
 use trainer::model::{
-    CausalLm, Family, IGNORE_INDEX, LoadOptions, MambaForCausalLM, Mixer, ModelInput,
-    causal_lm_loss,
+    CausalLm, Family, IGNORE_INDEX, LoadOptions, MambaMixer, Mixer, ModelInput, causal_lm_loss,
 };
-use trainer::peft::PeftModel;
+use trainer::peft::{MixerSites, PeftModel};
 use trainer::tokenizer::Tokenizer;
 
 #[derive(clap::Subcommand, Debug)]
@@ -152,11 +151,11 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         ModelCommand::Forward(a) if family(&a.model)? == Family::Vim => forward_vision(a),
         ModelCommand::Forward(a) => match family(&a.model)? {
             Family::Mamba2 => {
-                let model = load_mamba2(&a.model, a.adapter.as_deref(), &a.device)?;
+                let model = load_model::<Mamba2Mixer>(&a.model, a.adapter.as_deref(), &a.device)?;
                 forward(a, model)
             }
             _ => {
-                let model = load_model(&a.model, a.adapter.as_deref(), &a.device)?;
+                let model = load_model::<MambaMixer>(&a.model, a.adapter.as_deref(), &a.device)?;
                 forward(a, model)
             }
         },
@@ -166,11 +165,11 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
                 a.model.display()
             ),
             Family::Mamba2 => {
-                let model = load_mamba2(&a.model, a.adapter.as_deref(), &a.device)?;
+                let model = load_model::<Mamba2Mixer>(&a.model, a.adapter.as_deref(), &a.device)?;
                 generate_cmd(a, model)
             }
             Family::Mamba => {
-                let model = load_model(&a.model, a.adapter.as_deref(), &a.device)?;
+                let model = load_model::<MambaMixer>(&a.model, a.adapter.as_deref(), &a.device)?;
                 generate_cmd(a, model)
             }
         },
@@ -352,15 +351,14 @@ fn class_names(dir: &Path, classes: usize) -> Vec<String> {
         .collect()
 }
 
-fn load_model(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<MambaForCausalLM> {
-    let base = MambaForCausalLM::load(dir, &load_options(device)?)
-        .with_context(|| format!("loading the model from {}", dir.display()))?;
-    with_adapter(base, dir, adapter)
-}
-
-/// A Mamba-2 model folder, with the adapter folder applied (merged where possible), if any.
-fn load_mamba2(dir: &Path, adapter: Option<&Path>, device: &str) -> Result<Mamba2ForCausalLM> {
-    let base = Mamba2ForCausalLM::load(dir, &load_options(device)?)
+/// A language model folder of `M`'s family, with the adapter folder applied (merged where
+/// possible), if any.
+fn load_model<M: MixerSites>(
+    dir: &Path,
+    adapter: Option<&Path>,
+    device: &str,
+) -> Result<CausalLm<M>> {
+    let base = CausalLm::<M>::load(dir, &load_options(device)?)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
     with_adapter(base, dir, adapter)
 }

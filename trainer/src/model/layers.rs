@@ -463,6 +463,19 @@ pub trait ParamAdapter: Send + Sync + fmt::Debug {
     fn value(&self, base: &Tensor) -> Result<Tensor>;
 }
 
+/// A depthwise conv's `[C, 1, K]` weight as the kernels take it (`[C, K]`), and its bias
+/// (zeros when the checkpoint has none).
+pub fn conv_weight_and_bias(weight: &Param, bias: Option<&Param>) -> Result<(Tensor, Tensor)> {
+    let w = weight.value()?;
+    let (c, _, k) = w.dims3()?;
+    let w = w.reshape((c, k))?;
+    let b = match bias {
+        Some(b) => b.value()?,
+        None => Tensor::zeros(c, w.dtype(), w.device())?,
+    };
+    Ok((w, b))
+}
+
 /// A tensor parameter (A_log, D, conv1d, dt bias) with an optional adapter.
 #[derive(Clone, Debug)]
 pub struct Param {

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::error::{CheckpointProblem, Error, Result};
+use crate::model::lm::{CausalLm, Mixer};
 pub use crate::model::weights::LoadOptions;
 use crate::model::weights::{
     WeightFile, file_label, load_one, non_finite, open_weight_file, var_map,
@@ -98,6 +99,18 @@ pub trait LmConfig: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
 
     /// The config as transformers' `save_pretrained` writes it (merged checkpoints).
     fn to_hf_json(&self) -> serde_json::Value;
+}
+
+impl<M: Mixer> CausalLm<M> {
+    /// Loads a model folder of `M`'s family for inference (frozen weights).
+    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
+        LmCheckpoint::<M::Config>::load(dir, opts)?.into_frozen()
+    }
+
+    /// Loads a model folder of `M`'s family for full fine-tuning (every weight a `Var`).
+    pub fn load_trainable(dir: &Path, opts: &LoadOptions) -> Result<(Self, VarMap)> {
+        LmCheckpoint::<M::Config>::load(dir, opts)?.into_trainable()
+    }
 }
 
 /// A validated checkpoint: resolved config and every weight under its HF name.

@@ -10,7 +10,7 @@
 use candle_core::{D, DType, Tensor};
 use candle_nn::VarBuilder;
 
-use super::layers::{Linear, Param, Projection};
+use super::layers::{Linear, Param, Projection, conv_weight_and_bias};
 use crate::error::Result;
 use crate::kernels;
 
@@ -51,14 +51,7 @@ pub struct BranchInput<'a> {
 impl BranchRef<'_> {
     /// Conv weight as the kernels take it (`[E, K]`) and the bias (zeros when absent).
     pub fn conv_params(&self) -> Result<(Tensor, Tensor)> {
-        let w = self.conv_weight.value()?;
-        let (e, _, k) = w.dims3()?;
-        let w = w.reshape((e, k))?;
-        let b = match self.conv_bias {
-            Some(b) => b.value()?,
-            None => Tensor::zeros(e, w.dtype(), w.device())?,
-        };
-        Ok((w, b))
+        Ok(conv_weight_and_bias(self.conv_weight, self.conv_bias)?)
     }
 
     /// `A = -exp(A_log)`, in f32 as the reference computes it.

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 
 use super::config::{ConfigStyle, MambaConfig};
 use super::model::MambaForCausalLM;
@@ -99,18 +99,6 @@ impl LmConfig for MambaConfig {
             "Mamba-1 ({:?} naming): {} layers, hidden {}, vocab {}",
             self.style, self.num_hidden_layers, self.hidden_size, self.vocab_size
         )
-    }
-}
-
-impl MambaForCausalLM {
-    /// Loads a model folder for inference (frozen weights).
-    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        Checkpoint::load(dir, opts)?.into_frozen()
-    }
-
-    /// Loads a model folder for full fine-tuning (every weight a `Var`).
-    pub fn load_trainable(dir: &Path, opts: &LoadOptions) -> Result<(Self, VarMap)> {
-        Checkpoint::load(dir, opts)?.into_trainable()
     }
 }
 

@@ -5,13 +5,13 @@
 
 use std::path::Path;
 
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarBuilder;
 
 use super::config::Mamba2Config;
 use super::model::Mamba2ForCausalLM;
 use crate::error::Result;
 use crate::model::config::ConfigStyle;
-use crate::model::lm_checkpoint::{Expected, LmCheckpoint, LmConfig, LoadOptions};
+use crate::model::lm_checkpoint::{Expected, LmCheckpoint, LmConfig};
 
 /// A validated Mamba-2 checkpoint: resolved config and every weight under its HF name.
 pub type Mamba2Checkpoint = LmCheckpoint<Mamba2Config>;
@@ -163,17 +163,5 @@ impl LmConfig for Mamba2Config {
             self.n_groups,
             self.vocab_size
         )
-    }
-}
-
-impl Mamba2ForCausalLM {
-    /// Loads a model folder for inference (frozen weights).
-    pub fn load(dir: &Path, opts: &LoadOptions) -> Result<Self> {
-        Mamba2Checkpoint::load(dir, opts)?.into_frozen()
-    }
-
-    /// Loads a model folder for full fine-tuning (every weight a `Var`).
-    pub fn load_trainable(dir: &Path, opts: &LoadOptions) -> Result<(Self, VarMap)> {
-        Mamba2Checkpoint::load(dir, opts)?.into_trainable()
     }
 }

@@ -15,7 +15,7 @@ use super::config::Mamba2Config;
 use crate::error::Result;
 use crate::kernels;
 use crate::model::cache::LayerCache;
-use crate::model::layers::{Linear, Param, Projection};
+use crate::model::layers::{Linear, Param, Projection, conv_weight_and_bias};
 use crate::model::lm::{Backbone, Block, CausalLm, Mixer, apply_mask, next_conv_state};
 
 /// Sizes of one Mamba-2 mixer.
@@ -127,14 +127,10 @@ impl Mamba2Mixer {
 
     /// Conv weight as the kernels take it (`[C, K]`) and the bias (zeros when absent).
     fn conv_params(&self) -> Result<(Tensor, Tensor)> {
-        let w = self.conv_weight.value()?;
-        let (c, _, k) = w.dims3()?;
-        let w = w.reshape((c, k))?;
-        let b = match &self.conv_bias {
-            Some(b) => b.value()?,
-            None => Tensor::zeros(c, w.dtype(), w.device())?,
-        };
-        Ok((w, b))
+        Ok(conv_weight_and_bias(
+            &self.conv_weight,
+            self.conv_bias.as_ref(),
+        )?)
     }
 
     /// `A = -exp(A_log)` in f32.
