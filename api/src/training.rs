@@ -50,9 +50,13 @@ fn known_fields() -> Vec<String> {
 
 impl Hyperparameters {
     /// Parses and range-checks the request's hyperparameters (`null`, absent or `"auto"` →
-    /// the trainer's defaults). `examples` estimates the steps for the default
-    /// `checkpoint_every`.
-    pub fn from_request(value: Option<&Value>, examples: u64) -> Result<Self, ApiError> {
+    /// `defaults`: the trainer's, or its vision recipe for vision models). `examples`
+    /// estimates the steps for the default `checkpoint_every`.
+    pub fn from_request(
+        value: Option<&Value>,
+        examples: u64,
+        defaults: &trainer::train::Hyperparameters,
+    ) -> Result<Self, ApiError> {
         let empty = Map::new();
         let obj = match value {
             None | Some(Value::Null) => &empty,
@@ -145,8 +149,13 @@ impl Hyperparameters {
             (None, None) => 1.0,
         };
         let user_checkpoints = resolved.contains_key("checkpoint_every");
+        let mut merged = match serde_json::to_value(defaults) {
+            Ok(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        merged.extend(resolved);
         let mut train: trainer::train::Hyperparameters =
-            serde_json::from_value(Value::Object(resolved)).map_err(|e| {
+            serde_json::from_value(Value::Object(merged)).map_err(|e| {
                 let msg = e.to_string();
                 let field = known
                     .iter()
@@ -210,7 +219,112 @@ pub fn default_method() -> Value {
 /// What the trainer refuses here — unknown or ill-typed options, sizes that do not fit this
 /// base model, methods that contradict each other — answers 400 `invalid_method`, as OpenAI
 /// answers a job it cannot create.
-pub fn check_method(method: &Value, model_config: &Value) -> Result<CheckedMethod, ApiError> {
+/// What a job's files mean for its model: the examples one epoch trains on, and for a vision
+/// model the training file's classes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckedFiles {
+    pub train_examples: u64,
+    pub classes: Option<Vec<String>>,
+}
+
+fn dataset_kind(file: &storage::FileRecord) -> &str {
+    file.dataset
+        .as_ref()
+        .and_then(|d| d.get("kind"))
+        .and_then(Value::as_str)
+        .unwrap_or("text")
+}
+
+fn dataset_classes(file: &storage::FileRecord) -> Vec<String> {
+    file.dataset
+        .as_ref()
+        .and_then(|d| d.get("classes"))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default()
+}
+
+/// Checks a job's (processed) files against its base model: image datasets for a vision
+/// model, text datasets for a language model, and a validation file with exactly the
+/// training file's classes (400 with both lists otherwise).
+pub fn check_files(
+    model_config: &Value,
+    training: &storage::FileRecord,
+    validation: Option<&storage::FileRecord>,
+) -> Result<CheckedFiles, ApiError> {
+    let family = trainer::model::detect(model_config, std::path::Path::new("config.json"))
+        .map_err(|e| ApiError::internal("reading the base model's config", &e))?;
+    let vision = family.task() == trainer::model::Task::ImageClassification;
+    for (file, param) in std::iter::once((training, "training_file"))
+        .chain(validation.map(|v| (v, "validation_file")))
+    {
+        let images = dataset_kind(file) == "images";
+        if images != vision {
+            let (code, what) = if param == "training_file" {
+                ("invalid_training_file", "training")
+            } else {
+                ("invalid_validation_file", "validation")
+            };
+            return Err(ApiError::bad_request(
+                code,
+                if vision {
+                    format!(
+                        "{param} '{}' is a {} dataset; the vision model needs an image \
+                         dataset for {what} (class folders in a zip / tar, or image JSONL)",
+                        file.id,
+                        dataset_kind(file)
+                    )
+                } else {
+                    format!(
+                        "{param} '{}' is an image dataset; a language model trains on text",
+                        file.id
+                    )
+                },
+            )
+            .param(param));
+        }
+    }
+    if !vision {
+        return Ok(CheckedFiles {
+            train_examples: training.line_count.unwrap_or(0).max(0) as u64,
+            classes: None,
+        });
+    }
+    let classes = dataset_classes(training);
+    if let Some(v) = validation {
+        let theirs = dataset_classes(v);
+        if theirs != classes {
+            return Err(ApiError::bad_request(
+                "invalid_validation_file",
+                format!(
+                    "validation_file '{}' has the classes [{}] but training_file '{}' has [{}]; \
+                     both must have the same class list",
+                    v.id,
+                    theirs.join(", "),
+                    training.id,
+                    classes.join(", ")
+                ),
+            )
+            .param("validation_file"));
+        }
+    }
+    let train_examples = training
+        .dataset
+        .as_ref()
+        .and_then(|d| d.get("train_examples"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Ok(CheckedFiles {
+        train_examples,
+        classes: Some(classes),
+    })
+}
+
+/// Checks the method against the base model; a vision model's head is sized for `classes`.
+pub fn check_method(
+    method: &Value,
+    model_config: &Value,
+    classes: Option<usize>,
+) -> Result<CheckedMethod, ApiError> {
     let bad = |msg: String| ApiError::bad_request("invalid_method", msg).param("method");
     let Some(obj) = method.as_object() else {
         return Err(bad(format!(
@@ -220,9 +334,12 @@ pub fn check_method(method: &Value, model_config: &Value) -> Result<CheckedMetho
     let Some(_kind) = obj.get("type").and_then(Value::as_str) else {
         return Err(bad("method needs a string `type` (e.g. \"lora\")".into()));
     };
-    let cfg =
+    let mut cfg =
         trainer::peft::ModelShape::from_config(model_config, std::path::Path::new("config.json"))
             .map_err(|e| ApiError::internal("reading the base model's config", &e))?;
+    if let (Some(v), Some(n)) = (cfg.vision.as_mut(), classes) {
+        v.num_classes = n;
+    }
     peft_check(method, &cfg).map_err(bad)
 }
 
@@ -290,6 +407,7 @@ pub enum RunEvent {
         step: i64,
         loss: f64,
         accuracy: Option<f64>,
+        top5_accuracy: Option<f64>,
     },
     /// A complete checkpoint is in `dir` (the run waits until the observer returns, so the
     /// files can be uploaded safely).
@@ -419,11 +537,13 @@ pub fn run_training(
                 step,
                 loss,
                 accuracy,
+                top5_accuracy,
                 ..
             } => RunEvent::Validation {
                 step: to_i64(*step),
                 loss: *loss,
                 accuracy: *accuracy,
+                top5_accuracy: *top5_accuracy,
             },
             TrainEvent::Checkpoint { step, dir } => RunEvent::Checkpoint {
                 step: to_i64(*step),

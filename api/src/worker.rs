@@ -366,9 +366,9 @@ async fn attempt(
         })?;
 
     let training_file =
-        fetch_file(ctx, job, &job.training_file, &job_dir.join("train.jsonl")).await?;
+        fetch_file(ctx, job, &job.training_file, &job_dir.join("training.data")).await?;
     let validation_file = match &job.validation_file {
-        Some(id) => Some(fetch_file(ctx, job, id, &job_dir.join("validation.jsonl")).await?),
+        Some(id) => Some(fetch_file(ctx, job, id, &job_dir.join("validation.data")).await?),
         None => None,
     };
 
@@ -662,16 +662,22 @@ impl Reporter {
                 step,
                 loss,
                 accuracy,
+                top5_accuracy,
             } => {
+                let top5 = top5_accuracy.map(|a| json!({"valid_top5_accuracy": a}));
                 // Merge into the row of that step when it is still buffered.
                 if let Some(m) = self.pending.iter_mut().find(|m| m.step == step) {
                     m.valid_loss = Some(loss);
                     m.valid_accuracy = accuracy;
+                    if let (Some(Value::Object(extra)), Some(a)) = (&mut m.extra, top5_accuracy) {
+                        extra.insert("valid_top5_accuracy".into(), json!(a));
+                    }
                 } else {
                     self.pending.push(JobMetric {
                         step,
                         valid_loss: Some(loss),
                         valid_accuracy: accuracy,
+                        extra: top5,
                         ..JobMetric::default()
                     });
                 }
@@ -680,6 +686,16 @@ impl Reporter {
                     if let Some(a) = accuracy {
                         latest.insert("valid_mean_token_accuracy".into(), json!(a));
                     }
+                    if let Some(a) = top5_accuracy {
+                        latest.insert("valid_top5_accuracy".into(), json!(a));
+                    }
+                }
+                let mut message = format!("Step {step}: validation loss {loss:.4}");
+                if let Some(a) = accuracy {
+                    message.push_str(&format!(", accuracy {:.2}%", 100.0 * a));
+                }
+                if let Some(a) = top5_accuracy {
+                    message.push_str(&format!(", top-5 {:.2}%", 100.0 * a));
                 }
                 let _ = ctx
                     .db
@@ -687,8 +703,13 @@ impl Reporter {
                         &self.job_id,
                         EventLevel::Info,
                         "metrics",
-                        &format!("Step {step}: validation loss {loss:.4}"),
-                        Some(json!({"step": step, "valid_loss": loss, "valid_accuracy": accuracy})),
+                        &message,
+                        Some(json!({
+                            "step": step,
+                            "valid_loss": loss,
+                            "valid_accuracy": accuracy,
+                            "valid_top5_accuracy": top5_accuracy,
+                        })),
                     )
                     .await;
                 self.flush(ctx).await;

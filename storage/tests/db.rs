@@ -22,6 +22,7 @@ fn new_file(tenant_id: &str, name: &str, idem: Option<&str>) -> NewFile {
         object_key: format!("files/{name}"),
         sha256: None,
         idempotency_key: idem.map(str::to_string),
+        dataset: None,
     }
 }
 

@@ -107,8 +107,8 @@ fn vim_learns_a_synthetic_image_task_with_lora_prodial_and_additional_scan() {
             )
             .unwrap_or_else(|e| panic!("{label}: {e}"));
             assert_eq!(kinds, vec![trainer::train::DatasetKind::Images], "{label}");
-            let (loss, acc) = end.validation.expect("validation");
-            let acc = acc.expect("accuracy");
+            let v = end.validation.expect("validation");
+            let (loss, acc) = (v.loss, v.accuracy.expect("accuracy"));
             let chance = 1.0 / classes as f64;
             eprintln!("{label}: validation loss {loss:.3}, accuracy {acc:.2} (chance {chance:.2})");
             assert!(

@@ -188,6 +188,7 @@ impl BenchServer {
                 object_key: "files/bench".into(),
                 sha256: None,
                 idempotency_key: None,
+                dataset: None,
             })
             .await?;
         let (job, _) = db
@@ -476,6 +477,7 @@ async fn claims_on(url: &str, backend: &str, args: &ServiceBenchArgs) -> Result<
                 object_key: format!("files/bench-{t}"),
                 sha256: None,
                 idempotency_key: None,
+                dataset: None,
             })
             .await?;
         owners.push((tenant.id, file.id));

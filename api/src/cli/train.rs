@@ -318,12 +318,16 @@ impl Printer {
                     step,
                     loss,
                     accuracy,
+                    top5_accuracy,
                     examples,
                 } => writeln!(
                     out,
-                    "validation at step {step}: loss {loss:.4}{} ({examples} examples)",
+                    "validation at step {step}: loss {loss:.4}{}{} ({examples} examples)",
                     accuracy
                         .map(|a| format!(" accuracy {:.2}%", 100.0 * a))
+                        .unwrap_or_default(),
+                    top5_accuracy
+                        .map(|a| format!(" top-5 {:.2}%", 100.0 * a))
                         .unwrap_or_default()
                 ),
                 TrainEvent::Checkpoint { step, dir } => {

@@ -39,6 +39,10 @@ pub struct FileObject {
     pub line_count: Option<i64>,
     /// molt: hex SHA-256 of the content.
     pub sha256: Option<String>,
+    /// molt: what a valid dataset holds: `{"kind"}` (`text`, `prompt_completion`,
+    /// `multiple_choice`, `chat`, `images`); image datasets add `format`, `classes` (class
+    /// `i` is `classes[i]`), `train_examples`, `validation_examples` and `split`.
+    pub dataset: Option<serde_json::Value>,
 }
 
 impl From<FileRecord> for FileObject {
@@ -55,6 +59,7 @@ impl From<FileRecord> for FileObject {
             status_details: f.status_details,
             line_count: f.line_count,
             sha256: f.sha256,
+            dataset: f.dataset,
         }
     }
 }
@@ -316,6 +321,7 @@ pub async fn create(
         object_key: key.clone(),
         sha256: Some(blob.sha256.clone()),
         idempotency_key: idem,
+        dataset: validator.dataset(),
     };
     match state.db.create_file(new).await {
         Ok((row, true)) => {

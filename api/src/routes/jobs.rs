@@ -258,7 +258,7 @@ fn merge_hyperparameters(
     }
     // Each object is checked on its own (400), so nothing the merge drops goes unchecked.
     for v in [&inner, &outer] {
-        Hyperparameters::from_request(v.as_ref(), 0)?;
+        Hyperparameters::from_request(v.as_ref(), 0, &Default::default())?;
     }
     match (inner, outer) {
         (None, outer) => Ok(outer),
@@ -377,7 +377,7 @@ pub async fn create(
     };
     let (method, method_hp) = split_method(req.method)?;
     let hp_value = merge_hyperparameters(method_hp, req.hyperparameters)?;
-    Hyperparameters::from_request(hp_value.as_ref(), 0)?;
+    Hyperparameters::from_request(hp_value.as_ref(), 0, &Default::default())?;
     if let Some(key) = &idem
         && let Some(existing) = state
             .db
@@ -412,12 +412,29 @@ pub async fn create(
         Err(e) => return Err(e.into()),
     };
     let training_file = usable_file(&state, &tenant, &req.training_file, "training_file").await?;
-    if let Some(v) = &req.validation_file {
-        usable_file(&state, &tenant, v, "validation_file").await?;
+    let validation_file = match &req.validation_file {
+        Some(v) => Some(usable_file(&state, &tenant, v, "validation_file").await?),
+        None => None,
+    };
+    let files = training::check_files(&base.config, &training_file, validation_file.as_ref())?;
+    let classes = files.classes.as_ref().map(Vec::len);
+    let checked = training::check_method(&method, &base.config, classes)?;
+    let examples = files.train_examples;
+    let vision = files.classes.is_some();
+    let defaults = if vision {
+        trainer::train::Hyperparameters::vision_recipe()
+    } else {
+        trainer::train::Hyperparameters::default()
+    };
+    let mut hp = Hyperparameters::from_request(hp_value.as_ref(), examples, &defaults)?;
+    // Vision jobs report validation loss and accuracy every epoch unless told otherwise.
+    let user_eval = hp_value
+        .as_ref()
+        .and_then(|v| v.get("eval_every"))
+        .is_some_and(|v| !v.is_null() && v != "auto");
+    if vision && !user_eval {
+        hp.train.eval_every = hp.train.steps_per_epoch(examples as usize).max(1);
     }
-    let checked = training::check_method(&method, &base.config)?;
-    let examples = training_file.line_count.unwrap_or(0).max(0) as u64;
-    let hp = Hyperparameters::from_request(hp_value.as_ref(), examples)?;
     let new = NewJob {
         tenant_id: tenant.id.clone(),
         model: base.id.clone(),

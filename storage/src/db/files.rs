@@ -8,7 +8,7 @@ use crate::ids::{new_id, now_secs};
 macro_rules! file_cols {
     () => {
         "id, tenant_id, purpose, filename, bytes, status, status_details, line_count, \
-         object_key, sha256, idempotency_key, created_at"
+         object_key, sha256, idempotency_key, created_at, dataset"
     };
 }
 
@@ -29,6 +29,8 @@ pub struct NewFile {
     pub object_key: String,
     pub sha256: Option<String>,
     pub idempotency_key: Option<String>,
+    /// What the validator found (see [`FileRecord::dataset`]).
+    pub dataset: Option<serde_json::Value>,
 }
 
 impl Db {
@@ -52,8 +54,8 @@ impl Db {
         let res = with_pool!(self, |p| {
             sqlx::query_as::<_, FileRecord>(concat!(
                 "INSERT INTO files (id, tenant_id, purpose, filename, bytes, status, status_details, \
-                 line_count, object_key, sha256, idempotency_key, created_at) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
+                 line_count, object_key, sha256, idempotency_key, created_at, dataset) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) RETURNING ",
                 file_cols!()
             ))
             .bind(&id)
@@ -68,6 +70,7 @@ impl Db {
             .bind(&new.sha256)
             .bind(&new.idempotency_key)
             .bind(now_secs())
+            .bind(new.dataset.as_ref().map(sqlx::types::Json))
             .fetch_one(p)
             .await
         });

@@ -134,6 +134,10 @@ pub struct FileRecord {
     pub sha256: Option<String>,
     pub idempotency_key: Option<String>,
     pub created_at: i64,
+    /// What the upload validator found: `{"kind", …}`, for images also `format`, `classes`,
+    /// `train_examples`, `validation_examples`, `split` (migration 0002).
+    #[sqlx(json(nullable))]
+    pub dataset: Option<serde_json::Value>,
 }
 
 /// A base model registered by an admin; shared by all tenants.

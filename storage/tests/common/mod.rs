@@ -227,6 +227,7 @@ pub async fn tenant_with_file(db: &Db, name: &str) -> (storage::Tenant, storage:
             object_key: format!("files/{name}"),
             sha256: None,
             idempotency_key: None,
+            dataset: None,
         })
         .await
         .expect("create file");

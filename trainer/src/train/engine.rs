@@ -86,7 +86,7 @@ impl TrainSet<'_> {
         idx: &[usize],
         device: &Device,
         seed: u64,
-    ) -> candle_core::Result<MicroBatch> {
+    ) -> Result<MicroBatch, TrainError> {
         Ok(match self {
             TrainSet::Tokens { data, pad } => {
                 let exs: Vec<_> = idx.iter().map(|&i| &data.examples[i]).collect();
@@ -293,7 +293,19 @@ pub struct LoopEnd {
     pub step: u64,
     pub tokens_seen: u64,
     pub last_loss: Option<f64>,
-    pub validation: Option<(f64, Option<f64>)>,
+    pub validation: Option<Evaluation>,
+}
+
+/// One validation pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean token loss, or mean cross-entropy per image.
+    pub loss: f64,
+    /// Multiple choice and classification: the fraction predicted right.
+    pub accuracy: Option<f64>,
+    /// Classification with more than 5 classes: the fraction whose label is among the 5
+    /// highest logits.
+    pub top5_accuracy: Option<f64>,
 }
 
 /// Runs the loop. Emits `Started` … `Finished` (the caller's out_dir receives the trained
@@ -387,6 +399,20 @@ pub fn train(
             let mb_seed = order_seed(cfg.seed ^ (mb as u64).wrapping_mul(0x2545_F491), epoch);
             batches.push(cfg.train.collate(idx, &cfg.device, mb_seed)?);
         }
+        // The next step's images decode on other threads while this one trains.
+        if let TrainSet::Images(set) = cfg.train {
+            let next = step + 1;
+            if next < total {
+                let (e, k) = (
+                    (next / steps_per_epoch) as u32,
+                    (next % steps_per_epoch) as usize,
+                );
+                let mb = k * accum;
+                if e == epoch && mb < batches_per_epoch {
+                    set.prefetch(&ord[mb * batch..((mb + 1) * batch).min(n)]);
+                }
+            }
+        }
         step += 1;
         let factor = schedule.factor(step);
         let StepStats {
@@ -425,14 +451,9 @@ pub fn train(
             && step % h.eval_every == 0
             && step < total
         {
-            let (loss, acc) = evaluate_set(model, v, batch, &cfg.device)?;
-            validation = Some((loss, acc));
-            let ev = TrainEvent::Validation {
-                step,
-                loss,
-                accuracy: acc,
-                examples: v.records(),
-            };
+            let e = evaluate_set(model, v, batch, &cfg.device)?;
+            validation = Some(e);
+            let ev = validation_event(step, e, v.records());
             if obs.event(&ev) == Control::Stop {
                 return Ok(stopped(step, tokens_seen, last_loss));
             }
@@ -468,14 +489,9 @@ pub fn train(
     }
 
     if let Some(v) = cfg.validation {
-        let (loss, acc) = evaluate_set(model, v, batch, &cfg.device)?;
-        validation = Some((loss, acc));
-        let ev = TrainEvent::Validation {
-            step,
-            loss,
-            accuracy: acc,
-            examples: v.records(),
-        };
+        let e = evaluate_set(model, v, batch, &cfg.device)?;
+        validation = Some(e);
+        let ev = validation_event(step, e, v.records());
         if obs.event(&ev) == Control::Stop {
             return Ok(stopped(step, tokens_seen, last_loss));
         }
@@ -526,21 +542,33 @@ fn override_weight_decay(groups: Vec<ParamGroup>, h: &Hyperparameters) -> Vec<Pa
         .collect()
 }
 
+fn validation_event(step: u64, e: Evaluation, examples: usize) -> TrainEvent {
+    TrainEvent::Validation {
+        step,
+        loss: e.loss,
+        accuracy: e.accuracy,
+        top5_accuracy: e.top5_accuracy,
+        examples,
+    }
+}
+
 /// Validation of any task: see [`evaluate`] (token sequences) and [`evaluate_images`].
 pub fn evaluate_set(
     model: TaskModel<'_>,
     data: TrainSet<'_>,
     batch: usize,
     device: &Device,
-) -> Result<(f64, Option<f64>), TrainError> {
+) -> Result<Evaluation, TrainError> {
     match (model, data) {
         (TaskModel::CausalLm(m), TrainSet::Tokens { data, pad }) => {
-            evaluate(m, data, batch, pad, device)
+            let (loss, accuracy) = evaluate(m, data, batch, pad, device)?;
+            Ok(Evaluation {
+                loss,
+                accuracy,
+                top5_accuracy: None,
+            })
         }
-        (TaskModel::Classifier(m), TrainSet::Images(set)) => {
-            let (loss, acc) = evaluate_images(m, set, batch, device)?;
-            Ok((loss, Some(acc)))
-        }
+        (TaskModel::Classifier(m), TrainSet::Images(set)) => evaluate_images(m, set, batch, device),
         (model, _) => Err(TrainError::Method(format!(
             "{} cannot be validated on this dataset's kind of examples",
             model.name()
@@ -548,26 +576,49 @@ pub fn evaluate_set(
     }
 }
 
-/// Image validation: the mean cross-entropy and the top-1 accuracy (evaluation mode).
+/// Image validation (evaluation mode): the mean cross-entropy, the top-1 accuracy, and with
+/// more than 5 classes the top-5 accuracy. Batches are decoded one ahead.
 pub fn evaluate_images(
     model: &VimForImageClassification,
     set: &ImageSet,
     batch: usize,
     device: &Device,
-) -> Result<(f64, f64), TrainError> {
-    let (mut loss, mut correct) = (0f64, 0usize);
+) -> Result<Evaluation, TrainError> {
+    let (mut loss, mut top1, mut top5) = (0f64, 0usize, 0usize);
     let idx: Vec<usize> = (0..set.len()).collect();
-    for chunk in idx.chunks(batch.max(1)) {
+    let chunks: Vec<&[usize]> = idx.chunks(batch.max(1)).collect();
+    for (k, chunk) in chunks.iter().enumerate() {
         let b = set.collate(chunk, device)?;
+        if let Some(next) = chunks.get(k + 1) {
+            set.prefetch(next);
+        }
         let logits = model.forward(&b.pixels, Mode::Eval, None)?;
         let mean = classification_loss(&logits, &b.labels)?;
         loss += f64::from(mean.to_dtype(DType::F32)?.to_scalar::<f32>()?) * chunk.len() as f64;
-        let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;
+        let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         let want = b.labels.to_vec1::<u32>()?;
-        correct += pred.iter().zip(&want).filter(|(p, w)| p == w).count();
+        for (row, &w) in rows.iter().zip(&want) {
+            let rank = rank_of(row, w as usize);
+            top1 += usize::from(rank == 0);
+            top5 += usize::from(rank < 5);
+        }
     }
     let n = set.len().max(1) as f64;
-    Ok((loss / n, correct as f64 / n))
+    Ok(Evaluation {
+        loss: loss / n,
+        accuracy: Some(top1 as f64 / n),
+        top5_accuracy: (set.num_classes() > 5).then_some(top5 as f64 / n),
+    })
+}
+
+/// How many classes score above `label` (ties count for the label, as argmax takes the first
+/// of equal maxima: only higher ones, and equal ones earlier in the row).
+fn rank_of(row: &[f32], label: usize) -> usize {
+    let v = row.get(label).copied().unwrap_or(f32::NEG_INFINITY);
+    row.iter()
+        .enumerate()
+        .filter(|(j, x)| **x > v || (**x == v && *j < label))
+        .count()
 }
 
 /// Validation: the mean token loss over `data`, and for multiple choice the accuracy of

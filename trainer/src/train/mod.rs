@@ -135,6 +135,22 @@ impl Default for Hyperparameters {
 }
 
 impl Hyperparameters {
+    /// MambaPEFT's vision recipe (spec §6.1): AdamW lr 1e-3, weight decay 1e-4, batch 32,
+    /// 100 epochs, warm-up over the first 10 % (10 epochs), cosine decay, grad-norm clip 5.
+    /// (The paper's cosine ends at 1e-5, this one at 0: a 1 % difference in the last epochs.)
+    pub fn vision_recipe() -> Self {
+        Hyperparameters {
+            n_epochs: 100,
+            batch_size: 32,
+            learning_rate: 1e-3,
+            warmup_ratio: 0.1,
+            lr_scheduler: LrScheduler::Cosine,
+            weight_decay: Some(1e-4),
+            max_grad_norm: 5.0,
+            ..Hyperparameters::default()
+        }
+    }
+
     /// Checks every field's range; the error names the field and what is valid.
     pub fn validate(&self) -> Result<(), TrainError> {
         fn bad(field: &str, reason: String) -> Result<(), TrainError> {
@@ -267,9 +283,11 @@ pub enum TrainEvent {
         step: u64,
         /// Mean token loss over the validation set.
         loss: f64,
-        /// Multiple choice only: the fraction of examples whose correct choice has the
-        /// highest log-likelihood.
+        /// Multiple choice: the fraction of examples whose correct choice has the highest
+        /// log-likelihood; classification: the top-1 accuracy.
         accuracy: Option<f64>,
+        /// Classification with more than 5 classes: the top-5 accuracy.
+        top5_accuracy: Option<f64>,
         examples: usize,
     },
     /// A complete checkpoint for `step` is in `dir`. The run waits for the observer to
@@ -323,6 +341,7 @@ pub enum TrainOutcome {
         train_loss: Option<f64>,
         validation_loss: Option<f64>,
         validation_accuracy: Option<f64>,
+        validation_top5_accuracy: Option<f64>,
         out_dir: PathBuf,
     },
     /// The observer returned [`Control::Stop`] after `step`.
@@ -382,6 +401,12 @@ impl TrainError {
                 | TrainError::Method(_)
                 | TrainError::Diverged { .. }
         )
+    }
+
+    pub(crate) fn dataset(error: DatasetError) -> Self {
+        TrainError::Dataset {
+            errors: vec![error],
+        }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
@@ -488,19 +513,25 @@ fn train_adapter<M: PeftModel + HasTask>(
             steps: end.step,
             tokens_seen: end.tokens_seen,
             train_loss: end.last_loss,
-            validation_loss: end.validation.map(|v| v.0),
-            validation_accuracy: end.validation.and_then(|v| v.1),
+            validation_loss: end.validation.map(|v| v.loss),
+            validation_accuracy: end.validation.and_then(|v| v.accuracy),
+            validation_top5_accuracy: end.validation.and_then(|v| v.top5_accuracy),
             out_dir: req.out_dir.clone(),
         }
     })
 }
 
-/// [`run`] for a Vision Mamba: `train_file` / `validation_file` are image folders (one
-/// subfolder per class); the head is built for the training folder's classes (a fresh zero
-/// head when the checkpoint's has another size).
+/// [`run`] for a Vision Mamba: `train_file` / `validation_file` are image datasets (an image
+/// folder, a zip / tar / tar.gz of one, or image JSONL: [`images::source`]); the head is built
+/// for the training data's classes (a fresh zero head when the checkpoint's has another
+/// size). A training file with `train/` and `val/` splits validates on its `val/` split when
+/// no validation file is given.
 fn run_images(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutcome, TrainError> {
     use crate::model::vim::{EvalTransform, VimCheckpoint, VimLoadOptions};
-    let classes = images::folder_classes(&req.train_file)?;
+    use images::Role;
+    let scratch = images::Scratch::new()?;
+    let train_scan = images::scan(&req.train_file, &scratch.sub("training")?)?;
+    let classes = train_scan.classes.clone();
     let opts = VimLoadOptions {
         load: LoadOptions {
             dtype: DType::F32,
@@ -511,34 +542,58 @@ fn run_images(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOu
     };
     let base = VimCheckpoint::load(&req.model_dir, &opts)?.into_frozen()?;
     let transform = EvalTransform::for_image_size(base.config.img_size);
-    let (train, train_files) = images::load_folder(&req.train_file, &classes, &transform)?;
+    let train = images::open(
+        &train_scan,
+        Role::Training,
+        &classes,
+        &transform,
+        &req.train_file,
+    )?;
+    let mut data = vec![(
+        "training images",
+        train_scan
+            .sha256(&req.train_file)
+            .map_err(TrainError::dataset)?,
+    )];
     let validation = match &req.validation_file {
-        Some(v) => Some(images::load_folder(v, &classes, &transform)?),
+        Some(v) => {
+            let scan = images::scan(v, &scratch.sub("validation")?)?;
+            data.push((
+                "validation images",
+                scan.sha256(v).map_err(TrainError::dataset)?,
+            ));
+            Some(images::open(
+                &scan,
+                Role::Validation,
+                &classes,
+                &transform,
+                v,
+            )?)
+        }
+        None if !train_scan.validation.is_empty() => Some(images::open(
+            &train_scan,
+            Role::Validation,
+            &classes,
+            &transform,
+            &req.train_file,
+        )?),
         None => None,
     };
-    let listing = |files: &[PathBuf]| -> Result<String, TrainError> {
-        let mut h = Sha256::new();
-        for f in files {
-            h.update(f.to_string_lossy().as_bytes());
-            h.update(file_sha256(f)?.as_bytes());
-        }
-        Ok(hex::encode(h.finalize()))
-    };
-    let mut data = vec![("training images", listing(&train_files)?)];
-    if let Some((_, files)) = &validation {
-        data.push(("validation images", listing(files)?));
-    }
     let config =
         serde_json::to_string(&base.config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let fingerprint = fingerprint(req, config, data)?;
-    train_adapter(
+    let outcome = train_adapter(
         req,
         &base,
         TrainSet::Images(&train),
-        validation.as_ref().map(|(set, _)| TrainSet::Images(set)),
+        validation.as_ref().map(TrainSet::Images),
         fingerprint,
         obs,
-    )
+    )?;
+    if let TrainOutcome::Finished { out_dir, .. } = &outcome {
+        images::write_classes(out_dir, &classes)?;
+    }
+    Ok(outcome)
 }
 
 /// The end-of-sequence token appended to texts and completions, and the padding id (any

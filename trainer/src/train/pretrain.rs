@@ -246,7 +246,7 @@ pub fn pretrain(
         train_tokens: train_ids.len(),
         validation_tokens: val_ids.len(),
         steps: end.step,
-        validation_loss: end.validation.map(|v| v.0),
+        validation_loss: end.validation.map(|v| v.loss),
         seconds: started.elapsed().as_secs_f64(),
     })
 }
