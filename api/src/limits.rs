@@ -37,6 +37,18 @@ pub struct RequestLimits {
     /// Longest name a client gives (tenant, API key and uploaded file names), in characters.
     #[arg(long, env = "MOLT_MAX_NAME_CHARS", default_value_t = 256)]
     pub max_name_chars: usize,
+
+    /// Most images one `/v1/classifications` request classifies.
+    #[arg(long, env = "MOLT_MAX_CLASSIFICATION_IMAGES", default_value_t = 64)]
+    pub max_classification_images: usize,
+
+    /// Largest encoded image a `/v1/classifications` request sends, in bytes.
+    #[arg(long, env = "MOLT_MAX_IMAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_image_bytes: usize,
+
+    /// Most pixels (width × height, from the image header) of one classified image.
+    #[arg(long, env = "MOLT_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
 }
 
 impl Default for RequestLimits {
@@ -48,6 +60,9 @@ impl Default for RequestLimits {
             max_completion_sequences: 128,
             max_completion_tokens: 65536,
             max_name_chars: 256,
+            max_classification_images: 64,
+            max_image_bytes: 16 << 20,
+            max_image_pixels: 40_000_000,
         }
     }
 }

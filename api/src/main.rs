@@ -89,6 +89,13 @@ enum Command {
         #[command(subcommand)]
         command: cli::client::AdaptersCommand,
     },
+    /// Classify image files with a vision model of the server (`POST /v1/classifications`).
+    Classify {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        #[command(flatten)]
+        args: cli::client::ClassifyArgs,
+    },
 }
 
 /// `molt bench [FLAGS]` or `molt bench serve [FLAGS]`.
@@ -163,6 +170,7 @@ fn main() -> ExitCode {
         Command::Files { client, command } => cli::client::files(&client, command),
         Command::Jobs { client, command } => cli::client::jobs(&client, command),
         Command::Adapters { client, command } => cli::client::adapters(&client, command),
+        Command::Classify { client, args } => cli::client::classify(&client, args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -63,19 +63,21 @@ pub fn check_model_id(id: &str) -> Result<(), RegistryError> {
     }
 }
 
-/// Parses and checks `config.json`; returns (parsed JSON, hex SHA-256 of the bytes).
-fn check_config(bytes: &[u8], origin: &str) -> Result<(Value, String), RegistryError> {
+/// Parses and checks `config.json`; returns (parsed JSON, hex SHA-256 of the bytes, whether
+/// the model reads text, i.e. needs a tokenizer).
+fn check_config(bytes: &[u8], origin: &str) -> Result<(Value, String, bool), RegistryError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| RegistryError::Invalid(format!("{origin}/config.json is not UTF-8")))?;
     let value: Value = serde_json::from_str(text)
         .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
-    trainer::model::check_config(&value, Path::new(origin))
+    let family = trainer::model::check_config(&value, Path::new(origin))
         .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
-    Ok((value, hex::encode(Sha256::digest(bytes))))
+    let text_model = family.task() == trainer::model::Task::CausalLm;
+    Ok((value, hex::encode(Sha256::digest(bytes)), text_model))
 }
 
-/// Checks that the file names include weights and a tokenizer.
-fn check_files(names: &[String], origin: &str) -> Result<(), RegistryError> {
+/// Checks that the file names include weights and, for a language model, a tokenizer.
+fn check_files(names: &[String], origin: &str, text_model: bool) -> Result<(), RegistryError> {
     let weights = names
         .iter()
         .any(|n| n.ends_with(".safetensors") || n == "pytorch_model.bin");
@@ -84,7 +86,7 @@ fn check_files(names: &[String], origin: &str) -> Result<(), RegistryError> {
             "{origin} has no weights (*.safetensors or pytorch_model.bin)"
         )));
     }
-    if !names.iter().any(|n| n == "tokenizer.json") {
+    if text_model && !names.iter().any(|n| n == "tokenizer.json") {
         return Err(RegistryError::Invalid(format!(
             "{origin} has no tokenizer.json (training needs it to tokenize datasets)"
         )));
@@ -114,14 +116,14 @@ pub async fn register_folder(
         }
         _ => RegistryError::io(&config_path, e),
     })?;
-    let (config, hash) = check_config(&bytes, &origin)?;
+    let (config, hash, text_model) = check_config(&bytes, &origin)?;
     let names: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| RegistryError::io(&dir, e))?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_file())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .collect();
-    check_files(&names, &origin)?;
+    check_files(&names, &origin, text_model)?;
     // Fail on a duplicate before copying anything.
     match db.get_base_model(id).await {
         Ok(_) => {
@@ -165,9 +167,9 @@ pub async fn register_url(db: &Db, id: &str, url: &str) -> Result<BaseModel, Reg
         }
         other => other.into(),
     })?;
-    let (config, hash) = check_config(&bytes, url)?;
+    let (config, hash, text_model) = check_config(&bytes, url)?;
     let names: Vec<String> = store.list("").await?.into_iter().map(|m| m.key).collect();
-    check_files(&names, url)?;
+    check_files(&names, url, text_model)?;
     Ok(db
         .register_base_model(NewBaseModel {
             id: id.to_string(),
@@ -270,11 +272,14 @@ mod tests {
         assert!(
             check_files(
                 &names(&["config.json", "model.safetensors", "tokenizer.json"]),
-                "x"
+                "x",
+                true
             )
             .is_ok()
         );
-        assert!(check_files(&names(&["config.json", "tokenizer.json"]), "x").is_err());
-        assert!(check_files(&names(&["config.json", "model.safetensors"]), "x").is_err());
+        assert!(check_files(&names(&["config.json", "tokenizer.json"]), "x", true).is_err());
+        assert!(check_files(&names(&["config.json", "model.safetensors"]), "x", true).is_err());
+        // An image model reads no text.
+        assert!(check_files(&names(&["config.json", "model.safetensors"]), "x", false).is_ok());
     }
 }

@@ -129,12 +129,74 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+// ----- classify -----------------------------------------------------------------------------
+
+/// `molt classify`.
+#[derive(clap::Args, Debug)]
+pub struct ClassifyArgs {
+    /// A vision base model, a fine-tuned model (`ft:…`) or a merged one (`merged:…`).
+    #[arg(long)]
+    pub model: String,
+    /// Classes shown per image, most likely first.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Print the server's JSON answer instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Image files (PNG, JPEG, WebP), sent in one request.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+/// Sends the images (base64) and prints `image  rank  label  index  probability` rows.
+pub fn classify(args: &ClientArgs, a: ClassifyArgs) -> Result<()> {
+    use base64::Engine;
+    let mut images = Vec::with_capacity(a.images.len());
+    for p in &a.images {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        images.push(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    runtime()?.block_on(async {
+        let http = Http::tenant(args)?;
+        let v = http
+            .post(
+                "/v1/classifications",
+                &json!({"model": a.model, "images": images, "top_k": a.top_k}),
+            )
+            .await?;
+        if a.json {
+            print(&v);
+            return Ok(());
+        }
+        let data = v["data"].as_array().cloned().unwrap_or_default();
+        for (path, d) in a.images.iter().zip(&data) {
+            for (rank, p) in d["predictions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                println!(
+                    "{}\t{}\t{}\t{}\t{:.6}",
+                    path.display(),
+                    rank + 1,
+                    p["label"].as_str().unwrap_or(""),
+                    p["index"],
+                    p["probability"].as_f64().unwrap_or(f64::NAN)
+                );
+            }
+        }
+        Ok(())
+    })
+}
+
 // ----- files --------------------------------------------------------------------------------
 
 #[derive(clap::Subcommand, Debug)]
 pub enum FilesCommand {
-    /// Upload a JSONL dataset (streamed; prints the file object, whose `status` says whether
-    /// every line validated).
+    /// Upload a dataset: JSONL text, or images (a zip / tar / tar.gz of class folders, or
+    /// image JSONL). Streamed; prints the file object, whose `status` says whether every
+    /// line or image validated.
     Upload {
         path: PathBuf,
         /// The file's purpose.

@@ -265,17 +265,27 @@ pub async fn merge(
     };
     let a = find(&state, &tenant, &id).await?;
     let base_row = state.db.get_base_model(&a.base_model).await?;
-    let base = state.serving.base(&base_row, &state.blobs).await?;
-    let files = state
-        .serving
-        .merge(
-            &base,
-            &a,
-            &state.blobs,
-            trainer::peft::MergeOptions {
-                prefix_as_initial_state: opts.prefix_as_initial_state,
-            },
-        )
-        .await?;
+    let vision = trainer::model::detect(&base_row.config, std::path::Path::new(&base_row.id))
+        .is_ok_and(|f| f.task() == trainer::model::Task::ImageClassification);
+    let files = if vision {
+        let base = state.serving.vision_base(&base_row, &state.blobs).await?;
+        state
+            .serving
+            .merge_classifier(&base, &a, &state.blobs)
+            .await?
+    } else {
+        let base = state.serving.base(&base_row, &state.blobs).await?;
+        state
+            .serving
+            .merge(
+                &base,
+                &a,
+                &state.blobs,
+                trainer::peft::MergeOptions {
+                    prefix_as_initial_state: opts.prefix_as_initial_state,
+                },
+            )
+            .await?
+    };
     Ok(Json(super::models::merged_object(&a, &files)))
 }

@@ -54,17 +54,76 @@ fn model_not_found(name: &str) -> ApiError {
     .param("model")
 }
 
-/// Resolves `model`: a base model id, a fine-tuned model name (`ft:…`), an adapter id of
+/// What a request's `model` names (see [`lookup`]).
+pub enum Named {
+    Base(storage::BaseModel),
+    /// A hot-swapped adapter, with its base.
+    Adapter {
+        adapter: storage::Adapter,
+        base: storage::BaseModel,
+    },
+    /// The merged model of an adapter, with the adapter's base.
+    Merged {
+        adapter: storage::Adapter,
+        base: storage::BaseModel,
+    },
+}
+
+impl Named {
+    pub fn base(&self) -> &storage::BaseModel {
+        match self {
+            Named::Base(b) | Named::Adapter { base: b, .. } | Named::Merged { base: b, .. } => b,
+        }
+    }
+
+    /// The task of the base model (text generation or image classification); 400 naming the
+    /// endpoint to use when it is not `want`.
+    pub fn require(&self, name: &str, want: trainer::model::Task) -> Result<(), ApiError> {
+        let base = self.base();
+        let task = trainer::model::detect(&base.config, std::path::Path::new(&base.id))
+            .map(|f| f.task())
+            .map_err(|e| ApiError::internal("reading the base model's config", &e))?;
+        if task == want {
+            return Ok(());
+        }
+        let (is, use_) = match task {
+            trainer::model::Task::CausalLm => ("a language model", "/v1/completions or /v1/scores"),
+            trainer::model::Task::ImageClassification => {
+                ("an image classifier", "/v1/classifications")
+            }
+        };
+        Err(ApiError::bad_request(
+            "model_not_supported",
+            format!("'{name}' is {is}; use {use_}"),
+        )
+        .param("model"))
+    }
+}
+
+/// Looks up `model`: a base model id, a fine-tuned model name (`ft:…`), an adapter id of
 /// this tenant, either of those as `<base>:<adapter>`, or a merged model (`merged:…`).
 /// Another tenant's adapter is as absent as an unknown one (404).
-pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Resolved, ApiError> {
-    let engine = &state.serving;
+pub async fn lookup(state: &AppState, tenant: &Tenant, name: &str) -> Result<Named, ApiError> {
     let not_found = |e: storage::Error| match e {
         storage::Error::NotFound { .. } => model_not_found(name),
         other => other.into(),
     };
+    let base_of = |a: &storage::Adapter| {
+        let id = a.base_model.clone();
+        async move {
+            state.db.get_base_model(&id).await.map_err(|e| match e {
+                storage::Error::NotFound { .. } => ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    format!("the base model '{id}' of '{name}' is no longer registered"),
+                )
+                .param("model"),
+                other => other.into(),
+            })
+        }
+    };
     if let Some(rest) = name.strip_prefix(crate::serving::MERGED_PREFIX) {
-        let a = match state
+        let adapter = match state
             .db
             .get_adapter_by_name(&tenant.id, &format!("ft:{rest}"))
             .await
@@ -77,28 +136,8 @@ pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Re
                 .map_err(not_found)?,
             Err(e) => return Err(e.into()),
         };
-        let base_row = state
-            .db
-            .get_base_model(&a.base_model)
-            .await
-            .map_err(not_found)?;
-        let base = engine.base(&base_row, &state.blobs).await?;
-        let Some(m) = engine.merged(&a, &state.blobs).await? else {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!(
-                    "'{name}' has not been merged yet: POST /v1/adapters/{}/merge first",
-                    a.id
-                ),
-            )
-            .param("model"));
-        };
-        return Ok(Resolved {
-            name: name.to_string(),
-            served: ServedModel::adapter(m),
-            base,
-        });
+        let base = base_of(&adapter).await?;
+        return Ok(Named::Merged { adapter, base });
     }
     // `<base>:<adapter>` (base ids have no ':'): the adapter must be made for that base.
     let (wanted_base, adapter_ref) = match name.split_once(':') {
@@ -113,14 +152,7 @@ pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Re
             .map_err(not_found)?
     } else {
         match state.db.get_base_model(adapter_ref).await {
-            Ok(m) if wanted_base.is_none() => {
-                let base = engine.base(&m, &state.blobs).await?;
-                return Ok(Resolved {
-                    name: name.to_string(),
-                    served: ServedModel::base(&base),
-                    base,
-                });
-            }
+            Ok(m) if wanted_base.is_none() => return Ok(Named::Base(m)),
             Ok(_) | Err(storage::Error::NotFound { .. }) => state
                 .db
                 .get_adapter(&tenant.id, adapter_ref)
@@ -141,29 +173,46 @@ pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Re
         )
         .param("model"));
     }
-    let base_row = state
-        .db
-        .get_base_model(&a.base_model)
-        .await
-        .map_err(|e| match e {
-            storage::Error::NotFound { .. } => ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!(
-                    "the base model '{}' of '{name}' is no longer registered",
-                    a.base_model
-                ),
-            )
-            .param("model"),
-            other => other.into(),
-        })?;
-    let base = engine.base(&base_row, &state.blobs).await?;
-    let loaded = engine.adapter(&base, &a, &state.blobs).await?;
+    let base = base_of(&a).await?;
+    Ok(Named::Adapter { adapter: a, base })
+}
+
+/// Resolves `model` (see [`lookup`]) to a language model ready to run.
+pub async fn resolve(state: &AppState, tenant: &Tenant, name: &str) -> Result<Resolved, ApiError> {
+    let engine = &state.serving;
+    let named = lookup(state, tenant, name).await?;
+    named.require(name, trainer::model::Task::CausalLm)?;
+    let base = engine.base(named.base(), &state.blobs).await?;
+    let served = match &named {
+        Named::Base(_) => ServedModel::base(&base),
+        Named::Adapter { adapter, .. } => {
+            ServedModel::adapter(engine.adapter(&base, adapter, &state.blobs).await?)
+        }
+        Named::Merged { adapter, .. } => {
+            let Some(m) = engine.merged(adapter, &state.blobs).await? else {
+                return Err(not_merged(name, adapter));
+            };
+            ServedModel::adapter(m)
+        }
+    };
     Ok(Resolved {
         name: name.to_string(),
-        served: ServedModel::adapter(loaded),
+        served,
         base,
     })
+}
+
+/// 404 for a `merged:` name whose adapter has not been merged.
+pub fn not_merged(name: &str, adapter: &storage::Adapter) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "model_not_found",
+        format!(
+            "'{name}' has not been merged yet: POST /v1/adapters/{}/merge first",
+            adapter.id
+        ),
+    )
+    .param("model")
 }
 
 /// `stream_options`.

@@ -4,6 +4,7 @@
 
 pub mod adapters;
 pub mod admin;
+pub mod classifications;
 pub mod completions;
 pub mod files;
 pub mod health;
@@ -58,6 +59,7 @@ pub mod paths {
 
     pub const COMPLETIONS: &str = "/v1/completions";
     pub const SCORES: &str = "/v1/scores";
+    pub const CLASSIFICATIONS: &str = "/v1/classifications";
 
     pub const ADMIN_TENANTS: &str = "/admin/tenants";
     pub const ADMIN_TENANT: &str = "/admin/tenants/{tenant_id}";
@@ -138,6 +140,7 @@ fn routes() -> Routes {
         .add(MODEL_FILE, "GET", get(models::download))
         .add(COMPLETIONS, "POST", post(completions::create))
         .add(SCORES, "POST", post(scores::create))
+        .add(CLASSIFICATIONS, "POST", post(classifications::create))
         .add(
             ADMIN_TENANTS,
             "POST GET",

@@ -2,7 +2,8 @@
 //! (sharing its tensors), kept while they fit a byte budget, least recently used evicted
 //! first. An adapter in use is pinned: whoever holds its `Arc<LoadedAdapter>` (a request,
 //! the scheduler's sequences) keeps it resident, so eviction never pulls weights from under
-//! a running generation.
+//! a running generation. Language-model adapters and image classifiers
+//! ([`super::vision::LoadedClassifier`]) share the one budget.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,8 +55,62 @@ impl LoadedAdapter {
     }
 }
 
+/// What the cache holds.
+#[derive(Debug, Clone)]
+pub enum Resident {
+    Lm(Arc<LoadedAdapter>),
+    Classifier(Arc<super::vision::LoadedClassifier>),
+}
+
+impl Resident {
+    fn bytes(&self) -> u64 {
+        match self {
+            Resident::Lm(a) => a.bytes,
+            Resident::Classifier(c) => c.bytes,
+        }
+    }
+
+    /// Held by a request (or a running sequence) besides the cache.
+    fn in_use(&self) -> bool {
+        match self {
+            Resident::Lm(a) => Arc::strong_count(a) > 1,
+            Resident::Classifier(c) => Arc::strong_count(c) > 1,
+        }
+    }
+}
+
+/// A kind of loaded model the cache holds.
+pub trait Cached: Sized {
+    fn wrap(loaded: Arc<Self>) -> Resident;
+    fn unwrap(resident: &Resident) -> Option<Arc<Self>>;
+}
+
+impl Cached for LoadedAdapter {
+    fn wrap(loaded: Arc<Self>) -> Resident {
+        Resident::Lm(loaded)
+    }
+    fn unwrap(resident: &Resident) -> Option<Arc<Self>> {
+        match resident {
+            Resident::Lm(a) => Some(a.clone()),
+            Resident::Classifier(_) => None,
+        }
+    }
+}
+
+impl Cached for super::vision::LoadedClassifier {
+    fn wrap(loaded: Arc<Self>) -> Resident {
+        Resident::Classifier(loaded)
+    }
+    fn unwrap(resident: &Resident) -> Option<Arc<Self>> {
+        match resident {
+            Resident::Classifier(c) => Some(c.clone()),
+            Resident::Lm(_) => None,
+        }
+    }
+}
+
 struct Slot {
-    cell: Arc<OnceCell<Arc<LoadedAdapter>>>,
+    cell: Arc<OnceCell<Resident>>,
     last_used: u64,
 }
 
@@ -99,14 +154,11 @@ impl AdapterCache {
 
     /// The adapter `id`, loaded by `load` on a miss (one load per id at a time; concurrent
     /// requests wait for it). The returned `Arc` pins it.
-    pub async fn get_or_load<F, Fut>(
-        &self,
-        id: &str,
-        load: F,
-    ) -> Result<Arc<LoadedAdapter>, ServingError>
+    pub async fn get_or_load<T, F, Fut>(&self, id: &str, load: F) -> Result<Arc<T>, ServingError>
     where
+        T: Cached,
         F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<LoadedAdapter, ServingError>>,
+        Fut: Future<Output = Result<T, ServingError>>,
     {
         let cell = {
             let mut g = self.lock();
@@ -128,12 +180,14 @@ impl AdapterCache {
             .get_or_try_init(|| async {
                 let loaded = load().await?;
                 self.stats.adapter_loads.fetch_add(1, Ordering::Relaxed);
-                Ok::<_, ServingError>(Arc::new(loaded))
+                Ok::<_, ServingError>(T::wrap(Arc::new(loaded)))
             })
             .await;
         match res {
-            Ok(a) => {
-                let a = a.clone();
+            Ok(r) => {
+                let a = T::unwrap(r).ok_or_else(|| {
+                    ServingError::Load(format!("'{id}' is loaded as another kind of model"))
+                })?;
                 self.enforce_budget(Some(id));
                 Ok(a)
             }
@@ -162,8 +216,7 @@ impl AdapterCache {
                 .slots
                 .iter()
                 .filter(|(id, s)| {
-                    Some(id.as_str()) != keep
-                        && s.cell.get().is_some_and(|a| Arc::strong_count(a) == 1)
+                    Some(id.as_str()) != keep && s.cell.get().is_some_and(|a| !a.in_use())
                 })
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(id, _)| id.clone());
@@ -180,7 +233,7 @@ impl AdapterCache {
         let mut g = self.lock();
         let out = match g.slots.get(id).and_then(|s| s.cell.get()) {
             None => Evicted::NotResident,
-            Some(a) if Arc::strong_count(a) > 1 => Evicted::Pinned,
+            Some(a) if a.in_use() => Evicted::Pinned,
             Some(_) => {
                 g.slots.remove(id);
                 self.stats.adapter_evictions.fetch_add(1, Ordering::Relaxed);
@@ -204,7 +257,10 @@ impl AdapterCache {
     /// Whether `id` is loaded, and its bytes.
     pub fn resident(&self, id: &str) -> Option<u64> {
         let g = self.lock();
-        g.slots.get(id).and_then(|s| s.cell.get()).map(|a| a.bytes)
+        g.slots
+            .get(id)
+            .and_then(|s| s.cell.get())
+            .map(Resident::bytes)
     }
 
     fn publish(&self, g: &Inner) {
@@ -223,6 +279,6 @@ fn resident_bytes(g: &Inner) -> u64 {
     g.slots
         .values()
         .filter_map(|s| s.cell.get())
-        .map(|a| a.bytes)
+        .map(Resident::bytes)
         .sum()
 }

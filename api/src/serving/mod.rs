@@ -5,6 +5,7 @@
 
 pub mod cache;
 pub mod scheduler;
+pub mod vision;
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -88,13 +89,16 @@ pub struct Stats {
     /// Batched prefills (first chunks of several prompts in one pass), and their prompts.
     pub prefill_batches: AtomicU64,
     pub prefill_batched_rows: AtomicU64,
+    /// Images classified, and the forward passes that ran them.
+    pub classification_images: AtomicU64,
+    pub classification_batches: AtomicU64,
 }
 
 impl Stats {
     /// Appends the serving metrics in Prometheus text format.
     pub fn render(&self, out: &mut String) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let rows: [(&str, &str, &str, u64); 15] = [
+        let rows: [(&str, &str, &str, u64); 17] = [
             (
                 "molt_adapter_cache_hits_total",
                 "counter",
@@ -185,6 +189,18 @@ impl Stats {
                 "counter",
                 "Prompts prefilled in those batched passes.",
                 g(&self.prefill_batched_rows),
+            ),
+            (
+                "molt_classification_images_total",
+                "counter",
+                "Images classified.",
+                g(&self.classification_images),
+            ),
+            (
+                "molt_classification_batches_total",
+                "counter",
+                "Classifier forward passes (÷ into images: mean batch size).",
+                g(&self.classification_batches),
             ),
         ];
         for (name, kind, help, v) in rows {
@@ -279,6 +295,7 @@ pub struct Engine {
     pub stats: Arc<Stats>,
     pub adapters: AdapterCache,
     bases: Mutex<HashMap<String, Cell<LoadedBase>>>,
+    vision_bases: Mutex<HashMap<String, Cell<vision::VisionBase>>>,
 }
 
 impl Engine {
@@ -289,6 +306,7 @@ impl Engine {
             stats,
             config,
             bases: Mutex::new(HashMap::new()),
+            vision_bases: Mutex::new(HashMap::new()),
         }
     }
 

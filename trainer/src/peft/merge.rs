@@ -141,6 +141,22 @@ impl MergedModel<AnyLm> {
     }
 }
 
+impl MergedModel<crate::model::vim::VimForImageClassification> {
+    /// Writes a Vim checkpoint folder that molt's Vim loader reads: `base_config` (the base's
+    /// `config.json`) with the merged head's class count, `model.safetensors`, and a residual
+    /// adapter beside them.
+    pub fn save(&self, base_config: &serde_json::Value, dir: &Path) -> PeftResult<()> {
+        let mut config = base_config.clone();
+        if let Some(o) = config.as_object_mut() {
+            o.insert(
+                "num_classes".into(),
+                serde_json::json!(self.base.config.num_classes),
+            );
+        }
+        save_merged(self, &config, dir)
+    }
+}
+
 fn save_merged<M: PeftModel>(
     merged: &MergedModel<M>,
     config: &serde_json::Value,
