@@ -2,9 +2,9 @@
 # The README's walk-through as a new user runs it: a fresh clone of this repository (HEAD) in
 # a fresh temporary directory, the README's first command (`cargo run --release --bin molt --
 # serve`) started there, then the README blocks marked `<!-- walkthrough: sh -->` run by bash
-# and `<!-- walkthrough: python -->` run by a Python with the `openai` package — each exactly
-# as written. Checks: every command succeeds, both fine-tuning jobs succeed and the
-# fine-tuned models complete. (The README's second command, scripts/test.sh, is the one that
+# and `<!-- walkthrough: sh-vision -->` run by bash, and `<!-- walkthrough: python -->` run by
+# a Python with the `openai` package — each exactly as written. Checks: every command
+# succeeds, the fine-tuning jobs succeed, the fine-tuned models complete and classify. (The README's second command, scripts/test.sh, is the one that
 # runs this script.)
 #
 # The README's examples talk to http://127.0.0.1:8080, so that port must be free. Builds reuse
@@ -53,8 +53,10 @@ serve_cmd="$(first_command)"
 [ "$serve_cmd" = "cargo run --release --bin molt -- serve" ] ||
     fail "the README's first command changed to '$serve_cmd'; update this script"
 sh_block="$(block sh)"
+vision_block="$(block sh-vision)"
 py_block="$(block python)"
-[ -n "$sh_block" ] && [ -n "$py_block" ] || fail "walk-through blocks not found in README.md"
+[ -n "$sh_block" ] && [ -n "$vision_block" ] && [ -n "$py_block" ] ||
+    fail "walk-through blocks not found in README.md"
 
 git clone --quiet "$repo" "$work/molt"
 cd "$work/molt"
@@ -85,6 +87,15 @@ curl -s \$URL/v1/completions -H \"Authorization: Bearer \$KEY\" -H 'Content-Type
 " >"$work/sh.out" 2>&1 || { cat "$work/sh.out" "$work/serve.log" >&2; fail "the shell walk-through"; }
 grep -q '"object":"text_completion"' "$work/sh.out" ||
     { cat "$work/sh.out" >&2; fail "the walk-through's completion did not answer"; }
+
+log "running the README's image walk-through"
+bash -euo pipefail -c "$vision_block
+status=\$(curl -s \$URL/v1/fine_tuning/jobs/\$JOB -H \"Authorization: Bearer \$KEY\" | jq -r .status)
+[ \"\$status\" = succeeded ] || { echo \"job \$JOB ended \$status\" >&2; exit 1; }
+" >"$work/vision.out" 2>&1 || { cat "$work/vision.out" "$work/serve.log" >&2; fail "the image walk-through"; }
+tail -n 1 "$work/vision.out" | jq -e '.object == "list" and (.data[0].predictions | length == 3)
+    and ([.data[0].predictions[].label] - ["five", "six", "seven", "eight", "nine"] == [])' >/dev/null ||
+    { cat "$work/vision.out" >&2; fail "the image walk-through's classification did not answer"; }
 
 log "running the README's openai walk-through"
 cache="${MOLT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/molt}"

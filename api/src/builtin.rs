@@ -1,5 +1,5 @@
-//! Base models built into the `molt` binary: the demo model's files are embedded at build
-//! time, so `molt serve` registers `demo` however the binary was started or installed (any
+//! Base models built into the `molt` binary: the demo models' files are embedded at build
+//! time, so `molt serve` registers `demo` and `digits` however the binary was started or installed (any
 //! working directory, `cargo install --path api`, the Docker image) with no model folder on
 //! disk. `--models-dir` / `MOLT_MODELS_DIR` replaces them with the models of a folder.
 
@@ -27,15 +27,25 @@ macro_rules! model_file {
     };
 }
 
-/// The models `molt serve` registers on start when no `--models-dir` is given.
-pub const BUILTIN_MODELS: &[BuiltinModel] = &[BuiltinModel {
-    name: "demo",
-    files: &[
-        model_file!("demo", "config.json"),
-        model_file!("demo", "model.safetensors"),
-        model_file!("demo", "tokenizer.json"),
-    ],
-}];
+/// The models `molt serve` registers on start when no `--models-dir` is given: the demo
+/// language model and the demo image classifier (a Vision Mamba).
+pub const BUILTIN_MODELS: &[BuiltinModel] = &[
+    BuiltinModel {
+        name: "demo",
+        files: &[
+            model_file!("demo", "config.json"),
+            model_file!("demo", "model.safetensors"),
+            model_file!("demo", "tokenizer.json"),
+        ],
+    },
+    BuiltinModel {
+        name: "digits",
+        files: &[
+            model_file!("digits", "config.json"),
+            model_file!("digits", "model.safetensors"),
+        ],
+    },
+];
 
 impl BuiltinModel {
     /// Writes the files into `root/<name>/` (replacing what is there) and returns that

@@ -268,7 +268,8 @@ fn migrate_applies_migrations_and_is_idempotent() {
 
 /// The README's first command as a new user meets it: `molt serve` started in an empty
 /// directory, with no flags for data or models, serves the built-in demo model — listed,
-/// fine-tuned by a job and completing with the result.
+/// fine-tuned by a job and completing with the result — and the built-in image classifier,
+/// classifying digits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_from_a_fresh_directory_lists_trains_and_completes_on_demo() {
     let s = Server::start(ServeOptions {
@@ -323,5 +324,53 @@ async fn serve_from_a_fresh_directory_lists_trains_and_completes_on_demo() {
             .unwrap_or_default()
             .is_empty(),
         "{done}"
+    );
+
+    // The built-in image classifier: listed, and right on its own validation digits.
+    assert!(
+        models["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .any(|m| m["id"] == "digits"),
+        "digits not listed: {models}"
+    );
+    let zip_path = common::repo_root().join("corpus/digits/digits-0to4.zip");
+    let mut zip =
+        zip::ZipArchive::new(std::fs::File::open(&zip_path).expect("digits zip")).expect("zip");
+    let mut images = Vec::new();
+    let mut labels = Vec::new();
+    for i in 0..zip.len() {
+        let mut f = zip.by_index(i).expect("entry");
+        let name = f.name().expect("entry name").to_string();
+        if let Some(rest) = name.strip_prefix("val/")
+            && images.len() < 20
+            && i % 9 == 0
+        {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut bytes).expect("read");
+            use base64::Engine;
+            images.push(base64::engine::general_purpose::STANDARD.encode(bytes));
+            labels.push(rest.split('/').next().expect("class").to_string());
+        }
+    }
+    assert!(images.len() >= 10, "{} validation images", images.len());
+    let (status, v) = s
+        .call(s.req(Method::POST, "/v1/classifications").json(&json!({
+            "model": "digits", "images": images, "top_k": 1
+        })))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let right = v["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .zip(&labels)
+        .filter(|(d, l)| d["predictions"][0]["label"] == l.as_str())
+        .count();
+    assert!(
+        right * 10 >= labels.len() * 9,
+        "{right}/{}: {v}",
+        labels.len()
     );
 }

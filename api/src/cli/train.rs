@@ -166,7 +166,15 @@ pub struct TrainArgs {
 
 pub fn train(args: TrainArgs) -> Result<()> {
     let method = AdapterSpec::from_json_str(&read_arg(&args.method)?).context("--method")?;
-    let mut hyper = args.hyper.resolve(Hyperparameters::default())?;
+    // A vision model defaults to the papers' vision recipe (peft-spec §6.1).
+    let vision = trainer::model::family::detect_dir(&args.model)
+        .is_ok_and(|f| f.task() == trainer::model::Task::ImageClassification);
+    let defaults = if vision {
+        Hyperparameters::vision_recipe()
+    } else {
+        Hyperparameters::default()
+    };
+    let mut hyper = args.hyper.resolve(defaults)?;
     hyper.checkpoint_every = args.checkpoint_every;
     let req = TrainRequest {
         model_dir: args.model,
@@ -197,12 +205,24 @@ pub fn train(args: TrainArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct PretrainArgs {
-    /// Plain-text files, or folders of .txt files.
-    #[arg(long, required = true, num_args = 1..)]
+    /// Plain-text files, or folders of .txt files (a Mamba language model).
+    #[arg(long, num_args = 1.., required_unless_present = "images", conflicts_with = "images")]
     pub corpus: Vec<PathBuf>,
-    /// The model folder to write: config.json, model.safetensors, tokenizer.json.
+    /// An image dataset (class folders in a zip / tar / folder, or image JSONL): pretrains a
+    /// Vision Mamba classifier of its classes instead (`--hidden`, `--layers`, `--state`,
+    /// `--image-size`, `--patch` set its shape).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// The model folder to write: config.json, model.safetensors (and tokenizer.json for a
+    /// language model).
     #[arg(long)]
     pub out: PathBuf,
+    /// Vision: square input size in pixels.
+    #[arg(long, default_value_t = 32)]
+    pub image_size: usize,
+    /// Vision: patch size (and stride) in pixels.
+    #[arg(long, default_value_t = 4)]
+    pub patch: usize,
     /// Tokenizer vocabulary (byte-level BPE, including 256 bytes and <|endoftext|>).
     #[arg(long, default_value_t = 2048)]
     pub vocab_size: usize,
@@ -225,6 +245,9 @@ pub struct PretrainArgs {
 }
 
 pub fn pretrain_cmd(args: PretrainArgs) -> Result<()> {
+    if let Some(images) = &args.images {
+        return pretrain_vision(images.clone(), args);
+    }
     // Defaults suited to a tiny model from scratch: larger lr, warm-up, cosine decay.
     let defaults = Hyperparameters {
         n_epochs: 1,
@@ -255,10 +278,39 @@ pub fn pretrain_cmd(args: PretrainArgs) -> Result<()> {
     Ok(())
 }
 
+/// `molt pretrain --images`: a Vim from random initialisation, every weight trained.
+fn pretrain_vision(images: PathBuf, args: PretrainArgs) -> Result<()> {
+    // A small model from scratch: the vision recipe's optimiser with a larger rate.
+    let defaults = Hyperparameters {
+        n_epochs: 30,
+        learning_rate: 3e-3,
+        weight_decay: Some(0.05),
+        ..Hyperparameters::vision_recipe()
+    };
+    let hyper = args.hyper.resolve(defaults)?;
+    let req = trainer::train::VimPretrainRequest {
+        images,
+        out_dir: args.out,
+        img_size: args.image_size,
+        patch_size: args.patch,
+        embed_dim: args.hidden,
+        depth: args.layers,
+        d_state: args.state,
+        hyper,
+        seed: args.seed,
+    };
+    let mut printer = Printer::new(args.json);
+    let out = trainer::train::pretrain_vim(&req, &mut |ev: &TrainEvent| printer.event(ev))?;
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
 /// Prints events as progress lines (or JSON lines).
 struct Printer {
     json: bool,
     started: Instant,
+    /// What throughput counts: `tokens`, or `images` for image data.
+    unit: &'static str,
 }
 
 impl Printer {
@@ -266,6 +318,7 @@ impl Printer {
         Printer {
             json,
             started: Instant::now(),
+            unit: "tokens",
         }
     }
 
@@ -286,16 +339,24 @@ impl Printer {
                     trainable_parameters,
                     dataset_kind,
                     ..
-                } => writeln!(
-                    out,
-                    "training {trainable_parameters} parameters on {train_examples} {dataset_kind} \
-                     examples ({validation_examples} for validation): {total_steps} steps{}",
-                    if *start_step > 0 {
-                        format!(", resuming after step {start_step}")
+                } => {
+                    let what = if *dataset_kind == trainer::train::DatasetKind::Images {
+                        self.unit = "images";
+                        "images".to_string()
                     } else {
-                        String::new()
-                    }
-                ),
+                        format!("{dataset_kind} examples")
+                    };
+                    writeln!(
+                        out,
+                        "training {trainable_parameters} parameters on {train_examples} {what} \
+                     ({validation_examples} for validation): {total_steps} steps{}",
+                        if *start_step > 0 {
+                            format!(", resuming after step {start_step}")
+                        } else {
+                            String::new()
+                        }
+                    )
+                }
                 TrainEvent::Step {
                     step,
                     total_steps,
@@ -309,8 +370,9 @@ impl Printer {
                 } => writeln!(
                     out,
                     "step {step}/{total_steps} epoch {} loss {loss:.4} lr {lr:.2e} grad {grad_norm:.2} \
-                     {tokens_per_second:.0} tok/s elapsed {} eta {}",
+                     {tokens_per_second:.0} {}/s elapsed {} eta {}",
                     epoch + 1,
+                    if self.unit == "images" { "img" } else { "tok" },
                     hms(self.started.elapsed().as_secs_f64()),
                     hms(*eta_seconds)
                 ),
@@ -337,7 +399,8 @@ impl Printer {
                     step, tokens_seen, ..
                 } => writeln!(
                     out,
-                    "finished after {step} steps, {tokens_seen} tokens, {}",
+                    "finished after {step} steps, {tokens_seen} {}, {}",
+                    self.unit,
                     hms(self.started.elapsed().as_secs_f64())
                 ),
             }

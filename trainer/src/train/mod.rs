@@ -34,7 +34,10 @@ use engine::{BTreeFingerprint, LoopConfig, TaskModel, TrainSet, Trainable};
 
 pub use data::{DatasetError, DatasetKind, DatasetSummary, validate_dataset};
 pub use optim::{AdamW, ParamGroup, ParamGroupState};
-pub use pretrain::{PretrainOutcome, PretrainRequest, pretrain};
+pub use pretrain::{
+    PretrainOutcome, PretrainRequest, VimPretrainOutcome, VimPretrainRequest, pretrain,
+    pretrain_vim,
+};
 pub use schedule::Schedule;
 
 /// What to train. The worker builds one per job; `molt train` builds one from its flags.
@@ -525,7 +528,7 @@ fn train_adapter<M: PeftModel + HasTask>(
 /// folder, a zip / tar / tar.gz of one, or image JSONL: [`images::source`]); the head is built
 /// for the training data's classes (a fresh zero head when the checkpoint's has another
 /// size). A training file with `train/` and `val/` splits validates on its `val/` split when
-/// no validation file is given.
+/// no validation file is given; validation runs every epoch unless `eval_every` says otherwise.
 fn run_images(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOutcome, TrainError> {
     use crate::model::vim::{EvalTransform, VimCheckpoint, VimLoadOptions};
     use images::Role;
@@ -582,6 +585,12 @@ fn run_images(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOu
     let config =
         serde_json::to_string(&base.config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let fingerprint = fingerprint(req, config, data)?;
+    // Image runs validate every epoch unless told otherwise.
+    let mut req = req.clone();
+    if req.hyper.eval_every == 0 {
+        req.hyper.eval_every = req.hyper.steps_per_epoch(train.len()).max(1);
+    }
+    let req = &req;
     let outcome = train_adapter(
         req,
         &base,

@@ -251,6 +251,147 @@ pub fn pretrain(
     })
 }
 
+/// What to pretrain for a Vision Mamba from random initialisation on an image dataset: what
+/// makes molt's demo vision model (`models/digits`). Every weight trains (the `full`
+/// method); the result is a Vim checkpoint folder (`config.json` in hustvl's kwargs, with
+/// `id2label` naming the dataset's classes, and `model.safetensors`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VimPretrainRequest {
+    /// An image dataset (any format of `images::source`); a `val/` split validates.
+    pub images: PathBuf,
+    pub out_dir: PathBuf,
+    /// Square input size in pixels.
+    pub img_size: usize,
+    pub patch_size: usize,
+    pub embed_dim: usize,
+    pub depth: usize,
+    pub d_state: usize,
+    pub hyper: Hyperparameters,
+    pub seed: u64,
+}
+
+/// What came out of [`pretrain_vim`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VimPretrainOutcome {
+    pub out_dir: PathBuf,
+    pub parameters: usize,
+    pub classes: Vec<String>,
+    pub train_images: usize,
+    pub validation_images: usize,
+    pub steps: u64,
+    pub validation_loss: Option<f64>,
+    pub validation_accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+/// hustvl's kwargs for a Vim-tiny-like model (bimamba v2, middle class token, mean of the two
+/// directions) of the request's sizes, naming `classes`.
+fn vim_config_json(req: &VimPretrainRequest, classes: &[String]) -> serde_json::Value {
+    let id2label: serde_json::Map<String, serde_json::Value> = classes
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (i.to_string(), serde_json::Value::String(c.clone())))
+        .collect();
+    serde_json::json!({
+        "architecture": "VisionMamba (hustvl/Vim vim/models_mamba.py), pretrained by molt",
+        "img_size": [req.img_size, req.img_size],
+        "patch_size": req.patch_size,
+        "stride": req.patch_size,
+        "depth": req.depth,
+        "embed_dim": req.embed_dim,
+        "d_state": req.d_state,
+        "channels": 3,
+        "num_classes": classes.len(),
+        "ssm_cfg": {"d_conv": 4, "expand": 2, "conv_bias": true, "bias": false},
+        "drop_rate": 0.0,
+        "drop_path_rate": 0.0,
+        "norm_epsilon": 1e-5,
+        "rms_norm": true,
+        "fused_add_norm": true,
+        "residual_in_fp32": true,
+        "final_pool_type": "mean",
+        "if_abs_pos_embed": true,
+        "if_rope": false,
+        "if_rope_residual": false,
+        "if_bidirectional": false,
+        "bimamba_type": "v2",
+        "if_cls_token": true,
+        "if_divide_out": true,
+        "use_middle_cls_token": true,
+        "id2label": id2label,
+    })
+}
+
+/// Pretrains a Vim (see [`VimPretrainRequest`]).
+pub fn pretrain_vim(
+    req: &VimPretrainRequest,
+    obs: &mut dyn TrainObserver,
+) -> Result<VimPretrainOutcome, TrainError> {
+    use super::images::{self, Role};
+    use crate::model::vim::{EvalTransform, VimCheckpoint, VimConfig};
+    use crate::peft::AdapterSpec;
+    let started = std::time::Instant::now();
+    req.hyper.validate()?;
+    let scratch = images::Scratch::new()?;
+    let scan = images::scan(&req.images, &scratch.sub("data")?)?;
+    let classes = scan.classes.clone();
+    let config = vim_config_json(req, &classes);
+    let cfg = VimConfig::from_value(&config, Path::new("config.json"))?;
+    let device = candle_core::Device::Cpu;
+    let base = VimCheckpoint::random(&cfg, req.seed, &device)?.into_frozen()?;
+    let transform = EvalTransform::for_image_size(cfg.img_size);
+    let train = images::open(&scan, Role::Training, &classes, &transform, &req.images)?;
+    let validation = if scan.validation.is_empty() {
+        None
+    } else {
+        Some(images::open(
+            &scan,
+            Role::Validation,
+            &classes,
+            &transform,
+            &req.images,
+        )?)
+    };
+    let spec = AdapterSpec::from_value(&serde_json::json!({"type": "full"}))
+        .map_err(|e| TrainError::Method(e.to_string()))?;
+    let trainable = super::AdapterTrainable::new(&spec, &base, req.seed, None)?;
+    let parameters = trainable.adapter().trainable_parameters();
+    let adapter_dir = scratch.sub("adapter")?;
+    let end = engine::train(
+        &trainable,
+        LoopConfig {
+            hyper: &req.hyper,
+            seed: req.seed,
+            train: TrainSet::Images(&train),
+            validation: validation.as_ref().map(TrainSet::Images),
+            device,
+            checkpoint_dir: None,
+            out_dir: &adapter_dir,
+            fingerprint: Default::default(),
+            resume: None,
+        },
+        obs,
+    )?;
+    let merged = trainable
+        .adapter()
+        .merge(&base)
+        .map_err(|e| TrainError::Method(e.to_string()))?;
+    merged
+        .save(&config, &req.out_dir)
+        .map_err(|e| TrainError::Method(format!("saving the model: {e}")))?;
+    Ok(VimPretrainOutcome {
+        out_dir: req.out_dir.clone(),
+        parameters,
+        classes,
+        train_images: train.len(),
+        validation_images: validation.as_ref().map_or(0, |v| v.len()),
+        steps: end.step,
+        validation_loss: end.validation.map(|v| v.loss),
+        validation_accuracy: end.validation.and_then(|v| v.accuracy),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
