@@ -140,7 +140,7 @@ def main():
         env.pop(k, None)
     server = subprocess.Popen(
         [args.molt, "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", os.path.join(work, "data"),
-         "--workers", "1"], env=env, stdout=open(os.path.join(work, "serve.log"), "w"),
+         "--workers", "1", "--rate-limit-requests", "0"], env=env, stdout=open(os.path.join(work, "serve.log"), "w"),
         stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}"

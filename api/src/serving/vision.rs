@@ -1,6 +1,7 @@
 //! Serving image classifiers (Vision Mamba): a base model loaded once per head size, tenants'
-//! adapters hot-swapped onto it (unmerged, from the shared [`super::AdapterCache`]) or their
-//! merged models, and a batcher thread per base that runs the images of concurrent requests
+//! adapters hot-swapped onto it (loaded on first use into the shared [`super::AdapterCache`],
+//! weight-form methods folded into private copies of the weights they change, the rest of
+//! the base shared) or their merged models, and a batcher thread per base that runs the images of concurrent requests
 //! for the same model in one forward pass. The HTTP side is `routes::classifications`.
 //!
 //! An adapter trained on a dataset with `k` classes carries a head of `k` rows and the class
@@ -62,6 +63,18 @@ fn bytes_of(tensors: &[(String, Tensor)]) -> u64 {
         .iter()
         .map(|(_, t)| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
         .sum()
+}
+
+/// Bytes of `model`'s weights that are not `base`'s own tensors.
+fn own_bytes(model: &VimForImageClassification, base: &VimForImageClassification) -> u64 {
+    let shared: std::collections::HashSet<_> =
+        base.named_weights().iter().map(|(_, t)| t.id()).collect();
+    let own: Vec<(String, Tensor)> = model
+        .named_weights()
+        .into_iter()
+        .filter(|(_, t)| !shared.contains(&t.id()))
+        .collect();
+    bytes_of(&own)
 }
 
 fn load_err(what: &str, e: impl std::fmt::Display) -> ServingError {
@@ -205,14 +218,18 @@ impl Engine {
                         let b = base.with_classes(rows)?;
                         let a = Adapter::load(&dir, b.as_ref())
                             .map_err(|e| load_err(&format!("adapter {id}"), e))?;
+                        // Weight-form methods are folded into private copies of the weights
+                        // they change (the rest stays the base's): the adapter then costs
+                        // nothing per image, as a merged model.
                         let model = a
-                            .apply_frozen(b.as_ref())
+                            .inference_model(b.as_ref())
                             .map_err(|e| load_err(&format!("adapter {id}"), e))?;
+                        let bytes = bytes_of(&a.named_tensors()) + own_bytes(&model, &b);
                         Ok(LoadedClassifier {
                             id: id.clone(),
                             model: Arc::new(model),
                             classes,
-                            bytes: bytes_of(&a.named_tensors()),
+                            bytes,
                         })
                     })();
                     let _ = std::fs::remove_dir_all(&dir);
