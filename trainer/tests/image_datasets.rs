@@ -464,3 +464,55 @@ fn bad_inputs_name_the_entry() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn an_archive_with_a_label_manifest() {
+    let files = members();
+    let dir = tempfile::tempdir().expect("tmp");
+    // Images anywhere in the archive; the manifest gives their labels.
+    let mut entries: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .enumerate()
+        .map(|(i, (_, b))| (format!("data/images/{i:02}.png"), b.clone()))
+        .collect();
+    let manifest: String = files
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            let class = name.split('/').next().expect("class");
+            format!("{{\"image\": \"images/{i:02}.png\", \"label\": \"{class}\"}}\n")
+        })
+        .collect();
+    entries.push(("data/labels.jsonl".into(), manifest.clone().into_bytes()));
+    // An image the manifest does not name is no example.
+    entries.push(("data/images/extra.png".into(), png(50, 3, 3)));
+    let p = dir.path().join("manifest.zip");
+    write_zip(&p, &entries, zip::CompressionMethod::Deflated);
+    let s = scan(&p, &ImageLimits::default()).expect("manifest");
+    assert_eq!(s.classes, ["bird", "cat", "dog"]);
+    let got = contents(&s);
+    assert_eq!(got.len(), files.len());
+    for ((name, label, px), (want_name, bytes)) in got.iter().zip(&files) {
+        let class = want_name.split('/').next().expect("class");
+        assert_eq!(s.classes[*label as usize], class, "{name}");
+        let decoded = image::load_from_memory(bytes).expect("png").to_rgb8();
+        assert_eq!(&decoded.into_raw(), px, "{name}");
+    }
+    assert!(source::check_decodes(&p, &s, 10).is_empty());
+
+    // A line naming an image the archive does not have.
+    let mut bad = entries.clone();
+    let last = bad.len() - 2;
+    bad[last].1 = format!("{manifest}{{\"image\": \"images/missing.png\", \"label\": \"cat\"}}\n")
+        .into_bytes();
+    let p = dir.path().join("bad-manifest.tar");
+    std::fs::write(&p, tar_bytes(&bad)).expect("write");
+    let e = scan(&p, &ImageLimits::default()).expect_err("missing image");
+    assert!(
+        e.contains(&format!(
+            "data/labels.jsonl line {}: 'images/missing.png' is not an image of the archive",
+            files.len() + 1
+        )),
+        "{e}"
+    );
+}

@@ -12,6 +12,9 @@
 //! - **JSONL**, one example per line: `{"image": "<base64 or data: URL>", "label": int |
 //!   "name"}`. Integer labels give the classes `0..=max` (named by their numbers), string
 //!   labels the sorted distinct names; a file mixes neither.
+//! - **an archive with a label manifest**: `labels.jsonl` or `metadata.jsonl` at its top (or
+//!   in its one wrapping folder) holding lines `{"image": "<path in the archive>", "label"}`
+//!   instead of class folders; classes as for JSONL.
 //!
 //! The classes are the sorted class-folder names (or as above for JSONL); class `i` is the
 //! i-th. Every bound ([`ImageLimits`]) is checked before the work it bounds: entry counts
@@ -277,6 +280,14 @@ fn is_image_name(name: &str) -> bool {
         .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
+/// Manifests: JSONL naming each image's label, at the top (or in the one wrapping folder).
+const MANIFEST_NAMES: &[&str] = &["labels.jsonl", "metadata.jsonl"];
+
+fn is_manifest_name(name: &str) -> bool {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    MANIFEST_NAMES.contains(&base)
+}
+
 /// Hidden files and macOS resource forks: never examples.
 fn is_junk(parts: &[String]) -> bool {
     parts
@@ -309,6 +320,8 @@ fn member_parts(name: &str) -> Result<Vec<String>, String> {
 #[derive(Default)]
 struct Listing {
     images: Vec<(Vec<String>, Locator)>,
+    /// `labels.jsonl` / `metadata.jsonl` files naming each image's label.
+    manifests: Vec<(Vec<String>, Locator)>,
     dirs: BTreeSet<Vec<String>>,
     entries: usize,
 }
@@ -336,7 +349,14 @@ impl Listing {
                 format!("more than {} entries in the archive", limits.max_entries),
             ));
         }
-        if is_junk(&parts) || !is_image_name(name) {
+        if is_junk(&parts) {
+            return Ok(());
+        }
+        if is_manifest_name(name) && parts.len() <= 2 {
+            self.manifests.push((parts, loc));
+            return Ok(());
+        }
+        if !is_image_name(name) {
             return Ok(());
         }
         if self.images.len() >= limits.max_images {
@@ -453,7 +473,7 @@ fn list_zip(path: &Path, limits: &ImageLimits) -> Result<Listing, DatasetError> 
             listing.add_dir(parts);
             continue;
         }
-        if !is_image_name(&name) || is_junk(&parts) {
+        if !(is_image_name(&name) || is_manifest_name(&name)) || is_junk(&parts) {
             listing.add_file(path, &name, parts, Locator::File(PathBuf::new()), limits)?;
             continue;
         }
@@ -562,7 +582,7 @@ fn list_tar(label: &Path, data: &Path, limits: &ImageLimits) -> Result<Listing, 
             size,
             codec: Codec::Stored,
         };
-        if is_image_name(&name) && !is_junk(&parts) {
+        if (is_image_name(&name) || is_manifest_name(&name)) && !is_junk(&parts) {
             check_image_bytes(size, limits).map_err(at)?;
         }
         listing.add_file(label, &name, parts, loc, limits)?;
@@ -583,6 +603,9 @@ fn classify(
             file,
             "no image (png, jpg, jpeg, webp) found; expected class_name/<images> folders",
         ));
+    }
+    if !listing.manifests.is_empty() {
+        return classify_manifest(file, format, listing, data, limits);
     }
     // One folder wrapping everything (what zipping a folder gives) is looked through.
     let tops: BTreeSet<&String> = listing.images.iter().map(|(p, _)| &p[0]).collect();
@@ -726,6 +749,152 @@ fn classify(
     })
 }
 
+/// An archive whose manifest (`labels.jsonl` or `metadata.jsonl`, at the top or in the one
+/// wrapping folder) gives each image's label: lines `{"image": "<path in the archive, relative
+/// to the manifest>", "label": int | "name"}`, classes as for JSONL. Images the manifest
+/// does not name are not examples.
+fn classify_manifest(
+    file: &Path,
+    format: ImageFormat,
+    listing: Listing,
+    data: &Path,
+    limits: &ImageLimits,
+) -> Result<Scanned, DatasetError> {
+    if listing.manifests.len() > 1 {
+        let names: Vec<String> = listing.manifests.iter().map(|(p, _)| p.join("/")).collect();
+        return Err(err(
+            file,
+            format!("several label manifests ({}); keep one", names.join(", ")),
+        ));
+    }
+    let (mparts, mloc) = &listing.manifests[0];
+    let mname = mparts.join("/");
+    let folder = &mparts[..mparts.len() - 1];
+    let at = |line: usize, m: String| err(file, format!("{mname} line {line}: {m}"));
+    let bytes = read_locator(data, mloc, limits).map_err(|m| err(file, format!("{mname}: {m}")))?;
+    let images: std::collections::HashMap<String, Locator> = listing
+        .images
+        .into_iter()
+        .map(|(p, l)| (p.join("/"), l))
+        .collect();
+    let mut found: Vec<(usize, Label, String, Locator)> = Vec::new();
+    for (i, line) in bytes.split(|b| *b == b'\n').enumerate() {
+        let number = i + 1;
+        let text = trim_line(line);
+        if text.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let ex: JsonlExample = serde_json::from_slice(text).map_err(|e| {
+            at(
+                number,
+                format!("expected {{\"image\": <path in the archive>, \"label\"}}: {e}"),
+            )
+        })?;
+        let label = parse_label(&ex.label).map_err(|m| at(number, m))?;
+        check_label_kind(found.first().map(|f| &f.1), &label).map_err(|m| at(number, m))?;
+        let serde_json::Value::String(rel) = &ex.image else {
+            return Err(at(number, "image must be a path inside the archive".into()));
+        };
+        let mut parts = folder.to_vec();
+        parts.extend(member_parts(rel).map_err(|m| at(number, m))?);
+        let name = parts.join("/");
+        let loc = images
+            .get(&name)
+            .cloned()
+            .ok_or_else(|| at(number, format!("'{rel}' is not an image of the archive")))?;
+        if found.len() >= limits.max_images {
+            return Err(err(
+                file,
+                format!("more than {} images in the dataset", limits.max_images),
+            ));
+        }
+        found.push((number, label, name, loc));
+    }
+    let labels: Vec<&Label> = found.iter().map(|f| &f.1).collect();
+    let classes = classes_of(&labels);
+    if classes.len() < 2 {
+        return Err(err(
+            file,
+            format!(
+                "an image dataset needs at least two classes, {mname} names {}",
+                classes.len()
+            ),
+        ));
+    }
+    let train = found
+        .into_iter()
+        .map(|(_, label, name, loc)| Entry {
+            name,
+            label: label_index(&classes, &label),
+            loc,
+        })
+        .collect();
+    Ok(Scanned {
+        format,
+        classes,
+        train,
+        validation: Vec::new(),
+        split: false,
+        data: data.to_path_buf(),
+        limits: *limits,
+    })
+}
+
+fn parse_label(v: &serde_json::Value) -> Result<Label, String> {
+    match v {
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(v) if (v as usize) < MAX_CLASSES => Ok(Label::Index(v)),
+            _ => Err(format!("label {n} is not an integer in [0, {MAX_CLASSES})")),
+        },
+        serde_json::Value::String(s) if !s.trim().is_empty() => Ok(Label::Name(s.clone())),
+        other => Err(format!(
+            "label must be an integer or a class name, found {other}"
+        )),
+    }
+}
+
+fn check_label_kind(first: Option<&Label>, this: &Label) -> Result<(), String> {
+    match first {
+        Some(f) if matches!(f, Label::Index(_)) != matches!(this, Label::Index(_)) => {
+            Err("labels mix integers and class names; use one kind in a file".into())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Integer labels: `0..=max`, named by their numbers; names: sorted and distinct.
+fn classes_of(labels: &[&Label]) -> Vec<String> {
+    match labels.first() {
+        Some(Label::Index(_)) => {
+            let max = labels
+                .iter()
+                .filter_map(|l| match l {
+                    Label::Index(v) => Some(*v),
+                    Label::Name(_) => None,
+                })
+                .max()
+                .unwrap_or(0);
+            (0..=max).map(|i| i.to_string()).collect()
+        }
+        _ => labels
+            .iter()
+            .filter_map(|l| match l {
+                Label::Name(s) => Some(s.clone()),
+                Label::Index(_) => None,
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    }
+}
+
+fn label_index(classes: &[String], label: &Label) -> u32 {
+    match label {
+        Label::Index(v) => *v as u32,
+        Label::Name(s) => classes.binary_search(s).unwrap_or(0) as u32,
+    }
+}
+
 #[derive(Deserialize)]
 struct JsonlExample {
     image: serde_json::Value,
@@ -777,35 +946,9 @@ fn scan_jsonl(path: &Path, limits: &ImageLimits) -> Result<Scanned, DatasetError
                 format!("expected {{\"image\": <base64>, \"label\": int | name}}: {e}"),
             )
         })?;
-        let label = match &ex.label {
-            serde_json::Value::Number(n) => match n.as_u64() {
-                Some(v) if (v as usize) < MAX_CLASSES => Label::Index(v),
-                _ => {
-                    return Err(line_err(
-                        path,
-                        number,
-                        format!("label {n} is not an integer in [0, {MAX_CLASSES})"),
-                    ));
-                }
-            },
-            serde_json::Value::String(s) if !s.trim().is_empty() => Label::Name(s.clone()),
-            other => {
-                return Err(line_err(
-                    path,
-                    number,
-                    format!("label must be an integer or a class name, found {other}"),
-                ));
-            }
-        };
-        if let (Some((_, first, _)), this) = (found.first(), &label)
-            && matches!(first, Label::Index(_)) != matches!(this, Label::Index(_))
-        {
-            return Err(line_err(
-                path,
-                number,
-                "labels mix integers and class names; use one kind in a file",
-            ));
-        }
+        let label = parse_label(&ex.label).map_err(|m| line_err(path, number, m))?;
+        check_label_kind(found.first().map(|f| &f.1), &label)
+            .map_err(|m| line_err(path, number, m))?;
         let bytes = image_field_bytes(&ex.image).map_err(|m| line_err(path, number, m))?;
         check_image_bytes(bytes.len() as u64, limits).map_err(|m| line_err(path, number, m))?;
         if found.len() >= limits.max_images {
@@ -826,28 +969,8 @@ fn scan_jsonl(path: &Path, limits: &ImageLimits) -> Result<Scanned, DatasetError
     if found.is_empty() {
         return Err(err(path, "the file is empty: it holds no images"));
     }
-    let classes: Vec<String> = match &found[0].1 {
-        Label::Index(_) => {
-            let max = found
-                .iter()
-                .filter_map(|(_, l, _)| match l {
-                    Label::Index(v) => Some(*v),
-                    Label::Name(_) => None,
-                })
-                .max()
-                .unwrap_or(0);
-            (0..=max).map(|i| i.to_string()).collect()
-        }
-        Label::Name(_) => found
-            .iter()
-            .filter_map(|(_, l, _)| match l {
-                Label::Name(s) => Some(s.clone()),
-                Label::Index(_) => None,
-            })
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect(),
-    };
+    let labels: Vec<&Label> = found.iter().map(|f| &f.1).collect();
+    let classes = classes_of(&labels);
     if classes.len() < 2 {
         return Err(err(
             path,
@@ -861,10 +984,7 @@ fn scan_jsonl(path: &Path, limits: &ImageLimits) -> Result<Scanned, DatasetError
         .into_iter()
         .map(|(number, label, loc)| Entry {
             name: format!("line {number}"),
-            label: match label {
-                Label::Index(v) => v as u32,
-                Label::Name(s) => classes.binary_search(&s).unwrap_or(0) as u32,
-            },
+            label: label_index(&classes, &label),
             loc,
         })
         .collect();
@@ -943,47 +1063,13 @@ impl ImageIndex {
             .get(i)
             .ok_or_else(|| format!("no example {i}"))?;
         match &e.loc {
-            Locator::File(p) => {
-                let f = File::open(p).map_err(|x| format!("cannot open: {x}"))?;
-                let size = f.metadata().map_err(|x| x.to_string())?.len();
-                check_image_bytes(size, &self.limits)?;
-                let mut buf = Vec::with_capacity(size as usize);
-                f.take(self.limits.max_image_bytes)
-                    .read_to_end(&mut buf)
-                    .map_err(|x| format!("cannot read: {x}"))?;
-                Ok(buf)
-            }
-            Locator::Range {
-                offset,
-                len,
-                size,
-                codec,
-            } => {
-                let raw = read_at(&self.data, *offset, *len)?;
-                match codec {
-                    Codec::Stored => Ok(raw),
-                    Codec::Deflate => {
-                        let mut out = Vec::with_capacity(*size as usize);
-                        flate2::read::DeflateDecoder::new(raw.as_slice())
-                            .take(size + 1)
-                            .read_to_end(&mut out)
-                            .map_err(|x| format!("corrupt compressed data: {x}"))?;
-                        if out.len() as u64 != *size {
-                            return Err(format!(
-                                "inflates to {} bytes, not the {size} its header declares",
-                                out.len()
-                            ));
-                        }
-                        Ok(out)
-                    }
-                }
-            }
             Locator::Line { offset, len } => {
                 let raw = read_at(&self.data, *offset, *len)?;
                 let ex: JsonlExample =
                     serde_json::from_slice(&raw).map_err(|x| format!("changed on disk: {x}"))?;
                 image_field_bytes(&ex.image)
             }
+            loc => read_locator(&self.data, loc, &self.limits),
         }
     }
 
@@ -991,6 +1077,48 @@ impl ImageIndex {
     pub fn decode(&self, i: usize) -> Result<image::RgbImage, String> {
         let bytes = self.read(i)?;
         decode_image(&bytes, &self.limits)
+    }
+}
+
+/// The bytes a file or archive member holds (decompressed; bounded by the image limit).
+fn read_locator(data: &Path, loc: &Locator, limits: &ImageLimits) -> Result<Vec<u8>, String> {
+    match loc {
+        Locator::File(p) => {
+            let f = File::open(p).map_err(|x| format!("cannot open: {x}"))?;
+            let size = f.metadata().map_err(|x| x.to_string())?.len();
+            check_image_bytes(size, limits)?;
+            let mut buf = Vec::with_capacity(size as usize);
+            f.take(limits.max_image_bytes)
+                .read_to_end(&mut buf)
+                .map_err(|x| format!("cannot read: {x}"))?;
+            Ok(buf)
+        }
+        Locator::Range {
+            offset,
+            len,
+            size,
+            codec,
+        } => {
+            let raw = read_at(data, *offset, *len)?;
+            match codec {
+                Codec::Stored => Ok(raw),
+                Codec::Deflate => {
+                    let mut out = Vec::with_capacity(*size as usize);
+                    flate2::read::DeflateDecoder::new(raw.as_slice())
+                        .take(size + 1)
+                        .read_to_end(&mut out)
+                        .map_err(|x| format!("corrupt compressed data: {x}"))?;
+                    if out.len() as u64 != *size {
+                        return Err(format!(
+                            "inflates to {} bytes, not the {size} its header declares",
+                            out.len()
+                        ));
+                    }
+                    Ok(out)
+                }
+            }
+        }
+        Locator::Line { offset, len } => read_at(data, *offset, *len),
     }
 }
 
