@@ -131,7 +131,7 @@ pub async fn create(
     let images = image_strings(&req.images, &state)?;
     let top_k_req = match &req.top_k {
         None | Some(Value::Null) => None,
-        Some(v) => match v.as_u64() {
+        Some(v) => match v.as_number().and_then(super::integer::to_u64) {
             Some(k) if k >= 1 => Some(k as usize),
             _ => {
                 return Err(bad(
