@@ -411,6 +411,93 @@ async fn bad_requests(s: &Server, id: &str, file_id: &str, classes: &[String], s
     assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
     assert!(error_message(&v).contains("broken.png"), "{v}");
 
+    // More bad archives, each stored as an error naming the entry.
+    let png = quadrant_png(size[0] as u32, size[1] as u32, 0, 13);
+    let tar_of = |members: &[(&str, tar::EntryType, &[u8])]| {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data) in members {
+            let mut h = tar::Header::new_old();
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append(&h, *data).expect("append");
+        }
+        b.into_inner().expect("tar")
+    };
+    let file = tar::EntryType::Regular;
+    let good = [
+        ("a/1.png", file, png.as_slice()),
+        ("b/1.png", file, png.as_slice()),
+    ];
+    let with = |extra: (&'static str, tar::EntryType, &'static [u8])| {
+        let mut m: Vec<(&str, tar::EntryType, &[u8])> = good.to_vec();
+        m.push(extra);
+        tar_of(&m)
+    };
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "zero-byte entry",
+            with(("a/empty.png", file, b"")),
+            "a/empty.png: the entry is empty",
+        ),
+        (
+            "path traversal",
+            with(("../evil.png", file, b"x")),
+            "../evil.png: a path with '..'",
+        ),
+        (
+            "absolute path",
+            with(("/etc/x.png", file, b"x")),
+            "/etc/x.png: an absolute path",
+        ),
+        (
+            "symlink",
+            with(("a/link.png", tar::EntryType::Symlink, b"")),
+            "a/link.png: links are not accepted",
+        ),
+        (
+            "empty class folder",
+            with(("c/", tar::EntryType::Directory, b"")),
+            "c/: the class folder has no image",
+        ),
+        (
+            "image outside a class",
+            with(("loose.png", file, b"x")),
+            "loose.png: an image must be inside a class folder",
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let (st, f) = s.upload("bad.tar", bytes).await;
+        assert_eq!(st, StatusCode::OK, "{what}: {f}");
+        assert_eq!(f["status"], "error", "{what}: {f}");
+        let details = f["status_details"].as_str().unwrap_or_default();
+        assert!(details.contains(want), "{what}: {details}");
+    }
+    // A decompression bomb: a zip entry declaring more bytes than an image may have.
+    let mut z = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let big = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    z.start_file("a/bomb.png", big).expect("start");
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..40 {
+        z.write_all(&zeros).expect("write");
+    }
+    let (st, f) = s
+        .upload("bomb.zip", z.finish().expect("zip").into_inner())
+        .await;
+    assert_eq!(st, StatusCode::OK, "{f}");
+    assert_eq!(f["status"], "error", "{f}");
+    assert!(
+        f["status_details"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("a/bomb.png: 41943040 bytes; an image may have at most"),
+        "{f}"
+    );
+
     // A text dataset for a vision model.
     let (st, text) = s.upload("text.jsonl", common::text_dataset(4)).await;
     assert_eq!(st, StatusCode::OK, "{text}");

@@ -872,3 +872,23 @@ fn save_to(out_dir: &Path, trainable: &dyn Trainable) -> Result<(), TrainError> 
     std::fs::create_dir_all(out_dir).map_err(|e| TrainError::io(out_dir, e))?;
     trainable.save(out_dir)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::rank_of;
+
+    /// Top-k membership is `rank_of(..) < k`: classes scoring higher count, ties count for
+    /// the label only when earlier in the row (argmax's choice).
+    #[test]
+    fn rank_counts_higher_scores_and_earlier_ties() {
+        let row = [0.1f32, 3.0, 2.0, 2.0, -1.0, 5.0, 0.0];
+        assert_eq!(rank_of(&row, 5), 0);
+        assert_eq!(rank_of(&row, 1), 1);
+        assert_eq!(rank_of(&row, 2), 2);
+        assert_eq!(rank_of(&row, 3), 3, "the tie with class 2 counts against class 3");
+        assert_eq!(rank_of(&row, 4), 6);
+        // Top-5 holds classes 5, 1, 2, 3, 0; not 6 or 4.
+        let top5: Vec<usize> = (0..row.len()).filter(|&c| rank_of(&row, c) < 5).collect();
+        assert_eq!(top5, [0, 1, 2, 3, 5]);
+    }
+}
