@@ -359,29 +359,113 @@ impl Engine {
         adapter: &storage::Adapter,
         blobs: &BlobStore,
     ) -> Result<Arc<LoadedAdapter>, ServingError> {
+        let id = adapter.id.clone();
+        let base = base.clone();
+        self.cached_adapter(adapter, blobs, move |dir| {
+            let a = Adapter::load(dir, base.model.as_ref())
+                .map_err(|e| ServingError::Load(format!("adapter {id}: {e}")))?;
+            LoadedAdapter::new(&id, a, &base.model)
+        })
+        .await
+    }
+
+    /// An adapter of any task, from the cache, or downloaded into a private folder and built
+    /// by `load` (off the async workers) on a miss.
+    pub(crate) async fn cached_adapter<T: cache::Cached + Send + 'static>(
+        &self,
+        adapter: &storage::Adapter,
+        blobs: &BlobStore,
+        load: impl FnOnce(&Path) -> Result<T, ServingError> + Send + 'static,
+    ) -> Result<Arc<T>, ServingError> {
         let dir = self.config.cache_dir.join("adapters").join(format!(
             "{}.{}",
             adapter.id,
-            std::process::id()
+            uuid::Uuid::new_v4().simple()
         ));
         let prefix = adapter.object_prefix.trim_end_matches('/').to_string();
-        let id = adapter.id.clone();
-        let base = base.clone();
         self.adapters
             .get_or_load(&adapter.id, || async move {
-                let _ = std::fs::remove_dir_all(&dir);
                 blobs.download_dir(&prefix, &dir).await?;
-                let loaded = blocking(move || {
-                    let res = Adapter::load(&dir, base.model.as_ref())
-                        .map_err(|e| ServingError::Load(format!("adapter {id}: {e}")))
-                        .and_then(|a| LoadedAdapter::new(&id, a, &base.model));
+                blocking(move || {
+                    let res = load(&dir);
                     let _ = std::fs::remove_dir_all(&dir);
                     res
                 })
-                .await?;
-                Ok(loaded)
+                .await
             })
             .await
+    }
+
+    /// Merges `adapter`: downloads it, lets `build(adapter_dir, out_dir)` write the merged
+    /// model folder (off the async workers), stores that folder in the blob store (replacing
+    /// an earlier merge) and returns its files.
+    pub(crate) async fn store_merge(
+        &self,
+        adapter: &storage::Adapter,
+        blobs: &BlobStore,
+        build: impl FnOnce(&Path, &Path) -> Result<(), ServingError> + Send + 'static,
+    ) -> Result<Vec<(String, u64)>, ServingError> {
+        let work = self.config.cache_dir.join("merge").join(format!(
+            "{}.{}",
+            adapter.id,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let res = async {
+            let adir = work.join("adapter");
+            let out = work.join("merged");
+            blobs
+                .download_dir(adapter.object_prefix.trim_end_matches('/'), &adir)
+                .await?;
+            let o = out.clone();
+            blocking(move || build(&adir, &o)).await?;
+            let prefix = merged_blob_prefix(&adapter.id);
+            blobs.delete_prefix(&prefix).await?;
+            blobs.upload_dir(&out, &prefix).await?;
+            Ok::<_, ServingError>(())
+        }
+        .await;
+        let _ = std::fs::remove_dir_all(&work);
+        res?;
+        // A request still running on the old merge keeps its copy; new ones load this one.
+        self.adapters
+            .forget(&format!("{MERGED_PREFIX}{}", adapter.id));
+        merged_files(blobs, &adapter.id).await
+    }
+
+    /// The merged model of `adapter`, from the cache or downloaded and built by
+    /// `load(cache key, folder)` (`Ok(None)` when it has not been merged).
+    pub(crate) async fn cached_merge<T: cache::Cached + Send + 'static>(
+        &self,
+        adapter: &storage::Adapter,
+        blobs: &BlobStore,
+        load: impl FnOnce(&str, &Path) -> Result<T, ServingError> + Send + 'static,
+    ) -> Result<Option<Arc<T>>, ServingError> {
+        let key = format!("{MERGED_PREFIX}{}", adapter.id);
+        if self.adapters.resident(&key).is_none()
+            && merged_files(blobs, &adapter.id).await?.is_empty()
+        {
+            return Ok(None);
+        }
+        let dir = self.config.cache_dir.join("merged").join(format!(
+            "{}.{}",
+            adapter.id,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let prefix = merged_blob_prefix(&adapter.id);
+        let k = key.clone();
+        let loaded = self
+            .adapters
+            .get_or_load(&key, || async move {
+                blobs.download_dir(&prefix, &dir).await?;
+                blocking(move || {
+                    let res = load(&k, &dir);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    res
+                })
+                .await
+            })
+            .await?;
+        Ok(Some(loaded))
     }
 }
 
@@ -434,49 +518,25 @@ impl Engine {
         blobs: &BlobStore,
         opts: MergeOptions,
     ) -> Result<Vec<(String, u64)>, ServingError> {
-        let work = self.config.cache_dir.join("merge").join(format!(
-            "{}.{}",
-            adapter.id,
-            uuid::Uuid::new_v4().simple()
-        ));
-        let res = async {
-            let adir = work.join("adapter");
-            let out = work.join("merged");
-            blobs
-                .download_dir(adapter.object_prefix.trim_end_matches('/'), &adir)
-                .await?;
-            let b = base.clone();
-            let o = out.clone();
-            blocking(move || {
-                let a = Adapter::load(&adir, b.model.as_ref())
-                    .map_err(|e| ServingError::Load(format!("adapter: {e}")))?;
-                let merged = a.merge_lm(&b.model, &opts).map_err(|e| match e {
-                    PeftError::NotMergeable { .. } | PeftError::Contradictory(_) => {
-                        ServingError::Unmergeable(e.to_string())
-                    }
-                    other => ServingError::Load(format!("merging: {other}")),
-                })?;
-                merged
-                    .save(&o)
-                    .map_err(|e| ServingError::Load(format!("saving the merged model: {e}")))?;
-                let tok = b.dir.join("tokenizer.json");
-                std::fs::copy(&tok, o.join("tokenizer.json"))
-                    .map_err(|e| ServingError::Load(format!("copying {}: {e}", tok.display())))?;
-                Ok(())
-            })
-            .await?;
-            let prefix = merged_blob_prefix(&adapter.id);
-            blobs.delete_prefix(&prefix).await?;
-            blobs.upload_dir(&out, &prefix).await?;
-            Ok::<_, ServingError>(())
-        }
-        .await;
-        let _ = std::fs::remove_dir_all(&work);
-        res?;
-        // A request still running on the old merge keeps its copy; new ones load this one.
-        self.adapters
-            .forget(&format!("{MERGED_PREFIX}{}", adapter.id));
-        merged_files(blobs, &adapter.id).await
+        let b = base.clone();
+        self.store_merge(adapter, blobs, move |adir, out| {
+            let a = Adapter::load(adir, b.model.as_ref())
+                .map_err(|e| ServingError::Load(format!("adapter: {e}")))?;
+            let merged = a.merge_lm(&b.model, &opts).map_err(|e| match e {
+                PeftError::NotMergeable { .. } | PeftError::Contradictory(_) => {
+                    ServingError::Unmergeable(e.to_string())
+                }
+                other => ServingError::Load(format!("merging: {other}")),
+            })?;
+            merged
+                .save(out)
+                .map_err(|e| ServingError::Load(format!("saving the merged model: {e}")))?;
+            let tok = b.dir.join("tokenizer.json");
+            std::fs::copy(&tok, out.join("tokenizer.json"))
+                .map_err(|e| ServingError::Load(format!("copying {}: {e}", tok.display())))?;
+            Ok(())
+        })
+        .await
     }
 
     /// The merged model of `adapter`, from the cache or loaded from the blob store
@@ -486,32 +546,7 @@ impl Engine {
         adapter: &storage::Adapter,
         blobs: &BlobStore,
     ) -> Result<Option<Arc<LoadedAdapter>>, ServingError> {
-        let key = format!("{MERGED_PREFIX}{}", adapter.id);
-        if self.adapters.resident(&key).is_none()
-            && merged_files(blobs, &adapter.id).await?.is_empty()
-        {
-            return Ok(None);
-        }
-        let dir = self.config.cache_dir.join("merged").join(format!(
-            "{}.{}",
-            adapter.id,
-            uuid::Uuid::new_v4().simple()
-        ));
-        let prefix = merged_blob_prefix(&adapter.id);
-        let k = key.clone();
-        let loaded = self
-            .adapters
-            .get_or_load(&key, || async move {
-                blobs.download_dir(&prefix, &dir).await?;
-                blocking(move || {
-                    let res = load_merged(&k, &dir);
-                    let _ = std::fs::remove_dir_all(&dir);
-                    res
-                })
-                .await
-            })
-            .await?;
-        Ok(Some(loaded))
+        self.cached_merge(adapter, blobs, load_merged).await
     }
 }
 

@@ -25,9 +25,7 @@ use trainer::model::vim::{
 use trainer::peft::Adapter;
 use trainer::train::images::read_classes;
 
-use super::{
-    Engine, MERGED_PREFIX, ServingError, Stats, blocking, merged_blob_prefix, merged_files,
-};
+use super::{Engine, ServingError, Stats, blocking};
 use crate::registry;
 
 /// An image classifier ready to serve: a hot-swapped adapter or a merged model.
@@ -192,52 +190,37 @@ impl Engine {
         Ok(loaded.clone())
     }
 
-    /// A tenant's adapter on a vision base, hot-swapped (applied unmerged).
+    /// A tenant's adapter on a vision base, hot-swapped: loaded on first use, in its
+    /// inference form.
     pub async fn classifier(
         &self,
         base: &Arc<VisionBase>,
         adapter: &storage::Adapter,
         blobs: &BlobStore,
     ) -> Result<Arc<LoadedClassifier>, ServingError> {
-        let dir = self.config.cache_dir.join("adapters").join(format!(
-            "{}.{}",
-            adapter.id,
-            uuid::Uuid::new_v4().simple()
-        ));
-        let prefix = adapter.object_prefix.trim_end_matches('/').to_string();
         let id = adapter.id.clone();
         let base = base.clone();
-        self.adapters
-            .get_or_load(&adapter.id, || async move {
-                let _ = std::fs::remove_dir_all(&dir);
-                blobs.download_dir(&prefix, &dir).await?;
-                blocking(move || {
-                    let res = (|| {
-                        let rows = adapter_head_rows(&dir)?;
-                        let classes = adapter_classes(&dir, rows)?;
-                        let b = base.with_classes(rows)?;
-                        let a = Adapter::load(&dir, b.as_ref())
-                            .map_err(|e| load_err(&format!("adapter {id}"), e))?;
-                        // Weight-form methods are folded into private copies of the weights
-                        // they change (the rest stays the base's): the adapter then costs
-                        // nothing per image, as a merged model.
-                        let model = a
-                            .inference_model(b.as_ref())
-                            .map_err(|e| load_err(&format!("adapter {id}"), e))?;
-                        let bytes = bytes_of(&a.named_tensors()) + own_bytes(&model, &b);
-                        Ok(LoadedClassifier {
-                            id: id.clone(),
-                            model: Arc::new(model),
-                            classes,
-                            bytes,
-                        })
-                    })();
-                    let _ = std::fs::remove_dir_all(&dir);
-                    res
-                })
-                .await
+        self.cached_adapter(adapter, blobs, move |dir| {
+            let rows = adapter_head_rows(dir)?;
+            let classes = adapter_classes(dir, rows)?;
+            let b = base.with_classes(rows)?;
+            let a = Adapter::load(dir, b.as_ref())
+                .map_err(|e| load_err(&format!("adapter {id}"), e))?;
+            // Weight-form methods are folded into private copies of the weights they change
+            // (the rest stays the base's): the adapter then costs nothing per image, as a
+            // merged model.
+            let model = a
+                .inference_model(b.as_ref())
+                .map_err(|e| load_err(&format!("adapter {id}"), e))?;
+            let bytes = bytes_of(&a.named_tensors()) + own_bytes(&model, &b);
+            Ok(LoadedClassifier {
+                id,
+                model: Arc::new(model),
+                classes,
+                bytes,
             })
-            .await
+        })
+        .await
     }
 
     /// Merges a vision adapter into its base (`trainer::peft::merge`; methods without a weight
@@ -249,49 +232,25 @@ impl Engine {
         adapter: &storage::Adapter,
         blobs: &BlobStore,
     ) -> Result<Vec<(String, u64)>, ServingError> {
-        let work = self.config.cache_dir.join("merge").join(format!(
-            "{}.{}",
-            adapter.id,
-            uuid::Uuid::new_v4().simple()
-        ));
-        let res = async {
-            let adir = work.join("adapter");
-            let out = work.join("merged");
-            blobs
-                .download_dir(adapter.object_prefix.trim_end_matches('/'), &adir)
-                .await?;
-            let b = base.clone();
-            let o = out.clone();
-            blocking(move || {
-                let rows = adapter_head_rows(&adir)?;
-                let classes = adapter_classes(&adir, rows)?;
-                let bk = b.with_classes(rows)?;
-                let a = Adapter::load(&adir, bk.as_ref()).map_err(|e| load_err("adapter", e))?;
-                let merged = a.merge(bk.as_ref()).map_err(|e| match e {
-                    trainer::peft::PeftError::NotMergeable { .. } => {
-                        ServingError::Unmergeable(e.to_string())
-                    }
-                    other => load_err("merging", other),
-                })?;
-                merged
-                    .save(&b.config, &o)
-                    .map_err(|e| load_err("saving the merged model", e))?;
-                trainer::train::images::write_classes(&o, &classes)
-                    .map_err(|e| load_err("saving the class names", e))?;
-                Ok(())
-            })
-            .await?;
-            let prefix = merged_blob_prefix(&adapter.id);
-            blobs.delete_prefix(&prefix).await?;
-            blobs.upload_dir(&out, &prefix).await?;
-            Ok::<_, ServingError>(())
-        }
-        .await;
-        let _ = std::fs::remove_dir_all(&work);
-        res?;
-        self.adapters
-            .forget(&format!("{MERGED_PREFIX}{}", adapter.id));
-        merged_files(blobs, &adapter.id).await
+        let b = base.clone();
+        self.store_merge(adapter, blobs, move |adir, out| {
+            let rows = adapter_head_rows(adir)?;
+            let classes = adapter_classes(adir, rows)?;
+            let bk = b.with_classes(rows)?;
+            let a = Adapter::load(adir, bk.as_ref()).map_err(|e| load_err("adapter", e))?;
+            let merged = a.merge(bk.as_ref()).map_err(|e| match e {
+                trainer::peft::PeftError::NotMergeable { .. } => {
+                    ServingError::Unmergeable(e.to_string())
+                }
+                other => load_err("merging", other),
+            })?;
+            merged
+                .save(&b.config, out)
+                .map_err(|e| load_err("saving the merged model", e))?;
+            trainer::train::images::write_classes(out, &classes)
+                .map_err(|e| load_err("saving the class names", e))
+        })
+        .await
     }
 
     /// The merged model of a vision adapter (`Ok(None)` when it has not been merged).
@@ -300,48 +259,24 @@ impl Engine {
         adapter: &storage::Adapter,
         blobs: &BlobStore,
     ) -> Result<Option<Arc<LoadedClassifier>>, ServingError> {
-        let key = format!("{MERGED_PREFIX}{}", adapter.id);
-        if self.adapters.resident(&key).is_none()
-            && merged_files(blobs, &adapter.id).await?.is_empty()
-        {
-            return Ok(None);
-        }
-        let dir = self.config.cache_dir.join("merged").join(format!(
-            "{}.{}",
-            adapter.id,
-            uuid::Uuid::new_v4().simple()
-        ));
-        let prefix = merged_blob_prefix(&adapter.id);
-        let k = key.clone();
-        let loaded = self
-            .adapters
-            .get_or_load(&key, || async move {
-                blobs.download_dir(&prefix, &dir).await?;
-                blocking(move || {
-                    let res = (|| {
-                        let base = load_vim(&dir, None)?;
-                        let bytes = bytes_of(&base.named_weights());
-                        let model = if dir.join(trainer::peft::CONFIG_FILE).is_file() {
-                            let r = Adapter::load(&dir, &base).map_err(|e| load_err(&k, e))?;
-                            r.apply_frozen(&base).map_err(|e| load_err(&k, e))?
-                        } else {
-                            base
-                        };
-                        let classes = adapter_classes(&dir, model.config.num_classes)?;
-                        Ok(LoadedClassifier {
-                            id: k.clone(),
-                            model: Arc::new(model),
-                            classes,
-                            bytes,
-                        })
-                    })();
-                    let _ = std::fs::remove_dir_all(&dir);
-                    res
-                })
-                .await
+        self.cached_merge(adapter, blobs, |key, dir| {
+            let base = load_vim(dir, None)?;
+            let bytes = bytes_of(&base.named_weights());
+            let model = if dir.join(trainer::peft::CONFIG_FILE).is_file() {
+                let r = Adapter::load(dir, &base).map_err(|e| load_err(key, e))?;
+                r.apply_frozen(&base).map_err(|e| load_err(key, e))?
+            } else {
+                base
+            };
+            let classes = adapter_classes(dir, model.config.num_classes)?;
+            Ok(LoadedClassifier {
+                id: key.to_string(),
+                model: Arc::new(model),
+                classes,
+                bytes,
             })
-            .await?;
-        Ok(Some(loaded))
+        })
+        .await
     }
 }
 

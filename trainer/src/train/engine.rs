@@ -885,7 +885,11 @@ mod tests {
         assert_eq!(rank_of(&row, 5), 0);
         assert_eq!(rank_of(&row, 1), 1);
         assert_eq!(rank_of(&row, 2), 2);
-        assert_eq!(rank_of(&row, 3), 3, "the tie with class 2 counts against class 3");
+        assert_eq!(
+            rank_of(&row, 3),
+            3,
+            "the tie with class 2 counts against class 3"
+        );
         assert_eq!(rank_of(&row, 4), 6);
         // Top-5 holds classes 5, 1, 2, 3, 0; not 6 or 4.
         let top5: Vec<usize> = (0..row.len()).filter(|&c| rank_of(&row, c) < 5).collect();
