@@ -258,18 +258,7 @@ async fn end_to_end(backend: Backend) {
     let model = s.get_ok(&format!("/v1/models/{ft_model}")).await;
     assert_eq!(model["adapter_id"], adapter_id.as_str());
     let dest = s.data_dir.join("downloaded");
-    let out = Command::new(molt_exe())
-        .args(["adapters", "download", ft_model, "--output"])
-        .arg(&dest)
-        .env("MOLT_URL", &s.url)
-        .env("MOLT_API_KEY", &s.key)
-        .output()
-        .expect("molt adapters download");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.download_adapter(ft_model, &dest);
 
     // It loads, and it changes the model: lower loss on the training text, other logits.
     let base_dir = tiny_model_dir();

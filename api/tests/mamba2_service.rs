@@ -15,11 +15,10 @@ mod common;
 mod fixtures;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use candle_core::{D, DType, Tensor};
-use common::{Backend, ServeOptions, Server, molt_exe, tiny_model_dir};
+use common::{Backend, ServeOptions, Server, tiny_model_dir};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use trainer::generate::{GenerationConfig, generate};
@@ -267,18 +266,7 @@ async fn mamba2_service(backend: Backend) {
 
             // The downloaded adapter applied here is what the service must reproduce.
             let dest = tmp.path().join(format!("{id}-adapter-{k}"));
-            let out = Command::new(molt_exe())
-                .args(["adapters", "download", &ft, "--output"])
-                .arg(&dest)
-                .env("MOLT_URL", &s.url)
-                .env("MOLT_API_KEY", &s.key)
-                .output()
-                .expect("molt adapters download");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            s.download_adapter(&ft, &dest);
             let adapter = trainer::peft::Adapter::load(&dest, &base).expect("adapter loads");
             let adapted = adapter.apply(&base).expect("apply");
             // Training moved the adapter off its function-preserving start.

@@ -15,12 +15,11 @@ mod common;
 mod fixtures;
 
 use std::io::Write;
-use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
 use candle_core::{DType, Device, Tensor};
-use common::{Backend, ServeOptions, Server, molt_exe};
+use common::{Backend, ServeOptions, Server};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use trainer::model::Family;
@@ -256,18 +255,7 @@ async fn vision_service(backend: Backend) {
 
             // The downloaded adapter carries the class names; applied here it is the reference.
             let dest = tmp.path().join(format!("{id}-adapter-{k}"));
-            let out = Command::new(molt_exe())
-                .args(["adapters", "download", &ft, "--output"])
-                .arg(&dest)
-                .env("MOLT_URL", &s.url)
-                .env("MOLT_API_KEY", &s.key)
-                .output()
-                .expect("molt adapters download");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            s.download_adapter(&ft, &dest);
             let names: Vec<String> = serde_json::from_slice(
                 &std::fs::read(dest.join("classes.json")).expect("classes.json"),
             )
@@ -328,13 +316,8 @@ async fn vision_service(backend: Backend) {
             // The CLI prints the same top class with its name.
             let img_path = tmp.path().join(format!("{id}-{k}-val0.png"));
             std::fs::write(&img_path, &val[0].1).expect("write");
-            let out = Command::new(molt_exe())
-                .args(["classify", "--model", &ft, "--top-k", "1"])
-                .arg(&img_path)
-                .env("MOLT_URL", &s.url)
-                .env("MOLT_API_KEY", &s.key)
-                .output()
-                .expect("molt classify");
+            let img = img_path.display().to_string();
+            let out = s.client(&["classify", "--model", &ft, "--top-k", "1", &img]);
             assert!(
                 out.status.success(),
                 "{}",

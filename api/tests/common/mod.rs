@@ -405,6 +405,27 @@ impl Server {
         }
     }
 
+    /// Runs the `molt` client CLI against this server with the tenant's key.
+    pub fn client(&self, args: &[&str]) -> std::process::Output {
+        Command::new(molt_exe())
+            .args(args)
+            .env("MOLT_URL", &self.url)
+            .env("MOLT_API_KEY", &self.key)
+            .output()
+            .expect("molt client")
+    }
+
+    /// `molt adapters download NAME --output DEST`, which must succeed.
+    pub fn download_adapter(&self, name: &str, dest: &Path) {
+        let dest = dest.display().to_string();
+        let out = self.client(&["adapters", "download", name, "--output", &dest]);
+        assert!(
+            out.status.success(),
+            "molt adapters download {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// All events of a job, oldest first.
     pub async fn events(&self, id: &str) -> Vec<Value> {
         let v = self
