@@ -293,11 +293,10 @@ fn classify(a: ClassifyArgs) -> Result<()> {
             .with_context(|| path.display().to_string())?
             .unsqueeze(0)?;
         let logits = model.forward(&pixels, Mode::Eval, None)?;
-        let probs = softmax(&logits.to_dtype(DType::F32)?.squeeze(0)?.to_vec1::<f32>()?);
-        let mut order: Vec<usize> = (0..probs.len()).collect();
-        // Most likely first; ties by class index.
-        order.sort_by(|&x, &y| probs[y].total_cmp(&probs[x]).then(x.cmp(&y)));
-        let top: Vec<(usize, f32)> = order.iter().take(a.top_k).map(|&c| (c, probs[c])).collect();
+        let probs = api::serving::vision::softmax(
+            &logits.to_dtype(DType::F32)?.squeeze(0)?.to_vec1::<f32>()?,
+        );
+        let top = api::serving::vision::top_k(&probs, a.top_k);
         match a.format {
             OutputFormat::Text => {
                 for (rank, (c, p)) in top.iter().enumerate() {
@@ -324,31 +323,14 @@ fn classify(a: ClassifyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Probabilities from logits (shifted by the maximum, so large logits do not overflow).
-fn softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exp: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
-    let sum: f32 = exp.iter().sum();
-    exp.iter().map(|e| e / sum).collect()
-}
-
 /// Class names from `config.json`'s `id2label` (HF's convention) where present, else the
 /// class indices.
 fn class_names(dir: &Path, classes: usize) -> Vec<String> {
-    let labels = std::fs::read_to_string(dir.join("config.json"))
+    let config = std::fs::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v.get("id2label").cloned());
-    (0..classes)
-        .map(|c| {
-            labels
-                .as_ref()
-                .and_then(|l| l.get(c.to_string()))
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-                .unwrap_or_else(|| c.to_string())
-        })
-        .collect()
+        .unwrap_or_default();
+    api::serving::vision::config_class_names(&config, classes)
 }
 
 /// A language model folder of `M`'s family, with the adapter folder applied (merged where

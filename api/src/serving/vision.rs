@@ -93,7 +93,7 @@ fn load_vim(
 }
 
 /// The class names of a model folder's `config.json` (`id2label`), else the indices.
-fn config_class_names(config: &Value, n: usize) -> Vec<String> {
+pub fn config_class_names(config: &Value, n: usize) -> Vec<String> {
     let labels = config.get("id2label");
     (0..n)
         .map(|c| {
