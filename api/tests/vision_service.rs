@@ -289,6 +289,20 @@ async fn vision_service(backend: Backend) {
             // Hot-swapped, then merged: the same probabilities; labels are the class names.
             let hot = classify(&s, &s.key, &ft, &images, n_classes).await;
             assert_probs_close(&hot, &want, &format!("{what} hot-swapped"));
+            // Concurrent requests (which the batcher may run in one pass) each get their own
+            // images' answers.
+            let answers = futures::future::join_all(images.iter().enumerate().map(|(i, img)| {
+                let s = &s;
+                let ft = &ft;
+                async move {
+                    let one = std::slice::from_ref(img);
+                    (i, classify(s, &s.key, ft, one, n_classes).await)
+                }
+            }))
+            .await;
+            for (i, p) in answers {
+                assert_probs_close(&p, &hot[i..=i], &format!("{what} concurrent image {i}"));
+            }
             let (st, m) = s
                 .call(s.req(Method::POST, &format!("/v1/adapters/{adapter_id}/merge")))
                 .await;
