@@ -289,6 +289,18 @@ async fn vision_service(backend: Backend) {
             // Hot-swapped, then merged: the same probabilities; labels are the class names.
             let hot = classify(&s, &s.key, &ft, &images, n_classes).await;
             assert_probs_close(&hot, &want, &format!("{what} hot-swapped"));
+            // Warm and evict work on vision adapters as on language ones.
+            let (st, r) = s
+                .call(s.req(Method::POST, &format!("/v1/adapters/{adapter_id}/load")))
+                .await;
+            assert_eq!(st, StatusCode::OK, "{r}");
+            assert_eq!(r["resident"], true, "{r}");
+            assert!(r["bytes"].as_u64().unwrap_or(0) > 0, "{r}");
+            let (st, r) = s
+                .call(s.req(Method::DELETE, &format!("/v1/adapters/{adapter_id}/load")))
+                .await;
+            assert_eq!(st, StatusCode::OK, "{r}");
+            assert_eq!(r["resident"], false, "{r}");
             // Concurrent requests (which the batcher may run in one pass) each get their own
             // images' answers.
             let answers = futures::future::join_all(images.iter().enumerate().map(|(i, img)| {

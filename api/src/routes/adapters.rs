@@ -202,8 +202,14 @@ pub async fn warm(
     Path(id): Path<String>,
 ) -> Result<Json<AdapterResidency>, ApiError> {
     let a = find(&state, &tenant, &id).await?;
-    let r = super::completions::resolve(&state, &tenant, &a.id).await?;
-    let bytes = r.served.pin.as_ref().map_or(0, |p| p.bytes);
+    let base = state.db.get_base_model(&a.base_model).await?;
+    let bytes = if crate::serving::vision::is_vision(&base) {
+        let vb = state.serving.vision_base(&base, &state.blobs).await?;
+        state.serving.classifier(&vb, &a, &state.blobs).await?.bytes
+    } else {
+        let r = super::completions::resolve(&state, &tenant, &a.id).await?;
+        r.served.pin.as_ref().map_or(0, |p| p.bytes)
+    };
     Ok(Json(AdapterResidency {
         id: a.id,
         object: "adapter.residency".into(),
@@ -265,9 +271,7 @@ pub async fn merge(
     };
     let a = find(&state, &tenant, &id).await?;
     let base_row = state.db.get_base_model(&a.base_model).await?;
-    let vision = trainer::model::detect(&base_row.config, std::path::Path::new(&base_row.id))
-        .is_ok_and(|f| f.task() == trainer::model::Task::ImageClassification);
-    let files = if vision {
+    let files = if crate::serving::vision::is_vision(&base_row) {
         let base = state.serving.vision_base(&base_row, &state.blobs).await?;
         state
             .serving

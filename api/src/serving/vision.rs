@@ -106,6 +106,12 @@ pub fn config_class_names(config: &Value, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Whether a registered base model is an image classifier (served by this module).
+pub fn is_vision(base: &storage::BaseModel) -> bool {
+    trainer::model::detect(&base.config, Path::new(&base.id))
+        .is_ok_and(|f| f.task() == trainer::model::Task::ImageClassification)
+}
+
 impl VisionBase {
     /// The base with a `k`-class head (loaded on first use; blocking).
     fn with_classes(&self, k: usize) -> Result<Arc<VimForImageClassification>, ServingError> {
