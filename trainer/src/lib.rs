@@ -5,6 +5,7 @@ pub mod generate;
 pub mod kernels;
 pub mod model;
 pub mod peft;
+pub mod search;
 pub mod tokenizer;
 pub mod train;
 
