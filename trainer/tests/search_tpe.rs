@@ -2,7 +2,10 @@
 //! on every kind of domain, the split follows Optuna's γ and ranking (pruned after finished,
 //! running last under the constant liar), a seed makes a search reproducible, parallel asks
 //! spread, and at equal budget it beats random search on a synthetic objective with log,
-//! integer, categorical and conditional parameters, over several seeds.
+//! integer, categorical and conditional parameters, over several seeds. Against Optuna
+//! (`tests/fixtures/search/tpe.json`, from `reference/make_tpe_fixtures.py`): the same
+//! Parzen log-densities on every kind of domain, the same split of a study with complete,
+//! pruned, running and failed trials, and the same acquisition values.
 
 use std::collections::BTreeMap;
 
@@ -124,18 +127,13 @@ fn estimators_are_distributions_on_every_domain() {
         let i = integral(&p, 1e-4, 1.0, true);
         assert!((i - 1.0).abs() < 1e-3, "log {obs:?}: {i}");
     }
-    for (param, grid, obs) in [
-        (
-            &int,
-            (2..=40).step_by(2).collect::<Vec<i64>>(),
-            vec![4.0, 38.0, 20.0],
-        ),
-        (&log_int, (1..=64).collect(), vec![1.0, 2.0, 50.0]),
-    ] {
-        let p = Parzen::new(&obs, param, &cfg);
-        let s: f64 = grid.iter().map(|&x| p.log_pdf(x as f64).exp()).sum();
-        assert!((s - 1.0).abs() < 1e-9, "{param:?}: {s}");
-    }
+    let p = Parzen::new(&[4.0, 38.0, 20.0], &int, &cfg);
+    let s: f64 = (2..=40).step_by(2).map(|x| p.log_pdf(x as f64).exp()).sum();
+    assert!((s - 1.0).abs() < 1e-9, "{s}");
+    // A log integer is a density in log space over [low − ½, high + ½], as in Optuna.
+    let p = Parzen::new(&[1.0, 2.0, 50.0], &log_int, &cfg);
+    let i = integral(&p, 0.5, 64.5, true);
+    assert!((i - 1.0).abs() < 1e-3, "log int: {i}");
     let p = Parzen::new(&[1.0, 1.0, 3.0], &cat, &cfg);
     let probs: Vec<f64> = (0..4).map(|c| p.log_pdf(c as f64).exp()).collect();
     assert!((probs.iter().sum::<f64>() - 1.0).abs() < 1e-12, "{probs:?}");
@@ -170,10 +168,7 @@ fn split_ranks_finished_then_pruned_then_running() {
     trials.push(trial(
         20,
         &[("x", 100.0)],
-        TrialState::Pruned {
-            step: 3,
-            value: -5.0,
-        },
+        TrialState::Pruned(Some((3, -5.0))),
     ));
     trials.push(trial(21, &[("x", 200.0)], TrialState::Running));
     trials.push(trial(22, &[("x", 300.0)], TrialState::Failed));
@@ -340,4 +335,132 @@ fn parallel_asks_spread_under_the_constant_liar() {
     }
     // And they stay near the good region.
     assert!(asked.iter().all(|v| (v - 1.0).abs() < 3.0), "{asked:?}");
+}
+
+fn fixture() -> serde_json::Value {
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/search/tpe.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("tpe.json")).expect("json")
+}
+
+fn param_of(d: &serde_json::Value) -> Param {
+    let f = |k: &str| d[k].as_f64().expect(k);
+    match d["type"].as_str().expect("type") {
+        "categorical" => Param::Categorical {
+            n: d["n"].as_u64().expect("n") as usize,
+        },
+        "int" => Param::Int {
+            low: f("low") as i64,
+            high: f("high") as i64,
+            log: d["log"].as_bool().expect("log"),
+            step: f("step") as i64,
+        },
+        _ => Param::Float {
+            low: f("low"),
+            high: f("high"),
+            log: d["log"].as_bool().expect("log"),
+            step: d["step"].as_f64(),
+        },
+    }
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect()
+}
+
+/// The same formulas as Optuna's: only rounding differs.
+fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= 1e-10 * (1.0 + want.abs())
+}
+
+#[test]
+fn parzen_log_densities_match_optuna() {
+    let fx = fixture();
+    let cfg = TpeConfig::default();
+    for case in fx["parzen"].as_array().expect("parzen") {
+        let name = case["name"].as_str().expect("name");
+        let p = Parzen::new(
+            &floats(&case["observations"]),
+            &param_of(&case["domain"]),
+            &cfg,
+        );
+        for (x, want) in floats(&case["points"])
+            .into_iter()
+            .zip(floats(&case["log_pdf"]))
+        {
+            let got = p.log_pdf(x);
+            assert!(close(got, want), "{name} at {x}: {got} vs Optuna's {want}");
+        }
+    }
+}
+
+#[test]
+fn split_and_acquisition_match_optuna() {
+    let fx = fixture();
+    for study in fx["split"].as_array().expect("split") {
+        let direction = match study["direction"].as_str() {
+            Some("maximize") => Direction::Maximize,
+            _ => Direction::Minimize,
+        };
+        let trials: Vec<Trial> = study["trials"]
+            .as_array()
+            .expect("trials")
+            .iter()
+            .map(|t| {
+                let state = match t["state"].as_str().expect("state") {
+                    "complete" => TrialState::Complete(t["value"].as_f64().expect("value")),
+                    "pruned" => TrialState::Pruned(
+                        t["step"]
+                            .as_u64()
+                            .map(|s| (s, t["value"].as_f64().expect("value"))),
+                    ),
+                    "running" => TrialState::Running,
+                    _ => TrialState::Failed,
+                };
+                Trial {
+                    number: t["number"].as_u64().expect("number"),
+                    params: t["params"]
+                        .as_object()
+                        .expect("params")
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.as_f64().expect("param")))
+                        .collect(),
+                    state,
+                }
+            })
+            .collect();
+        let below_numbers: Vec<u64> = study["below"]
+            .as_array()
+            .expect("below")
+            .iter()
+            .map(|n| n.as_u64().expect("number"))
+            .collect();
+        let s = TpeSampler::new(0, direction);
+        for (name, acq) in study["acquisition"].as_object().expect("acquisition") {
+            let (below, above) = s.split(&trials, u64::MAX, name);
+            let want_below: Vec<f64> = trials
+                .iter()
+                .filter(|t| below_numbers.contains(&t.number))
+                .filter_map(|t| t.params.get(name).copied())
+                .collect();
+            assert_eq!(below, want_below, "{direction:?} {name}: the good trials");
+            let param = param_of(&acq["domain"]);
+            let l = Parzen::new(&below, &param, &s.config);
+            let g = Parzen::new(&above, &param, &s.config);
+            for (x, want) in floats(&acq["points"])
+                .into_iter()
+                .zip(floats(&acq["acquisition"]))
+            {
+                let got = l.log_pdf(x) - g.log_pdf(x);
+                assert!(
+                    close(got, want),
+                    "{direction:?} {name} at {x}: {got} vs Optuna's {want}"
+                );
+            }
+        }
+    }
 }

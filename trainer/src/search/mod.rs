@@ -149,8 +149,8 @@ pub enum Direction {
 pub enum TrialState {
     /// Finished with the objective's value.
     Complete(f64),
-    /// Stopped early by a pruner after reporting `value` at `step`.
-    Pruned { step: u64, value: f64 },
+    /// Stopped early by a pruner; its last reported `(step, value)`, if it reported any.
+    Pruned(Option<(u64, f64)>),
     /// Still training (constant liar: it counts as worse than every finished trial).
     Running,
     /// Failed: ignored.
