@@ -141,7 +141,8 @@ fn validate_images(mut reader: impl Read, label: &Path) -> Outcome {
     };
     let dir = tempfile::tempdir().map_err(|e| one(format!("no scratch space: {e}")))?;
     let path = dir.path().join("upload");
-    source::spool(&mut reader, &path, u64::MAX).map_err(|e| read_error(label, e))?;
+    // The upload's size is bounded by --max-upload-bytes before it gets here.
+    source::spool(&mut reader, &path).map_err(|e| read_error(label, e))?;
     let limits = ImageLimits::default();
     let scanned = source::scan(&path, &limits, dir.path()).map_err(|mut e| {
         e.file = label.to_path_buf();

@@ -147,7 +147,7 @@ pub async fn create(
     let engine = &state.serving;
     let base = engine.vision_base(named.base(), &state.blobs).await?;
     let model: std::sync::Arc<LoadedClassifier> = match &named {
-        Named::Base(_) => std::sync::Arc::new(base.as_classifier()),
+        Named::Base(_) => base.own.clone(),
         Named::Adapter { adapter, .. } => engine.classifier(&base, adapter, &state.blobs).await?,
         Named::Merged { adapter, .. } => engine
             .merged_classifier(adapter, &state.blobs)

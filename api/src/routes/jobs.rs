@@ -427,13 +427,9 @@ pub async fn create(
         trainer::train::Hyperparameters::default()
     };
     let mut hp = Hyperparameters::from_request(hp_value.as_ref(), examples, &defaults)?;
-    // Vision jobs report validation loss and accuracy every epoch unless told otherwise.
-    let user_eval = hp_value
-        .as_ref()
-        .and_then(|v| v.get("eval_every"))
-        .is_some_and(|v| !v.is_null() && v != "auto");
-    if vision && !user_eval {
-        hp.train.eval_every = hp.train.steps_per_epoch(examples as usize).max(1);
+    // Stored as the worker will train: vision jobs validate every epoch unless told otherwise.
+    if vision {
+        hp.train.validate_every_epoch(examples as usize);
     }
     let new = NewJob {
         tenant_id: tenant.id.clone(),

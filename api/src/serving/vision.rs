@@ -47,9 +47,8 @@ pub struct VisionBase {
     pub dir: PathBuf,
     /// Its `config.json`.
     pub config: Value,
-    /// The checkpoint with its own head.
-    pub model: Arc<VimForImageClassification>,
-    pub classes: Vec<String>,
+    /// The checkpoint with its own head and the class names of its config, as served.
+    pub own: Arc<LoadedClassifier>,
     pub transform: EvalTransform,
     /// The frozen base with a fresh head of `k` classes, for adapters trained on `k`.
     heads: Mutex<HashMap<usize, Arc<VimForImageClassification>>>,
@@ -115,8 +114,8 @@ pub fn is_vision(base: &storage::BaseModel) -> bool {
 impl VisionBase {
     /// The base with a `k`-class head (loaded on first use; blocking).
     fn with_classes(&self, k: usize) -> Result<Arc<VimForImageClassification>, ServingError> {
-        if k == self.model.config.num_classes {
-            return Ok(self.model.clone());
+        if k == self.own.model.config.num_classes {
+            return Ok(self.own.model.clone());
         }
         let mut g = self.heads.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = g.get(&k) {
@@ -125,16 +124,6 @@ impl VisionBase {
         let m = Arc::new(load_vim(&self.dir, Some(k))?);
         g.insert(k, m.clone());
         Ok(m)
-    }
-
-    /// The base as a served classifier.
-    pub fn as_classifier(&self) -> LoadedClassifier {
-        LoadedClassifier {
-            id: self.id.clone(),
-            model: self.model.clone(),
-            classes: self.classes.clone(),
-            bytes: 0,
-        }
     }
 }
 
@@ -185,8 +174,12 @@ impl Engine {
                     id: model.id.clone(),
                     dir,
                     config: model.config.clone(),
-                    model: Arc::new(m),
-                    classes,
+                    own: Arc::new(LoadedClassifier {
+                        id: model.id.clone(),
+                        model: Arc::new(m),
+                        classes,
+                        bytes: 0,
+                    }),
                     transform,
                     heads: Mutex::new(HashMap::new()),
                     batcher,

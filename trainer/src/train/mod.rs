@@ -154,6 +154,14 @@ impl Hyperparameters {
         }
     }
 
+    /// Image runs validate every epoch unless `eval_every` says otherwise: an `eval_every` of
+    /// 0 becomes the steps of one epoch over `examples`.
+    pub fn validate_every_epoch(&mut self, examples: usize) {
+        if self.eval_every == 0 {
+            self.eval_every = self.steps_per_epoch(examples).max(1);
+        }
+    }
+
     /// Checks every field's range; the error names the field and what is valid.
     pub fn validate(&self) -> Result<(), TrainError> {
         fn bad(field: &str, reason: String) -> Result<(), TrainError> {
@@ -585,11 +593,8 @@ fn run_images(req: &TrainRequest, obs: &mut dyn TrainObserver) -> Result<TrainOu
     let config =
         serde_json::to_string(&base.config).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let fingerprint = fingerprint(req, config, data)?;
-    // Image runs validate every epoch unless told otherwise.
     let mut req = req.clone();
-    if req.hyper.eval_every == 0 {
-        req.hyper.eval_every = req.hyper.steps_per_epoch(train.len()).max(1);
-    }
+    req.hyper.validate_every_epoch(train.len());
     let req = &req;
     let outcome = train_adapter(
         req,

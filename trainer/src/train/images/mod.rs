@@ -280,10 +280,6 @@ impl Scratch {
         std::fs::create_dir_all(&dir).map_err(|e| TrainError::io(&dir, e))?;
         Ok(dir)
     }
-
-    pub fn path(&self) -> &Path {
-        &self.0
-    }
 }
 
 impl Drop for Scratch {

@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -216,10 +216,6 @@ impl Scanned {
             data: self.data.clone(),
             limits: self.limits,
         }
-    }
-
-    pub fn examples(&self) -> usize {
-        self.train.len() + self.validation.len()
     }
 
     /// Hex SHA-256 of what the examples are read from (the file; for a folder every image's
@@ -1052,10 +1048,6 @@ impl ImageIndex {
         self.entries.is_empty()
     }
 
-    pub fn limits(&self) -> &ImageLimits {
-        &self.limits
-    }
-
     /// The encoded bytes of example `i` (safe to call from several threads).
     pub fn read(&self, i: usize) -> Result<Vec<u8>, String> {
         let e = self
@@ -1204,14 +1196,8 @@ pub fn check_decodes(file: &Path, scanned: &Scanned, max_errors: usize) -> Vec<D
     errors
 }
 
-/// Copies `reader` into `dest`, refusing more than `max` bytes (a stream spooled for
-/// random access).
-pub fn spool(reader: &mut dyn Read, dest: &Path, max: u64) -> std::io::Result<u64> {
-    let mut out = File::create(dest)?;
-    let n = std::io::copy(&mut reader.take(max.saturating_add(1)), &mut out)?;
-    out.seek(SeekFrom::Start(0))?;
-    if n > max {
-        return Err(std::io::Error::other(format!("more than {max} bytes")));
-    }
-    Ok(n)
+/// Copies `reader` into `dest` (a stream spooled for random access; the caller bounds its
+/// size).
+pub fn spool(reader: &mut dyn Read, dest: &Path) -> std::io::Result<u64> {
+    std::io::copy(reader, &mut File::create(dest)?)
 }
