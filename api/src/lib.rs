@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod registry;
 pub mod routes;
+pub mod search;
 pub mod serve;
 pub mod serving;
 pub mod state;

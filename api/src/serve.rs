@@ -179,6 +179,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
     first_start(&db, &data_dir).await?;
     register_start_models(&db, &blobs, args.models_dir.as_deref(), &data_dir).await?;
     spawn_upload_cleanup(blobs.clone());
+    tokio::spawn(crate::search::drive(db.clone(), Duration::from_secs(1)));
 
     let config = ApiConfig {
         admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),

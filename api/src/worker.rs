@@ -259,6 +259,12 @@ async fn run_job(ctx: &Ctx, job: Job) {
     if let Err(e) = end {
         tracing::warn!(job_id = %job_id, error = %e, "could not record the job's end");
     }
+    // A trial's end moves its search on at once (the API's loop would, a second later).
+    if let Some(search_id) = &job.search_id
+        && let Err(e) = crate::search::advance(&ctx.db, search_id).await
+    {
+        tracing::warn!(search_id = %search_id, error = %e, "could not advance the search");
+    }
 }
 
 enum Ended {
@@ -443,7 +449,23 @@ async fn attempt(
     let mut kept: std::collections::VecDeque<String> = std::collections::VecDeque::new();
     while let Some(msg) = rx.recv().await {
         match msg {
-            Msg::Event(ev) => reporter.on_event(ctx, ev).await,
+            Msg::Event(ev) => {
+                let validation = matches!(ev, RunEvent::Validation { .. });
+                reporter.on_event(ctx, ev).await;
+                // A search's trial: its pruner may stop it on this validation value.
+                if validation && job.search_id.is_some() {
+                    match crate::search::check_prune(db, job).await {
+                        Ok(true) => {
+                            tracing::info!(job_id = %job.id, "trial pruned");
+                            flags.cancel.store(true, Ordering::SeqCst);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(job_id = %job.id, error = %e, "could not check pruning")
+                        }
+                    }
+                }
+            }
             Msg::Checkpoint { step, dir, done } => {
                 reporter.flush(ctx).await;
                 let prefix = format!("checkpoints/{}/step-{step:08}", job.id);
@@ -787,6 +809,8 @@ mod tests {
             updated_at: 0,
             started_at: None,
             finished_at: None,
+            search_id: None,
+            trial_number: None,
         }
     }
 }

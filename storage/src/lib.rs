@@ -32,9 +32,10 @@ pub use blob::{
 };
 pub use db::models::{
     Adapter, ApiKey, BaseModel, Checkpoint, EventLevel, FileRecord, FileStatus, Job, JobError,
-    JobEvent, JobMetric, JobStatus, Page, Tenant,
+    JobEvent, JobMetric, JobStatus, Page, Search, SearchStatus, SearchTrial, Tenant, TrialStatus,
 };
 pub use db::{
-    Backend, Db, DbOptions, JobResult, NewAdapter, NewBaseModel, NewFile, NewJob, Progress,
+    Backend, Db, DbOptions, JobResult, NewAdapter, NewBaseModel, NewFile, NewJob, NewSearch,
+    NewTrial, Progress, SearchChange, TrialUpdate,
 };
 pub use error::{Error, Result};

@@ -98,6 +98,9 @@ pub struct JobObject {
     pub metrics: Option<Value>,
     /// The trained adapter (`/v1/adapters/{id}`).
     pub adapter_id: Option<String>,
+    /// A search's trial: `{"id": "ftsearch-…", "trial": n}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub search: Option<Value>,
 }
 
 impl From<Job> for JobObject {
@@ -143,6 +146,9 @@ impl From<Job> for JobObject {
             },
             metrics: j.metrics,
             adapter_id: j.result_adapter_id,
+            search: j
+                .search_id
+                .map(|id| json!({"id": id, "trial": j.trial_number})),
             id: j.id,
         }
     }
@@ -278,7 +284,7 @@ fn merge_hyperparameters(
     }
 }
 
-fn check_suffix(suffix: &Option<String>) -> Result<(), ApiError> {
+pub(super) fn check_suffix(suffix: &Option<String>) -> Result<(), ApiError> {
     if let Some(s) = suffix
         && (s.is_empty()
             || s.len() > 64
@@ -296,7 +302,7 @@ fn check_suffix(suffix: &Option<String>) -> Result<(), ApiError> {
 }
 
 /// Looks a dataset up and checks it can be trained on.
-async fn usable_file(
+pub(super) async fn usable_file(
     state: &AppState,
     tenant: &Tenant,
     id: &str,
@@ -389,28 +395,7 @@ pub async fn create(
 
     // What the request names, refused as OpenAI does (400 `invalid_request_error`): a model,
     // a file that does not exist or cannot be trained on, a method that does not fit.
-    let base = match state.db.get_base_model(&req.model).await {
-        Ok(m) => m,
-        Err(storage::Error::NotFound { .. }) => {
-            let known: Vec<String> = state
-                .db
-                .list_base_models()
-                .await?
-                .into_iter()
-                .map(|m| m.id)
-                .collect();
-            return Err(ApiError::bad_request(
-                "model_not_found",
-                format!(
-                    "model '{}' does not exist; base models: [{}]",
-                    req.model,
-                    known.join(", ")
-                ),
-            )
-            .param("model"));
-        }
-        Err(e) => return Err(e.into()),
-    };
+    let base = base_model(&state, &req.model).await?;
     let training_file = usable_file(&state, &tenant, &req.training_file, "training_file").await?;
     let validation_file = match &req.validation_file {
         Some(v) => Some(usable_file(&state, &tenant, v, "validation_file").await?),
@@ -444,14 +429,44 @@ pub async fn create(
         total_steps: Some(hp.total_steps(examples)),
         max_attempts: Some(state.config.job_max_attempts),
         idempotency_key: idem,
+        trial: None,
     };
     let (job, _) = state.db.submit_job(new).await?;
     tracing::info!(job_id = %job.id, model = %job.model, "fine-tuning job queued");
     Ok(Json(job.into()))
 }
 
+/// The base model a request names (400 `model_not_found` listing the known ones).
+pub(super) async fn base_model(
+    state: &AppState,
+    model: &str,
+) -> Result<storage::BaseModel, ApiError> {
+    match state.db.get_base_model(model).await {
+        Ok(m) => Ok(m),
+        Err(storage::Error::NotFound { .. }) => {
+            let known: Vec<String> = state
+                .db
+                .list_base_models()
+                .await?
+                .into_iter()
+                .map(|m| m.id)
+                .collect();
+            Err(ApiError::bad_request(
+                "model_not_found",
+                format!(
+                    "model '{}' does not exist; base models: [{}]",
+                    model,
+                    known.join(", ")
+                ),
+            )
+            .param("model"))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// A non-negative 31-bit seed from the system clock and the process id.
-fn rand_seed() -> i32 {
+pub(super) fn rand_seed() -> i32 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -587,30 +602,50 @@ fn event_stream(
     last_seq: i64,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     let interval = state.config.event_poll_interval;
+    poll_events(interval, last_seq, EventObject::from, move |after| {
+        let (state, tenant_id, job_id) = (state.clone(), tenant_id.clone(), job_id.clone());
+        async move {
+            // Read the status first: events written before a terminal status are then
+            // certain to be in the next read.
+            let done = state
+                .db
+                .get_job(&tenant_id, &job_id)
+                .await?
+                .status
+                .is_terminal();
+            let batch = state
+                .db
+                .job_events_since(&tenant_id, &job_id, after, 500)
+                .await?;
+            Ok((done, batch))
+        }
+    })
+}
+
+/// Server-sent events from `fetch(after_seq) -> (finished, events after it)`, polled every
+/// `interval`, each sent as `to_object(event)` with its `seq` as the SSE id; ends with
+/// `[DONE]` once finished and drained.
+pub(super) fn poll_events<O, F, Fut>(
+    interval: Duration,
+    last_seq: i64,
+    to_object: fn(JobEvent) -> O,
+    fetch: F,
+) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    O: Serialize,
+    F: Fn(i64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(bool, Vec<JobEvent>), storage::Error>> + Send,
+{
+    let fetch = std::sync::Arc::new(fetch);
     stream::unfold(StreamState::Running { last_seq }, move |st| {
-        let state = state.clone();
-        let tenant_id = tenant_id.clone();
-        let job_id = job_id.clone();
+        let fetch = fetch.clone();
         async move {
             let StreamState::Running { mut last_seq } = st else {
                 return None;
             };
             loop {
-                // Read the status first: events written before a terminal status are
-                // then certain to be in the next read.
-                let status = match state.db.get_job(&tenant_id, &job_id).await {
-                    Ok(j) => j.status,
-                    Err(e) => {
-                        let ev = Event::default().event("error").data(e.to_string());
-                        return Some((vec![ev], StreamState::Done));
-                    }
-                };
-                let batch = match state
-                    .db
-                    .job_events_since(&tenant_id, &job_id, last_seq, 500)
-                    .await
-                {
-                    Ok(b) => b,
+                let (done, batch) = match fetch(last_seq).await {
+                    Ok(x) => x,
                     Err(e) => {
                         let ev = Event::default().event("error").data(e.to_string());
                         return Some((vec![ev], StreamState::Done));
@@ -621,13 +656,12 @@ fn event_stream(
                     for e in batch {
                         last_seq = e.seq;
                         let seq = e.seq;
-                        let obj = EventObject::from(e);
-                        let data = serde_json::to_string(&obj).unwrap_or_default();
+                        let data = serde_json::to_string(&to_object(e)).unwrap_or_default();
                         out.push(Event::default().id(seq.to_string()).data(data));
                     }
                     return Some((out, StreamState::Running { last_seq }));
                 }
-                if status.is_terminal() {
+                if done {
                     return Some((vec![Event::default().data("[DONE]")], StreamState::Done));
                 }
                 tokio::time::sleep(interval).await;

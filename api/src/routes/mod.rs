@@ -11,6 +11,7 @@ pub mod health;
 pub mod jobs;
 pub mod models;
 pub mod scores;
+pub mod searches;
 
 use std::time::Duration;
 
@@ -46,6 +47,12 @@ pub mod paths {
     pub const JOB_EVENTS: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events";
     pub const JOB_CHECKPOINTS: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints";
     pub const JOB_METRICS: &str = "/v1/fine_tuning/jobs/{fine_tuning_job_id}/metrics";
+    pub const SEARCHES: &str = "/v1/fine_tuning/searches";
+    pub const SEARCH: &str = "/v1/fine_tuning/searches/{search_id}";
+    pub const SEARCH_TRIALS: &str = "/v1/fine_tuning/searches/{search_id}/trials";
+    pub const SEARCH_CANCEL: &str = "/v1/fine_tuning/searches/{search_id}/cancel";
+    pub const SEARCH_TRAIN: &str = "/v1/fine_tuning/searches/{search_id}/train";
+    pub const SEARCH_EVENTS: &str = "/v1/fine_tuning/searches/{search_id}/events";
 
     pub const MODELS: &str = "/v1/models";
     pub const MODEL: &str = "/v1/models/{model}";
@@ -122,6 +129,16 @@ fn routes() -> Routes {
         .add(JOB_EVENTS, "GET", get(jobs::events))
         .add(JOB_CHECKPOINTS, "GET", get(jobs::checkpoints))
         .add(JOB_METRICS, "GET", get(jobs::metrics))
+        .add(
+            SEARCHES,
+            "POST GET",
+            post(searches::create).get(searches::list),
+        )
+        .add(SEARCH, "GET", get(searches::get))
+        .add(SEARCH_TRIALS, "GET", get(searches::trials))
+        .add(SEARCH_CANCEL, "POST", post(searches::cancel))
+        .add(SEARCH_TRAIN, "POST", post(searches::train))
+        .add(SEARCH_EVENTS, "GET", get(searches::events))
         .add(MODELS, "GET", get(models::list))
         .add(MODEL, "GET DELETE", get(models::get).delete(models::delete))
         .add(ADAPTERS, "GET", get(adapters::list))

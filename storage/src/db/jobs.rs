@@ -15,7 +15,7 @@ macro_rules! job_cols {
          suffix, status, step, total_steps, tokens_seen, estimated_finish, metrics, error, \
          result_adapter_id, fine_tuned_model, trainable_params, lease_owner, lease_expires_at_ms, \
          attempts, max_attempts, cancel_requested, idempotency_key, created_at, updated_at, \
-         started_at, finished_at"
+         started_at, finished_at, search_id, trial_number"
     };
 }
 pub(crate) use job_cols;
@@ -59,6 +59,8 @@ pub struct NewJob {
     /// Defaults to [`DEFAULT_MAX_ATTEMPTS`].
     pub max_attempts: Option<i64>,
     pub idempotency_key: Option<String>,
+    /// A search's trial: the search and the trial's number.
+    pub trial: Option<(String, i64)>,
 }
 
 impl NewJob {
@@ -81,6 +83,7 @@ impl NewJob {
             total_steps: None,
             max_attempts: None,
             idempotency_key: None,
+            trial: None,
         }
     }
 }
@@ -111,8 +114,10 @@ impl Db {
                 sqlx::query(
                     "INSERT INTO jobs (id, tenant_id, model, training_file, validation_file, method, \
                      hyperparameters, seed, suffix, status, total_steps, trainable_params, \
-                     max_attempts, idempotency_key, created_at, updated_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15)",
+                     max_attempts, idempotency_key, created_at, updated_at, search_id, \
+                     trial_number) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $15, \
+                     $16, $17)",
                 )
                 .bind(&id)
                 .bind(&new.tenant_id)
@@ -129,6 +134,8 @@ impl Db {
                 .bind(max_attempts)
                 .bind(&new.idempotency_key)
                 .bind(now)
+                .bind(new.trial.as_ref().map(|t| &t.0))
+                .bind(new.trial.as_ref().map(|t| t.1))
                 .execute(&mut *tx)
                 .await?;
                 append_event!(

@@ -94,6 +94,7 @@ mod adapters;
 mod files;
 mod jobs;
 mod queue;
+mod searches;
 mod stats;
 mod tenants;
 
@@ -101,6 +102,7 @@ pub use adapters::NewAdapter;
 pub use files::NewFile;
 pub use jobs::NewJob;
 pub use queue::{JobResult, Progress};
+pub use searches::{NewSearch, NewTrial, SearchChange, TrialUpdate};
 pub use tenants::NewBaseModel;
 
 static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations/sqlite");

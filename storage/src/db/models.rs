@@ -230,6 +230,124 @@ pub struct Job {
     /// First time a worker claimed it.
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
+    /// The search this job is a trial of (`ftsearch-…`), and the trial's number.
+    pub search_id: Option<String>,
+    pub trial_number: Option<i64>,
+}
+
+text_enum!(
+    /// State of a hybrid PEFT search.
+    SearchStatus, "searches.status" {
+        Queued => "queued",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
+);
+
+impl SearchStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            SearchStatus::Succeeded | SearchStatus::Failed | SearchStatus::Cancelled
+        )
+    }
+}
+
+text_enum!(
+    /// State of one trial of a search.
+    TrialStatus, "search_trials.state" {
+        /// Recorded; its job is being created.
+        Pending => "pending",
+        Running => "running",
+        Complete => "complete",
+        /// Stopped early by the search's pruner.
+        Pruned => "pruned",
+        /// Not trained (over `max_trainable_params`, or no method switched on).
+        Skipped => "skipped",
+        Failed => "failed",
+        /// Stopped because the search was cancelled.
+        Cancelled => "cancelled",
+    }
+);
+
+impl TrialStatus {
+    pub fn is_finished(self) -> bool {
+        !matches!(self, TrialStatus::Pending | TrialStatus::Running)
+    }
+}
+
+/// A hybrid PEFT search (MambaPEFT's two steps); its trials are jobs.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct Search {
+    /// `ftsearch-…`
+    pub id: String,
+    pub tenant_id: String,
+    pub model: String,
+    pub training_file: String,
+    pub validation_file: String,
+    /// `validation_loss` (minimised) or `validation_accuracy` (maximised).
+    pub objective: String,
+    /// The search's settings (trainer's `SearchSettings`), resolved.
+    #[sqlx(json)]
+    pub settings: Value,
+    /// The trial jobs' shared hyperparameters.
+    #[sqlx(json)]
+    pub hyperparameters: Value,
+    pub num_classes: Option<i64>,
+    /// Optimiser steps of one trial.
+    pub total_steps: Option<i64>,
+    pub suffix: Option<String>,
+    pub train_best: bool,
+    #[sqlx(try_from = "String")]
+    pub status: SearchStatus,
+    /// 1 or 2.
+    pub step: i64,
+    /// Bumped by every change of the state machine (optimistic lock).
+    pub version: i64,
+    /// `{"trial", "step", "value", "configuration", "method", "trainable_params"}`.
+    #[sqlx(json(nullable))]
+    pub best: Option<Value>,
+    #[sqlx(json(nullable))]
+    pub error: Option<JobError>,
+    /// The job training the best configuration into an adapter.
+    pub result_job_id: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+}
+
+/// One trial of a search.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct SearchTrial {
+    pub search_id: String,
+    /// 0, 1, 2 … over both steps, in the order the sampler proposed them.
+    pub number: i64,
+    pub step: i64,
+    /// The sampler's values (a boolean or choice as its index), by parameter name.
+    #[sqlx(json)]
+    pub params: Value,
+    /// The same in readable form.
+    #[sqlx(json)]
+    pub configuration: Value,
+    /// The PEFT method the trial trains (`None` when skipped for having none).
+    #[sqlx(json(nullable))]
+    pub method: Option<Value>,
+    pub trainable_params: Option<i64>,
+    pub job_id: Option<String>,
+    #[sqlx(rename = "state", try_from = "String")]
+    pub status: TrialStatus,
+    /// The objective's final value.
+    pub value: Option<f64>,
+    /// The step whose validation value pruned the trial.
+    pub pruned_step: Option<i64>,
+    /// Why the trial was skipped, failed or pruned.
+    pub message: Option<String>,
+    pub created_at: i64,
+    pub finished_at: Option<i64>,
 }
 
 /// One entry of a job's event log.

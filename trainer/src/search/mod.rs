@@ -6,6 +6,8 @@
 //! `f64` holding it, a categorical choice as its index. The sampler is [`tpe::TpeSampler`],
 //! Optuna's univariate `TPESampler` with its defaults.
 
+pub mod hybrid;
+pub mod pruner;
 pub mod tpe;
 
 use std::collections::BTreeMap;
