@@ -55,7 +55,8 @@ serve_cmd="$(first_command)"
 sh_block="$(block sh)"
 vision_block="$(block sh-vision)"
 py_block="$(block python)"
-[ -n "$sh_block" ] && [ -n "$vision_block" ] && [ -n "$py_block" ] ||
+search_block="$(block sh-search)"
+[ -n "$sh_block" ] && [ -n "$vision_block" ] && [ -n "$py_block" ] && [ -n "$search_block" ] ||
     fail "walk-through blocks not found in README.md"
 
 git clone --quiet "$repo" "$work/molt"
@@ -96,6 +97,16 @@ status=\$(curl -s \$URL/v1/fine_tuning/jobs/\$JOB -H \"Authorization: Bearer \$K
 tail -n 1 "$work/vision.out" | jq -e '.object == "list" and (.data[0].predictions | length == 3)
     and ([.data[0].predictions[].label] - ["five", "six", "seven", "eight", "nine"] == [])' >/dev/null ||
     { cat "$work/vision.out" >&2; fail "the image walk-through's classification did not answer"; }
+
+log "running the README's search walk-through"
+bash -euo pipefail -c "$search_block
+job=null
+until [ \"\$job\" != null ]; do sleep 1; job=\$(curl -s \$URL/v1/fine_tuning/searches/\$SEARCH -H \"Authorization: Bearer \$KEY\" | jq -r .result_job_id); done
+until curl -s \$URL/v1/fine_tuning/jobs/\$job -H \"Authorization: Bearer \$KEY\" | jq -e '.status | IN(\"succeeded\", \"failed\", \"cancelled\")' >/dev/null; do sleep 1; done
+curl -s \$URL/v1/fine_tuning/jobs/\$job -H \"Authorization: Bearer \$KEY\" | jq -e '.status == \"succeeded\"' >/dev/null
+" >"$work/search.out" 2>&1 || { cat "$work/search.out" "$work/serve.log" >&2; fail "the search walk-through"; }
+tail -n 1 "$work/search.out" | jq -e '.status == "succeeded" and .trial_counts.finished == 6 and (.best.value | type == "number")' >/dev/null ||
+    { cat "$work/search.out" >&2; fail "the search walk-through did not succeed"; }
 
 log "running the README's openai walk-through"
 cache="${MOLT_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/molt}"

@@ -55,6 +55,9 @@ enum Command {
     Train(cli::train::TrainArgs),
     /// Train a small Mamba and its BPE tokenizer from random init on a text corpus.
     Pretrain(cli::train::PretrainArgs),
+    /// Hybrid PEFT search on local files (MambaPEFT's two steps: which methods, then their
+    /// hyperparameters), no server; writes OUT/search.json (and OUT/best with --train-best).
+    Search(cli::search::SearchArgs),
     /// Speed benchmark on random-init models (forward, generation, training step, scan);
     /// `molt bench serve`: the serving engine; `molt bench service`: the HTTP service;
     /// `molt bench cuda`: the GPU path.
@@ -81,6 +84,14 @@ enum Command {
         client: cli::client::ClientArgs,
         #[command(subcommand)]
         command: cli::client::JobsCommand,
+    },
+    /// Create, list, show, watch and cancel hybrid PEFT searches; their trials, events, and
+    /// training the best configuration.
+    Searches {
+        #[command(flatten)]
+        client: cli::client::ClientArgs,
+        #[command(subcommand)]
+        command: cli::client::SearchesCommand,
     },
     /// Show and download trained adapters.
     Adapters {
@@ -115,6 +126,9 @@ enum BenchSub {
     /// Service speed: upload throughput and memory, job-GET latency under load, queue
     /// claims per second (see BENCHMARKS.md, "Service").
     Service(cli::bench_service::ServiceBenchArgs),
+    /// The search sampler's quality: best value after N trials on a synthetic objective,
+    /// molt's TPE against random search (bench/search.py adds Optuna).
+    Search(cli::bench_search::BenchSearchArgs),
     /// GPU (build with `--features cuda`): fused scan throughput and bandwidth, LoRA
     /// training and generation tokens/s at the mamba-130m shape.
     Cuda(cli::bench_cuda::BenchCudaArgs),
@@ -159,16 +173,19 @@ fn main() -> ExitCode {
             Some(BenchSub::Serve(args)) => cli::bench_serve::run(args),
             Some(BenchSub::Service(args)) => cli::bench_service::run(args),
             Some(BenchSub::Cuda(args)) => cli::bench_cuda::run(args),
+            Some(BenchSub::Search(args)) => cli::bench_search::run_bench(args),
             None => cli::bench::run(b.args),
         },
         Command::Train(args) => cli::train::train(args),
         Command::Pretrain(args) => cli::train::pretrain_cmd(args),
+        Command::Search(args) => cli::search::search(args),
         Command::Serve(args) => block_on(api::serve::run(args)),
         Command::Worker(args) => block_on(api::worker::run(args)),
         Command::Migrate(args) => cli::admin::migrate(args),
         Command::Admin(args) => cli::admin::run(args),
         Command::Files { client, command } => cli::client::files(&client, command),
         Command::Jobs { client, command } => cli::client::jobs(&client, command),
+        Command::Searches { client, command } => cli::client::searches(&client, command),
         Command::Adapters { client, command } => cli::client::adapters(&client, command),
         Command::Classify { client, args } => cli::client::classify(&client, args),
     };

@@ -483,3 +483,58 @@ async fn a_pruned_search_on_postgres_and_s3() {
         }
     }
 }
+
+/// A tenant's search does not starve another tenant's job: with one worker, the other
+/// tenant's job runs while most of the search's trials still wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tenants_job_is_not_starved_by_a_search() {
+    let s = Server::start(ServeOptions::default()).await;
+    s.register_model("demo", &repo_root().join("models/demo"))
+        .await;
+    let (st, train) = s.upload("train.jsonl", text_dataset(32)).await;
+    assert_eq!(st, StatusCode::OK, "{train}");
+    let train = train["id"].as_str().expect("id").to_string();
+    let mut req = request(&train, &train);
+    req["trials"] = json!({"step1": 10, "step2": 0});
+    req["max_parallel"] = json!(4);
+    req["train_best"] = json!(false);
+    let (st, search) = s.call(s.req(Method::POST, SEARCHES).json(&req)).await;
+    assert_eq!(st, StatusCode::OK, "{search}");
+    let id = search["id"].as_str().expect("id").to_string();
+
+    let (_, other) = s.new_tenant("other").await;
+    let (st, file) = s.upload_as(&other, "mine.jsonl", text_dataset(4)).await;
+    assert_eq!(st, StatusCode::OK, "{file}");
+    let (st, job) = s
+        .call(
+            s.req_as(&other, Method::POST, "/v1/fine_tuning/jobs")
+                .json(&json!({"model": "demo", "training_file": file["id"],
+                              "hyperparameters": {"n_epochs": 1, "batch_size": 4}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{job}");
+    let job_id = job["id"].as_str().expect("id").to_string();
+
+    let _w = Worker::start(&s, "solo", 30);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (_, j) = s
+            .call(s.req_as(
+                &other,
+                Method::GET,
+                &format!("/v1/fine_tuning/jobs/{job_id}"),
+            ))
+            .await;
+        if j["status"] == "succeeded" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let search = s.get_ok(&format!("{SEARCHES}/{id}")).await;
+    let finished = search["trial_counts"]["finished"].as_u64().expect("count");
+    assert!(
+        finished <= 3,
+        "the other tenant's job waited for {finished} of the search's trials: {search}"
+    );
+}

@@ -1,7 +1,9 @@
-//! The client side of `molt`: `files`, `jobs` and `adapters` commands talking HTTP to a molt
-//! server (`--url`, `--api-key`; the key defaults to `MOLT_API_KEY`, then to the
+//! The client side of `molt`: `files`, `jobs`, `searches` and `adapters` commands talking HTTP
+//! to a molt server (`--url`, `--api-key`; the key defaults to `MOLT_API_KEY`, then to the
 //! `first-key` file of `./molt-data`). Answers are printed as JSON; `jobs watch` draws a
-//! progress bar with loss, tokens/s and ETA and exits non-zero if the job does not succeed.
+//! progress bar with loss, tokens/s and ETA and exits non-zero if the job does not succeed;
+//! `searches watch` redraws a search's trial table until it ends (exit status 1 unless it
+//! succeeds). An error answer is shown with its status, code, `param` and message.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -102,7 +104,10 @@ pub async fn decode(res: Response) -> Result<Value> {
     }
     let msg = value["error"]["message"].as_str().unwrap_or("(no message)");
     let code = value["error"]["code"].as_str().unwrap_or("-");
-    bail!("server answered {status} ({code}): {msg}")
+    match value["error"]["param"].as_str() {
+        Some(param) => bail!("server answered {status} ({code}, param {param}): {msg}"),
+        None => bail!("server answered {status} ({code}): {msg}"),
+    }
 }
 
 fn default_key() -> Option<String> {
@@ -370,7 +375,8 @@ pub enum JobsCommand {
     },
 }
 
-fn json_arg(s: &str) -> Result<Value> {
+/// `JSON` or `@file`, parsed.
+pub(crate) fn json_arg(s: &str) -> Result<Value> {
     let text = match s.strip_prefix('@') {
         Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
         None => s.to_string(),
@@ -516,6 +522,198 @@ pub async fn watch(http: &Http, id: &str, interval: Duration) -> Result<()> {
                 bar.abandon();
                 bail!("job {id} was cancelled");
             }
+            _ => tokio::time::sleep(interval).await,
+        }
+    }
+}
+
+// ----- searches -----------------------------------------------------------------------------
+
+const SEARCHES: &str = "/v1/fine_tuning/searches";
+
+#[derive(clap::Subcommand, Debug)]
+pub enum SearchesCommand {
+    /// Start a hybrid PEFT search (MambaPEFT's two steps: which methods, then their
+    /// hyperparameters). Prints the search; `--watch` follows it.
+    Create {
+        /// Base model.
+        #[arg(long)]
+        model: String,
+        /// Training file id (`file-…`).
+        #[arg(long)]
+        training_file: String,
+        /// Validation file id (required by the server: the objective is measured on it).
+        #[arg(long)]
+        validation_file: Option<String>,
+        #[command(flatten)]
+        search: Box<super::search::SearchFlags>,
+        /// Suffix of the fine-tuned model names of the search's jobs.
+        #[arg(long)]
+        suffix: Option<String>,
+        /// Watch the search after creating it.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// List searches, newest first.
+    List {
+        #[arg(long)]
+        limit: Option<u32>,
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// Show one search (status, step, trial counts, best trial so far, ETA).
+    Get { id: String },
+    /// Redraw a search's trial table until it ends (exit status 1 unless it succeeds).
+    Watch {
+        id: String,
+        /// Seconds between polls.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+    },
+    /// Cancel a search and its running trials.
+    Cancel { id: String },
+    /// Show every trial of a search.
+    Trials { id: String },
+    /// Train the search's best configuration into an adapter (prints the job).
+    Train { id: String },
+    /// Show a search's events, oldest first.
+    Events {
+        id: String,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+}
+
+pub fn searches(args: &ClientArgs, cmd: SearchesCommand) -> Result<()> {
+    runtime()?.block_on(async {
+        let http = Http::tenant(args)?;
+        match cmd {
+            SearchesCommand::Create {
+                model,
+                training_file,
+                validation_file,
+                search,
+                suffix,
+                watch: then_watch,
+            } => {
+                let mut body = json!({"model": model, "training_file": training_file});
+                if let Some(v) = validation_file {
+                    body["validation_file"] = json!(v);
+                }
+                for (k, v) in search.request()? {
+                    body[k] = v;
+                }
+                if let Some(s) = suffix {
+                    body["suffix"] = json!(s);
+                }
+                let created = http.post(SEARCHES, &body).await?;
+                print(&created);
+                if then_watch {
+                    let id = created["id"].as_str().unwrap_or_default().to_string();
+                    return watch_search(&http, &id, Duration::from_secs(1)).await;
+                }
+            }
+            SearchesCommand::List { limit, after } => {
+                let mut q = Vec::new();
+                if let Some(l) = limit {
+                    q.push(("limit", l.to_string()));
+                }
+                if let Some(a) = after {
+                    q.push(("after", a));
+                }
+                print(
+                    &http
+                        .json(http.request(Method::GET, SEARCHES).query(&q))
+                        .await?,
+                );
+            }
+            SearchesCommand::Get { id } => print(&http.get(&format!("{SEARCHES}/{id}")).await?),
+            SearchesCommand::Trials { id } => {
+                print(&http.get(&format!("{SEARCHES}/{id}/trials")).await?)
+            }
+            SearchesCommand::Cancel { id } => print(
+                &http
+                    .post(&format!("{SEARCHES}/{id}/cancel"), &json!({}))
+                    .await?,
+            ),
+            SearchesCommand::Train { id } => print(
+                &http
+                    .post(&format!("{SEARCHES}/{id}/train"), &json!({}))
+                    .await?,
+            ),
+            SearchesCommand::Events { id, limit } => {
+                let v = http
+                    .get(&format!("{SEARCHES}/{id}/events?limit={limit}"))
+                    .await?;
+                let mut events: Vec<Value> = v["data"].as_array().cloned().unwrap_or_default();
+                events.reverse();
+                for e in events {
+                    println!(
+                        "{} {:5} {}",
+                        e["created_at"],
+                        e["level"].as_str().unwrap_or(""),
+                        e["message"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            SearchesCommand::Watch { id, interval } => {
+                return watch_search(&http, &id, Duration::from_secs_f64(interval.max(0.1))).await;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Polls a search and its trials and shows the trial table until the search ends: on a
+/// terminal redrawn in place (ANSI clear + home) every poll, otherwise printed only when it
+/// changes (the ETA aside) so that logs stay readable. Errors unless the search succeeds.
+pub async fn watch_search(http: &Http, id: &str, interval: Duration) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stdout().is_terminal();
+    let mut shown = String::new();
+    loop {
+        let search = http.get(&format!("{SEARCHES}/{id}")).await?;
+        let trials = http.get(&format!("{SEARCHES}/{id}/trials")).await?;
+        let trials = trials["data"].as_array().cloned().unwrap_or_default();
+        let screen = super::search::watch_screen(&search, &trials, true);
+        if tty {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "\x1b[2J\x1b[H{screen}");
+            let _ = out.flush();
+        } else {
+            let key = super::search::watch_screen(&search, &trials, false);
+            if key != shown {
+                println!("{screen}");
+                shown = key;
+            }
+        }
+        let best = &search["best"];
+        match search["status"].as_str().unwrap_or("") {
+            "succeeded" => {
+                println!(
+                    "succeeded: best {} {} (trial {}): {}",
+                    search["objective"].as_str().unwrap_or("value"),
+                    best["value"]
+                        .as_f64()
+                        .map_or_else(|| "-".into(), |v| format!("{v:.6}")),
+                    best["trial"],
+                    super::search::configuration_summary(&best["configuration"])
+                );
+                if let Some(job) = search["result_job_id"].as_str() {
+                    println!(
+                        "training the best configuration into an adapter: job {job} \
+                         (molt jobs watch {job})"
+                    );
+                }
+                return Ok(());
+            }
+            "failed" => bail!(
+                "search {id} failed: {}",
+                search["error"]["message"]
+                    .as_str()
+                    .unwrap_or("(no message)")
+            ),
+            "cancelled" => bail!("search {id} was cancelled"),
             _ => tokio::time::sleep(interval).await,
         }
     }

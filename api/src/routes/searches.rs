@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use storage::{NewSearch, Search, SearchStatus, SearchTrial, TrialStatus};
-use trainer::search::hybrid::{Plan, SearchSettings, TrialBudget};
+use trainer::search::hybrid::{Plan, Sampler, SearchSettings, TrialBudget};
 use trainer::search::pruner::MedianPruner;
 
 use super::jobs::{
@@ -53,6 +53,8 @@ pub struct CreateSearch {
     pub suffix: Option<String>,
     /// Train the best configuration into an adapter when the search succeeds.
     pub train_best: Option<bool>,
+    /// `tpe` (default) or `random`.
+    pub sampler: Option<Sampler>,
 }
 
 /// Trials by state.
@@ -89,6 +91,7 @@ pub struct SearchObject {
     pub space: Value,
     pub hyperparameters: Value,
     pub seed: i64,
+    pub sampler: Sampler,
     pub user_provided_suffix: Option<String>,
     pub train_best: bool,
     pub trial_counts: TrialCounts,
@@ -182,6 +185,7 @@ fn search_object(s: Search, trials: &[SearchTrial]) -> SearchObject {
         space: json!(settings.space),
         hyperparameters: s.hyperparameters,
         seed: settings.seed as i64,
+        sampler: settings.sampler,
         user_provided_suffix: s.suffix,
         train_best: s.train_best,
         trial_counts,
@@ -335,6 +339,7 @@ pub async fn create(
         max_trainable_params: req.max_trainable_params,
         pruner,
         seed: seed as u64,
+        sampler: req.sampler.unwrap_or_default(),
     };
     let shape = model_shape(&base.config, num_classes.map(|n| n as i64))
         .map_err(|e| ApiError::internal("reading the base model's config", &e))?;

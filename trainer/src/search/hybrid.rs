@@ -99,6 +99,20 @@ pub struct SearchSettings {
     pub pruner: Option<MedianPruner>,
     #[serde(default)]
     pub seed: u64,
+    /// `tpe` (the default, as the authors ran it) or `random` (a baseline).
+    #[serde(default)]
+    pub sampler: Sampler,
+}
+
+/// How trials' parameters are drawn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sampler {
+    /// Optuna's univariate TPE with its defaults.
+    #[default]
+    Tpe,
+    /// Uniform draws (Optuna's `RandomSampler`).
+    Random,
 }
 
 fn default_parallel() -> u32 {
@@ -133,6 +147,7 @@ impl Default for SearchSettings {
             max_trainable_params: None,
             pruner: None,
             seed: 0,
+            sampler: Sampler::Tpe,
         }
     }
 }
@@ -831,7 +846,13 @@ impl Plan {
         let local = study.len() as u64;
         space
             .iter()
-            .map(|(name, p)| (name.clone(), sampler.suggest(&study, local, name, p)))
+            .map(|(name, p)| {
+                let v = match self.settings.sampler {
+                    Sampler::Tpe => sampler.suggest(&study, local, name, p),
+                    Sampler::Random => sampler.random(local, name, p),
+                };
+                (name.clone(), v)
+            })
             .collect()
     }
 

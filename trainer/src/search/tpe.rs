@@ -110,6 +110,12 @@ impl TpeSampler {
         StdRng::seed_from_u64(h.finish())
     }
 
+    /// A uniform draw for parameter `name` of trial `trial_number` (Optuna's
+    /// `RandomSampler`; also TPE's startup trials), seeded as [`Self::suggest`].
+    pub fn random(&self, trial_number: u64, name: &str, param: &Param) -> f64 {
+        param.sample_uniform(&mut self.rng(trial_number, name))
+    }
+
     /// The value of parameter `name` (domain `param`, assumed valid) for trial
     /// `trial_number`, given every other trial of the search.
     pub fn suggest(&self, trials: &[Trial], trial_number: u64, name: &str, param: &Param) -> f64 {
