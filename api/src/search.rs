@@ -384,25 +384,37 @@ async fn create_trial_jobs(db: &Db, search_id: &str) -> Result<(), storage::Erro
         let Some(method) = t.method.clone() else {
             continue;
         };
-        let mut new = NewJob::new(&search.tenant_id, &search.model, &search.training_file);
-        new.validation_file = Some(search.validation_file.clone());
-        new.method = method;
-        new.hyperparameters = search.hyperparameters.clone();
-        new.seed = search
-            .settings
-            .get("seed")
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
-        new.suffix = search.suffix.clone();
-        new.trainable_params = t.trainable_params;
-        new.total_steps = search.total_steps;
-        new.idempotency_key = Some(trial_key(search_id, t.number));
+        let mut new = search_job(
+            &search,
+            method,
+            t.trainable_params,
+            trial_key(search_id, t.number),
+        );
         new.trial = Some((search_id.to_string(), t.number));
         let (job, _) = db.submit_job(new).await?;
         db.set_trial_job(search_id, t.number, &job.id).await?;
         tracing::info!(search_id, trial = t.number, job_id = %job.id, "trial job queued");
     }
     Ok(())
+}
+
+/// A job of the search's tenant, model, files, hyperparameters and seed training `method`,
+/// created once per `key` whoever asks.
+fn search_job(search: &Search, method: Value, trainable: Option<i64>, key: String) -> NewJob {
+    let mut new = NewJob::new(&search.tenant_id, &search.model, &search.training_file);
+    new.validation_file = Some(search.validation_file.clone());
+    new.method = method;
+    new.hyperparameters = search.hyperparameters.clone();
+    new.seed = search
+        .settings
+        .get("seed")
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    new.suffix = search.suffix.clone();
+    new.trainable_params = trainable;
+    new.total_steps = search.total_steps;
+    new.idempotency_key = Some(key);
+    new
 }
 
 /// With `train_best`, a succeeded search trains its best configuration into an adapter.
@@ -426,23 +438,17 @@ pub async fn train_best(db: &Db, search: &Search) -> Result<Option<Job>, storage
     if method.is_null() {
         return Ok(None);
     }
-    let mut new = NewJob::new(&search.tenant_id, &search.model, &search.training_file);
-    new.validation_file = Some(search.validation_file.clone());
-    new.method = method;
-    new.hyperparameters = search.hyperparameters.clone();
-    new.seed = search
-        .settings
-        .get("seed")
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
-    new.suffix = search.suffix.clone();
-    new.trainable_params = search
+    let trainable = search
         .best
         .as_ref()
         .and_then(|b| b.get("trainable_params"))
         .and_then(Value::as_i64);
-    new.total_steps = search.total_steps;
-    new.idempotency_key = Some(format!("search:{}:best", search.id));
+    let new = search_job(
+        search,
+        method,
+        trainable,
+        format!("search:{}:best", search.id),
+    );
     let (job, created) = db.submit_job(new).await?;
     db.set_search_result_job(&search.id, &job.id).await?;
     if created {

@@ -423,6 +423,32 @@ async fn bad_searches_name_the_field_and_cancel_stops_trials() {
         .call(s.req(Method::POST, &format!("{SEARCHES}/{id}/cancel")))
         .await;
     assert_eq!(st, StatusCode::OK, "cancelling twice is harmless: {body}");
+    // The event stream replays the story and ends, the search being finished.
+    let text = s
+        .req(Method::GET, &format!("{SEARCHES}/{id}/events?stream=true"))
+        .send()
+        .await
+        .expect("stream")
+        .text()
+        .await
+        .expect("body");
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    let first: Value = serde_json::from_str(data[0]).expect("an event object");
+    assert_eq!(first["object"], "fine_tuning.search.event");
+    assert!(
+        first["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Created hybrid PEFT search")
+    );
+    assert!(
+        data.iter().any(|d| d.contains("Search cancelled")),
+        "{text}"
+    );
 }
 
 /// On PostgreSQL + S3 with `molt serve --workers 2`: a pruned search (median rule, a

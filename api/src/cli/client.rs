@@ -444,19 +444,11 @@ pub fn jobs(args: &ClientArgs, cmd: JobsCommand) -> Result<()> {
                     .await?,
             ),
             JobsCommand::Events { id, limit } => {
-                let v = http
-                    .get(&format!("/v1/fine_tuning/jobs/{id}/events?limit={limit}"))
-                    .await?;
-                let mut events: Vec<Value> = v["data"].as_array().cloned().unwrap_or_default();
-                events.reverse();
-                for e in events {
-                    println!(
-                        "{} {:5} {}",
-                        e["created_at"],
-                        e["level"].as_str().unwrap_or(""),
-                        e["message"].as_str().unwrap_or("")
-                    );
-                }
+                print_events(
+                    &http,
+                    &format!("/v1/fine_tuning/jobs/{id}/events?limit={limit}"),
+                )
+                .await?
             }
             JobsCommand::Watch { id, interval } => {
                 return watch(&http, &id, Duration::from_secs_f64(interval.max(0.1))).await;
@@ -464,6 +456,22 @@ pub fn jobs(args: &ClientArgs, cmd: JobsCommand) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Prints a page of events (newest first from the API) oldest first, one per line.
+async fn print_events(http: &Http, path: &str) -> Result<()> {
+    let v = http.get(path).await?;
+    let mut events: Vec<Value> = v["data"].as_array().cloned().unwrap_or_default();
+    events.reverse();
+    for e in events {
+        println!(
+            "{} {:5} {}",
+            e["created_at"],
+            e["level"].as_str().unwrap_or(""),
+            e["message"].as_str().unwrap_or("")
+        );
+    }
+    Ok(())
 }
 
 /// The bar's message: loss, tokens/s, ETA.
@@ -642,19 +650,7 @@ pub fn searches(args: &ClientArgs, cmd: SearchesCommand) -> Result<()> {
                     .await?,
             ),
             SearchesCommand::Events { id, limit } => {
-                let v = http
-                    .get(&format!("{SEARCHES}/{id}/events?limit={limit}"))
-                    .await?;
-                let mut events: Vec<Value> = v["data"].as_array().cloned().unwrap_or_default();
-                events.reverse();
-                for e in events {
-                    println!(
-                        "{} {:5} {}",
-                        e["created_at"],
-                        e["level"].as_str().unwrap_or(""),
-                        e["message"].as_str().unwrap_or("")
-                    );
-                }
+                print_events(&http, &format!("{SEARCHES}/{id}/events?limit={limit}")).await?
             }
             SearchesCommand::Watch { id, interval } => {
                 return watch_search(&http, &id, Duration::from_secs_f64(interval.max(0.1))).await;

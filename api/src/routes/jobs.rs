@@ -569,15 +569,8 @@ pub async fn events(
     if q.stream {
         // 404 before the stream starts.
         state.db.get_job(&tenant.id, &id).await?;
-        let last_seq = headers
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .unwrap_or(0);
-        let stream = event_stream(state, tenant.id, id, last_seq);
-        return Ok(Sse::new(stream)
-            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-            .into_response());
+        let stream = event_stream(state, tenant.id, id, last_event_id(&headers));
+        return Ok(sse(stream));
     }
     let page = state
         .db
@@ -587,6 +580,24 @@ pub async fn events(
         e.id.clone()
     }))
     .into_response())
+}
+
+/// The `seq` a resuming SSE client last saw (`Last-Event-ID`), 0 for the start.
+pub(super) fn last_event_id(headers: &HeaderMap) -> i64 {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .unwrap_or(0)
+}
+
+/// An SSE response with keep-alive comments.
+pub(super) fn sse(
+    stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static,
+) -> Response {
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
 }
 
 enum StreamState {

@@ -4,11 +4,9 @@
 //! every worker runs them; the state machine is `crate::search`.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -17,8 +15,8 @@ use trainer::search::hybrid::{Plan, Sampler, SearchSettings, TrialBudget};
 use trainer::search::pruner::MedianPruner;
 
 use super::jobs::{
-    EventObject, EventParams, JobObject, base_model, check_suffix, poll_events, rand_seed,
-    usable_file,
+    EventObject, EventParams, JobObject, base_model, check_suffix, last_event_id, poll_events,
+    rand_seed, sse, usable_file,
 };
 use super::{ListParams, ListResponse, idempotency_key};
 use crate::auth::Tenant;
@@ -535,11 +533,7 @@ pub async fn events(
     let limit = params.limit(20, 1000)?;
     if q.stream {
         state.db.get_search(&tenant.id, &id).await?;
-        let last_seq = headers
-            .get("last-event-id")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<i64>().ok())
-            .unwrap_or(0);
+        let last_seq = last_event_id(&headers);
         let interval = state.config.event_poll_interval;
         let tenant_id = tenant.id.clone();
         let stream = poll_events(interval, last_seq, search_event, move |after| {
@@ -558,9 +552,7 @@ pub async fn events(
                 Ok((done, batch))
             }
         });
-        return Ok(Sse::new(stream)
-            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
-            .into_response());
+        return Ok(sse(stream));
     }
     let page = state
         .db
