@@ -21,10 +21,86 @@ use storage::{
     SearchStatus, SearchTrial, TrialStatus, TrialUpdate,
 };
 use trainer::search::hybrid::{Next, Plan, SearchSettings, TrialRecord};
+use trainer::search::pruner::MedianPruner;
 use trainer::search::{Direction, TrialState};
 
 /// The objectives a search may optimise.
 pub const OBJECTIVES: &[&str] = &["validation_loss", "validation_accuracy"];
+
+/// A search request's field that is wrong, and why (the API answers 400 with `param`,
+/// `molt search` prints `field: message`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+fn field_error(field: &'static str, message: impl Into<String>) -> FieldError {
+    FieldError {
+        field,
+        message: message.into(),
+    }
+}
+
+/// `objective` (default `validation_loss`).
+pub fn parse_objective(v: Option<&str>) -> Result<String, FieldError> {
+    let objective = v.unwrap_or("validation_loss");
+    if OBJECTIVES.contains(&objective) {
+        Ok(objective.to_string())
+    } else {
+        Err(field_error(
+            "objective",
+            format!(
+                "objective must be one of {}, got '{objective}'",
+                OBJECTIVES.join(", ")
+            ),
+        ))
+    }
+}
+
+/// `pruner`: absent or null (off), or `{"type": "median", …MedianPruner's settings}`.
+pub fn parse_pruner(v: Option<&Value>) -> Result<Option<MedianPruner>, FieldError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(o)) => {
+            let mut o = o.clone();
+            match o.remove("type") {
+                Some(Value::String(t)) if t == "median" => {}
+                other => {
+                    return Err(field_error(
+                        "pruner",
+                        format!(
+                            "pruner.type must be \"median\", got {}",
+                            other.unwrap_or(Value::Null)
+                        ),
+                    ));
+                }
+            }
+            serde_json::from_value::<MedianPruner>(Value::Object(o))
+                .map(Some)
+                .map_err(|e| field_error("pruner", format!("pruner: {e}")))
+        }
+        Some(other) => Err(field_error(
+            "pruner",
+            format!("pruner must be an object like {{\"type\": \"median\"}}, got {other}"),
+        )),
+    }
+}
+
+/// The trials' shared hyperparameters may not set `weight_decay`: the search sets each
+/// method's (and step 2 tunes it).
+pub fn check_search_hyperparameters(v: Option<&Value>) -> Result<(), FieldError> {
+    if v.and_then(|h| h.get("weight_decay"))
+        .is_some_and(|w| !w.is_null())
+    {
+        return Err(field_error(
+            "hyperparameters.weight_decay",
+            "a search sets each method's weight decay (step 2 tunes it as wd_mult); leave \
+             hyperparameters.weight_decay out",
+        ));
+    }
+    Ok(())
+}
 
 /// The direction of an objective.
 pub fn direction(objective: &str) -> Direction {

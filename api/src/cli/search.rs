@@ -463,17 +463,9 @@ fn setup(args: &SearchArgs) -> Result<Setup> {
     let vision = family.task() == trainer::model::Task::ImageClassification;
 
     let req = args.search.request()?;
-    let objective = req
-        .get("objective")
-        .and_then(Value::as_str)
-        .unwrap_or("validation_loss")
-        .to_string();
-    if !api::search::OBJECTIVES.contains(&objective.as_str()) {
-        bail!(
-            "objective: must be one of {}, got '{objective}'",
-            api::search::OBJECTIVES.join(", ")
-        );
-    }
+    let field = |e: api::search::FieldError| anyhow!("{}: {}", e.field, e.message);
+    let objective = api::search::parse_objective(req.get("objective").and_then(Value::as_str))
+        .map_err(field)?;
     let seed = match args.search.seed {
         Some(s) if (0..=i64::from(i32::MAX)).contains(&s) => s as u64,
         Some(s) => bail!("seed: must be between 0 and {}, got {s}", i32::MAX),
@@ -483,45 +475,14 @@ fn setup(args: &SearchArgs) -> Result<Setup> {
         None => TrialBudget::default(),
         Some(v) => serde_json::from_value(v.clone()).map_err(|e| plan_error("trials", e))?,
     };
-    let pruner = match req.get("pruner") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => {
-            let mut o = o.clone();
-            match o.remove("type") {
-                Some(Value::String(t)) if t == "median" => {}
-                other => {
-                    return Err(plan_error(
-                        "pruner.type",
-                        format!("must be \"median\", got {}", other.unwrap_or(Value::Null)),
-                    ));
-                }
-            }
-            Some(
-                serde_json::from_value::<MedianPruner>(Value::Object(o))
-                    .map_err(|e| plan_error("pruner", e))?,
-            )
-        }
-        Some(other) => {
-            return Err(plan_error(
-                "pruner",
-                format!("must be `median` or an object like {{\"type\": \"median\"}}, got {other}"),
-            ));
-        }
-    };
+    let pruner = api::search::parse_pruner(req.get("pruner")).map_err(field)?;
     let space: BTreeMap<String, Value> = match req.get("space") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(v) => serde_json::from_value(v.clone())
             .map_err(|e| plan_error("space", format!("must be an object by method: {e}")))?,
     };
     let hp_req = req.get("hyperparameters");
-    if let Some(hp) = hp_req
-        && hp.get("weight_decay").is_some_and(|w| !w.is_null())
-    {
-        bail!(
-            "hyperparameters.weight_decay: a search sets each method's weight decay (step 2 \
-             tunes it as wd_mult); leave it out"
-        );
-    }
+    api::search::check_search_hyperparameters(hp_req).map_err(field)?;
     let user_checkpoints = hp_req.is_some_and(|h| h.get("checkpoint_every").is_some());
     // Bad hyperparameters are reported before the data is read, as the API does.
     Hyperparameters::from_request(hp_req, 0, &Default::default()).map_err(field_error)?;

@@ -21,7 +21,7 @@ use super::jobs::{
 use super::{ListParams, ListResponse, idempotency_key};
 use crate::auth::Tenant;
 use crate::error::{ApiError, Json, Path, Query};
-use crate::search::{OBJECTIVES, direction, model_shape};
+use crate::search::{direction, model_shape};
 use crate::state::AppState;
 use crate::training::{self, Hyperparameters};
 
@@ -225,20 +225,15 @@ pub async fn create(
             "a search needs validation_file: the objective is measured on it",
         ));
     };
-    let objective = req
-        .objective
-        .clone()
-        .unwrap_or_else(|| "validation_loss".into());
-    if !OBJECTIVES.contains(&objective.as_str()) {
-        return Err(bad(
-            "invalid_objective",
-            "objective",
-            format!(
-                "objective must be one of {}, got '{objective}'",
-                OBJECTIVES.join(", ")
-            ),
-        ));
-    }
+    let field = |e: crate::search::FieldError| {
+        let code = match e.field {
+            "objective" => "invalid_objective",
+            "pruner" => "invalid_pruner",
+            _ => "invalid_hyperparameter",
+        };
+        bad(code, e.field, e.message)
+    };
+    let objective = crate::search::parse_objective(req.objective.as_deref()).map_err(field)?;
     let seed = match req.seed {
         Some(s) if (0..=i64::from(i32::MAX)).contains(&s) => s,
         Some(s) => {
@@ -260,46 +255,8 @@ pub async fn create(
             )
         })?,
     };
-    let pruner = match &req.pruner {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(o)) => {
-            let mut o = o.clone();
-            match o.remove("type") {
-                Some(Value::String(t)) if t == "median" => {}
-                other => {
-                    return Err(bad(
-                        "invalid_pruner",
-                        "pruner",
-                        format!(
-                            "pruner.type must be \"median\", got {}",
-                            other.unwrap_or(Value::Null)
-                        ),
-                    ));
-                }
-            }
-            Some(
-                serde_json::from_value::<MedianPruner>(Value::Object(o))
-                    .map_err(|e| bad("invalid_pruner", "pruner", format!("pruner: {e}")))?,
-            )
-        }
-        Some(other) => {
-            return Err(bad(
-                "invalid_pruner",
-                "pruner",
-                format!("pruner must be an object like {{\"type\": \"median\"}}, got {other}"),
-            ));
-        }
-    };
-    if let Some(hp) = &req.hyperparameters
-        && hp.get("weight_decay").is_some_and(|w| !w.is_null())
-    {
-        return Err(bad(
-            "invalid_hyperparameter",
-            "hyperparameters.weight_decay",
-            "a search sets each method's weight decay (step 2 tunes it as wd_mult); leave \
-             hyperparameters.weight_decay out",
-        ));
-    }
+    let pruner = crate::search::parse_pruner(req.pruner.as_ref()).map_err(field)?;
+    crate::search::check_search_hyperparameters(req.hyperparameters.as_ref()).map_err(field)?;
     Hyperparameters::from_request(req.hyperparameters.as_ref(), 0, &Default::default())?;
     if let Some(key) = &idem
         && let Some(existing) = state
