@@ -470,6 +470,15 @@ async fn create_trial_jobs(db: &Db, search_id: &str) -> Result<(), storage::Erro
         let (job, _) = db.submit_job(new).await?;
         db.set_trial_job(search_id, t.number, &job.id).await?;
         tracing::info!(search_id, trial = t.number, job_id = %job.id, "trial job queued");
+        // Cancelled meanwhile (the cancel saw this trial pending, without a job): stop it.
+        if db
+            .get_search_unscoped(search_id)
+            .await?
+            .status
+            .is_terminal()
+        {
+            let _ = db.request_cancel(&search.tenant_id, &job.id).await;
+        }
     }
     Ok(())
 }
