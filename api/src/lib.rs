@@ -21,6 +21,7 @@ pub mod serve;
 pub mod serving;
 pub mod state;
 pub mod training;
+pub mod ui;
 pub mod worker;
 
 pub use error::ApiError;

@@ -214,7 +214,7 @@ pub async fn run(args: ServeArgs) -> Result<(), ServeError> {
         })?;
     let addr = listener.local_addr().unwrap_or(args.listen);
     eprintln!(
-        "molt: listening on http://{addr} (data in {})",
+        "molt: listening on http://{addr} (data in {}); dashboard: http://{addr}/ui/",
         data_dir.display()
     );
 

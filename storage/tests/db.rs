@@ -314,7 +314,7 @@ async fn pagination_newest_first_with_cursor() {
             Err(Error::InvalidInput(_))
         ));
         assert!(matches!(
-            db.list_jobs(&a.id, None, 1_000_000).await,
+            db.list_jobs(&a.id, None, None, 1_000_000).await,
             Err(Error::InvalidInput(_))
         ));
 
@@ -324,10 +324,47 @@ async fn pagination_newest_first_with_cursor() {
         for _ in 0..3 {
             jobs.push(common::submit(db, &tenant, &file).await.id);
         }
-        let page = db.list_jobs(&tenant.id, Some(&jobs[2]), 1).await.unwrap();
+        let page = db
+            .list_jobs(&tenant.id, None, Some(&jobs[2]), 1)
+            .await
+            .unwrap();
         assert_eq!(page.data[0].id, jobs[1]);
         assert!(page.has_more);
-        assert!(db.list_jobs(&a.id, None, 10).await.unwrap().data.is_empty());
+        assert!(
+            db.list_jobs(&a.id, None, None, 10)
+                .await
+                .unwrap()
+                .data
+                .is_empty()
+        );
+
+        // …and filter by status: a queued job cancelled is cancelled at once.
+        db.request_cancel(&tenant.id, &jobs[1]).await.unwrap();
+        let ids = |page: storage::Page<storage::Job>| -> Vec<String> {
+            page.data.into_iter().map(|j| j.id).collect()
+        };
+        let cancelled = db
+            .list_jobs(&tenant.id, Some(JobStatus::Cancelled), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(ids(cancelled), vec![jobs[1].clone()]);
+        let queued = db
+            .list_jobs(&tenant.id, Some(JobStatus::Queued), None, 10)
+            .await
+            .unwrap();
+        assert_eq!(ids(queued), vec![jobs[2].clone(), jobs[0].clone()]);
+        let page = db
+            .list_jobs(&tenant.id, Some(JobStatus::Queued), Some(&jobs[2]), 10)
+            .await
+            .unwrap();
+        assert_eq!(ids(page), vec![jobs[0].clone()]);
+        assert!(
+            db.list_jobs(&tenant.id, Some(JobStatus::Running), None, 10)
+                .await
+                .unwrap()
+                .data
+                .is_empty()
+        );
     }
 }
 

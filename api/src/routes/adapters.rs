@@ -291,5 +291,6 @@ pub async fn merge(
             )
             .await?
     };
-    Ok(Json(super::models::merged_object(&a, &files)))
+    let m = super::models::merged_object(&a, &files);
+    Ok(Json(super::models::with_task(&state, m).await))
 }

@@ -478,16 +478,46 @@ pub(super) fn rand_seed() -> i32 {
 pub async fn list(
     State(state): State<AppState>,
     tenant: Tenant,
-    Query(q): Query<ListParams>,
+    Query(q): Query<JobListParams>,
 ) -> Result<Json<ListResponse<JobObject>>, ApiError> {
-    let limit = q.limit(20, 1000)?;
+    let status = q
+        .status
+        .as_deref()
+        .map(|s| {
+            s.parse::<JobStatus>().map_err(|_| {
+                let all: Vec<&str> = JobStatus::ALL.iter().map(|s| s.as_str()).collect();
+                ApiError::bad_request(
+                    "invalid_status",
+                    format!("status '{s}' is not one of {}", all.join(", ")),
+                )
+                .param("status")
+            })
+        })
+        .transpose()?;
+    let page_params = ListParams {
+        after: q.after,
+        limit: q.limit,
+        order: q.order,
+    };
+    let limit = page_params.limit(20, 1000)?;
     let page = state
         .db
-        .list_jobs(&tenant.id, q.after.as_deref(), limit)
+        .list_jobs(&tenant.id, status, page_params.after.as_deref(), limit)
         .await?;
     Ok(Json(ListResponse::from_page(page, JobObject::from, |j| {
         j.id.clone()
     })))
+}
+
+/// The job list's query: pagination and an optional status filter (the dashboard's filter,
+/// and any client's "what is running now").
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobListParams {
+    after: Option<String>,
+    limit: Option<u32>,
+    order: Option<String>,
+    status: Option<String>,
 }
 
 /// `GET /v1/fine_tuning/jobs/{id}`.

@@ -30,6 +30,30 @@ pub struct ModelObject {
     /// For merged models: the files of the checkpoint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub files: Option<Vec<super::adapters::AdapterFile>>,
+    /// What the model does, from its base's family: `causal_lm` (completions, scores) or
+    /// `image_classification` (classifications) — so that a client (the dashboard's
+    /// playground) knows which endpoint serves it.
+    #[serde(default)]
+    pub task: Option<String>,
+}
+
+/// The task of a base model's `config.json` (`None` if no family recognises it).
+fn task_of(config: &serde_json::Value) -> Option<String> {
+    let family = trainer::model::detect(config, std::path::Path::new("config.json")).ok()?;
+    Some(match family.task() {
+        trainer::model::Task::CausalLm => "causal_lm".into(),
+        trainer::model::Task::ImageClassification => "image_classification".into(),
+    })
+}
+
+/// Fills in `m.task` from its base model (itself, or its parent).
+pub async fn with_task(state: &AppState, mut m: ModelObject) -> ModelObject {
+    let base = m.parent.as_deref().unwrap_or(&m.id);
+    m.task = match state.db.get_base_model(base).await {
+        Ok(b) => task_of(&b.config),
+        Err(_) => None,
+    };
+    m
 }
 
 /// A merged model of adapter `a` with its files.
@@ -53,6 +77,7 @@ pub fn merged_object(a: &Adapter, files: &[(String, u64)]) -> ModelObject {
         kind: "merged".into(),
         parent: Some(a.base_model.clone()),
         adapter_id: Some(a.id.clone()),
+        task: None,
     }
 }
 
@@ -93,6 +118,7 @@ async fn merged_with_files(
 
 fn base_object(m: BaseModel) -> ModelObject {
     ModelObject {
+        task: task_of(&m.config),
         id: m.id,
         object: "model".into(),
         created: m.created_at,
@@ -114,6 +140,7 @@ fn adapter_object(a: Adapter) -> ModelObject {
         parent: Some(a.base_model),
         adapter_id: Some(a.id),
         files: None,
+        task: None,
     }
 }
 
@@ -161,6 +188,17 @@ pub async fn list(
             break;
         }
     }
+    // Fine-tuned and merged models do what their base does.
+    let tasks: std::collections::HashMap<String, Option<String>> = data
+        .iter()
+        .filter(|m| m.kind == "base")
+        .map(|m| (m.id.clone(), m.task.clone()))
+        .collect();
+    for m in &mut data {
+        if let Some(parent) = &m.parent {
+            m.task = tasks.get(parent).cloned().flatten();
+        }
+    }
     Ok(Json(ListResponse::complete(data, |m| m.id.clone())))
 }
 
@@ -171,13 +209,12 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
     if id.starts_with("ft:") {
-        return Ok(Json(adapter_object(
-            state.db.get_adapter_by_name(&tenant.id, &id).await?,
-        )));
+        let m = adapter_object(state.db.get_adapter_by_name(&tenant.id, &id).await?);
+        return Ok(Json(with_task(&state, m).await));
     }
     if id.starts_with(crate::serving::MERGED_PREFIX) {
         let (a, files) = merged_with_files(&state, &tenant, &id).await?;
-        return Ok(Json(merged_object(&a, &files)));
+        return Ok(Json(with_task(&state, merged_object(&a, &files)).await));
     }
     Ok(Json(base_object(state.db.get_base_model(&id).await?)))
 }

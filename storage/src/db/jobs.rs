@@ -321,10 +321,11 @@ impl Db {
         row.ok_or_else(|| Error::not_found("job", job_id))
     }
 
-    /// A tenant's jobs, newest first.
+    /// A tenant's jobs, newest first; with `status`, only the jobs in that status.
     pub async fn list_jobs(
         &self,
         tenant_id: &str,
+        status: Option<JobStatus>,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Page<Job>> {
@@ -340,11 +341,13 @@ impl Db {
             sqlx::query_as(concat!(
                 "SELECT ",
                 job_cols!(),
-                " FROM jobs WHERE tenant_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3"
+                " FROM jobs WHERE tenant_id = $1 AND seq < $2 AND ($4 IS NULL OR status = $4) \
+                 ORDER BY seq DESC LIMIT $3"
             ))
             .bind(tenant_id)
             .bind(before)
             .bind(fetch)
+            .bind(status.map(|s| s.as_str()))
             .fetch_all(p)
             .await?
         });
