@@ -18,6 +18,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 const ENTER: &str = "\u{E007}";
+const TAB: &str = "\u{E004}";
 
 fn shots_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
@@ -30,6 +31,26 @@ async fn post(s: &Server, path: &str, body: Value) -> Value {
     let (st, v) = s.call(s.req(Method::POST, path).json(&body)).await;
     assert!(st.is_success(), "POST {path}: {st} {v}");
     v
+}
+
+/// A LoRA job on the demo model; returns the created job.
+async fn lora_job(
+    s: &Server,
+    train: &str,
+    valid: &str,
+    epochs: u32,
+    eval: u32,
+    ckpt: u32,
+) -> Value {
+    post(
+        s,
+        "/v1/fine_tuning/jobs",
+        json!({"model": "demo", "training_file": train, "validation_file": valid,
+               "method": {"type": "lora", "targets": "in_proj", "r": 8},
+               "hyperparameters": {"n_epochs": epochs, "batch_size": 4, "max_seq_length": 32,
+                                   "eval_every": eval, "checkpoint_every": ckpt}}),
+    )
+    .await
 }
 
 /// The number the page's element `css` carries in attribute `attr` (0 when absent).
@@ -72,15 +93,7 @@ async fn dashboard_in_a_real_browser() {
     let (st, valid) = s.upload("valid.jsonl", text_dataset(8)).await;
     assert_eq!(st, StatusCode::OK, "{valid}");
     let valid = valid["id"].as_str().expect("id").to_string();
-    let done = post(
-        &s,
-        "/v1/fine_tuning/jobs",
-        json!({"model": "demo", "training_file": train, "validation_file": valid,
-               "method": {"type": "lora", "targets": "in_proj", "r": 8},
-               "hyperparameters": {"n_epochs": 2, "batch_size": 4, "max_seq_length": 32,
-                                   "eval_every": 4, "checkpoint_every": 8}}),
-    )
-    .await;
+    let done = lora_job(&s, &train, &valid, 2, 4, 8).await;
     let done = s
         .wait_job(done["id"].as_str().expect("id"), Duration::from_secs(120))
         .await;
@@ -148,21 +161,52 @@ async fn dashboard_in_a_real_browser() {
     b.screenshot(&shots.join("jobs.png")).await;
     no_page_errors(&b, "jobs").await;
 
+    // The keyboard alone reaches the job (Tab from the top of the page) and opens it (Enter).
+    b.script(
+        "document.activeElement.blur(); window.scrollTo(0, 0);",
+        json!([]),
+    )
+    .await;
+    let mut reached = false;
+    for _ in 0..30 {
+        b.press(TAB).await;
+        let href = b
+            .script(
+                "return document.activeElement && document.activeElement.getAttribute('href');",
+                json!([]),
+            )
+            .await;
+        if href == json!(format!("#/jobs/{done_id}")) {
+            reached = true;
+            break;
+        }
+    }
+    assert!(reached, "Tab never reached the job's link");
+    // The list refreshes every 3 s without taking the focus away.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let focused = b
+        .script(
+            "return document.activeElement && document.activeElement.getAttribute('href');",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        focused,
+        json!(format!("#/jobs/{done_id}")),
+        "a refresh took the focus"
+    );
+    b.press(ENTER).await;
+    b.find("#chart-loss").await;
+    let hash = b.script("return location.hash;", json!([])).await;
+    assert_eq!(hash, json!(format!("#/jobs/{done_id}")));
+
     // Filter by status (server-side): no running job now.
     open(&b, &s, "/jobs?status=running", "#jobs-empty").await;
     b.wait_text("No running jobs.", Duration::from_secs(10))
         .await;
 
     // A running job: its loss curve gains points as steps arrive; then cancel it.
-    let long = post(
-        &s,
-        "/v1/fine_tuning/jobs",
-        json!({"model": "demo", "training_file": train, "validation_file": valid,
-               "method": {"type": "lora", "targets": "in_proj", "r": 8},
-               "hyperparameters": {"n_epochs": 1000, "batch_size": 4, "max_seq_length": 32,
-                                   "eval_every": 25, "checkpoint_every": 200}}),
-    )
-    .await;
+    let long = lora_job(&s, &train, &valid, 1000, 25, 200).await;
     let long_id = long["id"].as_str().expect("id").to_string();
     open(&b, &s, &format!("/jobs/{long_id}"), "#chart-loss").await;
     b.wait_text("running", Duration::from_secs(60)).await;

@@ -146,6 +146,30 @@ function append(el, children) {
   }
 }
 
+/**
+ * Brings `parent`'s children to `kids` touching only what changed: an equal node stays, a
+ * table row that changed keeps its unchanged cells. A refresh every few seconds thus keeps
+ * the keyboard focus (and a text selection) on what it did not change.
+ */
+export function patch(parent, ...kids) {
+  const wanted = kids.flat(Infinity)
+    .filter((k) => k !== null && k !== undefined && k !== false)
+    .map((k) => (k instanceof Node ? k : document.createTextNode(String(k))));
+  wanted.forEach((neu, i) => {
+    const old = parent.childNodes[i];
+    if (!old) parent.append(neu);
+    else if (old.isEqualNode(neu)) { /* keep */ }
+    else if (old.nodeName === 'TR' && neu.nodeName === 'TR' && old.dataset.id === neu.dataset.id
+      && old.children.length === neu.children.length) {
+      [...neu.children].forEach((cell, j) => {
+        if (!old.children[j].isEqualNode(cell)) old.children[j].replaceWith(cell);
+      });
+    } else old.replaceWith(neu);
+  });
+  while (parent.childNodes.length > wanted.length) parent.lastChild.remove();
+  return parent;
+}
+
 /** Replaces an element's children. */
 export function fill(el, ...children) {
   el.replaceChildren();

@@ -226,6 +226,23 @@ impl Browser {
         assert_ok(&v, "type");
     }
 
+    /// Presses and releases each key of `keys` in turn (WebDriver's key codes for special
+    /// keys: Tab is `\u{E004}`, Enter `\u{E007}`), on whatever has the focus.
+    pub async fn press(&self, keys: &str) {
+        let mut actions = Vec::new();
+        for k in keys.chars() {
+            actions.push(json!({"type": "keyDown", "value": k.to_string()}));
+            actions.push(json!({"type": "keyUp", "value": k.to_string()}));
+        }
+        let v = self
+            .post(
+                "/actions",
+                json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
+            )
+            .await;
+        assert_ok(&v, "keys");
+    }
+
     pub async fn text(&self, e: &Element) -> String {
         self.get(&format!("/element/{}/text", e.0))
             .await

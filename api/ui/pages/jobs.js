@@ -2,7 +2,7 @@
 // as steps arrive, live events over the SSE stream, checkpoints, the adapter, cancel).
 
 import {
-  api, streamEvents, download, h, fill, table, badge, toast, errorText, ACTIVE_JOB,
+  api, streamEvents, download, h, fill, patch, table, badge, toast, errorText, ACTIVE_JOB,
   fmtTime, timeCell, fmtEta, fmtInt, fmtParams, fmtNum, fmtPercent, fmtBytes, methodLabel,
 } from '../lib.js';
 import { lineChart } from '../charts.js';
@@ -69,7 +69,7 @@ export async function list({ root, signal, query }) {
       after = page.last_id;
       if (!hasMore) break;
     }
-    fill(tbody, rows.map(jobRow));
+    patch(tbody, rows.map(jobRow));
     empty.hidden = rows.length > 0;
     more.hidden = !hasMore;
     return rows;
@@ -213,7 +213,7 @@ export async function detail({ root, signal, args: [id] }) {
     const p = job.progress || {};
     const m = job.metrics || {};
     const hp = job.hyperparameters || {};
-    fill(summary,
+    patch(summary,
       dl('Model', job.fine_tuned_model ? [job.model, ' → ', h('span', { class: 'mono' }, job.fine_tuned_model)] : job.model),
       dl('Method', methodLabel(job.method)),
       dl('Trainable parameters', fmtParams(job.trainable_parameters)),

@@ -3,7 +3,7 @@
 // hyperparameters against the objective, links to every trial's job, cancel and train-best.
 
 import {
-  api, h, fill, table, badge, toast, errorText, fmtTime, timeCell, fmtEta, fmtNum, fmtParams, fmtInt, methodLabel,
+  api, h, fill, patch, table, badge, toast, errorText, fmtTime, timeCell, fmtEta, fmtNum, fmtParams, fmtInt, methodLabel,
 } from '../lib.js';
 import { lineChart, parallelCoordinates } from '../charts.js';
 
@@ -19,7 +19,7 @@ export async function list({ root, signal }) {
   fill(root, h('div', { class: 'page-head' }, h('h1', {}, 'Hybrid PEFT searches')), el, empty);
   async function refresh() {
     const page = await api('/v1/fine_tuning/searches?limit=100', { signal });
-    fill(tbody, page.data.map((s) => h('tr', {},
+    patch(tbody, page.data.map((s) => h('tr', { dataset: { id: s.id } },
       h('td', {}, h('a', { href: `#/searches/${s.id}`, class: 'mono' }, s.id)),
       h('td', {}, badge(s.status)),
       h('td', {}, s.model),
@@ -93,27 +93,31 @@ export async function detail({ root, signal, args: [id] }) {
   let sortKey = 'number';
   let sortAsc = true;
 
+  // Buttons are made once and shown or hidden, so a refresh does not take the focus away.
+  const statusBox = h('span', {});
+  const cancel = h('button', { type: 'button', class: 'danger', id: 'cancel-search', hidden: true }, 'Cancel search');
+  cancel.addEventListener('click', async () => {
+    cancel.disabled = true;
+    try { search = await api(`/v1/fine_tuning/searches/${id}/cancel`, { method: 'POST' }); renderHead(); }
+    catch (e) { toast(errorText(e), 'bad'); cancel.disabled = false; }
+  });
+  const train = h('button', { type: 'button', class: 'primary', hidden: true }, 'Train the best configuration');
+  train.addEventListener('click', async () => {
+    train.disabled = true;
+    try {
+      const job = await api(`/v1/fine_tuning/searches/${id}/train`, { method: 'POST' });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (e) { toast(errorText(e), 'bad'); train.disabled = false; }
+  });
+  fill(head, h('h1', { class: 'mono' }, search.id), statusBox, cancel, train);
+
   function renderHead() {
-    const active = ACTIVE.includes(search.status);
-    const cancel = active ? h('button', { type: 'button', class: 'danger', id: 'cancel-search' }, 'Cancel search') : null;
-    cancel?.addEventListener('click', async () => {
-      cancel.disabled = true;
-      try { search = await api(`/v1/fine_tuning/searches/${id}/cancel`, { method: 'POST' }); renderHead(); }
-      catch (e) { toast(errorText(e), 'bad'); cancel.disabled = false; }
-    });
-    const canTrain = search.status === 'succeeded' && !search.result_job_id && search.best;
-    const train = canTrain ? h('button', { type: 'button', class: 'primary' }, 'Train the best configuration') : null;
-    train?.addEventListener('click', async () => {
-      train.disabled = true;
-      try {
-        const job = await api(`/v1/fine_tuning/searches/${id}/train`, { method: 'POST' });
-        location.hash = `#/jobs/${job.id}`;
-      } catch (e) { toast(errorText(e), 'bad'); train.disabled = false; }
-    });
-    fill(head, h('h1', { class: 'mono' }, search.id), badge(search.status), cancel, train);
+    patch(statusBox, badge(search.status));
+    cancel.hidden = !ACTIVE.includes(search.status);
+    train.hidden = !(search.status === 'succeeded' && !search.result_job_id && search.best);
     const c = search.trial_counts;
     const best = search.best;
-    fill(facts,
+    patch(facts,
       h('dt', {}, 'Model'), h('dd', {}, search.model),
       h('dt', {}, 'Objective'), h('dd', {}, `${search.objective.replace('_', ' ')} (${minimize ? 'minimised' : 'maximised'})`),
       h('dt', {}, 'Sampler · step'), h('dd', {}, `${search.sampler} · step ${search.step}`),
@@ -163,19 +167,22 @@ export async function detail({ root, signal, args: [id] }) {
     });
   }
 
+  const { el: trialsTable, tbody } = table([]);
+  const headRow = trialsTable.querySelector('thead tr');
+  for (const c of COLUMNS) {
+    const btn = h('button', { type: 'button', class: 'sort' }, c.label);
+    const th = h('th', { scope: 'col', class: c.num ? 'num' : null, dataset: { key: c.key } }, btn);
+    btn.addEventListener('click', () => {
+      if (sortKey === c.key) sortAsc = !sortAsc; else { sortKey = c.key; sortAsc = true; }
+      renderTable();
+    });
+    headRow.append(th);
+  }
+  fill(tableBox, trialsTable);
+
   function renderTable() {
-    const { el, tbody } = table([]);
-    const thead = el.querySelector('thead tr');
-    for (const c of COLUMNS) {
-      const btn = h('button', { type: 'button', class: 'sort' }, c.label);
-      const th = h('th', { scope: 'col', class: c.num ? 'num' : null,
-        'aria-sort': sortKey === c.key ? (sortAsc ? 'ascending' : 'descending') : 'none' }, btn);
-      btn.addEventListener('click', () => {
-        if (sortKey === c.key) sortAsc = !sortAsc; else { sortKey = c.key; sortAsc = true; }
-        renderTable();
-        tableBox.querySelector(`th[aria-sort="${sortAsc ? 'ascending' : 'descending'}"] button`)?.focus();
-      });
-      thead.append(th);
+    for (const th of headRow.children) {
+      th.setAttribute('aria-sort', th.dataset.key === sortKey ? (sortAsc ? 'ascending' : 'descending') : 'none');
     }
     const val = (t) => (sortKey === 'params' ? paramsText(t.params) : t[sortKey]);
     const rows = trials.slice().sort((a, b) => {
@@ -187,7 +194,7 @@ export async function detail({ root, signal, args: [id] }) {
       const d = typeof x === 'number' && typeof y === 'number' ? x - y : String(x).localeCompare(String(y));
       return sortAsc ? d : -d;
     });
-    fill(tbody, rows.map((t) => h('tr', { dataset: { trial: t.number } },
+    patch(tbody, rows.map((t) => h('tr', { dataset: { id: String(t.number), trial: t.number } },
       h('td', { class: 'num' }, String(t.number)),
       h('td', { class: 'num' }, String(t.step)),
       h('td', {}, badge(t.status), t.pruned_step !== null && t.pruned_step !== undefined ? ` at step ${t.pruned_step}` : ''),
@@ -195,7 +202,6 @@ export async function detail({ root, signal, args: [id] }) {
       h('td', { class: 'num' }, fmtParams(t.trainable_parameters)),
       h('td', { class: 'params' }, paramsText(t.params) || '–', t.message ? h('div', { class: 'muted' }, t.message) : null),
       h('td', {}, t.job_id ? h('a', { href: `#/jobs/${t.job_id}`, class: 'mono' }, t.job_id) : '–'))));
-    fill(tableBox, el);
   }
 
   async function refresh() {
