@@ -423,6 +423,21 @@ impl Bench {
         }
 
         if self.wants(Metric::Generate) {
+            // Decode reads every weight once per step (the tied head included, as the LM
+            // head); at the machine's memory read rate that bounds tokens/s.
+            let weight_bytes: usize = frozen
+                .named_weights()
+                .iter()
+                .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+                .sum();
+            let read_gbps = memory_read_gbps();
+            let per_step_limit = read_gbps * 1e9 / weight_bytes as f64;
+            eprintln!(
+                "{} memory read {read_gbps:.1} GB/s, {:.0} MB of weights per decode step: \
+                 at most {per_step_limit:.1} steps/s",
+                at.shape,
+                weight_bytes as f64 / 1e6
+            );
             for b in GEN_BATCHES {
                 let prompts: Vec<Vec<u32>> =
                     (0..b).map(|_| rng.tokens(GEN_PROMPT, vocab)).collect();
@@ -444,6 +459,8 @@ impl Bench {
                 };
                 gen_once()?;
                 let m = timed(self.reps, self.budget, gen_once)?;
+                let limit = per_step_limit * b as f64;
+                let tps = (b * new) as f64 / m.median_s;
                 self.report(
                     &at,
                     "generate_tokens_per_s",
@@ -451,7 +468,13 @@ impl Bench {
                     new,
                     (b * new) as f64,
                     &m,
-                    &[("prompt", json!(GEN_PROMPT))],
+                    &[
+                        ("prompt", json!(GEN_PROMPT)),
+                        ("memory_read_gbps", json!(round(read_gbps, 2))),
+                        ("weight_bytes_per_step", json!(weight_bytes)),
+                        ("bandwidth_limit_tokens_per_s", json!(round(limit, 2))),
+                        ("share_of_bandwidth_limit", json!(round(tps / limit, 4))),
+                    ],
                 );
             }
         }
@@ -566,6 +589,40 @@ impl Bench {
         self.out
             .emit(Some(at), metric, json!(round(tps, 3)), "tokens/s", &fields);
     }
+}
+
+/// How fast all threads together read memory (GB/s): the best of five passes summing a
+/// 1 GiB buffer, far larger than any cache, split evenly over Candle's threads.
+fn memory_read_gbps() -> f64 {
+    const LEN: usize = 1 << 28;
+    let buf = vec![1.0f32; LEN];
+    let threads = candle_core::utils::get_num_threads().max(1);
+    let part = LEN.div_ceil(threads);
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let total: f32 = std::thread::scope(|sc| {
+            let handles: Vec<_> = buf
+                .chunks(part)
+                .map(|c| sc.spawn(move || sum_lanes(c)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        std::hint::black_box(total);
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (LEN * 4) as f64 / best / 1e9
+}
+
+/// A sum in eight independent lanes, which the compiler keeps in vector registers.
+fn sum_lanes(c: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for ch in c.chunks_exact(8) {
+        for (a, x) in acc.iter_mut().zip(ch) {
+            *a += x;
+        }
+    }
+    acc.iter().sum()
 }
 
 /// The LoRA of issue 2's training figure: r=8 on in_proj and out_proj, α=16 in PEFT's α/r

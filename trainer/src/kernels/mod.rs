@@ -17,6 +17,7 @@ pub mod bench;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod gemv;
 pub mod reference;
 mod scan;
 mod simd;

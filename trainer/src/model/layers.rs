@@ -65,10 +65,21 @@ pub fn linear_forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
         && x2.device().is_cpu()
         && x2.dtype() == DType::F32
         && weight.dtype() == DType::F32;
+    // Decode: a few rows against a whole weight, memory-bound (see kernels::gemv).
+    let few_rows = rows <= crate::kernels::gemv::MAX_ROWS
+        && crate::kernels::gemv::enabled()
+        && !x2.track_op()
+        && !weight.track_op()
+        && x2.device().is_cpu()
+        && x2.dtype() == DType::F32
+        && weight.dtype() == DType::F32
+        && weight.is_contiguous();
     let y = if frozen_in_graph {
         x2.contiguous()?.apply_op1(FrozenWeightMatmul {
             weight: weight.clone(),
         })?
+    } else if few_rows {
+        crate::kernels::gemv::small_m_matmul(&x2, weight)?
     } else {
         x2.matmul(&weight.t()?)?
     };
