@@ -159,6 +159,18 @@ fn init_tracing(filter: &str) {
         .init();
 }
 
+/// A command whose output is piped into `head` ends quietly when the reader goes away, as
+/// Unix tools do, instead of panicking in `println!` on EPIPE. (Rust ignores SIGPIPE by
+/// default; the server and workers keep that, so a client that disconnects cannot kill them.)
+fn quiet_on_closed_pipe() {
+    use nix::sys::signal::{SigHandler, Signal, signal};
+    // SAFETY: restores the default disposition before any other thread exists; no handler
+    // function is installed.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        tracing::debug!("could not restore SIGPIPE: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     keep_freed_pages();
     let cli = Cli::parse();
@@ -167,6 +179,9 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_tracing(cli.log.as_deref().unwrap_or(default_log));
+    if !matches!(cli.command, Command::Serve(_) | Command::Worker(_)) {
+        quiet_on_closed_pipe();
+    }
     let result = match cli.command {
         Command::Model(cmd) => cli::model::run(cmd),
         Command::Bench(b) => match b.sub {

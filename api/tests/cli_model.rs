@@ -401,4 +401,19 @@ fn generate_on(c: &Case) {
     assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
     assert!(String::from_utf8_lossy(&a.stdout).starts_with("Mamba"));
     assert_eq!(a.stdout, molt(&args).stdout);
+
+    // Piped into a reader that has gone (`| head`): the command ends quietly, by SIGPIPE as
+    // Unix tools do, not with a panic on the broken pipe.
+    let mut child = std::process::Command::new(common::molt_exe())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn molt");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt as _;
+    assert_eq!(out.status.signal(), Some(13), "{:?}: {stderr}", out.status);
 }
