@@ -13,7 +13,7 @@
 //! value: the median rule over the step's completed trials; a pruned trial's job is
 //! cancelled and the trial recorded `pruned`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Value, json};
 use storage::{
@@ -632,22 +632,23 @@ pub async fn check_prune(db: &Db, job: &Job) -> Result<bool, storage::Error> {
         .filter(|t| t.step == me.step && t.status == TrialStatus::Complete)
         .filter_map(|t| t.job_id.clone())
         .collect();
-    let series_of = |points: Vec<(String, JobMetric)>, id: &str| -> Vec<(u64, f64)> {
-        points
-            .into_iter()
-            .filter(|(j, _)| j == id)
-            .filter_map(|(_, m)| {
-                objective_value(&search.objective, &m).map(|v| (m.step.max(0) as u64, v))
-            })
-            .collect()
-    };
-    let all = db.validation_series(&peers).await?;
-    let completed: Vec<Vec<(u64, f64)>> =
-        peers.iter().map(|id| series_of(all.clone(), id)).collect();
-    let current = series_of(
-        db.validation_series(std::slice::from_ref(&job.id)).await?,
-        &job.id,
-    );
+    // The objective's series of the peers and of this job, from one query.
+    let mut ids = peers.clone();
+    ids.push(job.id.clone());
+    let mut series: HashMap<String, Vec<(u64, f64)>> = HashMap::new();
+    for (id, m) in db.validation_series(&ids).await? {
+        if let Some(v) = objective_value(&search.objective, &m) {
+            series
+                .entry(id)
+                .or_default()
+                .push((m.step.max(0) as u64, v));
+        }
+    }
+    let current = series.remove(&job.id).unwrap_or_default();
+    let completed: Vec<Vec<(u64, f64)>> = peers
+        .iter()
+        .map(|id| series.get(id).cloned().unwrap_or_default())
+        .collect();
     let Some(&(step, value)) = current.last() else {
         return Ok(false);
     };

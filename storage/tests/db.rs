@@ -514,6 +514,39 @@ async fn jobs_events_metrics_checkpoints_adapters() {
                 .len(),
             1
         );
+        // The validation series of a list of jobs: only steps with a validation value, in
+        // step order, tagged with their job; unknown ids add nothing.
+        for (step, loss) in [(14, 0.7), (12, 0.9)] {
+            db.record_metric(
+                &job.id,
+                "w1",
+                &JobMetric {
+                    step,
+                    // (The job's latest metrics keep the training loss checked below.)
+                    train_loss: Some(0.1),
+                    valid_loss: Some(loss),
+                    ..JobMetric::default()
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let series = db
+            .validation_series(&[job.id.clone(), "ftjob-none".into()])
+            .await
+            .unwrap();
+        let got: Vec<(String, i64, Option<f64>)> = series
+            .into_iter()
+            .map(|(id, m)| (id, m.step, m.valid_loss))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (job.id.clone(), 12, Some(0.9)),
+                (job.id.clone(), 14, Some(0.7))
+            ]
+        );
+        assert!(db.validation_series(&[]).await.unwrap().is_empty());
 
         let c1 = db
             .add_checkpoint(&job.id, "w1", 5, "ckpt/5", Some(json!({"loss": 1.0})))

@@ -10,7 +10,7 @@ use sqlx::types::Json;
 
 use super::models::{EventLevel, JobError, JobEvent, Page, Search, SearchStatus, SearchTrial};
 use super::models::{JobMetric, TrialStatus};
-use super::{Db, check_limit};
+use super::{Backend, Db, check_limit};
 use crate::error::{Error, Result};
 use crate::ids::{new_id, now_secs};
 
@@ -427,21 +427,30 @@ impl Db {
 
     /// The validation points (steps with a validation value) of each job, in step order.
     pub async fn validation_series(&self, job_ids: &[String]) -> Result<Vec<(String, JobMetric)>> {
-        let mut out = Vec::new();
-        for id in job_ids {
-            let rows: Vec<JobMetric> = with_pool!(self, |p| {
-                sqlx::query_as(
-                    "SELECT step, train_loss, learning_rate, tokens_per_second, tokens_seen, \
-                     valid_loss, valid_accuracy, extra, created_at FROM job_metrics \
-                     WHERE job_id = $1 AND valid_loss IS NOT NULL ORDER BY step",
-                )
-                .bind(id)
-                .fetch_all(p)
-                .await?
-            });
-            out.extend(rows.into_iter().map(|m| (id.clone(), m)));
+        if job_ids.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        // One query for the whole list, the ids bound as one JSON array (a statement with a
+        // placeholder per id would have to be built at run time).
+        let ids = serde_json::to_string(job_ids).map_err(|e| Error::InvalidInput(e.to_string()))?;
+        let rows: Vec<SeriesRow> = with_pool!(self, |p, d| {
+            let sql = match d {
+                Backend::Sqlite => {
+                    "SELECT job_id, step, train_loss, learning_rate, tokens_per_second, \
+                     tokens_seen, valid_loss, valid_accuracy, extra, created_at FROM job_metrics \
+                     WHERE job_id IN (SELECT value FROM json_each($1)) \
+                     AND valid_loss IS NOT NULL ORDER BY job_id, step"
+                }
+                Backend::Postgres => {
+                    "SELECT job_id, step, train_loss, learning_rate, tokens_per_second, \
+                     tokens_seen, valid_loss, valid_accuracy, extra, created_at FROM job_metrics \
+                     WHERE job_id IN (SELECT jsonb_array_elements_text($1::jsonb)) \
+                     AND valid_loss IS NOT NULL ORDER BY job_id, step"
+                }
+            };
+            sqlx::query_as(sql).bind(ids).fetch_all(p).await?
+        });
+        Ok(rows.into_iter().map(|r| (r.job_id, r.metric)).collect())
     }
 
     /// Appends an event to a search.
@@ -517,4 +526,12 @@ impl Db {
             .await?
         }))
     }
+}
+
+/// A validation point with the job it belongs to.
+#[derive(sqlx::FromRow)]
+struct SeriesRow {
+    job_id: String,
+    #[sqlx(flatten)]
+    metric: JobMetric,
 }
