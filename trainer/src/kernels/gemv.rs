@@ -9,6 +9,7 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
+use super::scan::f32_slice;
 use super::simd::{Simd, W, with_simd};
 
 /// Whether the model routes few-row products here: yes, unless `MOLT_SMALL_M_MATMUL=0` (read
@@ -128,17 +129,13 @@ impl CustomOp2 for SmallMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (Some((a0, a1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            bail!("small-m-matmul: x and w must be contiguous")
-        };
         let (m, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 {
             bail!("small-m-matmul: x is [{m}, {k}] but w is [{n}, {k2}]")
         }
-        let x = &s1.as_slice::<f32>()?[a0..a1];
-        let w = &s2.as_slice::<f32>()?[b0..b1];
+        let x = f32_slice(s1, l1, "small-m-matmul (x)")?;
+        let w = f32_slice(s2, l2, "small-m-matmul (w)")?;
         Ok((
             CpuStorage::F32(matmul_small(x, m, k, w, n)),
             Shape::from((m, n)),
