@@ -100,6 +100,35 @@ export async function download(path, filename) {
   setTimeout(() => URL.revokeObjectURL(url), 10000);
 }
 
+/** A button that downloads an API file (an adapter's, a merged model's). */
+export function downloadButton(url, name, label = name) {
+  const b = h('button', { type: 'button', class: 'link' }, label);
+  b.addEventListener('click', () => download(url, name).catch((e) => toast(errorText(e), 'bad')));
+  return b;
+}
+
+/**
+ * Calls `fn` every `ms` until the page goes away or `fn` resolves to `false` (nothing left
+ * to watch). A failure is shown once per run of failures, and the call is retried.
+ */
+export function every(signal, ms, fn) {
+  let failing = false;
+  const tick = async () => {
+    if (signal.aborted) return;
+    let again = true;
+    try {
+      again = (await fn()) !== false;
+      failing = false;
+    } catch (e) {
+      if (signal.aborted) return;
+      if (!failing) toast(`Refresh failed: ${errorText(e)}`, 'bad');
+      failing = true;
+    }
+    if (again && !signal.aborted) setTimeout(tick, ms);
+  };
+  setTimeout(tick, ms);
+}
+
 /**
  * Uploads a file (multipart) with progress: `onProgress(fraction)`. XMLHttpRequest because
  * fetch reports no upload progress.

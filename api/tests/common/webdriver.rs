@@ -177,20 +177,36 @@ impl Browser {
             .map(|s| Element(s.into()))
     }
 
-    /// Waits (up to `timeout`) for an element matching `css`.
-    pub async fn find_within(&self, css: &str, timeout: Duration) -> Element {
+    /// Calls `probe` every `every` until it gives a value; fails the test after `timeout`
+    /// with `what` and the page's text.
+    async fn wait_for<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        every: Duration,
+        mut probe: impl AsyncFnMut() -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(e) = self.try_find(css).await {
-                return e;
+            if let Some(v) = probe().await {
+                return v;
             }
             assert!(
                 Instant::now() < deadline,
-                "no element {css} after {timeout:?}; page text:\n{}",
+                "{what}: not within {timeout:?}; the page shows:\n{}",
                 self.body_text().await
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(every).await;
         }
+    }
+
+    /// Waits (up to `timeout`) for an element matching `css`.
+    pub async fn find_within(&self, css: &str, timeout: Duration) -> Element {
+        let what = format!("no element {css}");
+        self.wait_for(&what, timeout, Duration::from_millis(100), async || {
+            self.try_find(css).await
+        })
+        .await
     }
 
     pub async fn find(&self, css: &str) -> Element {
@@ -271,24 +287,16 @@ impl Browser {
 
     /// Waits until the page's visible text contains `needle`; returns the text.
     pub async fn wait_text(&self, needle: &str, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let t = self.body_text().await;
-            if t.contains(needle) {
-                return t;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "page never showed {needle:?} within {timeout:?}; it shows:\n{t}"
-            );
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
+        let what = format!("the page never showed {needle:?}");
+        self.wait_for(&what, timeout, Duration::from_millis(150), async || {
+            Some(self.body_text().await).filter(|t| t.contains(needle))
+        })
+        .await
     }
 
     /// Waits until `script` (a function body) returns something truthy; returns it.
     pub async fn wait_script(&self, script: &str, what: &str, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
+        self.wait_for(what, timeout, Duration::from_millis(150), async || {
             let v = self.script(script, json!([])).await;
             let truthy = match &v {
                 Value::Null => false,
@@ -297,16 +305,9 @@ impl Browser {
                 Value::String(s) => !s.is_empty(),
                 _ => true,
             };
-            if truthy {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within {timeout:?}; page text:\n{}",
-                self.body_text().await
-            );
-            tokio::time::sleep(Duration::from_millis(150)).await;
-        }
+            truthy.then_some(v)
+        })
+        .await
     }
 
     /// Saves a PNG of the viewport to `path`.

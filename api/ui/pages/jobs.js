@@ -2,7 +2,7 @@
 // as steps arrive, live events over the SSE stream, checkpoints, the adapter, cancel).
 
 import {
-  api, streamEvents, download, h, fill, patch, table, badge, toast, errorText, ACTIVE_JOB,
+  api, streamEvents, downloadButton, every, h, fill, patch, table, badge, toast, errorText, ACTIVE_JOB,
   fmtTime, timeCell, fmtEta, fmtInt, fmtParams, fmtNum, fmtPercent, fmtBytes, methodLabel,
 } from '../lib.js';
 import { lineChart } from '../charts.js';
@@ -76,25 +76,7 @@ export async function list({ root, signal, query }) {
   }
   more.addEventListener('click', async () => { pages += 1; await refresh(); });
   await refresh();
-  poll(signal, 3000, refresh);
-}
-
-/** Calls `fn` every `ms` until the page goes away (errors are shown once, then retried). */
-function poll(signal, ms, fn) {
-  let failing = false;
-  const tick = async () => {
-    if (signal.aborted) return;
-    try {
-      await fn();
-      failing = false;
-    } catch (e) {
-      if (signal.aborted) return;
-      if (!failing) toast(`Refresh failed: ${errorText(e)}`, 'bad');
-      failing = true;
-    }
-    if (!signal.aborted) setTimeout(tick, ms);
-  };
-  setTimeout(tick, ms);
+  every(signal, 3000, refresh);
 }
 
 function dl(label, value) {
@@ -243,9 +225,7 @@ export async function detail({ root, signal, args: [id] }) {
       h('p', {}, 'Adapter ', h('span', { class: 'mono' }, a.id), ` (${fmtBytes(a.bytes)}) — `,
         h('a', { href: `#/playground?model=${encodeURIComponent(a.fine_tuned_model)}` }, 'try it in the playground')),
       h('ul', { class: 'files' }, (a.files || []).map((f) => {
-        const b = h('button', { type: 'button', class: 'link' }, `Download ${f.name}`);
-        b.addEventListener('click', () => download(f.url, f.name).catch((e) => toast(errorText(e), 'bad')));
-        return h('li', {}, b, ` ${fmtBytes(f.bytes)}`);
+        return h('li', {}, downloadButton(f.url, f.name, `Download ${f.name}`), ` ${fmtBytes(f.bytes)}`);
       })));
   }
 
@@ -303,7 +283,7 @@ export async function detail({ root, signal, args: [id] }) {
   };
   // Steps do not all produce events, so the series is also polled while the job runs.
   // Every 2 s: two requests, well inside the default rate limit (600 a minute per key).
-  poll(signal, 2000, async () => {
+  every(signal, 2000, async () => {
     if (ACTIVE_JOB.includes(job.status)) {
       await Promise.all([refreshJob(), refreshMetrics()]);
     }

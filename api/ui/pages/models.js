@@ -1,15 +1,9 @@
 // Models (base, fine-tuned, merged: what each serves, merged files to download) and
 // adapters (warm into / evict from the serving cache, merge, download the files).
 
-import { api, download, h, fill, table, toast, errorText, timeCell, fmtBytes, fmtParams } from '../lib.js';
+import { api, downloadButton, h, fill, table, toast, errorText, timeCell, fmtBytes, fmtParams } from '../lib.js';
 
 const TASK = { causal_lm: 'text (completions, scores)', image_classification: 'images (classifications)' };
-
-function downloadButton(url, name) {
-  const b = h('button', { type: 'button', class: 'link' }, name);
-  b.addEventListener('click', () => download(url, name).catch((e) => toast(errorText(e), 'bad')));
-  return b;
-}
 
 /** `#/models` */
 export async function models({ root, signal }) {

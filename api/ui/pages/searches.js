@@ -3,7 +3,7 @@
 // hyperparameters against the objective, links to every trial's job, cancel and train-best.
 
 import {
-  api, h, fill, patch, table, badge, toast, errorText, fmtTime, timeCell, fmtEta, fmtNum, fmtParams, fmtInt, methodLabel,
+  api, every, h, fill, patch, table, badge, toast, errorText, fmtTime, timeCell, fmtEta, fmtNum, fmtParams, fmtInt, methodLabel,
 } from '../lib.js';
 import { lineChart, parallelCoordinates } from '../charts.js';
 
@@ -32,18 +32,7 @@ export async function list({ root, signal }) {
     return page.data.some((s) => ACTIVE.includes(s.status));
   }
   await refresh();
-  repeat(signal, 3000, refresh);
-}
-
-/** Runs `fn` every `ms` while it returns true (something is still active). */
-function repeat(signal, ms, fn) {
-  const tick = async () => {
-    if (signal.aborted) return;
-    let again = true;
-    try { again = await fn(); } catch (e) { if (!signal.aborted) toast(errorText(e), 'bad'); }
-    if (again && !signal.aborted) setTimeout(tick, ms);
-  };
-  setTimeout(tick, ms);
+  every(signal, 3000, refresh);
 }
 
 function paramsText(params) {
@@ -214,5 +203,5 @@ export async function detail({ root, signal, args: [id] }) {
     renderTable();
     return ACTIVE.includes(search.status);
   }
-  if (await refresh()) repeat(signal, 2000, refresh);
+  if (await refresh()) every(signal, 2000, refresh);
 }

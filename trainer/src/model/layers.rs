@@ -60,19 +60,17 @@ pub fn linear_forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
     };
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, in_f))?;
-    let frozen_in_graph = x2.track_op()
-        && !weight.track_op()
+    // Both custom products below are f32 CPU kernels for a weight outside the graph.
+    let cpu_f32_frozen = !weight.track_op()
         && x2.device().is_cpu()
         && x2.dtype() == DType::F32
         && weight.dtype() == DType::F32;
+    let frozen_in_graph = cpu_f32_frozen && x2.track_op();
     // Decode: a few rows against a whole weight, memory-bound (see kernels::gemv).
-    let few_rows = rows <= crate::kernels::gemv::MAX_ROWS
-        && crate::kernels::gemv::enabled()
+    let few_rows = cpu_f32_frozen
         && !x2.track_op()
-        && !weight.track_op()
-        && x2.device().is_cpu()
-        && x2.dtype() == DType::F32
-        && weight.dtype() == DType::F32
+        && rows <= crate::kernels::gemv::MAX_ROWS
+        && crate::kernels::gemv::enabled()
         && weight.is_contiguous();
     let y = if frozen_in_graph {
         x2.contiguous()?.apply_op1(FrozenWeightMatmul {
