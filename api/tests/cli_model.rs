@@ -103,6 +103,7 @@ fn run_forward_with(
     adapter: Option<&Path>,
     inputs: &HashMap<String, Tensor>,
     loss: bool,
+    extra: &[&str],
 ) -> (Output, Option<HashMap<String, Tensor>>) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let input = tmp.path().join("in.safetensors");
@@ -124,6 +125,7 @@ fn run_forward_with(
     if loss {
         args.push("--loss");
     }
+    args.extend(extra);
     let out = molt(&args);
     let result = out
         .status
@@ -137,7 +139,7 @@ fn run_forward(
     inputs: &HashMap<String, Tensor>,
     loss: bool,
 ) -> (Output, Option<HashMap<String, Tensor>>) {
-    run_forward_with(model, None, inputs, loss)
+    run_forward_with(model, None, inputs, loss, &[])
 }
 
 #[test]
@@ -169,6 +171,66 @@ fn forward_matches_the_reference_logits_and_loss() {
             c.tol("loss"),
         );
     }
+}
+
+/// `--dtype bf16` keeps the matrices in bf16: the logits and the loss stay within bf16's
+/// rounding of the weights (the bound of the trainer's `bf16_weights_keep_logits_and_greedy_tokens`:
+/// relative L2 ≤ 2 %), and an image model is refused naming the flag.
+#[test]
+fn forward_with_bf16_weights_stays_within_rounding() {
+    for c in base_cases() {
+        let r = &c.reference;
+        let inputs = HashMap::from([("input_ids".to_string(), r["input_ids"].clone())]);
+        let (out, result) = run_forward_with(&c.model, None, &inputs, true, &["--dtype", "bf16"]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            c.label,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let result = result.expect("output");
+        let flat = |t: &Tensor| -> Vec<f64> {
+            t.to_dtype(DType::F64)
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1())
+                .expect("values")
+        };
+        let (got, want) = (flat(&result["logits"]), flat(&r["logits"]));
+        assert_eq!(got.len(), want.len(), "{}", c.label);
+        let num: f64 = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum();
+        let den: f64 = want.iter().map(|b| b * b).sum();
+        let rel = (num / den).sqrt();
+        assert!(
+            rel > 0.0 && rel <= 0.02,
+            "{}: bf16 logits rel L2 {rel:.3e}",
+            c.label
+        );
+        let (l, lw) = (flat(&result["loss"])[0], flat(&r["loss"])[0]);
+        assert!(
+            (l - lw).abs() <= 0.02 * lw.abs(),
+            "{}: loss {l} vs {lw}",
+            c.label
+        );
+    }
+    let vim = fixtures::indexed_cases(trainer::model::Family::Vim, "vim_model");
+    let case = vim.first().expect("a Vim case");
+    let inputs = HashMap::from([(
+        "pixel_values".to_string(),
+        Tensor::zeros((1, 3, 8, 8), DType::F32, &Device::Cpu).expect("zeros"),
+    )]);
+    let (out, _) = run_forward_with(
+        &case.path("model_dir"),
+        None,
+        &inputs,
+        false,
+        &["--dtype", "bf16"],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--dtype") && err.contains("Vision Mamba"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -296,6 +358,7 @@ fn forward_with_an_adapter_matches_the_reference() {
             Some(&case.path("adapter_dir")),
             &inputs,
             false,
+            &[],
         );
         assert!(
             out.status.success(),
@@ -346,38 +409,43 @@ fn generate_on(c: &Case) {
         );
         let new = sequences[row].len() - ids.len();
         let new_s = new.to_string();
-        let out = molt(&[
-            "model",
-            "generate",
-            "--model",
-            model.to_str().expect("path"),
-            "--prompt",
-            &text,
-            "--max-tokens",
-            &new_s,
-            "--ignore-eos",
-            "--format",
-            "json",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
-        let got: Vec<i64> = line["completion_ids"]
-            .as_array()
-            .expect("completion_ids")
-            .iter()
-            .map(|v| v.as_i64().expect("id"))
-            .collect();
-        assert_eq!(
-            got,
-            sequences[row][ids.len()..].to_vec(),
-            "{} row {row}",
-            c.label
-        );
-        assert_eq!(line["finish_reason"], "length");
+        // f32, and bf16 matrices (the same greedy tokens on the fixtures).
+        for dtype in ["f32", "bf16"] {
+            let out = molt(&[
+                "model",
+                "generate",
+                "--model",
+                model.to_str().expect("path"),
+                "--prompt",
+                &text,
+                "--max-tokens",
+                &new_s,
+                "--ignore-eos",
+                "--format",
+                "json",
+                "--dtype",
+                dtype,
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let line: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+            let got: Vec<i64> = line["completion_ids"]
+                .as_array()
+                .expect("completion_ids")
+                .iter()
+                .map(|v| v.as_i64().expect("id"))
+                .collect();
+            assert_eq!(
+                got,
+                sequences[row][ids.len()..].to_vec(),
+                "{} row {row} ({dtype})",
+                c.label
+            );
+            assert_eq!(line["finish_reason"], "length");
+        }
     }
 
     // Text output: the prompt then its continuation; sampling with a seed is repeatable.

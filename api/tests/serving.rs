@@ -1033,3 +1033,150 @@ async fn a_trained_adapter_serves_what_it_learned() {
     assert_eq!(v["choices"][0]["text"], tok.decode(&toks, true).unwrap());
     assert_close(&token_logprobs(&v["choices"][0]), &lps, "trained");
 }
+
+/// Largest |Δ log-probability| between `molt serve --dtype bf16` and the f32 model, per
+/// token or per scored choice (the demo model measured 0.0094).
+const BF16_LOGPROB_TOL: f64 = 0.05;
+
+/// `molt serve --dtype bf16`: the base and hot-swapped adapters (an additive LoRA and a
+/// weight-transforming DoRA, computed on the widened base) answer with the f32 model's greedy
+/// tokens, log-probabilities and scores within bf16's rounding; a merge is computed from the
+/// f32 checkpoint (its files equal the f32 merge exactly) and served in bf16.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_weights_serve_the_f32_answers_within_rounding() {
+    let env = Env::start(&["--dtype", "bf16"]).await;
+    let s = &env.server;
+    let prompt = env.tok.encode(PROMPT).expect("encode");
+    let specs = family_specs();
+    let mut worst = 0f64;
+    let mut close = |got: &[f32], want: &[f32], what: &str| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (g, w) in got.iter().zip(want) {
+            let d = f64::from((g - w).abs());
+            worst = worst.max(d);
+            assert!(d <= BF16_LOGPROB_TOL, "{what}: {got:?} vs {want:?}");
+        }
+    };
+    let mut models = vec![("demo".to_string(), env.base.clone())];
+    let mut adapters = Vec::new();
+    for (i, family) in ["lora", "dora"].into_iter().enumerate() {
+        let spec = &specs.iter().find(|(n, _)| *n == family).expect("spec").1;
+        let (name, id, adapter) = env.adapter(family, spec, 70 + i as u64).await;
+        models.push((name, adapter.apply(&env.base).expect("apply")));
+        adapters.push((id, adapter));
+    }
+    let items = json!([
+        {"context": "Elizabeth said", "choices": [" yes", " no", " nothing at all"]},
+    ]);
+    for (model, m) in &models {
+        let (toks, lps) = reference(m, &prompt, 6);
+        let v = env
+            .complete(json!({"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}))
+            .await;
+        let c = &v["choices"][0];
+        assert_eq!(
+            c["text"],
+            env.tok.decode(&toks, true).expect("decode"),
+            "{model}"
+        );
+        close(&token_logprobs(c), &lps, model);
+
+        let (st, v) = s
+            .call(
+                s.req(Method::POST, "/v1/scores")
+                    .json(&json!({"model": model, "items": items})),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let ctx = env.tok.encode("Elizabeth said").expect("encode");
+        for (k, ch) in items[0]["choices"]
+            .as_array()
+            .expect("choices")
+            .iter()
+            .enumerate()
+        {
+            let c: Vec<u32> = env
+                .tok
+                .inner()
+                .encode(ch.as_str().expect("choice"), false)
+                .expect("encode")
+                .get_ids()
+                .to_vec();
+            let ids: Vec<u32> = ctx.iter().chain(&c).copied().collect();
+            let t = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0));
+            let logits = m
+                .forward(&t.expect("ids"), None)
+                .expect("forward")
+                .squeeze(0)
+                .expect("squeeze");
+            let mut sum = 0f32;
+            for (j, tok) in c.iter().enumerate() {
+                let row = logits
+                    .get(ctx.len() + j - 1)
+                    .and_then(|r| r.unsqueeze(0))
+                    .expect("row");
+                sum += candle_nn_free_log_softmax(&row)[*tok as usize];
+            }
+            let got = v["data"][0]["choices"][k]["logprob"]
+                .as_f64()
+                .expect("logprob") as f32;
+            close(&[got], &[sum], &format!("{model} score of {ch}"));
+        }
+    }
+
+    let (dora, dora_model) = &models[2];
+    let (id, dora_adapter) = &adapters[1];
+    let (st, m) = s
+        .call(
+            s.req(Method::POST, &format!("/v1/adapters/{id}/merge"))
+                .json(&json!({})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{m}");
+    let merged = dora.replacen("ft:", "merged:", 1);
+    let res = s
+        .req(
+            Method::GET,
+            &format!("/v1/models/{merged}/files/model.safetensors"),
+        )
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(res.status(), StatusCode::OK);
+    let got =
+        candle_core::safetensors::load_buffer(&res.bytes().await.expect("bytes"), &Device::Cpu)
+            .expect("merged weights");
+    let want = dora_adapter
+        .merge(&env.base)
+        .expect("f32 merge")
+        .base
+        .named_weights();
+    for (n, w) in &want {
+        let g = got
+            .get(n)
+            .unwrap_or_else(|| panic!("merged file lacks {n}"));
+        assert_eq!(g.dtype(), DType::F32, "{n}");
+        let diff = (g - w)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        assert_eq!(diff, 0.0, "{n}: the merge is not the f32 one");
+    }
+    let (toks, lps) = reference(dora_model, &prompt, 6);
+    let v = env
+        .complete(json!({"model": merged, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}))
+        .await;
+    let c = &v["choices"][0];
+    assert_eq!(
+        c["text"],
+        env.tok.decode(&toks, true).expect("decode"),
+        "merged"
+    );
+    close(&token_logprobs(c), &lps, "merged");
+    eprintln!("bf16 serving: largest log-probability difference {worst:.4}");
+    assert!(
+        worst > 0.0,
+        "no difference from f32 at all: is --dtype applied?"
+    );
+}

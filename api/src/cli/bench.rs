@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
+use api::serving::WeightDtype;
 use candle_core::{DType, Device, Tensor};
 use serde_json::{Map, Value, json};
 use trainer::generate::{GenerationConfig, generate};
@@ -148,11 +149,23 @@ pub struct BenchArgs {
     #[arg(long, env = "MOLT_BENCH_GEN_TOKENS")]
     pub gen_tokens: Option<usize>,
 
-    /// Seed of the random weights and inputs.
+    /// How the language models keep their matrices in the forward and generate figures
+    /// (comma-separated, each measured in turn in this process; `bf16`: see
+    /// `molt serve --dtype`). Training always runs in f32.
+    #[arg(
+        long,
+        env = "MOLT_BENCH_WEIGHTS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "f32"
+    )]
+    pub weights: Vec<WeightDtype>,
+
     /// Images per batch for the vision shapes.
     #[arg(long, env = "MOLT_BENCH_IMAGES", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub images: u32,
 
+    /// Seed of the random weights and inputs.
     #[arg(long, env = "MOLT_BENCH_SEED", default_value_t = 0)]
     pub seed: u64,
 }
@@ -207,6 +220,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         metrics: args.metrics.clone(),
         sizes: args.sizes.clone(),
         images: args.images as usize,
+        weights: args.weights.clone(),
         out: Out,
     };
     b.run(&args.shapes)
@@ -220,6 +234,7 @@ pub(super) struct Bench {
     metrics: Vec<Metric>,
     pub(super) sizes: Vec<(usize, usize)>,
     pub(super) images: usize,
+    weights: Vec<WeightDtype>,
     pub(super) out: Out,
 }
 
@@ -259,13 +274,13 @@ impl Bench {
         // the per-measurement peaks (or the current VmHWM, should that be larger).
         let seen = PEAK_SEEN_KIB.load(Ordering::Relaxed) as f64 / 1024.0;
         let peak = peak_rss_mib().map_or(seen, |now| now.max(seen));
-        let all = Ctx {
-            shape: shapes
+        let all = Ctx::new(
+            &shapes
                 .iter()
                 .map(|s| s.name())
                 .collect::<Vec<_>>()
                 .join(","),
-        };
+        );
         self.out.emit(
             Some(&all),
             "process_peak_rss",
@@ -334,9 +349,7 @@ impl Bench {
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum();
-        let at = Ctx {
-            shape: name.to_string(),
-        };
+        let at = Ctx::new(name);
         self.out
             .emit(Some(&at), "params", json!(params), "count", &[]);
         self.forward_and_generate(&at, &frozen, cfg.vocab_size)?;
@@ -399,8 +412,31 @@ impl Bench {
     }
 
     /// Forward tokens/s at each `--sizes` entry and greedy generation tokens/s at batch 1
-    /// and 8, for a language model of any family.
+    /// and 8, for a language model of any family, once per `--weights` dtype.
     pub(super) fn forward_and_generate<M: Mixer>(
+        &self,
+        at: &Ctx,
+        frozen: &CausalLm<M>,
+        vocab: usize,
+    ) -> Result<()> {
+        for &w in &self.weights {
+            let label = format!("{w:?}").to_lowercase();
+            let at = Ctx {
+                shape: at.shape.clone(),
+                weights: Some(label.clone()),
+            };
+            match w {
+                WeightDtype::F32 => self.forward_and_generate_as(&at, frozen, vocab)?,
+                other => {
+                    let m = frozen.clone().store_weights_as(other.dtype())?;
+                    self.forward_and_generate_as(&at, &m, vocab)?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_and_generate_as<M: Mixer>(
         &self,
         at: &Ctx,
         frozen: &CausalLm<M>,
@@ -431,13 +467,52 @@ impl Bench {
                 .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
                 .sum();
             let read_gbps = memory_read_gbps();
+            let mut product_times = Vec::new();
             let per_step_limit = read_gbps * 1e9 / weight_bytes as f64;
             eprintln!(
                 "{} memory read {read_gbps:.1} GB/s, {:.0} MB of weights per decode step: \
                  at most {per_step_limit:.1} steps/s",
-                at.shape,
+                at.label(),
                 weight_bytes as f64 / 1e6
             );
+            // The products alone, as a decode step runs them (`linear_forward` on `b` rows):
+            // how close the kernel comes to the read rate, and its share of a step.
+            let names = frozen.named_weights();
+            let tied = !names.iter().any(|(n, _)| n == "lm_head.weight");
+            let matrices: Vec<Tensor> = names
+                .into_iter()
+                .filter(|(n, _)| {
+                    n.ends_with("proj.weight")
+                        || n == "lm_head.weight"
+                        || (tied && n == "backbone.embeddings.weight")
+                })
+                .map(|(_, t)| t)
+                .collect();
+            let matrix_bytes: usize = matrices
+                .iter()
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum();
+            for b in GEN_BATCHES {
+                let xs: Vec<Tensor> = matrices
+                    .iter()
+                    .map(|w| Tensor::ones((b, w.dim(1)?), DType::F32, &Device::Cpu))
+                    .collect::<candle_core::Result<_>>()?;
+                let products = || -> Result<()> {
+                    for (x, w) in xs.iter().zip(&matrices) {
+                        trainer::model::layers::linear_forward(x, w, None)?;
+                    }
+                    Ok(())
+                };
+                products()?;
+                let p = timed(self.reps.max(5), self.budget, products)?;
+                let gbps = matrix_bytes as f64 / p.median_s / 1e9;
+                eprintln!(
+                    "{} products of one decode step at batch {b}: {:.2} ms, {gbps:.1} GB/s",
+                    at.label(),
+                    p.median_s * 1e3
+                );
+                product_times.push((b, p.median_s, gbps));
+            }
             for b in GEN_BATCHES {
                 let prompts: Vec<Vec<u32>> =
                     (0..b).map(|_| rng.tokens(GEN_PROMPT, vocab)).collect();
@@ -461,6 +536,12 @@ impl Bench {
                 let m = timed(self.reps, self.budget, gen_once)?;
                 let limit = per_step_limit * b as f64;
                 let tps = (b * new) as f64 / m.median_s;
+                let (product_s, product_gbps) = product_times
+                    .iter()
+                    .find(|(pb, _, _)| *pb == b)
+                    .map_or((f64::NAN, f64::NAN), |&(_, s, g)| (s, g));
+                // Step time ≈ the whole generation over its steps (the prompt is short).
+                let step_s = m.median_s / new as f64;
                 self.report(
                     &at,
                     "generate_tokens_per_s",
@@ -474,6 +555,12 @@ impl Bench {
                         ("weight_bytes_per_step", json!(weight_bytes)),
                         ("bandwidth_limit_tokens_per_s", json!(round(limit, 2))),
                         ("share_of_bandwidth_limit", json!(round(tps / limit, 4))),
+                        ("products_s_per_step", json!(round(product_s, 6))),
+                        ("products_gbps", json!(round(product_gbps, 2))),
+                        (
+                            "products_share_of_step",
+                            json!(round(product_s / step_s, 3)),
+                        ),
                     ],
                 );
             }
@@ -577,7 +664,7 @@ impl Bench {
         let tps = tokens / m.median_s;
         eprintln!(
             "{} {metric} {batch}x{seq}: {tps:.1} tokens/s ({} reps, cpu/wall {:.2}, others {:.2}, peak {:.0} MiB)",
-            at.shape,
+            at.label(),
             m.reps,
             m.cpu_wall,
             m.others_cpu,
@@ -1019,6 +1106,24 @@ fn random_input(rng: &mut Lcg, b: usize, l: usize, vocab: usize) -> Result<Model
 #[derive(Clone)]
 pub(super) struct Ctx {
     pub(super) shape: String,
+    /// How the matrices were kept (`--weights`), for the figures it changes.
+    pub(super) weights: Option<String>,
+}
+
+impl Ctx {
+    pub(super) fn new(shape: &str) -> Self {
+        Ctx {
+            shape: shape.to_string(),
+            weights: None,
+        }
+    }
+
+    fn label(&self) -> String {
+        match &self.weights {
+            Some(w) => format!("{} ({w} weights)", self.shape),
+            None => self.shape.clone(),
+        }
+    }
 }
 
 /// Writes the JSON lines (a type so the format lives in one place).
@@ -1037,6 +1142,9 @@ impl Out {
         let mut rec = Map::new();
         rec.insert("side".into(), json!("molt"));
         rec.insert("shape".into(), json!(at.map(|c| c.shape.as_str())));
+        if let Some(w) = at.and_then(|c| c.weights.as_deref()) {
+            rec.insert("weights".into(), json!(w));
+        }
         let mut extra: HashMap<&str, Value> = extra.iter().cloned().collect();
         rec.insert("batch".into(), extra.remove("batch").unwrap_or(Value::Null));
         rec.insert("seq".into(), extra.remove("seq").unwrap_or(Value::Null));

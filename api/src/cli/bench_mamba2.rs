@@ -53,9 +53,7 @@ impl Bench {
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum();
-        let at = Ctx {
-            shape: name.to_string(),
-        };
+        let at = Ctx::new(name);
         self.out
             .emit(Some(&at), "params", json!(params), "count", &[]);
         self.forward_and_generate(&at, &frozen, cfg.vocab_size)?;

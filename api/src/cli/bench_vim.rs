@@ -83,9 +83,7 @@ impl Bench {
         let frozen = VimCheckpoint::random(cfg, self.seed, &dev)
             .context("building the random Vim")?
             .into_frozen()?;
-        let at = Ctx {
-            shape: name.to_string(),
-        };
+        let at = Ctx::new(name);
         let params: usize = frozen
             .named_weights()
             .iter()

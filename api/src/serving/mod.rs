@@ -39,6 +39,37 @@ pub struct ServingConfig {
     pub max_prompt_tokens: usize,
     /// Largest accepted `max_tokens`.
     pub max_new_tokens: usize,
+    /// How language models keep their matrices (`--dtype`).
+    pub weights: WeightDtype,
+}
+
+/// How a served language model keeps its matrices: `f32` as in the checkpoint, or `bf16`
+/// (half the memory and half the bytes each decode step reads; activations, states and
+/// sums stay f32, see `trainer::model::CausalLm::store_weights_as`). Merges are computed
+/// from the f32 checkpoint either way; image models stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightDtype {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl WeightDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            WeightDtype::F32 => candle_core::DType::F32,
+            WeightDtype::Bf16 => candle_core::DType::BF16,
+        }
+    }
+
+    /// A language model loaded from `dir` for inference, its matrices kept as asked.
+    pub fn load_lm(self, dir: &Path) -> trainer::Result<AnyLm> {
+        let model = AnyLm::load(dir, &LoadOptions::default())?;
+        match self {
+            WeightDtype::F32 => Ok(model),
+            other => model.store_weights_as(other.dtype()),
+        }
+    }
 }
 
 impl Default for ServingConfig {
@@ -50,6 +81,7 @@ impl Default for ServingConfig {
             max_queue: 256,
             max_prompt_tokens: 4096,
             max_new_tokens: 2048,
+            weights: WeightDtype::F32,
         }
     }
 }
@@ -332,7 +364,8 @@ impl Engine {
                 let dir = registry::materialize(model, blobs, &self.config.cache_dir).await?;
                 let id = model.id.clone();
                 let from = dir.clone();
-                let (m, tok) = blocking(move || load_base(&from)).await?;
+                let weights = self.config.weights;
+                let (m, tok) = blocking(move || load_base(&from, weights)).await?;
                 let scheduler = Scheduler::start(
                     &id,
                     self.config.max_batch,
@@ -519,10 +552,23 @@ impl Engine {
         opts: MergeOptions,
     ) -> Result<Vec<(String, u64)>, ServingError> {
         let b = base.clone();
+        let weights = self.config.weights;
         self.store_merge(adapter, blobs, move |adir, out| {
-            let a = Adapter::load(adir, b.model.as_ref())
+            // Merged files are exact: computed from the checkpoint's f32 weights, whatever
+            // the served copy keeps.
+            let f32_base;
+            let model = match weights {
+                WeightDtype::F32 => b.model.as_ref(),
+                _ => {
+                    f32_base = WeightDtype::F32
+                        .load_lm(&b.dir)
+                        .map_err(|e| ServingError::Load(format!("{}: {e}", b.dir.display())))?;
+                    &f32_base
+                }
+            };
+            let a = Adapter::load(adir, model)
                 .map_err(|e| ServingError::Load(format!("adapter: {e}")))?;
-            let merged = a.merge_lm(&b.model, &opts).map_err(|e| match e {
+            let merged = a.merge_lm(model, &opts).map_err(|e| match e {
                 PeftError::NotMergeable { .. } | PeftError::Contradictory(_) => {
                     ServingError::Unmergeable(e.to_string())
                 }
@@ -546,15 +592,19 @@ impl Engine {
         adapter: &storage::Adapter,
         blobs: &BlobStore,
     ) -> Result<Option<Arc<LoadedAdapter>>, ServingError> {
-        self.cached_merge(adapter, blobs, load_merged).await
+        let weights = self.config.weights;
+        self.cached_merge(adapter, blobs, move |key, dir| {
+            load_merged(key, dir, weights)
+        })
+        .await
     }
 }
 
 /// Loads a folder written by `MergedModel::save`: the weights, a residual prompt/affix
 /// adapter, an initial state.
-fn load_merged(key: &str, dir: &Path) -> Result<LoadedAdapter, ServingError> {
+fn load_merged(key: &str, dir: &Path, weights: WeightDtype) -> Result<LoadedAdapter, ServingError> {
     let err = |e: &dyn std::fmt::Display| ServingError::Load(format!("{key}: {e}"));
-    let base = AnyLm::load(dir, &LoadOptions::default()).map_err(|e| err(&e))?;
+    let base = weights.load_lm(dir).map_err(|e| err(&e))?;
     let bytes = base
         .named_weights()
         .iter()
@@ -601,8 +651,9 @@ pub async fn blocking<T: Send + 'static>(
         .map_err(|e| ServingError::Load(format!("loader task failed: {e}")))?
 }
 
-fn load_base(dir: &Path) -> Result<(AnyLm, Tokenizer), ServingError> {
-    let model = AnyLm::load(dir, &LoadOptions::default())
+fn load_base(dir: &Path, weights: WeightDtype) -> Result<(AnyLm, Tokenizer), ServingError> {
+    let model = weights
+        .load_lm(dir)
         .map_err(|e| ServingError::Load(format!("{}: {e}", dir.display())))?;
     let tok = Tokenizer::from_model_dir(dir)
         .map_err(|e| ServingError::Load(format!("{}: {e}", dir.display())))?

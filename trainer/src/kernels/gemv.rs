@@ -3,14 +3,53 @@
 //! memory, not arithmetic: every weight is read once per step and used for at most
 //! [`MAX_ROWS`] dot products. Candle's GEMM ran it on one thread (cpu/wall ≈ 1.0 in batch-1
 //! decode), leaving half of the machine's memory bandwidth unused. This kernel streams `W`
-//! once, in parallel over blocks of output rows, and reuses each row of `W` (from L1) for
-//! every row of `x`.
+//! once, in parallel over blocks of output rows, each task reading its rows front to back,
+//! and uses each chunk of a row for every row of `x` while it is in registers.
+//!
+//! `W` may be f32 or bf16 (`--dtype bf16`: half the bytes per step). bf16 rows are widened
+//! to f32 in registers (exact) and multiplied with the f32 activations in f32, so the only
+//! rounding bf16 adds is the weights' own; `vdpbf16ps` would also round the activations,
+//! and buys nothing here since the product is bound by memory.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+use half::bf16;
 use rayon::prelude::*;
 
 use super::scan::f32_slice;
 use super::simd::{Simd, W, with_simd};
+
+/// A weight element the kernels read: f32, or bf16 widened on load.
+pub(crate) trait WeightElem: Copy + Send + Sync + 'static {
+    /// Reads `n ≤ W` elements at `src[at..]` as f32 lanes, zero-filling the rest.
+    fn load<S: Simd>(s: S, src: &[Self], at: usize, n: usize) -> S::V;
+    /// The contiguous elements of a CPU tensor's storage, if it holds this type.
+    fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [Self]>;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn load<S: Simd>(s: S, src: &[f32], at: usize, n: usize) -> S::V {
+        s.load(src, at, n)
+    }
+    fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+        f32_slice(storage, layout, "").ok()
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn load<S: Simd>(s: S, src: &[bf16], at: usize, n: usize) -> S::V {
+        s.load_bf16(src, at, n)
+    }
+    fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Option<&'a [bf16]> {
+        let (CpuStorage::BF16(data), Some((start, end))) = (storage, layout.contiguous_offsets())
+        else {
+            return None;
+        };
+        Some(&data[start..end])
+    }
+}
 
 /// Whether the model routes few-row products here: yes, unless `MOLT_SMALL_M_MATMUL=0` (read
 /// once), which hands them back to Candle's GEMM — a switch for side-by-side benchmarks.
@@ -25,71 +64,113 @@ pub const MAX_ROWS: usize = 8;
 const ROWS_PER_TASK: usize = 64;
 /// Below this many weight elements one thread does the product (a task costs µs).
 const PARALLEL_MIN: usize = 1 << 15;
-/// Rows of `W` multiplied together: four independent accumulator chains (and four memory
-/// streams) per row of `x`.
-const GROUP: usize = 4;
+/// `out[i] = x[i] · row` for the `M` rows of `x` (`xs`), reading `row` once, front to back:
+/// one sequential stream per task is what the hardware prefetcher keeps up with (several
+/// interleaved rows reached about half the read rate). `U` chains per row of `x` keep ≥ 4
+/// FMAs in flight (`M·U ≥ 4`); for `M ≥ 4` each chunk of `row` is loaded (and widened,
+/// for bf16) once for all rows of `x`.
+#[inline(always)]
+fn row_dots<S: Simd, T: WeightElem, const M: usize, const U: usize>(
+    s: S,
+    xs: &[&[f32]; M],
+    row: &[T],
+    out: &mut [f32],
+) {
+    let k = row.len();
+    let mut acc = [[s.zero(); U]; M];
+    let mut c = 0;
+    while c + W * U <= k {
+        for u in 0..U {
+            let at = c + u * W;
+            let wv = T::load(s, row, at, W);
+            for (a, x) in acc.iter_mut().zip(xs) {
+                a[u] = s.mul_add(wv, s.load(x, at, W), a[u]);
+            }
+        }
+        c += W * U;
+    }
+    while c < k {
+        let n = W.min(k - c);
+        let wv = T::load(s, row, c, n);
+        for (a, x) in acc.iter_mut().zip(xs) {
+            a[0] = s.mul_add(wv, s.load(x, c, n), a[0]);
+        }
+        c += n;
+    }
+    for (o, a) in out.iter_mut().zip(&acc) {
+        let v = a[1..].iter().fold(a[0], |v, b| s.add(v, *b));
+        *o = s.hsum(v);
+    }
+}
+
+/// `out[(r - r0) * M + i] = x[i] · w[r]` for the rows `r0..r0 + out.len() / M` of `w`.
+#[inline(always)]
+fn rows_m<S: Simd, T: WeightElem, const M: usize, const U: usize>(
+    s: S,
+    x: &[f32],
+    k: usize,
+    w: &[T],
+    r0: usize,
+    out: &mut [f32],
+) {
+    let xs: [&[f32]; M] = std::array::from_fn(|i| &x[i * k..(i + 1) * k]);
+    for (j, o) in out.chunks_exact_mut(M).enumerate() {
+        let r = r0 + j;
+        row_dots::<S, T, M, U>(s, &xs, &w[r * k..(r + 1) * k], o);
+    }
+}
 
 /// `out[(r - r0) * m + i] = x[i] · w[r]` for the rows `r0..r0 + out.len() / m` of `w`.
 #[inline(always)]
-fn block_impl<S: Simd>(s: S, x: &[f32], m: usize, k: usize, w: &[f32], r0: usize, out: &mut [f32]) {
-    let rows = out.len() / m;
-    let full = k / W * W;
-    let tail = k - full;
-    let mut r = 0;
-    while r < rows {
-        let g = GROUP.min(rows - r);
-        let wr = |j: usize| &w[(r0 + r + j) * k..(r0 + r + j + 1) * k];
-        if g == GROUP {
-            let (w0, w1, w2, w3) = (wr(0), wr(1), wr(2), wr(3));
-            for i in 0..m {
-                let xi = &x[i * k..(i + 1) * k];
-                let mut a = [s.zero(); GROUP];
-                let mut c = 0;
-                while c < full {
-                    let xv = s.load(xi, c, W);
-                    a[0] = s.mul_add(s.load(w0, c, W), xv, a[0]);
-                    a[1] = s.mul_add(s.load(w1, c, W), xv, a[1]);
-                    a[2] = s.mul_add(s.load(w2, c, W), xv, a[2]);
-                    a[3] = s.mul_add(s.load(w3, c, W), xv, a[3]);
-                    c += W;
-                }
-                if tail > 0 {
-                    let xv = s.load(xi, full, tail);
-                    a[0] = s.mul_add(s.load(w0, full, tail), xv, a[0]);
-                    a[1] = s.mul_add(s.load(w1, full, tail), xv, a[1]);
-                    a[2] = s.mul_add(s.load(w2, full, tail), xv, a[2]);
-                    a[3] = s.mul_add(s.load(w3, full, tail), xv, a[3]);
-                }
-                for (j, acc) in a.iter().enumerate() {
-                    out[(r + j) * m + i] = s.hsum(*acc);
-                }
-            }
-        } else {
-            for j in 0..g {
-                let wj = wr(j);
-                for i in 0..m {
-                    let xi = &x[i * k..(i + 1) * k];
-                    let mut acc = s.zero();
-                    let mut c = 0;
-                    while c < k {
-                        let n = W.min(k - c);
-                        acc = s.mul_add(s.load(wj, c, n), s.load(xi, c, n), acc);
-                        c += n;
-                    }
-                    out[(r + j) * m + i] = s.hsum(acc);
-                }
-            }
-        }
-        r += g;
+fn block_impl<S: Simd, T: WeightElem>(
+    s: S,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[T],
+    r0: usize,
+    out: &mut [f32],
+) {
+    match m {
+        1 => rows_m::<S, T, 1, 4>(s, x, k, w, r0, out),
+        2 => rows_m::<S, T, 2, 2>(s, x, k, w, r0, out),
+        3 => rows_m::<S, T, 3, 2>(s, x, k, w, r0, out),
+        4 => rows_m::<S, T, 4, 1>(s, x, k, w, r0, out),
+        5 => rows_m::<S, T, 5, 1>(s, x, k, w, r0, out),
+        6 => rows_m::<S, T, 6, 1>(s, x, k, w, r0, out),
+        7 => rows_m::<S, T, 7, 1>(s, x, k, w, r0, out),
+        8 => rows_m::<S, T, 8, 1>(s, x, k, w, r0, out),
+        // `small_m_matmul` is only called with 1..=MAX_ROWS rows.
+        _ => unreachable!("gemv block with {m} rows"),
     }
 }
 
 with_simd! {
-    fn block(x: &[f32], m: usize, k: usize, w: &[f32], r0: usize, out: &mut [f32]) = block_impl;
+    fn block_f32(x: &[f32], m: usize, k: usize, w: &[f32], r0: usize, out: &mut [f32]) = block_impl;
+}
+with_simd! {
+    fn block_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], r0: usize, out: &mut [f32]) = block_impl;
+}
+
+/// The kernel entry point for each weight type (each compiled for AVX2 by `with_simd!`).
+trait Block: WeightElem {
+    fn block(x: &[f32], m: usize, k: usize, w: &[Self], r0: usize, out: &mut [f32]);
+}
+
+impl Block for f32 {
+    fn block(x: &[f32], m: usize, k: usize, w: &[f32], r0: usize, out: &mut [f32]) {
+        block_f32(x, m, k, w, r0, out)
+    }
+}
+
+impl Block for bf16 {
+    fn block(x: &[f32], m: usize, k: usize, w: &[bf16], r0: usize, out: &mut [f32]) {
+        block_bf16(x, m, k, w, r0, out)
+    }
 }
 
 /// `x` `[m, k]` times `wᵀ` (`w` `[n, k]`), row-major: `[m, n]`.
-pub(crate) fn matmul_small(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+fn matmul_small<T: Block>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> Vec<f32> {
     // Computed as `[n, m]` so each task writes one contiguous block, then transposed (a
     // no-op for m = 1).
     let mut t = vec![0.0f32; n * m];
@@ -97,11 +178,11 @@ pub(crate) fn matmul_small(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -
         return t;
     }
     if n * k < PARALLEL_MIN {
-        block(x, m, k, w, 0, &mut t);
+        T::block(x, m, k, w, 0, &mut t);
     } else {
         t.par_chunks_mut(ROWS_PER_TASK * m)
             .enumerate()
-            .for_each(|(task, out)| block(x, m, k, w, task * ROWS_PER_TASK, out));
+            .for_each(|(task, out)| T::block(x, m, k, w, task * ROWS_PER_TASK, out));
     }
     if m == 1 {
         return t;
@@ -134,19 +215,136 @@ impl CustomOp2 for SmallMatmul {
         if k != k2 {
             bail!("small-m-matmul: x is [{m}, {k}] but w is [{n}, {k2}]")
         }
+        if m > MAX_ROWS {
+            bail!("small-m-matmul: x has {m} rows, at most {MAX_ROWS} go through this kernel")
+        }
         let x = f32_slice(s1, l1, "small-m-matmul (x)")?;
-        let w = f32_slice(s2, l2, "small-m-matmul (w)")?;
-        Ok((
-            CpuStorage::F32(matmul_small(x, m, k, w, n)),
-            Shape::from((m, n)),
-        ))
+        let y = if let Some(w) = f32::slice(s2, l2) {
+            matmul_small(x, m, k, w, n)
+        } else if let Some(w) = bf16::slice(s2, l2) {
+            matmul_small(x, m, k, w, n)
+        } else {
+            bail!(
+                "small-m-matmul: w must be a contiguous F32 or BF16 tensor, got {:?}",
+                s2.dtype()
+            )
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }
 
-/// `x Wᵀ` for f32 CPU tensors `x` `[m, k]` (m ≤ [`MAX_ROWS`] is where it pays) and a
-/// contiguous `w` `[n, k]`, outside any autograd graph.
+/// `x Wᵀ` for an f32 CPU tensor `x` `[m, k]` (m ≤ [`MAX_ROWS`] is where it pays) and a
+/// contiguous f32 or bf16 `w` `[n, k]`, outside any autograd graph; f32 out.
 pub fn small_m_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(w, &SmallMatmul)
+}
+
+/// Rows of a bf16 `W` per task of a many-row product: the task widens them to f32 (≤ 384 KB
+/// at k = 1536, in L2) and multiplies that panel on its own thread.
+const PANEL_ROWS: usize = 64;
+
+#[inline(always)]
+fn widen_impl<S: Simd>(s: S, src: &[bf16], dst: &mut [f32]) {
+    let mut c = 0;
+    while c < src.len() {
+        let n = W.min(src.len() - c);
+        s.store(dst, c, n, s.load_bf16(src, c, n));
+        c += n;
+    }
+}
+
+with_simd! {
+    fn widen(src: &[bf16], dst: &mut [f32]) = widen_impl;
+}
+
+/// `x` `[m, k]` times `wᵀ` (`w` bf16 `[n, k]`): `[m, n]`, in parallel over panels of
+/// [`PANEL_ROWS`] rows of `w`, so no f32 copy of `w` exists at any time.
+fn bf16_panels(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f32> {
+    let parts: Vec<Vec<f32>> = (0..n.div_ceil(PANEL_ROWS))
+        .into_par_iter()
+        .map_init(Vec::new, |panel: &mut Vec<f32>, p| {
+            let r0 = p * PANEL_ROWS;
+            let rows = PANEL_ROWS.min(n - r0);
+            panel.resize(rows * k, 0.0);
+            widen(&w[r0 * k..(r0 + rows) * k], panel);
+            let mut out = vec![0.0f32; m * rows];
+            // SAFETY: `out` is m × rows (row stride rows), `x` is m × k (row stride k) and
+            // `panel` read as k × rows is the row-major rows × k block (column stride k):
+            // every index gemm touches is inside its slice; nothing else aliases `out`.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    rows,
+                    k,
+                    out.as_mut_ptr(),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    panel.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+            out
+        })
+        .collect();
+    let mut y = vec![0.0f32; m * n];
+    for (p, part) in parts.iter().enumerate() {
+        let r0 = p * PANEL_ROWS;
+        let rows = part.len() / m.max(1);
+        for (dst, src) in y.chunks_mut(n).zip(part.chunks(rows.max(1))) {
+            dst[r0..r0 + rows].copy_from_slice(src);
+        }
+    }
+    y
+}
+
+struct Bf16Matmul;
+
+impl CustomOp2 for Bf16Matmul {
+    fn name(&self) -> &'static str {
+        "bf16-weight-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            bail!("bf16-weight-matmul: x is [{m}, {k}] but w is [{n}, {k2}]")
+        }
+        let x = f32_slice(s1, l1, "bf16-weight-matmul (x)")?;
+        let Some(w) = bf16::slice(s2, l2) else {
+            bail!("bf16-weight-matmul: w must be a contiguous BF16 tensor")
+        };
+        let y = if m == 0 || n == 0 || k == 0 {
+            vec![0.0f32; m * n]
+        } else {
+            bf16_panels(x, m, k, w, n)
+        };
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+/// `x Wᵀ` for an f32 CPU tensor `x` `[m, k]` and a contiguous bf16 `w` `[n, k]`, outside any
+/// autograd graph; f32 out. For many rows (prefill, scoring): each task widens a panel of
+/// `W` to f32 and runs Candle's GEMM kernel on it, so no f32 copy of `W` is kept.
+pub fn bf16_weight_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(w, &Bf16Matmul)
 }
 
 #[cfg(test)]
@@ -209,11 +407,68 @@ mod tests {
         }
     }
 
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn assert_close(got: &[f32], want: &[f32], k: usize, what: &str) {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, e)) in got.iter().zip(want).enumerate() {
+            let tol = 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt();
+            assert!((g - e).abs() <= tol, "{what} [{i}]: {g} vs {e}");
+        }
+    }
+
+    /// A bf16 weight gives the f32 product of its exactly widened values (up to summation
+    /// order), through the few-row kernel (vector and portable) and the panel GEMM, with n
+    /// around the panel size.
+    #[test]
+    fn bf16_weights_match_their_f32_widening() {
+        let mut seed = 11u64;
+        for m in [1usize, 2, 5, 8, 9, 37] {
+            for k in [1usize, 7, 8, 9, 100] {
+                for n in [1usize, 5, 63, 64, 65, 300] {
+                    let xs: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
+                    let ws: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
+                    let x = Tensor::from_vec(xs.clone(), (m, k), &Device::Cpu).unwrap();
+                    let w = Tensor::from_vec(ws, (n, k), &Device::Cpu)
+                        .unwrap()
+                        .to_dtype(candle_core::DType::BF16)
+                        .unwrap();
+                    let wide = w.to_dtype(candle_core::DType::F32).unwrap();
+                    let want = values(&x.matmul(&wide.t().unwrap()).unwrap());
+                    let what = format!("m {m} k {k} n {n}");
+                    let panel = values(&bf16_weight_matmul(&x, &w).unwrap());
+                    assert_close(&panel, &want, k, &format!("panel {what}"));
+                    if m <= MAX_ROWS {
+                        let few = values(&small_m_matmul(&x, &w).unwrap());
+                        assert_close(&few, &want, k, &format!("few-row {what}"));
+                        let wb: Vec<bf16> = w.flatten_all().unwrap().to_vec1().unwrap();
+                        let mut t = vec![0.0f32; n * m];
+                        block_impl(Portable, &xs, m, k, &wb, 0, &mut t);
+                        let portable: Vec<f32> =
+                            (0..m * n).map(|j| t[(j % n) * m + j / n]).collect();
+                        assert_close(&portable, &want, k, &format!("portable {what}"));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn refuses_mismatched_shapes() {
         let x = Tensor::zeros((2, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
         let w = Tensor::zeros((4, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
         let err = small_m_matmul(&x, &w).unwrap_err().to_string();
         assert!(err.contains("[2, 3] but w is [4, 5]"), "{err}");
+        let wb = w.to_dtype(candle_core::DType::BF16).unwrap();
+        let err = bf16_weight_matmul(&x, &wb).unwrap_err().to_string();
+        assert!(err.contains("[2, 3] but w is [4, 5]"), "{err}");
+        let i = Tensor::zeros((4, 3), candle_core::DType::U32, &Device::Cpu).unwrap();
+        let err = small_m_matmul(&x, &i).unwrap_err().to_string();
+        assert!(err.contains("F32 or BF16"), "{err}");
+        let many = Tensor::zeros((MAX_ROWS + 1, 5), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let err = small_m_matmul(&many, &w).unwrap_err().to_string();
+        assert!(err.contains("at most"), "{err}");
     }
 }

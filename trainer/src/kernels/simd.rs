@@ -10,6 +10,8 @@
 //! `#[target_feature(enable = "avx2,fma")]` function, so that the `#[inline(always)]`
 //! methods below and the intrinsics they call are compiled into straight AVX2 code.
 
+use half::bf16;
+
 /// Channels per SIMD block (one AVX2 register of f32).
 pub(crate) const W: usize = 8;
 
@@ -41,6 +43,8 @@ pub(crate) trait Simd: Copy + Send + Sync {
     fn pow2i(self, k: Self::V) -> Self::V;
     /// Sum of the lanes.
     fn hsum(self, v: Self::V) -> f32;
+    /// Eight bf16 values widened to f32. Exact: a bf16 is the upper half of an f32's bits.
+    fn widen_bf16(self, l: &[bf16; W]) -> Self::V;
 
     #[inline(always)]
     fn zero(self) -> Self::V {
@@ -58,6 +62,19 @@ pub(crate) trait Simd: Copy + Send + Sync {
         let mut tmp = [0.0; W];
         tmp[..w].copy_from_slice(&src[at..at + w]);
         self.load_lanes(&tmp)
+    }
+
+    /// Reads `w ≤ W` bf16 values at `src[at..]` as f32, zero-filling the other lanes.
+    #[inline(always)]
+    fn load_bf16(self, src: &[bf16], at: usize, w: usize) -> Self::V {
+        if w == W
+            && let Some(full) = src[at..].first_chunk::<W>()
+        {
+            return self.widen_bf16(full);
+        }
+        let mut tmp = [bf16::ZERO; W];
+        tmp[..w].copy_from_slice(&src[at..at + w]);
+        self.widen_bf16(&tmp)
     }
 
     /// Writes the first `w ≤ W` lanes of `v` to `dst[at..]`.
@@ -143,6 +160,10 @@ impl Simd for Portable {
     fn hsum(self, v: Lanes) -> f32 {
         ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
     }
+    #[inline(always)]
+    fn widen_bf16(self, l: &[bf16; W]) -> Lanes {
+        std::array::from_fn(|i| f32::from_bits(u32::from(l[i].to_bits()) << 16))
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -152,7 +173,7 @@ pub(crate) use avx2::Avx2;
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Lanes, Simd};
+    use super::{Lanes, Simd, W, bf16};
 
     /// AVX2 + FMA. The private field means a value exists only after [`Avx2::detect`]
     /// (or inside a function compiled with those features), which is what makes the
@@ -170,7 +191,8 @@ mod avx2 {
     }
 
     // SAFETY (every `unsafe` block in this impl): an `Avx2` value proves the CPU supports
-    // AVX2 and FMA; the pointer reads/writes go through `&Lanes` / `&mut Lanes` (8 f32).
+    // AVX2 and FMA; the pointer reads/writes go through `&Lanes` / `&mut Lanes` (8 f32) or
+    // `&[bf16; W]` (8 × 2 bytes).
     impl Simd for Avx2 {
         type V = __m256;
 
@@ -238,6 +260,14 @@ mod avx2 {
                 let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
                 let s = _mm_add_ss(s, _mm_movehdup_ps(s));
                 _mm_cvtss_f32(s)
+            }
+        }
+        #[inline(always)]
+        fn widen_bf16(self, l: &[bf16; W]) -> __m256 {
+            // `bf16` is `repr(transparent)` over `u16`: the array is 16 readable bytes.
+            unsafe {
+                let h = _mm_loadu_si128(l.as_ptr().cast::<__m128i>());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
             }
         }
     }
@@ -490,6 +520,19 @@ mod tests {
             s.store(&mut dst, 7, 3, s.splat(2.0));
             assert_eq!(dst[6..11], [-1.0, 2.0, 2.0, 2.0, -1.0]);
             assert_eq!(s.hsum(s.load(&src, 0, 8)), 28.0);
+            // Every bf16 widens to the f32 with the same upper bits, NaN and ±inf included.
+            let halves: Vec<bf16> = [0u16, 0x8000, 0x3f80, 0xbf80, 0x7f80, 0xff80, 0x7fc1, 0x0001]
+                .iter()
+                .chain(&[0x4049, 0x1234, 0xc2f7])
+                .map(|&b| bf16::from_bits(b))
+                .collect();
+            let wide = s.to_lanes(s.load_bf16(&halves, 0, 8));
+            for (w, h) in wide.iter().zip(&halves) {
+                assert_eq!(w.to_bits(), u32::from(h.to_bits()) << 16);
+            }
+            let tail = s.to_lanes(s.load_bf16(&halves, 8, 3));
+            assert_eq!(tail[..3], [3.140625, halves[9].to_f32(), -123.5]);
+            assert_eq!(tail[3..], [0.0; 5]);
         }
         check(Portable);
         #[cfg(target_arch = "x86_64")]

@@ -107,6 +107,14 @@ impl AnyLm {
         each!(self, m => m.dtype())
     }
 
+    /// See [`CausalLm::store_weights_as`].
+    pub fn store_weights_as(self, dtype: DType) -> Result<Self> {
+        Ok(match self {
+            AnyLm::Mamba(m) => AnyLm::Mamba(m.store_weights_as(dtype)?),
+            AnyLm::Mamba2(m) => AnyLm::Mamba2(m.store_weights_as(dtype)?),
+        })
+    }
+
     pub fn device(&self) -> &Device {
         each!(self, m => m.device())
     }

@@ -34,6 +34,19 @@ impl Linear {
         &self.weight
     }
 
+    /// The weight in `dtype` (the activations' dtype, for arithmetic on the weight itself):
+    /// the stored tensor when it already is, else a converted copy.
+    pub fn weight_as(&self, dtype: DType) -> Result<Tensor> {
+        self.weight.to_dtype(dtype)
+    }
+
+    /// Keeps the weight in `dtype` (bf16 halves the bytes a product reads); the products
+    /// still take and return the activations' dtype. The bias stays as it is (small).
+    pub fn store_as(&mut self, dtype: DType) -> Result<()> {
+        self.weight = self.weight.to_dtype(dtype)?;
+        Ok(())
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -60,24 +73,27 @@ pub fn linear_forward(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Res
     };
     let rows: usize = lead.iter().product();
     let x2 = x.reshape((rows, in_f))?;
-    // Both custom products below are f32 CPU kernels for a weight outside the graph.
-    let cpu_f32_frozen = !weight.track_op()
-        && x2.device().is_cpu()
-        && x2.dtype() == DType::F32
-        && weight.dtype() == DType::F32;
-    let frozen_in_graph = cpu_f32_frozen && x2.track_op();
+    // The custom products below are CPU kernels for f32 activations and a weight outside
+    // the graph; the weight may be stored in bf16 (`Linear::store_as`).
+    let cpu_f32_frozen = !weight.track_op() && x2.device().is_cpu() && x2.dtype() == DType::F32;
+    let inference = cpu_f32_frozen && !x2.track_op() && weight.is_contiguous();
     // Decode: a few rows against a whole weight, memory-bound (see kernels::gemv).
-    let few_rows = cpu_f32_frozen
-        && !x2.track_op()
+    let few_rows = inference
         && rows <= crate::kernels::gemv::MAX_ROWS
         && crate::kernels::gemv::enabled()
-        && weight.is_contiguous();
-    let y = if frozen_in_graph {
+        && matches!(weight.dtype(), DType::F32 | DType::BF16);
+    let y = if few_rows {
+        crate::kernels::gemv::small_m_matmul(&x2, weight)?
+    } else if inference && weight.dtype() == DType::BF16 {
+        crate::kernels::gemv::bf16_weight_matmul(&x2, weight)?
+    } else if cpu_f32_frozen && x2.track_op() && weight.dtype() == DType::F32 {
         x2.contiguous()?.apply_op1(FrozenWeightMatmul {
             weight: weight.clone(),
         })?
-    } else if few_rows {
-        crate::kernels::gemv::small_m_matmul(&x2, weight)?
+    } else if weight.dtype() != x2.dtype() {
+        // A weight stored in another dtype than the activations, where no kernel above
+        // reads it as it is (another device, or inside a training graph).
+        x2.matmul(&weight.to_dtype(x2.dtype())?.t()?)?
     } else {
         x2.matmul(&weight.t()?)?
     };
@@ -446,6 +462,11 @@ impl Projection {
         &self.base
     }
 
+    /// The frozen layer, e.g. to change how its weight is stored ([`Linear::store_as`]).
+    pub fn base_mut(&mut self) -> &mut Linear {
+        &mut self.base
+    }
+
     pub fn adapter(&self) -> Option<&Arc<dyn LinearAdapter>> {
         self.adapter.as_ref()
     }
@@ -524,10 +545,11 @@ impl Param {
     }
 }
 
-/// Replaces the token-embedding lookup. `weight` is the base `[vocab, hidden]` matrix and
-/// `ids` are `u32` of any shape; returns `[..., hidden]`.
+/// Replaces the token-embedding lookup. `ids` are `u32` of any shape; returns
+/// `[..., hidden]`. `merged_weight` gets the base `[vocab, hidden]` matrix.
 pub trait EmbeddingAdapter: Send + Sync + fmt::Debug {
-    fn forward(&self, weight: &Tensor, ids: &Tensor) -> Result<Tensor>;
+    /// The adapted lookup; `base.lookup(ids)` is the frozen one.
+    fn forward(&self, base: &Embedding, ids: &Tensor) -> Result<Tensor>;
 
     /// The embedding matrix this adapted lookup is equivalent to (for merging); `None`
     /// when it cannot be merged.
@@ -539,12 +561,16 @@ pub trait EmbeddingAdapter: Send + Sync + fmt::Debug {
 #[derive(Clone, Debug)]
 pub struct Embedding {
     weight: Tensor,
+    /// The dtype of the rows handed to the model (the weight's, unless [`Self::store_as`]
+    /// changed how the weight is kept).
+    dtype: DType,
     adapter: Option<Arc<dyn EmbeddingAdapter>>,
 }
 
 impl Embedding {
     pub fn new(weight: Tensor) -> Self {
         Embedding {
+            dtype: weight.dtype(),
             weight,
             adapter: None,
         }
@@ -552,6 +578,17 @@ impl Embedding {
 
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// Keeps the matrix in `dtype`; looked-up rows keep the model's dtype.
+    pub fn store_as(&mut self, dtype: DType) -> Result<()> {
+        self.weight = self.weight.to_dtype(dtype)?;
+        Ok(())
+    }
+
+    /// `weight[ids]` in the model's dtype, without the adapter.
+    pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
+        embedding_lookup(&self.weight, ids)?.to_dtype(self.dtype)
     }
 
     pub fn adapter(&self) -> Option<&Arc<dyn EmbeddingAdapter>> {
@@ -567,8 +604,8 @@ impl Embedding {
 
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         match &self.adapter {
-            Some(a) => a.forward(&self.weight, ids),
-            None => embedding_lookup(&self.weight, ids),
+            Some(a) => a.forward(self, ids),
+            None => self.lookup(ids),
         }
     }
 }

@@ -384,6 +384,24 @@ impl<M: Mixer> CausalLm<M> {
         self.config.vocab_size()
     }
 
+    /// Keeps the model's matrices — every projection, the embedding and the head — in `dtype`
+    /// (bf16: half the bytes each decode step reads). Activations, norms, the SSM parameters
+    /// and states stay in the model's dtype, and so do adapters installed later; only
+    /// inference reads a stored bf16 matrix directly (`layers::linear_forward`). Train on
+    /// the model as loaded.
+    pub fn store_weights_as(mut self, dtype: DType) -> Result<Self> {
+        self.backbone.embeddings.store_as(dtype)?;
+        for block in &mut self.backbone.layers {
+            for p in block.mixer.projections_mut() {
+                p.base_mut().store_as(dtype)?;
+            }
+        }
+        if let Some(h) = &mut self.lm_head {
+            *h = h.to_dtype(dtype)?;
+        }
+        Ok(self)
+    }
+
     /// Every base weight under its HF checkpoint name (the tied head is not listed twice).
     pub fn named_weights(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![(

@@ -154,7 +154,7 @@ impl PeftMethod for DoraConfig {
                     rng.kaiming_uniform(&b, &[o, self.r], self.r)?
                 };
                 out.push((b, bt));
-                out.push((m, norms(w, 1)?.to_dtype(rng.dtype())?));
+                out.push((m, norms(&w, 1)?.to_dtype(rng.dtype())?));
             }
         }
         Ok(out)

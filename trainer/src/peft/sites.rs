@@ -17,8 +17,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use crate::model::layers::{
-    EmbeddingAdapter, Linear, LinearAdapter, LowRankTerm, ParamAdapter, embedding_lookup,
-    linear_forward,
+    Embedding, EmbeddingAdapter, Linear, LinearAdapter, LowRankTerm, ParamAdapter, linear_forward,
 };
 use crate::model::{InputHook, MixerHook};
 
@@ -446,7 +445,10 @@ impl LinearAdapter for SiteLinear {
     fn forward(&self, base: &Linear, x: &Tensor) -> Result<Tensor> {
         let mut w: Option<Tensor> = None;
         for p in self.parts.iter().filter(|p| p.stage() == Stage::Transform) {
-            w = Some(p.weight(w.as_ref().unwrap_or(base.weight()))?);
+            w = Some(match &w {
+                Some(w) => p.weight(w)?,
+                None => p.weight(&base.weight_as(x.dtype())?)?,
+            });
         }
         let y = match &w {
             Some(w) => linear_forward(x, w, base.bias())?,
@@ -525,8 +527,8 @@ impl SiteEmbedding {
 }
 
 impl EmbeddingAdapter for SiteEmbedding {
-    fn forward(&self, weight: &Tensor, ids: &Tensor) -> Result<Tensor> {
-        let mut e = embedding_lookup(weight, ids)?;
+    fn forward(&self, base: &Embedding, ids: &Tensor) -> Result<Tensor> {
+        let mut e = base.lookup(ids)?;
         for p in &self.parts {
             e = p.output(ids, e)?;
         }

@@ -355,16 +355,18 @@ pub trait PeftBase {
     fn dtype(&self) -> DType;
 }
 
-/// The base weight of `proj` at `(layer, dir)`, or an error naming the missing site.
+/// The base weight of `proj` at `(layer, dir)` in the model's dtype (however it is stored),
+/// or an error naming the missing site.
 pub(crate) fn base_weight(
     base: &dyn PeftBase,
     layer: usize,
     proj: Proj,
     dir: Dir,
-) -> PeftResult<&Tensor> {
-    base.projection(LinearSite::Mixer(layer, proj, dir))
-        .map(|p| p.base().weight())
-        .ok_or_else(|| missing_site(base, format!("layers.{layer}.{}", proj.site_name(dir))))
+) -> PeftResult<Tensor> {
+    let p = base
+        .projection(LinearSite::Mixer(layer, proj, dir))
+        .ok_or_else(|| missing_site(base, format!("layers.{layer}.{}", proj.site_name(dir))))?;
+    Ok(p.base().weight_as(base.dtype())?)
 }
 
 /// The base value of a parameter site, or an error naming it.
