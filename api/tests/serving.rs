@@ -216,6 +216,37 @@ fn candle_nn_free_log_softmax(l: &Tensor) -> Vec<f32> {
         .expect("lsm")
 }
 
+/// `log p(choice | context)` under `m` and the choice's token count, as `/v1/scores` defines it.
+fn choice_logprob(
+    m: &MambaForCausalLM,
+    tok: &Tokenizer,
+    context: &str,
+    choice: &str,
+) -> (f64, usize) {
+    let ctx = tok.encode(context).expect("context");
+    let c: Vec<u32> = tok
+        .inner()
+        .encode(choice, false)
+        .expect("choice")
+        .get_ids()
+        .to_vec();
+    let ids: Vec<u32> = ctx.iter().chain(&c).copied().collect();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0));
+    let logits = m
+        .forward(&t.expect("ids"), None)
+        .and_then(|l| Ok(l.squeeze(0)?))
+        .expect("forward");
+    let mut sum = 0f64;
+    for (k, id) in c.iter().enumerate() {
+        let row = logits
+            .get(ctx.len() + k - 1)
+            .and_then(|r| r.unsqueeze(0))
+            .expect("row");
+        sum += f64::from(candle_nn_free_log_softmax(&row)[*id as usize]);
+    }
+    (sum, c.len())
+}
+
 fn token_logprobs(choice: &Value) -> Vec<f32> {
     choice["logprobs"]["token_logprobs"]
         .as_array()
@@ -718,29 +749,15 @@ async fn scores_match_the_adapted_models_log_likelihoods() {
             .await;
         assert_eq!(st, StatusCode::OK, "{v}");
         for (i, item) in items.as_array().unwrap().iter().enumerate() {
-            let ctx = env.tok.encode(item["context"].as_str().unwrap()).unwrap();
-            let mut want = Vec::new();
-            for ch in item["choices"].as_array().unwrap() {
-                let c: Vec<u32> = env
-                    .tok
-                    .inner()
-                    .encode(ch.as_str().unwrap(), false)
-                    .unwrap()
-                    .get_ids()
-                    .to_vec();
-                let ids: Vec<u32> = ctx.iter().chain(&c).copied().collect();
-                let t = Tensor::new(ids.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let logits = m.forward(&t, None).unwrap().squeeze(0).unwrap();
-                let mut sum = 0f64;
-                for (k, tok) in c.iter().enumerate() {
-                    let row = logits.get(ctx.len() + k - 1).unwrap().unsqueeze(0).unwrap();
-                    sum += f64::from(candle_nn_free_log_softmax(&row)[*tok as usize]);
-                }
-                want.push((sum, c.len()));
-            }
+            let want: Vec<(f64, usize)> = item["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|ch| {
+                    let ctx = item["context"].as_str().unwrap();
+                    choice_logprob(m, &env.tok, ctx, ch.as_str().unwrap())
+                })
+                .collect();
             let got = &v["data"][i];
             for (k, (sum, n)) in want.iter().enumerate() {
                 let c = &got["choices"][k];
@@ -1088,39 +1105,22 @@ async fn bf16_weights_serve_the_f32_answers_within_rounding() {
             )
             .await;
         assert_eq!(st, StatusCode::OK, "{v}");
-        let ctx = env.tok.encode("Elizabeth said").expect("encode");
         for (k, ch) in items[0]["choices"]
             .as_array()
             .expect("choices")
             .iter()
             .enumerate()
         {
-            let c: Vec<u32> = env
-                .tok
-                .inner()
-                .encode(ch.as_str().expect("choice"), false)
-                .expect("encode")
-                .get_ids()
-                .to_vec();
-            let ids: Vec<u32> = ctx.iter().chain(&c).copied().collect();
-            let t = Tensor::new(ids.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0));
-            let logits = m
-                .forward(&t.expect("ids"), None)
-                .expect("forward")
-                .squeeze(0)
-                .expect("squeeze");
-            let mut sum = 0f32;
-            for (j, tok) in c.iter().enumerate() {
-                let row = logits
-                    .get(ctx.len() + j - 1)
-                    .and_then(|r| r.unsqueeze(0))
-                    .expect("row");
-                sum += candle_nn_free_log_softmax(&row)[*tok as usize];
-            }
+            let (sum, _) =
+                choice_logprob(m, &env.tok, "Elizabeth said", ch.as_str().expect("choice"));
             let got = v["data"][0]["choices"][k]["logprob"]
                 .as_f64()
-                .expect("logprob") as f32;
-            close(&[got], &[sum], &format!("{model} score of {ch}"));
+                .expect("logprob");
+            close(
+                &[got as f32],
+                &[sum as f32],
+                &format!("{model} score of {ch}"),
+            );
         }
     }
 

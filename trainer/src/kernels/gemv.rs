@@ -196,6 +196,16 @@ fn matmul_small<T: Block>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> V
     y
 }
 
+/// `(m, k, n)` of `x` `[m, k]` times `wᵀ` (`w` `[n, k]`), or an error naming `op`.
+fn product_dims(op: &str, l1: &Layout, l2: &Layout) -> Result<(usize, usize, usize)> {
+    let (m, k) = l1.shape().dims2()?;
+    let (n, k2) = l2.shape().dims2()?;
+    if k != k2 {
+        bail!("{op}: x is [{m}, {k}] but w is [{n}, {k2}]")
+    }
+    Ok((m, k, n))
+}
+
 struct SmallMatmul;
 
 impl CustomOp2 for SmallMatmul {
@@ -210,11 +220,7 @@ impl CustomOp2 for SmallMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            bail!("small-m-matmul: x is [{m}, {k}] but w is [{n}, {k2}]")
-        }
+        let (m, k, n) = product_dims("small-m-matmul", l1, l2)?;
         if m > MAX_ROWS {
             bail!("small-m-matmul: x has {m} rows, at most {MAX_ROWS} go through this kernel")
         }
@@ -322,11 +328,7 @@ impl CustomOp2 for Bf16Matmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (m, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            bail!("bf16-weight-matmul: x is [{m}, {k}] but w is [{n}, {k2}]")
-        }
+        let (m, k, n) = product_dims("bf16-weight-matmul", l1, l2)?;
         let x = f32_slice(s1, l1, "bf16-weight-matmul (x)")?;
         let Some(w) = bf16::slice(s2, l2) else {
             bail!("bf16-weight-matmul: w must be a contiguous BF16 tensor")
