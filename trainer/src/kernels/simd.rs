@@ -45,6 +45,8 @@ pub(crate) trait Simd: Copy + Send + Sync {
     fn hsum(self, v: Self::V) -> f32;
     /// Eight bf16 values widened to f32. Exact: a bf16 is the upper half of an f32's bits.
     fn widen_bf16(self, l: &[bf16; W]) -> Self::V;
+    /// Asks for the cache line holding `p` (a hint: never faults, any address).
+    fn prefetch<T>(self, p: *const T);
 
     #[inline(always)]
     fn zero(self) -> Self::V {
@@ -161,6 +163,8 @@ impl Simd for Portable {
         ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
     }
     #[inline(always)]
+    fn prefetch<T>(self, _p: *const T) {}
+    #[inline(always)]
     fn widen_bf16(self, l: &[bf16; W]) -> Lanes {
         std::array::from_fn(|i| f32::from_bits(u32::from(l[i].to_bits()) << 16))
     }
@@ -261,6 +265,11 @@ mod avx2 {
                 let s = _mm_add_ss(s, _mm_movehdup_ps(s));
                 _mm_cvtss_f32(s)
             }
+        }
+        #[inline(always)]
+        fn prefetch<T>(self, p: *const T) {
+            // SAFETY: a prefetch reads nothing architecturally and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
         }
         #[inline(always)]
         fn widen_bf16(self, l: &[bf16; W]) -> __m256 {

@@ -511,6 +511,9 @@ pub fn conv_weight_and_bias(weight: &Param, bias: Option<&Param>) -> Result<(Ten
 pub struct Param {
     base: Tensor,
     adapter: Option<Arc<dyn ParamAdapter>>,
+    /// `-exp(base)` in f32, kept once computed ([`Self::neg_exp`]); shared by clones, which
+    /// share `base`.
+    neg_exp: Arc<std::sync::OnceLock<Tensor>>,
 }
 
 impl Param {
@@ -518,7 +521,22 @@ impl Param {
         Param {
             base,
             adapter: None,
+            neg_exp: Arc::default(),
         }
+    }
+
+    /// `-exp(value)` in f32 (`A = -exp(A_log)`). Without an adapter and outside autograd the
+    /// value never changes, so it is computed once: every decode step of every layer asks.
+    pub fn neg_exp(&self) -> Result<Tensor> {
+        let compute = |v: Tensor| v.to_dtype(DType::F32)?.exp()?.neg();
+        if self.adapter.is_some() || self.base.track_op() {
+            return compute(self.value()?);
+        }
+        if let Some(a) = self.neg_exp.get() {
+            return Ok(a.clone());
+        }
+        let a = compute(self.base.clone())?;
+        Ok(self.neg_exp.get_or_init(|| a).clone())
     }
 
     pub fn base(&self) -> &Tensor {

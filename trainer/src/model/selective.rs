@@ -7,7 +7,7 @@
 //! [`SelectiveBranch`] with independent parameters. Both go through [`BranchRef`], so the
 //! math (and every fused kernel call) exists in one place.
 
-use candle_core::{D, DType, Tensor};
+use candle_core::{D, Tensor};
 use candle_nn::VarBuilder;
 
 use super::layers::{Linear, Param, Projection, conv_weight_and_bias};
@@ -56,7 +56,7 @@ impl BranchRef<'_> {
 
     /// `A = -exp(A_log)`, in f32 as the reference computes it.
     pub fn a(&self) -> Result<Tensor> {
-        Ok(self.a_log.value()?.to_dtype(DType::F32)?.exp()?.neg()?)
+        Ok(self.a_log.neg_exp()?)
     }
 
     /// Splits x_proj's output into (δ `[.., R]`, B `[.., N]`, C `[.., N]`), along the last dim.

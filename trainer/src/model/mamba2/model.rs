@@ -135,7 +135,7 @@ impl Mamba2Mixer {
 
     /// `A = -exp(A_log)` in f32.
     fn a(&self) -> Result<Tensor> {
-        Ok(self.a_log.value()?.to_dtype(DType::F32)?.exp()?.neg()?)
+        Ok(self.a_log.neg_exp()?)
     }
 
     /// Splits in_proj's output along its last axis into (z, xBC, dt).
