@@ -159,6 +159,12 @@ impl Env {
         v
     }
 
+    /// Six greedy tokens of `PROMPT` from `model`, with their log-probabilities.
+    async fn greedy(&self, model: &str) -> Value {
+        self.complete(json!({"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}))
+            .await
+    }
+
     async fn metric(&self, name: &str) -> f64 {
         let text = self
             .server
@@ -268,9 +274,7 @@ async fn hot_swapped_adapters_match_the_adapted_model() {
     let env = Env::start(&[]).await;
     let prompt = env.tok.encode(PROMPT).expect("encode");
     let (base_toks, base_lps) = reference(&env.base, &prompt, 6);
-    let base = env
-        .complete(json!({"model": "demo", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}))
-        .await;
+    let base = env.greedy("demo").await;
     assert_eq!(base["object"], "text_completion");
     assert_eq!(
         base["choices"][0]["text"],
@@ -290,9 +294,7 @@ async fn hot_swapped_adapters_match_the_adapted_model() {
             "{family}: the adapter does not change the output"
         );
         for model in [&name, &id] {
-            let v = env
-                .complete(json!({"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}))
-                .await;
+            let v = env.greedy(model).await;
             let c = &v["choices"][0];
             assert_eq!(v["model"], *model);
             assert_eq!(
@@ -859,9 +861,7 @@ async fn merged_models_match_and_download_in_hf_format() {
             fold,
             "{files:?}"
         );
-        let v = env
-            .complete(json!({"model": merged, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}))
-            .await;
+        let v = env.greedy(&merged).await;
         let c = &v["choices"][0];
         assert_eq!(
             c["text"],
@@ -1087,9 +1087,7 @@ async fn bf16_weights_serve_the_f32_answers_within_rounding() {
     ]);
     for (model, m) in &models {
         let (toks, lps) = reference(m, &prompt, 6);
-        let v = env
-            .complete(json!({"model": model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}))
-            .await;
+        let v = env.greedy(model).await;
         let c = &v["choices"][0];
         assert_eq!(
             c["text"],
@@ -1164,9 +1162,7 @@ async fn bf16_weights_serve_the_f32_answers_within_rounding() {
         assert_eq!(diff, 0.0, "{n}: the merge is not the f32 one");
     }
     let (toks, lps) = reference(dora_model, &prompt, 6);
-    let v = env
-        .complete(json!({"model": merged, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 0}))
-        .await;
+    let v = env.greedy(&merged).await;
     let c = &v["choices"][0];
     assert_eq!(
         c["text"],

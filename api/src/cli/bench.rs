@@ -425,13 +425,9 @@ impl Bench {
                 shape: at.shape.clone(),
                 weights: Some(label.clone()),
             };
-            match w {
-                WeightDtype::F32 => self.forward_and_generate_as(&at, frozen, vocab)?,
-                other => {
-                    let m = frozen.clone().store_weights_as(other.dtype())?;
-                    self.forward_and_generate_as(&at, &m, vocab)?
-                }
-            }
+            // f32 keeps the very tensors (`to_dtype` to the same dtype is a clone).
+            let m = frozen.clone().store_weights_as(w.dtype())?;
+            self.forward_and_generate_as(&at, &m, vocab)?;
         }
         Ok(())
     }
@@ -467,7 +463,6 @@ impl Bench {
                 .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
                 .sum();
             let read_gbps = memory_read_gbps();
-            let mut product_times = Vec::new();
             let per_step_limit = read_gbps * 1e9 / weight_bytes as f64;
             eprintln!(
                 "{} memory read {read_gbps:.1} GB/s, {:.0} MB of weights per decode step: \
@@ -505,15 +500,13 @@ impl Bench {
                 };
                 products()?;
                 let p = timed(self.reps.max(5), self.budget, products)?;
-                let gbps = matrix_bytes as f64 / p.median_s / 1e9;
+                let product_s = p.median_s;
+                let product_gbps = matrix_bytes as f64 / product_s / 1e9;
                 eprintln!(
-                    "{} products of one decode step at batch {b}: {:.2} ms, {gbps:.1} GB/s",
+                    "{} products of one decode step at batch {b}: {:.2} ms, {product_gbps:.1} GB/s",
                     at.label(),
-                    p.median_s * 1e3
+                    product_s * 1e3
                 );
-                product_times.push((b, p.median_s, gbps));
-            }
-            for b in GEN_BATCHES {
                 let prompts: Vec<Vec<u32>> =
                     (0..b).map(|_| rng.tokens(GEN_PROMPT, vocab)).collect();
                 let gcfg = GenerationConfig {
@@ -536,10 +529,6 @@ impl Bench {
                 let m = timed(self.reps, self.budget, gen_once)?;
                 let limit = per_step_limit * b as f64;
                 let tps = (b * new) as f64 / m.median_s;
-                let (product_s, product_gbps) = product_times
-                    .iter()
-                    .find(|(pb, _, _)| *pb == b)
-                    .map_or((f64::NAN, f64::NAN), |&(_, s, g)| (s, g));
                 // Step time ≈ the whole generation over its steps (the prompt is short).
                 let step_s = m.median_s / new as f64;
                 self.report(

@@ -371,11 +371,7 @@ fn load_model<M: MixerSites>(
 ) -> Result<CausalLm<M>> {
     let base = CausalLm::<M>::load(dir, &load_options(device)?)
         .with_context(|| format!("loading the model from {}", dir.display()))?;
-    let model = with_adapter(base, dir, adapter)?;
-    match dtype {
-        WeightDtype::F32 => Ok(model),
-        other => Ok(model.store_weights_as(other.dtype())?),
-    }
+    Ok(with_adapter(base, dir, adapter)?.store_weights_as(dtype.dtype())?)
 }
 
 fn forward<M: Mixer>(a: ForwardArgs, model: CausalLm<M>) -> Result<()> {

@@ -64,11 +64,7 @@ impl WeightDtype {
 
     /// A language model loaded from `dir` for inference, its matrices kept as asked.
     pub fn load_lm(self, dir: &Path) -> trainer::Result<AnyLm> {
-        let model = AnyLm::load(dir, &LoadOptions::default())?;
-        match self {
-            WeightDtype::F32 => Ok(model),
-            other => model.store_weights_as(other.dtype()),
-        }
+        AnyLm::load(dir, &LoadOptions::default())?.store_weights_as(self.dtype())
     }
 }
 

@@ -323,8 +323,8 @@ fn bf16_panels(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize) -> Vec<f32> 
     let mut y = vec![0.0f32; m * n];
     for (p, part) in parts.iter().enumerate() {
         let r0 = p * PANEL_ROWS;
-        let rows = part.len() / m.max(1);
-        for (dst, src) in y.chunks_mut(n).zip(part.chunks(rows.max(1))) {
+        let rows = PANEL_ROWS.min(n - r0);
+        for (dst, src) in y.chunks_mut(n).zip(part.chunks(rows)) {
             dst[r0..r0 + rows].copy_from_slice(src);
         }
     }

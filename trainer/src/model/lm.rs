@@ -388,7 +388,7 @@ impl<M: Mixer> CausalLm<M> {
     /// (bf16: half the bytes each decode step reads). Activations, norms, the SSM parameters
     /// and states stay in the model's dtype, and so do adapters installed later; only
     /// inference reads a stored bf16 matrix directly (`layers::linear_forward`). Train on
-    /// the model as loaded.
+    /// the model as loaded. The model's own dtype keeps every tensor as it is.
     pub fn store_weights_as(mut self, dtype: DType) -> Result<Self> {
         self.backbone.embeddings.store_as(dtype)?;
         for block in &mut self.backbone.layers {
