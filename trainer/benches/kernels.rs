@@ -2,7 +2,9 @@
 //!
 //! `cargo bench --workspace --bench kernels` (defaults: b=4, L=128, E=1536, N=16, K=4, i.e.
 //! mamba-130m's mixer), or with a shape: `cargo bench --workspace --bench kernels -- 1 512 768 16`
-//! (b L E N). Prints tokens/s (median of the timed runs) and the speed-up.
+//! (b L E N). Prints tokens/s (median of the timed runs) and the speed-up. With
+//! `MOLT_BENCH_SCAN_ONLY` set it stops after the first line (the scan kernels alone, median
+//! and best run), which is what interleaved A/B comparisons of two builds need.
 
 use candle_core::Result;
 use trainer::kernels::bench::{self, BenchShape, Comparison, Timing};
@@ -54,12 +56,18 @@ fn main() -> Result<()> {
     let tokens = shape.tokens();
     let (kf, kb) = bench::scan_kernels_only(&shape, 20)?;
     println!(
-        "scan kernels alone           forward {:.2} ms, backward {:.2} ms: fwd+bwd {:.0} tok/s (cpu/wall {})",
+        "scan kernels alone           forward {:.2} ms (best {:.2}), backward {:.2} ms (best {:.2}): fwd+bwd {:.0} tok/s (cpu/wall {})",
         kf.median_s * 1e3,
+        kf.min_s * 1e3,
         kb.median_s * 1e3,
+        kb.min_s * 1e3,
         tokens as f64 / (kf.median_s + kb.median_s),
         cpu(&kb)
     );
+    // A/B runs of the scan kernels alone (the reference comparisons below take minutes).
+    if std::env::var_os("MOLT_BENCH_SCAN_ONLY").is_some() {
+        return Ok(());
+    }
     report(
         "scan fwd+bwd (with z)",
         tokens,
