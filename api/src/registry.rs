@@ -63,17 +63,42 @@ pub fn check_model_id(id: &str) -> Result<(), RegistryError> {
     }
 }
 
-/// Parses and checks `config.json`; returns (parsed JSON, hex SHA-256 of the bytes, whether
-/// the model reads text, i.e. needs a tokenizer).
-fn check_config(bytes: &[u8], origin: &str) -> Result<(Value, String, bool), RegistryError> {
+/// Parses and checks `config.json`; returns (parsed JSON, hex SHA-256 of the bytes, the
+/// embedding rows of a language model — `None` for a model that reads no text, hence needs no
+/// tokenizer).
+fn check_config(
+    bytes: &[u8],
+    origin: &str,
+) -> Result<(Value, String, Option<usize>), RegistryError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| RegistryError::Invalid(format!("{origin}/config.json is not UTF-8")))?;
     let value: Value = serde_json::from_str(text)
         .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
-    let family = trainer::model::check_config(&value, Path::new(origin))
+    let checked = trainer::model::check_config(&value, Path::new(origin))
         .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
-    let text_model = family.task() == trainer::model::Task::CausalLm;
-    Ok((value, hex::encode(Sha256::digest(bytes)), text_model))
+    let vocab = match checked.family.task() {
+        trainer::model::Task::CausalLm => checked.vocab_size,
+        _ => None,
+    };
+    Ok((value, hex::encode(Sha256::digest(bytes)), vocab))
+}
+
+/// Refuses a language model whose tokenizer produces ids its embedding has no row for: every
+/// request or dataset using those tokens would fail later, far from the cause.
+fn check_tokenizer(bytes: &[u8], origin: &str, vocab: usize) -> Result<(), RegistryError> {
+    let path = Path::new(origin).join("tokenizer.json");
+    let tok = trainer::tokenizer::Tokenizer::from_bytes(bytes, &path)
+        .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+    let bound = tok.id_bound();
+    if bound > vocab {
+        return Err(RegistryError::Invalid(format!(
+            "{origin}/tokenizer.json produces token ids up to {}, but config.json gives the \
+             model {vocab} embedding rows: every token id must be below the vocabulary size \
+             (a tokenizer of another model?)",
+            bound - 1
+        )));
+    }
+    Ok(())
 }
 
 /// Checks that the file names include weights and, for a language model, a tokenizer.
@@ -116,14 +141,19 @@ pub async fn register_folder(
         }
         _ => RegistryError::io(&config_path, e),
     })?;
-    let (config, hash, text_model) = check_config(&bytes, &origin)?;
+    let (config, hash, vocab) = check_config(&bytes, &origin)?;
     let names: Vec<String> = std::fs::read_dir(&dir)
         .map_err(|e| RegistryError::io(&dir, e))?
         .filter_map(|e| e.ok())
         .filter(|e| e.path().is_file())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .collect();
-    check_files(&names, &origin, text_model)?;
+    check_files(&names, &origin, vocab.is_some())?;
+    if let Some(vocab) = vocab {
+        let path = dir.join("tokenizer.json");
+        let bytes = std::fs::read(&path).map_err(|e| RegistryError::io(&path, e))?;
+        check_tokenizer(&bytes, &origin, vocab)?;
+    }
     // Fail on a duplicate before copying anything.
     match db.get_base_model(id).await {
         Ok(_) => {
@@ -167,9 +197,12 @@ pub async fn register_url(db: &Db, id: &str, url: &str) -> Result<BaseModel, Reg
         }
         other => other.into(),
     })?;
-    let (config, hash, text_model) = check_config(&bytes, url)?;
+    let (config, hash, vocab) = check_config(&bytes, url)?;
     let names: Vec<String> = store.list("").await?.into_iter().map(|m| m.key).collect();
-    check_files(&names, url, text_model)?;
+    check_files(&names, url, vocab.is_some())?;
+    if let Some(vocab) = vocab {
+        check_tokenizer(&store.get("tokenizer.json").await?, url, vocab)?;
+    }
     Ok(db
         .register_base_model(NewBaseModel {
             id: id.to_string(),

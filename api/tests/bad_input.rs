@@ -493,3 +493,38 @@ async fn bad_input_answers_4xx_with_the_envelope() {
     assert!(res.headers().contains_key("x-request-id"));
     let _: Value = res.json().await.expect("json");
 }
+
+/// A language model whose tokenizer produces ids beyond its embedding (a tokenizer of another
+/// model) is refused at registration, naming both files, and is not registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenizer_larger_than_the_vocabulary_is_refused_at_registration() {
+    let s = Server::start(ServeOptions::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    for entry in std::fs::read_dir(tiny_model_dir()).expect("fixture") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, dir.path().join(path.file_name().expect("name"))).expect("copy");
+    }
+    let tok = trainer::tokenizer::Tokenizer::from_file(&dir.path().join("tokenizer.json"))
+        .expect("tokenizer");
+    let bound = tok.id_bound();
+    // Half the tokenizer's ids: below the bound even after state-spaces padding to 8.
+    let config_path = dir.path().join("config.json");
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(&config_path).expect("config")).expect("json");
+    config["vocab_size"] = json!(bound / 2);
+    std::fs::write(&config_path, config.to_string()).expect("write config");
+
+    let (st, v) = s
+        .call(s.admin(Method::POST, "/admin/models").json(&json!({
+            "id": "mismatched", "source": dir.path().display().to_string()
+        })))
+        .await;
+    let msg = assert_error(st, &v, StatusCode::UNPROCESSABLE_ENTITY, "invalid_model");
+    assert!(msg.contains("tokenizer.json"), "{msg}");
+    assert!(msg.contains(&format!("up to {}", bound - 1)), "{msg}");
+    let (st, v) = s.call(s.req(Method::GET, "/v1/models/mismatched")).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+
+    // The fixture itself, tokenizer and vocabulary matching, registers.
+    s.register_model("tiny", &tiny_model_dir()).await;
+}

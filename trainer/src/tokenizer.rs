@@ -23,6 +23,25 @@ impl Tokenizer {
         })
     }
 
+    /// A `tokenizer.json` read elsewhere (an object store); `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Ok(Tokenizer {
+            inner,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// One past the largest token id the tokenizer can produce (added tokens included): the
+    /// embedding rows a model needs to read every tokenized text.
+    pub fn id_bound(&self) -> usize {
+        let max = self.inner.get_vocab(true).into_values().max();
+        max.map_or(0, |m| m as usize + 1)
+    }
+
     /// `tokenizer.json` in a model folder, if there is one.
     pub fn from_model_dir(dir: &Path) -> Result<Option<Self>> {
         let p = dir.join("tokenizer.json");

@@ -108,18 +108,23 @@ pub fn load(dir: &Path, opts: &LoadOptions) -> crate::Result<AnyModel> {
 
 /// Detects the family of a parsed `config.json` and checks it with that family's parser
 /// (every field the family reads, every size bounded); `path` is only used in messages.
-pub fn check_config(config: &serde_json::Value, path: &Path) -> crate::Result<Family> {
+pub fn check_config(config: &serde_json::Value, path: &Path) -> crate::Result<CheckedConfig> {
     let family = family::detect(config, path)?;
-    match family {
-        Family::Mamba => {
-            MambaConfig::from_json_str(&config.to_string(), path)?;
-        }
-        Family::Mamba2 => {
-            mamba2::Mamba2Config::from_value(config, path)?;
-        }
+    let vocab_size = match family {
+        Family::Mamba => Some(MambaConfig::from_json_str(&config.to_string(), path)?.vocab_size),
+        Family::Mamba2 => Some(mamba2::Mamba2Config::from_value(config, path)?.vocab_size),
         Family::Vim => {
             vim::VimConfig::from_value(config, path)?;
+            None
         }
-    }
-    Ok(family)
+    };
+    Ok(CheckedConfig { family, vocab_size })
+}
+
+/// What [`check_config`] learns from a valid config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckedConfig {
+    pub family: Family,
+    /// Embedding rows of a language model (after any padding the config asks for).
+    pub vocab_size: Option<usize>,
 }
