@@ -228,7 +228,7 @@ fn forward_with_bf16_weights_stays_within_rounding() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("--dtype") && err.contains("Vision Mamba"),
+        err.contains("--dtype bf16:") && err.contains("Vision Mamba"),
         "{err}"
     );
 }

@@ -165,7 +165,7 @@ pub fn run(cmd: ModelCommand) -> Result<()> {
         ModelCommand::Forward(a) if family(&a.model)? == Family::Vim => {
             if a.dtype != WeightDtype::F32 {
                 bail!(
-                    "--dtype {:?}: only language models keep their matrices in another \
+                    "--dtype {}: only language models keep their matrices in another \
                      dtype; {} is a Vision Mamba (run it with --dtype f32)",
                     a.dtype,
                     a.model.display()

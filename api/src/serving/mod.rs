@@ -68,6 +68,13 @@ impl WeightDtype {
     }
 }
 
+/// The flag's spelling (`f32`, `bf16`), for messages.
+impl std::fmt::Display for WeightDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.dtype().as_str())
+    }
+}
+
 impl Default for ServingConfig {
     fn default() -> Self {
         ServingConfig {
