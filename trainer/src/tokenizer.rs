@@ -13,19 +13,16 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        Ok(Tokenizer {
-            inner,
-            path: path.to_path_buf(),
-        })
+        Self::wrap(tokenizers::Tokenizer::from_file(path), path)
     }
 
     /// A `tokenizer.json` read elsewhere (an object store); `path` names it in errors.
     pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer {
+        Self::wrap(tokenizers::Tokenizer::from_bytes(bytes), path)
+    }
+
+    fn wrap(parsed: tokenizers::Result<tokenizers::Tokenizer>, path: &Path) -> Result<Self> {
+        let inner = parsed.map_err(|e| Error::Tokenizer {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
