@@ -76,11 +76,11 @@ fn check_config(
         .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
     let checked = trainer::model::check_config(&value, Path::new(origin))
         .map_err(|e| RegistryError::Invalid(format!("{origin}/config.json: {e}")))?;
-    let vocab = match checked.family.task() {
-        trainer::model::Task::CausalLm => checked.vocab_size,
-        _ => None,
-    };
-    Ok((value, hex::encode(Sha256::digest(bytes)), vocab))
+    Ok((
+        value,
+        hex::encode(Sha256::digest(bytes)),
+        checked.vocab_size,
+    ))
 }
 
 /// Refuses a language model whose tokenizer produces ids its embedding has no row for: every

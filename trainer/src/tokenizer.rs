@@ -80,10 +80,6 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
-    }
-
     fn err(&self, e: tokenizers::Error) -> Error {
         Error::Tokenizer {
             path: self.path.clone(),

@@ -210,7 +210,7 @@ pub fn pretrain(
         }
     });
 
-    let mut cfg = MambaConfig::new(req.hidden_size, req.num_layers, tokenizer.vocab_size());
+    let mut cfg = MambaConfig::new(req.hidden_size, req.num_layers, tokenizer.id_bound());
     cfg.state_size = req.state_size;
     cfg.pad_token_id = Some(eot);
     cfg.bos_token_id = Some(eot);
