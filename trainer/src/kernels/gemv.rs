@@ -120,69 +120,142 @@ fn row_dots<S: Simd, T: WeightElem, const M: usize, const U: usize>(
     }
 }
 
+/// A product's operands: `m` rows of `x` (`ldx` apart, each read from its start) against
+/// rows of `w` (`ld` apart) over the columns `c0..c0 + k` of `w`. The whole of a matrix is
+/// `ldx = ld = k`, `c0 = 0`; a column range of `w` against a narrower `x` is how the fused
+/// decode step sums a product over one task's channels.
+pub(crate) struct Operands<'a, T> {
+    pub x: &'a [f32],
+    pub ldx: usize,
+    pub m: usize,
+    pub w: &'a [T],
+    pub ld: usize,
+    pub c0: usize,
+    pub k: usize,
+}
+
 /// `out[(r - r0) * M + i] = x[i] · w[r]` for the rows `r0..r0 + out.len() / M` of `w`.
 #[inline(always)]
 fn rows_m<S: Simd, T: WeightElem, const M: usize, const U: usize>(
     s: S,
-    x: &[f32],
-    k: usize,
-    w: &[T],
+    p: &Operands<'_, T>,
     r0: usize,
     out: &mut [f32],
 ) {
-    let xs: [&[f32]; M] = std::array::from_fn(|i| &x[i * k..(i + 1) * k]);
+    let (k, c0) = (p.k, p.c0);
+    let xs: [&[f32]; M] = std::array::from_fn(|i| &p.x[i * p.ldx..i * p.ldx + k]);
     for (j, o) in out.chunks_exact_mut(M).enumerate() {
-        let r = r0 + j;
-        row_dots::<S, T, M, U>(s, &xs, &w[r * k..(r + 1) * k], o);
+        let at = (r0 + j) * p.ld + c0;
+        row_dots::<S, T, M, U>(s, &xs, &p.w[at..at + k], o);
     }
 }
 
 /// `out[(r - r0) * m + i] = x[i] · w[r]` for the rows `r0..r0 + out.len() / m` of `w`.
 #[inline(always)]
-fn block_impl<S: Simd, T: WeightElem>(
-    s: S,
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[T],
-    r0: usize,
-    out: &mut [f32],
-) {
-    match m {
-        1 => rows_m::<S, T, 1, 4>(s, x, k, w, r0, out),
-        2 => rows_m::<S, T, 2, 2>(s, x, k, w, r0, out),
-        3 => rows_m::<S, T, 3, 2>(s, x, k, w, r0, out),
-        4 => rows_m::<S, T, 4, 1>(s, x, k, w, r0, out),
-        5 => rows_m::<S, T, 5, 1>(s, x, k, w, r0, out),
-        6 => rows_m::<S, T, 6, 1>(s, x, k, w, r0, out),
-        7 => rows_m::<S, T, 7, 1>(s, x, k, w, r0, out),
-        8 => rows_m::<S, T, 8, 1>(s, x, k, w, r0, out),
-        // `small_m_matmul` is only called with 1..=MAX_ROWS rows.
-        _ => unreachable!("gemv block with {m} rows"),
+fn block_impl<S: Simd, T: WeightElem>(s: S, p: &Operands<'_, T>, r0: usize, out: &mut [f32]) {
+    match p.m {
+        1 => rows_m::<S, T, 1, 4>(s, p, r0, out),
+        2 => rows_m::<S, T, 2, 2>(s, p, r0, out),
+        3 => rows_m::<S, T, 3, 2>(s, p, r0, out),
+        4 => rows_m::<S, T, 4, 1>(s, p, r0, out),
+        5 => rows_m::<S, T, 5, 1>(s, p, r0, out),
+        6 => rows_m::<S, T, 6, 1>(s, p, r0, out),
+        7 => rows_m::<S, T, 7, 1>(s, p, r0, out),
+        8 => rows_m::<S, T, 8, 1>(s, p, r0, out),
+        // Callers pass 1..=MAX_ROWS rows.
+        m => unreachable!("gemv block with {m} rows"),
     }
 }
 
 with_simd! {
-    fn block_f32(x: &[f32], m: usize, k: usize, w: &[f32], r0: usize, out: &mut [f32]) = block_impl;
+    fn block_f32(p: &Operands<'_, f32>, r0: usize, out: &mut [f32]) = block_impl;
 }
 with_simd! {
-    fn block_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], r0: usize, out: &mut [f32]) = block_impl;
+    fn block_bf16(p: &Operands<'_, bf16>, r0: usize, out: &mut [f32]) = block_impl;
 }
 
 /// The kernel entry point for each weight type (each compiled for AVX2 by `with_simd!`).
 trait Block: WeightElem {
-    fn block(x: &[f32], m: usize, k: usize, w: &[Self], r0: usize, out: &mut [f32]);
+    fn block(p: &Operands<'_, Self>, r0: usize, out: &mut [f32]);
 }
 
 impl Block for f32 {
-    fn block(x: &[f32], m: usize, k: usize, w: &[f32], r0: usize, out: &mut [f32]) {
-        block_f32(x, m, k, w, r0, out)
+    fn block(p: &Operands<'_, f32>, r0: usize, out: &mut [f32]) {
+        block_f32(p, r0, out)
     }
 }
 
 impl Block for bf16 {
-    fn block(x: &[f32], m: usize, k: usize, w: &[bf16], r0: usize, out: &mut [f32]) {
-        block_bf16(x, m, k, w, r0, out)
+    fn block(p: &Operands<'_, bf16>, r0: usize, out: &mut [f32]) {
+        block_bf16(p, r0, out)
+    }
+}
+
+/// A weight matrix as the few-row kernel reads it: f32, or bf16 widened on load.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Weights<'a> {
+    /// The contiguous f32 or bf16 elements of a CPU tensor's storage.
+    pub(crate) fn of(storage: &'a CpuStorage, layout: &Layout) -> Option<Self> {
+        f32::slice(storage, layout)
+            .map(Weights::F32)
+            .or_else(|| bf16::slice(storage, layout).map(Weights::Bf16))
+    }
+
+    /// Elements in the matrix.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+
+    /// On the calling thread: `out[(r - r0) * m + i] = Σ_c w[r, c0 + c] · x[i·ldx + c]`
+    /// (`c < k`) for the rows `r0..r0 + out.len() / m` of this matrix (rows `ld` apart).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn dots(
+        self,
+        ld: usize,
+        c0: usize,
+        k: usize,
+        x: &[f32],
+        ldx: usize,
+        m: usize,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        match self {
+            Weights::F32(w) => block_f32(
+                &Operands {
+                    x,
+                    ldx,
+                    m,
+                    w,
+                    ld,
+                    c0,
+                    k,
+                },
+                r0,
+                out,
+            ),
+            Weights::Bf16(w) => block_bf16(
+                &Operands {
+                    x,
+                    ldx,
+                    m,
+                    w,
+                    ld,
+                    c0,
+                    k,
+                },
+                r0,
+                out,
+            ),
+        }
     }
 }
 
@@ -194,12 +267,21 @@ fn matmul_small<T: Block>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> V
     if m == 0 || n == 0 {
         return t;
     }
+    let p = Operands {
+        x,
+        ldx: k,
+        m,
+        w,
+        ld: k,
+        c0: 0,
+        k,
+    };
     if n * k < PARALLEL_MIN {
-        T::block(x, m, k, w, 0, &mut t);
+        T::block(&p, 0, &mut t);
     } else {
         t.par_chunks_mut(ROWS_PER_TASK * m)
             .enumerate()
-            .for_each(|(task, out)| T::block(x, m, k, w, task * ROWS_PER_TASK, out));
+            .for_each(|(task, out)| T::block(&p, task * ROWS_PER_TASK, out));
     }
     if m == 1 {
         return t;
@@ -406,7 +488,32 @@ mod tests {
                         .to_vec1()
                         .unwrap();
                     let mut portable = vec![0.0f32; n * m];
-                    block_impl(Portable, &xs, m, k, &ws, 0, &mut portable);
+                    let whole = Operands {
+                        x: &xs,
+                        ldx: k,
+                        m,
+                        w: &ws,
+                        ld: k,
+                        c0: 0,
+                        k,
+                    };
+                    block_impl(Portable, &whole, 0, &mut portable);
+                    // A column range of `w` against a narrower `x` (the fused decode
+                    // step's partial sums), from row 1 on.
+                    let (c0, kk) = (k / 3, k - k / 3 - k / 4);
+                    let xr: Vec<f32> = (0..m * kk)
+                        .map(|j| xs[(j / kk) * k + c0 + j % kk])
+                        .collect();
+                    let mut part = vec![0.0f32; (n - 1) * m];
+                    Weights::F32(&ws).dots(k, c0, kk, &xr, kk, m, 1, &mut part);
+                    for (j, p) in part.iter().enumerate() {
+                        let (r, i) = (1 + j / m, j % m);
+                        let e: f32 = (0..kk).map(|c| ws[r * k + c0 + c] * xr[i * kk + c]).sum();
+                        assert!(
+                            (p - e).abs() <= 1e-5 * (1.0 + e.abs()) * (kk as f32).sqrt(),
+                            "range m {m} k {k} n {n}: {p} vs {e}"
+                        );
+                    }
                     for i in 0..m {
                         for r in 0..n {
                             let (g, p, e) = (got[i * n + r], portable[r * m + i], want[i * n + r]);
@@ -464,7 +571,16 @@ mod tests {
                         assert_close(&few, &want, k, &format!("few-row {what}"));
                         let wb: Vec<bf16> = w.flatten_all().unwrap().to_vec1().unwrap();
                         let mut t = vec![0.0f32; n * m];
-                        block_impl(Portable, &xs, m, k, &wb, 0, &mut t);
+                        let p = Operands {
+                            x: &xs,
+                            ldx: k,
+                            m,
+                            w: &wb,
+                            ld: k,
+                            c0: 0,
+                            k,
+                        };
+                        block_impl(Portable, &p, 0, &mut t);
                         let portable: Vec<f32> =
                             (0..m * n).map(|j| t[(j % n) * m + j / n]).collect();
                         assert_close(&portable, &want, k, &format!("portable {what}"));

@@ -17,6 +17,7 @@ pub mod bench;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub(crate) mod decode;
 pub mod gemv;
 pub mod reference;
 mod scan;

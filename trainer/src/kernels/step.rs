@@ -10,7 +10,7 @@ use super::scan::f32_slice;
 use super::simd::{self, Simd, W, with_simd};
 
 /// Channels per parallel task (and the size of the stack buffer for their dt).
-const SEG: usize = 256;
+pub(crate) const SEG: usize = 256;
 
 pub(crate) struct StepInputs<'a> {
     pub e: usize,
@@ -80,7 +80,7 @@ fn scan_seg_impl<S: Simd>(
 }
 
 with_simd! {
-    fn scan_seg(inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) = scan_seg_impl;
+    pub(crate) fn scan_seg(inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) = scan_seg_impl;
 }
 
 /// One scan step for the whole batch (callers handle N = 0): returns one buffer holding `y`
@@ -140,7 +140,7 @@ fn conv_rows_impl<S: Simd>(
 
 with_simd! {
     #[allow(clippy::too_many_arguments)]
-    fn conv_rows(state: &[f32], x: &[f32], w: &[f32], bias: &[f32], k: usize, y: &mut [f32], ns: &mut [f32]) = conv_rows_impl;
+    pub(crate) fn conv_rows(state: &[f32], x: &[f32], w: &[f32], bias: &[f32], k: usize, y: &mut [f32], ns: &mut [f32]) = conv_rows_impl;
 }
 
 /// One conv step: `state` `[b, E, K]`, `x` `[b, E]`, `w` `[E, K]`, `bias` `[E]` (K ≥ 1).

@@ -653,6 +653,10 @@ impl RmsNorm {
         &self.weight
     }
 
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // candle's fused rms_norm has no backward; use it only when nothing needs gradients.
         let needs_grad = x.track_op() || self.weight.track_op();

@@ -39,6 +39,13 @@ pub trait Mixer: Clone + std::fmt::Debug + Send + Sync + Sized + 'static {
     /// One decode step: `u` is the normed input `[b, D]` of a single new token.
     fn step(&self, u: &Tensor, cache: &mut LayerCache) -> Result<Tensor>;
 
+    /// One decode step through all `blocks` (`h` `[b, D]` in, the last block's output
+    /// out). A family with a fused whole-layer step overrides this; the default steps
+    /// block by block.
+    fn step_blocks(blocks: &[Block<Self>], h: &Tensor, cache: &mut MambaCache) -> Result<Tensor> {
+        step_each(blocks, h, cache)
+    }
+
     /// An empty (zero) cache for `batch` sequences.
     fn new_cache(&self, batch: usize, dtype: DType, device: &Device) -> Result<LayerCache>;
 
@@ -92,6 +99,19 @@ pub trait InputHook: Send + Sync + std::fmt::Debug {
         embeds: &Tensor,
         mask: Option<&Tensor>,
     ) -> candle_core::Result<(Tensor, Option<Tensor>, Tensor)>;
+}
+
+/// One decode step block by block ([`Block::step`]).
+pub(crate) fn step_each<M: Mixer>(
+    blocks: &[Block<M>],
+    h: &Tensor,
+    cache: &mut MambaCache,
+) -> Result<Tensor> {
+    let mut h = h.clone();
+    for (i, block) in blocks.iter().enumerate() {
+        h = block.step(&h, cache.layer_mut(i)?)?;
+    }
+    Ok(h)
 }
 
 /// A residual block: `h + mixer(norm(h))`.
@@ -197,10 +217,7 @@ impl<M: Mixer> Backbone<M> {
 
     /// One decode step on embeddings `[b, D]`; returns the normed hidden state `[b, D]`.
     pub fn step_embeds(&self, embeds: &Tensor, cache: &mut MambaCache) -> Result<Tensor> {
-        let mut h = embeds.clone();
-        for (i, block) in self.layers.iter().enumerate() {
-            h = block.step(&h, cache.layer_mut(i)?)?;
-        }
+        let h = M::step_blocks(&self.layers, embeds, cache)?;
         cache.seqlen_offset += 1;
         Ok(self.norm_f.forward(&h)?)
     }

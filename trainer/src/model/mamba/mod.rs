@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod decode;
 pub mod init;
 pub mod model;
 

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use super::config::MambaConfig;
 use crate::error::Result;
-use crate::model::cache::LayerCache;
+use crate::model::cache::{LayerCache, MambaCache};
 use crate::model::layers::{Linear, Param, Projection};
 use crate::model::lm::{Backbone, Block, CausalLm, Mixer, apply_mask, next_conv_state};
 use crate::model::selective::{BranchDims, BranchInput, BranchRef, SelectiveBranch};
@@ -222,6 +222,10 @@ impl Mixer for MambaMixer {
 
     fn step(&self, u: &Tensor, cache: &mut LayerCache) -> Result<Tensor> {
         MambaMixer::step(self, u, cache)
+    }
+
+    fn step_blocks(blocks: &[MambaBlock], h: &Tensor, cache: &mut MambaCache) -> Result<Tensor> {
+        super::decode::step_blocks(blocks, h, cache)
     }
 
     fn new_cache(&self, batch: usize, dtype: DType, device: &Device) -> Result<LayerCache> {
