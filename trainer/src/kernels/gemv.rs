@@ -228,33 +228,32 @@ impl<'a> Weights<'a> {
         r0: usize,
         out: &mut [f32],
     ) {
+        #[allow(clippy::too_many_arguments)]
+        fn run<T: Block>(
+            w: &[T],
+            ld: usize,
+            c0: usize,
+            k: usize,
+            x: &[f32],
+            ldx: usize,
+            m: usize,
+            r0: usize,
+            out: &mut [f32],
+        ) {
+            let p = Operands {
+                x,
+                ldx,
+                m,
+                w,
+                ld,
+                c0,
+                k,
+            };
+            T::block(&p, r0, out)
+        }
         match self {
-            Weights::F32(w) => block_f32(
-                &Operands {
-                    x,
-                    ldx,
-                    m,
-                    w,
-                    ld,
-                    c0,
-                    k,
-                },
-                r0,
-                out,
-            ),
-            Weights::Bf16(w) => block_bf16(
-                &Operands {
-                    x,
-                    ldx,
-                    m,
-                    w,
-                    ld,
-                    c0,
-                    k,
-                },
-                r0,
-                out,
-            ),
+            Weights::F32(w) => run(w, ld, c0, k, x, ldx, m, r0, out),
+            Weights::Bf16(w) => run(w, ld, c0, k, x, ldx, m, r0, out),
         }
     }
 }
