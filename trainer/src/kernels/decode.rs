@@ -4,8 +4,9 @@
 //!
 //! Why: through Candle ops a decode step of the 130m model ran ≈ 300 small ops a token
 //! (narrow + contiguous copies, packing the step kernels' inputs with `cat`, a fresh buffer
-//! and a wake-up of the thread pool for each), ≈ 6–9 ms of a 22 ms step that is otherwise
-//! bound by streaming the weights once (BENCHMARKS.md, issue 18).
+//! and a wake-up of the thread pool for each) around products that stream the weights once.
+//! Measured (BENCHMARKS.md, issue 18): batch 8 gains 5–15 %; batch 1, where the products
+//! were already most of a step, stays within the noise.
 //!
 //! How: the layer's E channels are split into one contiguous range per thread, and a task
 //! keeps its range from in_proj to the gate, so the layer takes three parallel regions:
@@ -22,7 +23,7 @@
 
 use rayon::prelude::*;
 
-use super::gemv::{MAX_ROWS, Weights};
+use super::gemv::{MAX_ROWS, Weights, transpose};
 use super::simd::W;
 use super::step::{SEG, StepInputs, conv_rows, scan_seg};
 
@@ -71,17 +72,6 @@ struct Task {
     z: Vec<f32>,
     /// `[R + 2N, b]`: x_proj summed over this task's channels.
     partial: Vec<f32>,
-}
-
-/// `[rows, b]` (a product's output) as `[b, rows]`.
-fn transpose(t: &[f32], rows: usize, b: usize) -> Vec<f32> {
-    let mut out = vec![0.0; t.len()];
-    for (r, row) in t.chunks_exact(b).enumerate() {
-        for (i, v) in row.iter().enumerate() {
-            out[i * rows + r] = *v;
-        }
-    }
-    out
 }
 
 /// Channel ranges, one per thread, each a multiple of the SIMD width where E allows.
@@ -145,11 +135,11 @@ pub(crate) fn layer_step(
         .par_iter()
         .zip(conv_pieces)
         .map(|(&(e0, w), mut pieces)| {
-            let mut xz = vec![0.0f32; w * b];
-            lw.in_proj.dots(dm, 0, dm, &u, dm, b, e0, &mut xz);
+            let mut x = vec![0.0f32; w * b];
+            lw.in_proj.dots(dm, 0, dm, &u, dm, b, e0, &mut x);
             let mut z = vec![0.0f32; w * b];
             lw.in_proj.dots(dm, 0, dm, &u, dm, b, e + e0, &mut z);
-            let (mut x, mut z) = (transpose(&xz, w, b), transpose(&z, w, b));
+            let (mut x, mut z) = (transpose(&x, w, b), transpose(&z, w, b));
             if let Some(bias) = lw.in_bias {
                 for i in 0..b {
                     add(&mut x[i * w..(i + 1) * w], &bias[e0..e0 + w]);
@@ -249,26 +239,16 @@ pub(crate) fn layer_step(
         }
     }
 
-    // Region 3: out_proj by blocks of whole rows (one sequential stream per task: a column
-    // range of every row, the pattern x_proj's partial sums use, streamed slower here), and
-    // the residual.
-    let mut o = vec![0.0f32; dm * b];
-    o.par_chunks_mut(OUT_ROWS_PER_TASK * b)
-        .enumerate()
-        .for_each(|(t, part)| {
-            lw.out_proj
-                .dots(e, 0, e, &y, e, b, t * OUT_ROWS_PER_TASK, part)
-        });
-    for (i, hrow) in h.chunks_exact_mut(dm).enumerate() {
-        for (j, hv) in hrow.iter_mut().enumerate() {
-            *hv += o[j * b + i] + lw.out_bias.map_or(0.0, |ob| ob[j]);
+    // Region 3: out_proj as the few-row product (blocks of whole rows, one stream per task;
+    // summing it in column ranges per task was slower at batch 1), then the residual.
+    let o = lw.out_proj.matmul(&y, b, e);
+    for (hrow, orow) in h.chunks_exact_mut(dm).zip(o.chunks_exact(dm)) {
+        for (j, (hv, ov)) in hrow.iter_mut().zip(orow).enumerate() {
+            *hv += ov + lw.out_bias.map_or(0.0, |ob| ob[j]);
         }
     }
     out
 }
-
-/// Rows of out_proj per task of region 3.
-const OUT_ROWS_PER_TASK: usize = 64;
 
 fn add(acc: &mut [f32], v: &[f32]) {
     for (a, b) in acc.iter_mut().zip(v) {

@@ -214,6 +214,16 @@ impl<'a> Weights<'a> {
         }
     }
 
+    /// `x` `[m, k]` (m ≤ [`MAX_ROWS`]) times this `[n, k]` matrix transposed: `[m, n]`, in
+    /// parallel over blocks of rows once the matrix is large enough.
+    pub(crate) fn matmul(self, x: &[f32], m: usize, k: usize) -> Vec<f32> {
+        let n = self.len() / k.max(1);
+        match self {
+            Weights::F32(w) => matmul_small(x, m, k, w, n),
+            Weights::Bf16(w) => matmul_small(x, m, k, w, n),
+        }
+    }
+
     /// On the calling thread: `out[(r - r0) * m + i] = Σ_c w[r, c0 + c] · x[i·ldx + c]`
     /// (`c < k`) for the rows `r0..r0 + out.len() / m` of this matrix (rows `ld` apart).
     #[allow(clippy::too_many_arguments)]
@@ -285,10 +295,15 @@ fn matmul_small<T: Block>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> V
     if m == 1 {
         return t;
     }
-    let mut y = vec![0.0f32; m * n];
-    for (r, row) in t.chunks(m).enumerate() {
+    transpose(&t, n, m)
+}
+
+/// `[rows, m]` (the kernel's output layout) as `[m, rows]`.
+pub(crate) fn transpose(t: &[f32], rows: usize, m: usize) -> Vec<f32> {
+    let mut y = vec![0.0f32; t.len()];
+    for (r, row) in t.chunks_exact(m).enumerate() {
         for (i, v) in row.iter().enumerate() {
-            y[i * n + r] = *v;
+            y[i * rows + r] = *v;
         }
     }
     y
