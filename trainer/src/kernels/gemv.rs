@@ -10,12 +10,18 @@
 //! to f32 in registers (exact) and multiplied with the f32 activations in f32, so the only
 //! rounding bf16 adds is the weights' own; `vdpbf16ps` would also round the activations,
 //! and buys nothing here since the product is bound by memory.
+//!
+//! The kernel below is 8 lanes wide (AVX2, or portable); where the CPU has AVX-512 the
+//! 16-lane form in [`super::gemv_avx512`] runs instead (f32 batch-1 decode 1.2×, bf16 1.35×
+//! on a Xeon; BENCHMARKS.md).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 use half::bf16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::gemv_avx512;
 use super::scan::f32_slice;
 use super::simd::{Simd, W, with_simd};
 
@@ -67,7 +73,7 @@ const PARALLEL_MIN: usize = 1 << 15;
 /// How far ahead in `W` a product of ≥ 4 rows prefetches: two bf16 rows at k = 768 (a
 /// stand-alone probe of 8 rows against 123 M bf16 weights: 43 ms without, 25–28 ms with 3 or
 /// 12 KB ahead, 37 ms with 6 KB; noisy).
-const PREFETCH_BYTES: usize = 3072;
+pub(crate) const PREFETCH_BYTES: usize = 3072;
 
 /// `out[i] = x[i] · row` for the `M` rows of `x` (`xs`), reading `row` once, front to back:
 /// one sequential stream per task is what the hardware prefetcher keeps up with (several
@@ -174,19 +180,38 @@ with_simd! {
     fn block_bf16(p: &Operands<'_, bf16>, r0: usize, out: &mut [f32]) = block_impl;
 }
 
-/// The kernel entry point for each weight type (each compiled for AVX2 by `with_simd!`).
-trait Block: WeightElem {
-    fn block(p: &Operands<'_, Self>, r0: usize, out: &mut [f32]);
+/// The kernel entry point for each weight type: AVX-512 where the CPU has it
+/// ([`gemv_avx512`]), else the 8-lane kernel `with_simd!` compiled for AVX2 (or portable).
+trait Block: WeightElem + Wide {
+    /// The 8-lane kernel for this type.
+    fn block8(p: &Operands<'_, Self>, r0: usize, out: &mut [f32]);
+
+    fn block(p: &Operands<'_, Self>, r0: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if gemv_avx512::available() {
+            // SAFETY: `available` checked the CPU features `block` needs.
+            return unsafe { gemv_avx512::block(p, r0, out) };
+        }
+        Self::block8(p, r0, out)
+    }
 }
 
+/// What the AVX-512 kernel needs of a weight type (nothing off x86-64).
+#[cfg(target_arch = "x86_64")]
+use gemv_avx512::Elem as Wide;
+#[cfg(not(target_arch = "x86_64"))]
+trait Wide {}
+#[cfg(not(target_arch = "x86_64"))]
+impl<T> Wide for T {}
+
 impl Block for f32 {
-    fn block(p: &Operands<'_, f32>, r0: usize, out: &mut [f32]) {
+    fn block8(p: &Operands<'_, f32>, r0: usize, out: &mut [f32]) {
         block_f32(p, r0, out)
     }
 }
 
 impl Block for bf16 {
-    fn block(p: &Operands<'_, bf16>, r0: usize, out: &mut [f32]) {
+    fn block8(p: &Operands<'_, bf16>, r0: usize, out: &mut [f32]) {
         block_bf16(p, r0, out)
     }
 }
@@ -477,12 +502,13 @@ mod tests {
 
     /// Against Candle's matmul on shapes around every boundary: k below, at and above the
     /// vector width, n not a multiple of the row group or of a task, serial and parallel
-    /// sizes; and the portable kernel against the vector one.
+    /// sizes; the dispatched kernel (AVX-512 where the CPU has it), the 8-lane one and the
+    /// portable one.
     #[test]
     fn matches_candle_matmul() {
         let mut seed = 7u64;
         for m in 1..=MAX_ROWS {
-            for k in [1usize, 5, 8, 9, 31, 768] {
+            for k in [1usize, 5, 8, 9, 31, 100, 768] {
                 for n in [1usize, 3, 4, 7, 65, 130, 1031] {
                     let xs: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
                     let ws: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
@@ -512,6 +538,9 @@ mod tests {
                         k,
                     };
                     block_impl(Portable, &whole, 0, &mut portable);
+                    // The 8-lane kernel too where the dispatched one is AVX-512.
+                    let mut eight = vec![0.0f32; n * m];
+                    f32::block8(&whole, 0, &mut eight);
                     // A column range of `w` against a narrower `x` (the fused decode
                     // step's partial sums), from row 1 on.
                     let (c0, kk) = (k / 3, k - k / 3 - k / 4);
@@ -530,16 +559,18 @@ mod tests {
                     }
                     for i in 0..m {
                         for r in 0..n {
-                            let (g, p, e) = (got[i * n + r], portable[r * m + i], want[i * n + r]);
+                            let e = want[i * n + r];
                             let tol = 1e-5 * (1.0 + e.abs()) * (k as f32).sqrt();
-                            assert!(
-                                (g - e).abs() <= tol,
-                                "m {m} k {k} n {n} [{i},{r}]: {g} vs {e}"
-                            );
-                            assert!(
-                                (p - e).abs() <= tol,
-                                "portable m {m} k {k} n {n}: {p} vs {e}"
-                            );
+                            for (path, g) in [
+                                ("dispatched", got[i * n + r]),
+                                ("portable", portable[r * m + i]),
+                                ("8-lane", eight[r * m + i]),
+                            ] {
+                                assert!(
+                                    (g - e).abs() <= tol,
+                                    "{path} m {m} k {k} n {n} [{i},{r}]: {g} vs {e}"
+                                );
+                            }
                         }
                     }
                 }
@@ -595,9 +626,13 @@ mod tests {
                             k,
                         };
                         block_impl(Portable, &p, 0, &mut t);
-                        let portable: Vec<f32> =
-                            (0..m * n).map(|j| t[(j % n) * m + j / n]).collect();
-                        assert_close(&portable, &want, k, &format!("portable {what}"));
+                        let mut eight = vec![0.0f32; n * m];
+                        bf16::block8(&p, 0, &mut eight);
+                        for (path, t) in [("portable", t), ("8-lane", eight)] {
+                            let got: Vec<f32> =
+                                (0..m * n).map(|j| t[(j % n) * m + j / n]).collect();
+                            assert_close(&got, &want, k, &format!("{path} {what}"));
+                        }
                     }
                 }
             }

@@ -19,6 +19,8 @@ mod conv;
 mod cuda;
 pub(crate) mod decode;
 pub mod gemv;
+#[cfg(target_arch = "x86_64")]
+mod gemv_avx512;
 pub mod reference;
 mod scan;
 mod simd;

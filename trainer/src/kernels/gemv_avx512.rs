@@ -1,0 +1,239 @@
+//! The few-row product of [`super::gemv`] in AVX-512, chosen at run time where the CPU has
+//! AVX-512 F/BW/VL (Intel Xeon since Skylake-SP, AMD Zen 4 where the hypervisor exposes it).
+//!
+//! Same order of work as the 8-lane kernel — each task streams its rows of `W` front to
+//! back and uses each chunk for every row of `x` — with what the 8-lane form cannot have:
+//! 16 lanes per instruction (half the loads, widenings and FMAs per weight), tails read
+//! with masked loads instead of copied into a zeroed buffer, and `x` read through pointers
+//! whose extents are checked once per row of `W`, not once per load. perf of the 8-lane
+//! kernel at 8 rows showed ~13 cycles per 8-weight chunk where its arithmetic needs ~4.5,
+//! most of it the bounds-checked `x` loads and their address arithmetic.
+//!
+//! bf16 weights are widened exactly (a bf16 is the upper half of an f32), as in the 8-lane
+//! kernel, so both kernels compute the same sums up to their order; `vdpbf16ps` would also
+//! round the activations to bf16.
+
+use std::arch::x86_64::*;
+
+use half::bf16;
+
+use super::gemv::{Operands, PREFETCH_BYTES};
+
+/// f32 lanes per register.
+const L: usize = 16;
+
+/// Whether the few-row product runs here: the CPU has AVX-512 F, BW and VL, and
+/// `MOLT_AVX512` is not `0` (read once; a switch for side-by-side benchmarks and for
+/// testing the 8-lane kernel on a machine that has both).
+pub(crate) fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("MOLT_AVX512").map_or(true, |v| v != "0")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+    })
+}
+
+/// A weight element as 16 f32 lanes.
+pub(crate) trait Elem: Copy {
+    /// The 16 elements at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// `p..p + 16` is readable and the CPU has AVX-512 F/BW/VL.
+    unsafe fn load(p: *const Self) -> __m512;
+    /// The elements at `p` selected by `mask` (the others are not read and come out 0).
+    ///
+    /// # Safety
+    /// Every selected element is readable and the CPU has AVX-512 F/BW/VL.
+    unsafe fn load_masked(p: *const Self, mask: __mmask16) -> __m512;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const f32, mask: __mmask16) -> __m512 {
+        // SAFETY: the caller's contract; masked-off lanes are not accessed.
+        unsafe { _mm512_maskz_loadu_ps(mask, p) }
+    }
+}
+
+/// 16 bf16 values (as u16 in a 256-bit register) widened to f32: shifted into the upper half.
+#[inline(always)]
+unsafe fn widen(h: __m256i) -> __m512 {
+    // SAFETY: the caller's contract (AVX-512 F).
+    unsafe { _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h))) }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    unsafe fn load(p: *const bf16) -> __m512 {
+        // SAFETY: the caller's contract; `bf16` is `repr(transparent)` over `u16`.
+        unsafe { widen(_mm256_loadu_si256(p.cast())) }
+    }
+    #[inline(always)]
+    unsafe fn load_masked(p: *const bf16, mask: __mmask16) -> __m512 {
+        // SAFETY: as `load`, and masked-off elements are not accessed.
+        unsafe { widen(_mm256_maskz_loadu_epi16(mask, p.cast())) }
+    }
+}
+
+/// `out[i] = x[i] · row` for the `M` rows of `x` (each `row.len()` long), reading `row`
+/// once; `U` independent chains per row of `x`, as in the 8-lane kernel.
+// Index loops: `acc`, `x` and the chain number move in lockstep.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+unsafe fn row_dots<T: Elem, const M: usize, const U: usize>(
+    xs: &[&[f32]; M],
+    row: &[T],
+    out: &mut [f32],
+) {
+    let k = row.len();
+    debug_assert!(xs.iter().all(|x| x.len() == k) && out.len() == M);
+    let w = row.as_ptr();
+    let x: [*const f32; M] = std::array::from_fn(|i| xs[i].as_ptr());
+    // Unlike the 8-lane kernel, prefetching pays at every row count here (f32 batch-1
+    // decode +8–12 % on the Xeon; BENCHMARKS.md).
+    let ahead = PREFETCH_BYTES / size_of::<T>();
+    let per_line = 64 / size_of::<T>();
+    // SAFETY (every block below): the CPU has AVX-512 F/BW/VL (the caller's contract); full
+    // loads cover `c..c + L·U ≤ k` and masked ones `c..k`, inside `row` and every `x[i]`
+    // (each `k` long); a prefetch cannot fault.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); U]; M];
+        let mut c = 0;
+        while c + L * U <= k {
+            for u in 0..U {
+                let at = c + u * L;
+                if at.is_multiple_of(per_line) {
+                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(at + ahead).cast());
+                }
+                let wv = T::load(w.add(at));
+                for i in 0..M {
+                    acc[i][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[i].add(at)), acc[i][u]);
+                }
+            }
+            c += L * U;
+        }
+        while c < k {
+            let n = L.min(k - c);
+            let mask: __mmask16 = u16::MAX >> (L - n);
+            let wv = T::load_masked(w.add(c), mask);
+            for i in 0..M {
+                let xv = _mm512_maskz_loadu_ps(mask, x[i].add(c));
+                acc[i][0] = _mm512_fmadd_ps(wv, xv, acc[i][0]);
+            }
+            c += n;
+        }
+        for (o, a) in out.iter_mut().zip(&acc) {
+            let v = a[1..].iter().fold(a[0], |v, b| _mm512_add_ps(v, *b));
+            *o = _mm512_reduce_add_ps(v);
+        }
+    }
+}
+
+/// `out[j * M + i] = x[i] · rows[j]` for two rows of `W` at once (`M ≥ 4`): each load of
+/// `x` serves two FMAs, halving the loads of `x` (L1/L2 reads) per weight.
+#[inline(always)]
+unsafe fn row_pair_dots<T: Elem, const M: usize>(
+    xs: &[&[f32]; M],
+    r0: &[T],
+    r1: &[T],
+    out: &mut [f32],
+) {
+    let k = r0.len();
+    debug_assert!(xs.iter().all(|x| x.len() == k) && r1.len() == k && out.len() == 2 * M);
+    let (w0, w1) = (r0.as_ptr(), r1.as_ptr());
+    let x: [*const f32; M] = std::array::from_fn(|i| xs[i].as_ptr());
+    let ahead = PREFETCH_BYTES / size_of::<T>();
+    let per_line = 64 / size_of::<T>();
+    // SAFETY: as in `row_dots`, for both rows.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; M];
+        let mut c = 0;
+        while c + L <= k {
+            if c.is_multiple_of(per_line) {
+                _mm_prefetch::<_MM_HINT_T0>(w0.wrapping_add(c + ahead).cast());
+                _mm_prefetch::<_MM_HINT_T0>(w1.wrapping_add(c + ahead).cast());
+            }
+            let (a, b) = (T::load(w0.add(c)), T::load(w1.add(c)));
+            for i in 0..M {
+                let xv = _mm512_loadu_ps(x[i].add(c));
+                acc[i][0] = _mm512_fmadd_ps(a, xv, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(b, xv, acc[i][1]);
+            }
+            c += L;
+        }
+        if c < k {
+            let mask: __mmask16 = u16::MAX >> (L - (k - c));
+            let (a, b) = (
+                T::load_masked(w0.add(c), mask),
+                T::load_masked(w1.add(c), mask),
+            );
+            for i in 0..M {
+                let xv = _mm512_maskz_loadu_ps(mask, x[i].add(c));
+                acc[i][0] = _mm512_fmadd_ps(a, xv, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(b, xv, acc[i][1]);
+            }
+        }
+        for i in 0..M {
+            out[i] = _mm512_reduce_add_ps(acc[i][0]);
+            out[M + i] = _mm512_reduce_add_ps(acc[i][1]);
+        }
+    }
+}
+
+/// `out[(r - r0) * M + i] = x[i] · w[r]` over the operands' column range.
+#[inline(always)]
+unsafe fn rows_m<T: Elem, const M: usize, const U: usize>(
+    p: &Operands<'_, T>,
+    r0: usize,
+    out: &mut [f32],
+) {
+    let k = p.k;
+    let xs: [&[f32]; M] = std::array::from_fn(|i| &p.x[i * p.ldx..i * p.ldx + k]);
+    let rows = out.len() / M;
+    let mut j = 0;
+    if M >= 4 {
+        while j + 2 <= rows {
+            let at = (r0 + j) * p.ld + p.c0;
+            let (a, b) = (&p.w[at..at + k], &p.w[at + p.ld..at + p.ld + k]);
+            // SAFETY: the caller's contract (CPU features); the slices bound every read.
+            unsafe { row_pair_dots::<T, M>(&xs, a, b, &mut out[j * M..(j + 2) * M]) };
+            j += 2;
+        }
+    }
+    while j < rows {
+        let at = (r0 + j) * p.ld + p.c0;
+        // SAFETY: the caller's contract (CPU features); the slices bound every read.
+        unsafe { row_dots::<T, M, U>(&xs, &p.w[at..at + k], &mut out[j * M..(j + 1) * M]) };
+        j += 1;
+    }
+}
+
+/// `out[(r - r0) * m + i] = x[i] · w[r]` for the rows `r0..r0 + out.len() / m` of `w`.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn block<T: Elem>(p: &Operands<'_, T>, r0: usize, out: &mut [f32]) {
+    // SAFETY: this function's contract.
+    unsafe {
+        match p.m {
+            1 => rows_m::<T, 1, 4>(p, r0, out),
+            2 => rows_m::<T, 2, 2>(p, r0, out),
+            3 => rows_m::<T, 3, 2>(p, r0, out),
+            4 => rows_m::<T, 4, 1>(p, r0, out),
+            5 => rows_m::<T, 5, 1>(p, r0, out),
+            6 => rows_m::<T, 6, 1>(p, r0, out),
+            7 => rows_m::<T, 7, 1>(p, r0, out),
+            8 => rows_m::<T, 8, 1>(p, r0, out),
+            // Callers pass 1..=MAX_ROWS rows.
+            m => unreachable!("gemv block with {m} rows"),
+        }
+    }
+}
