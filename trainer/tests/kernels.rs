@@ -850,6 +850,8 @@ fn scan_step_fused_matches_reference() {
         (64, 40, 16),
         (2, 300, 16),
         (5, 9, 3),
+        (2, 20, 33),
+        (1, 9, 17),
     ] {
         for with_z in [false, true] {
             let mut g = Gen::new(seed);

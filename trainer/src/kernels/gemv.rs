@@ -12,7 +12,7 @@
 //! and buys nothing here since the product is bound by memory.
 //!
 //! The kernel below is 8 lanes wide (AVX2, or portable); where the CPU has AVX-512 the
-//! 16-lane form in [`super::gemv_avx512`] runs instead (f32 batch-1 decode 1.2×, bf16 1.35×
+//! 16-lane form in [`super::avx512`] runs instead (f32 batch-1 decode 1.2×, bf16 1.35×
 //! on a Xeon; BENCHMARKS.md).
 
 use candle_core::backend::BackendStorage;
@@ -21,7 +21,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
-use super::gemv_avx512;
+use super::avx512;
 use super::scan::f32_slice;
 use super::simd::{Simd, W, with_simd};
 
@@ -181,16 +181,16 @@ with_simd! {
 }
 
 /// The kernel entry point for each weight type: AVX-512 where the CPU has it
-/// ([`gemv_avx512`]), else the 8-lane kernel `with_simd!` compiled for AVX2 (or portable).
+/// ([`avx512`]), else the 8-lane kernel `with_simd!` compiled for AVX2 (or portable).
 trait Block: WeightElem + Wide {
     /// The 8-lane kernel for this type.
     fn block8(p: &Operands<'_, Self>, r0: usize, out: &mut [f32]);
 
     fn block(p: &Operands<'_, Self>, r0: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if gemv_avx512::available() {
+        if avx512::available() {
             // SAFETY: `available` checked the CPU features `block` needs.
-            return unsafe { gemv_avx512::block(p, r0, out) };
+            return unsafe { avx512::block(p, r0, out) };
         }
         Self::block8(p, r0, out)
     }
@@ -198,7 +198,7 @@ trait Block: WeightElem + Wide {
 
 /// What the AVX-512 kernel needs of a weight type (nothing off x86-64).
 #[cfg(target_arch = "x86_64")]
-use gemv_avx512::Elem as Wide;
+use avx512::Elem as Wide;
 #[cfg(not(target_arch = "x86_64"))]
 trait Wide {}
 #[cfg(not(target_arch = "x86_64"))]

@@ -13,14 +13,14 @@
 //! devices they fall back to `reference`, which holds the same functions written as plain
 //! Candle ops: slow, obviously right, and what the fused kernels are tested against.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod bench;
 mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub(crate) mod decode;
 pub mod gemv;
-#[cfg(target_arch = "x86_64")]
-mod gemv_avx512;
 pub mod reference;
 mod scan;
 mod simd;

@@ -282,33 +282,39 @@ mod avx2 {
     }
 }
 
+/// 1.5·2^23: adding it rounds to an integer.
+pub(crate) const EXP_MAGIC: f32 = 12_582_912.0;
+/// ln 2 split so that k·LN2_HI is exact (Cody–Waite reduction).
+pub(crate) const EXP_LN2_HI: f32 = 0.693_359_4;
+pub(crate) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
+/// The clamp of [`exp`]'s argument.
+pub(crate) const EXP_RANGE: (f32, f32) = (-87.3, 88.3);
+/// Taylor coefficients of `e^r` from r^7 down (Horner order): for |r| ≤ ln2/2 the
+/// truncation error stays below 6e-9 (relative).
+pub(crate) const EXP_POLY: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
 /// `e^x` to about 2 ulp for x ∈ [-87.3, 88.3]; below, the result stays at ~1e-38 instead
 /// of going subnormal; above, x is clamped; NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp<S: Simd>(s: S, x: S::V) -> S::V {
-    // 1.5·2^23: adding it rounds to an integer.
-    const MAGIC: f32 = 12_582_912.0;
-    // ln 2 split so that k·LN2_HI is exact (Cody–Waite reduction).
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     // Operand order keeps NaN (max/min return their second operand on NaN).
-    let x = s.min(s.splat(88.3), s.max(s.splat(-87.3), x));
-    let t = s.mul_add(x, s.splat(std::f32::consts::LOG2_E), s.splat(MAGIC));
-    let k = s.sub(t, s.splat(MAGIC));
-    let r = s.mul_add(k, s.splat(-LN2_HI), x);
-    let r = s.mul_add(k, s.splat(-LN2_LO), r);
-    // |r| ≤ ln2/2: Taylor to r^7 leaves a truncation error below 6e-9 (relative).
-    let mut p = s.splat(1.0 / 5040.0);
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = s.mul_add(p, r, s.splat(c));
+    let x = s.min(s.splat(EXP_RANGE.1), s.max(s.splat(EXP_RANGE.0), x));
+    let t = s.mul_add(x, s.splat(std::f32::consts::LOG2_E), s.splat(EXP_MAGIC));
+    let k = s.sub(t, s.splat(EXP_MAGIC));
+    let r = s.mul_add(k, s.splat(-EXP_LN2_HI), x);
+    let r = s.mul_add(k, s.splat(-EXP_LN2_LO), r);
+    let mut p = s.splat(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = s.mul_add(p, r, s.splat(*c));
     }
     s.mul(p, s.pow2i(k))
 }

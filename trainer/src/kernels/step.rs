@@ -41,17 +41,10 @@ fn scan_seg_impl<S: Simd>(
     y: &mut [f32],
     ns: &mut [f32],
 ) {
+    let dts = seg_dt_impl(s, inp, bi, e0, y.len());
     let (e, n) = (inp.e, inp.n);
-    let w = y.len();
     let row = bi * e + e0;
-    // dt for the whole segment, vectorised over channels.
-    let mut dts = [0.0f32; SEG];
-    for c in (0..w).step_by(W) {
-        let cw = W.min(w - c);
-        let v = s.add(s.load(inp.delta, row + c, cw), s.load(inp.bias, e0 + c, cw));
-        s.store(&mut dts, c, cw, simd::softplus(s, v).0);
-    }
-    // Then each channel's N states, vectorised over N (zero-padded lanes stay zero).
+    // Each channel's N states, vectorised over N (zero-padded lanes stay zero).
     let (bt, ct) = (&inp.bm[bi * n..(bi + 1) * n], &inp.cm[bi * n..(bi + 1) * n]);
     for (i, (yv, nrow)) in y.iter_mut().zip(ns.chunks_exact_mut(n)).enumerate() {
         let ch = e0 + i;
@@ -69,18 +62,56 @@ fn scan_seg_impl<S: Simd>(
         }
         *yv = inp.d[ch] * xv + s.hsum(acc);
     }
-    if let Some(z) = inp.z {
-        for c in (0..w).step_by(W) {
-            let cw = W.min(w - c);
-            let g = simd::silu(s, s.load(z, row + c, cw));
-            let v = s.mul(s.load(y, c, cw), g);
-            s.store(y, c, cw, v);
-        }
+    seg_gate_impl(s, inp, bi, e0, y);
+}
+
+/// `softplus(delta + bias)` for the `w` channels from `e0` of batch row `bi`, vectorised
+/// over channels.
+#[inline(always)]
+fn seg_dt_impl<S: Simd>(s: S, inp: &StepInputs<'_>, bi: usize, e0: usize, w: usize) -> [f32; SEG] {
+    let row = bi * inp.e + e0;
+    let mut dts = [0.0f32; SEG];
+    for c in (0..w).step_by(W) {
+        let cw = W.min(w - c);
+        let v = s.add(s.load(inp.delta, row + c, cw), s.load(inp.bias, e0 + c, cw));
+        s.store(&mut dts, c, cw, simd::softplus(s, v).0);
+    }
+    dts
+}
+
+/// `y ⊙ silu(z)` for the channels of `y`, when there is a gate.
+#[inline(always)]
+fn seg_gate_impl<S: Simd>(s: S, inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32]) {
+    let Some(z) = inp.z else { return };
+    let row = bi * inp.e + e0;
+    let w = y.len();
+    for c in (0..w).step_by(W) {
+        let cw = W.min(w - c);
+        let g = simd::silu(s, s.load(z, row + c, cw));
+        let v = s.mul(s.load(y, c, cw), g);
+        s.store(y, c, cw, v);
     }
 }
 
 with_simd! {
-    pub(crate) fn scan_seg(inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) = scan_seg_impl;
+    fn scan_seg8(inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) = scan_seg_impl;
+}
+with_simd! {
+    pub(crate) fn seg_dt(inp: &StepInputs<'_>, bi: usize, e0: usize, w: usize) -> [f32; SEG] = seg_dt_impl;
+}
+with_simd! {
+    pub(crate) fn seg_gate(inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32]) = seg_gate_impl;
+}
+
+/// Channels `e0..e0 + y.len()` (at most [`SEG`]) of batch row `bi`: writes `y` and the new
+/// states `ns`; the state update in AVX-512 where the CPU has it.
+pub(crate) fn scan_seg(inp: &StepInputs<'_>, bi: usize, e0: usize, y: &mut [f32], ns: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::avx512::available() {
+        // SAFETY: `available` checked the CPU features.
+        return unsafe { super::avx512::scan_seg(inp, bi, e0, y, ns) };
+    }
+    scan_seg8(inp, bi, e0, y, ns)
 }
 
 /// One scan step for the whole batch (callers handle N = 0): returns one buffer holding `y`
@@ -429,5 +460,71 @@ impl CustomOp3 for SsdStepOp {
         let out = ssd_step(&inp, b);
         let len = out.len();
         Ok((CpuStorage::F32(out), Shape::from(len)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64, lo: f32, hi: f32) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        lo + (hi - lo) * ((*seed >> 40) as f32 / (1u64 << 24) as f32)
+    }
+
+    /// The dispatched segment kernel (AVX-512 where the CPU has it) against the 8-lane one,
+    /// over state sizes below, at and across the vector widths, with and without a gate.
+    #[test]
+    fn scan_seg_kernels_agree() {
+        let mut seed = 3u64;
+        for (b, e, n) in [(1, 5, 1), (2, 19, 8), (1, 40, 16), (3, 17, 17), (2, 9, 33)] {
+            let mut v = |len: usize, lo: f32, hi: f32| -> Vec<f32> {
+                (0..len).map(|_| lcg(&mut seed, lo, hi)).collect()
+            };
+            let (state, x, delta) = (
+                v(b * e * n, -1.0, 1.0),
+                v(b * e, -1.0, 1.0),
+                v(b * e, -3.0, 3.0),
+            );
+            let (a, bm, cm) = (
+                v(e * n, -17.0, -0.5),
+                v(b * n, -1.0, 1.0),
+                v(b * n, -1.0, 1.0),
+            );
+            let (d, bias, z) = (v(e, -1.0, 1.0), v(e, -4.0, 0.5), v(b * e, -2.0, 2.0));
+            for gate in [None, Some(z.as_slice())] {
+                let inp = StepInputs {
+                    e,
+                    n,
+                    state: &state,
+                    x: &x,
+                    delta: &delta,
+                    z: gate,
+                    a: &a,
+                    bm: &bm,
+                    cm: &cm,
+                    d: &d,
+                    bias: &bias,
+                };
+                for bi in 0..b {
+                    let (e0, w) = (e / 4, e - e / 4);
+                    let (mut y1, mut s1) = (vec![0.0; w], vec![0.0; w * n]);
+                    let (mut y2, mut s2) = (vec![0.0; w], vec![0.0; w * n]);
+                    scan_seg(&inp, bi, e0, &mut y1, &mut s1);
+                    scan_seg8(&inp, bi, e0, &mut y2, &mut s2);
+                    for (what, got, want) in [("y", &y1, &y2), ("state", &s1, &s2)] {
+                        for (j, (g, w)) in got.iter().zip(want.iter()).enumerate() {
+                            assert!(
+                                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                                "{what} b{b} e{e} n{n} row {bi} [{j}]: {g} vs {w}"
+                            );
+                        }
+                    }
+                    assert!(s1.iter().any(|v| *v != 0.0), "the states were written");
+                }
+            }
+        }
     }
 }

@@ -1,6 +1,9 @@
-//! The few-row product of [`super::gemv`] in AVX-512, chosen at run time where the CPU has
-//! AVX-512 F/BW/VL (Intel Xeon since Skylake-SP, AMD Zen 4 where the hypervisor exposes it).
+//! AVX-512 forms of the decode kernels, chosen at run time where the CPU has AVX-512
+//! F/BW/VL (Intel Xeon since Skylake-SP, AMD Zen 4 where the hypervisor exposes it): the
+//! few-row product of [`super::gemv`] and the state update of the scan step
+//! ([`super::step`]). The rest of the kernels stay 8 lanes wide ([`super::simd`]).
 //!
+//! The few-row product:
 //! Same order of work as the 8-lane kernel — each task streams its rows of `W` front to
 //! back and uses each chunk for every row of `x` — with what the 8-lane form cannot have:
 //! 16 lanes per instruction (half the loads, widenings and FMAs per weight), tails read
@@ -18,6 +21,8 @@ use std::arch::x86_64::*;
 use half::bf16;
 
 use super::gemv::{Operands, PREFETCH_BYTES};
+use super::simd::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_POLY, EXP_RANGE};
+use super::step::{StepInputs, seg_dt, seg_gate};
 
 /// f32 lanes per register.
 const L: usize = 16;
@@ -236,4 +241,70 @@ pub(crate) unsafe fn block<T: Elem>(p: &Operands<'_, T>, r0: usize, out: &mut [f
             m => unreachable!("gemv block with {m} rows"),
         }
     }
+}
+
+/// [`super::simd::exp`] on 16 lanes: the same reduction and polynomial, so the same values.
+#[inline(always)]
+unsafe fn exp(x: __m512) -> __m512 {
+    // SAFETY: the caller's contract (AVX-512 F).
+    unsafe {
+        let set = _mm512_set1_ps;
+        // max/min return their second operand on NaN, as the 8-lane form relies on.
+        let x = _mm512_min_ps(set(EXP_RANGE.1), _mm512_max_ps(set(EXP_RANGE.0), x));
+        let t = _mm512_fmadd_ps(x, set(std::f32::consts::LOG2_E), set(EXP_MAGIC));
+        let k = _mm512_sub_ps(t, set(EXP_MAGIC));
+        let r = _mm512_fmadd_ps(k, set(-EXP_LN2_HI), x);
+        let r = _mm512_fmadd_ps(k, set(-EXP_LN2_LO), r);
+        let mut p = set(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = _mm512_fmadd_ps(p, r, set(*c));
+        }
+        let e = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
+        _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e)))
+    }
+}
+
+/// [`super::step::scan_seg`] with the state update 16 lanes wide: at N = 16 one `exp` and
+/// one horizontal sum per channel instead of two and one over twice the registers. `dt` and
+/// the gate (one value per channel) stay in the 8-lane kernels.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VL ([`available`]).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+pub(crate) unsafe fn scan_seg(
+    inp: &StepInputs<'_>,
+    bi: usize,
+    e0: usize,
+    y: &mut [f32],
+    ns: &mut [f32],
+) {
+    let dts = seg_dt(inp, bi, e0, y.len());
+    let (e, n) = (inp.e, inp.n);
+    let row = bi * e + e0;
+    let (bt, ct) = (&inp.bm[bi * n..(bi + 1) * n], &inp.cm[bi * n..(bi + 1) * n]);
+    for (i, (yv, nrow)) in y.iter_mut().zip(ns.chunks_exact_mut(n)).enumerate() {
+        let ch = e0 + i;
+        let (dt, xv) = (dts[i], inp.x[row + i]);
+        let arow = &inp.a[ch * n..(ch + 1) * n];
+        let srow = &inp.state[(row + i) * n..(row + i + 1) * n];
+        // SAFETY: AVX-512 (this function's contract); every masked load and store covers
+        // `c..c + cw ≤ n`, inside `arow`, `srow`, `bt`, `ct` and `nrow` (each `n` long).
+        unsafe {
+            let (dtv, duv) = (_mm512_set1_ps(dt), _mm512_set1_ps(dt * xv));
+            let mut acc = _mm512_setzero_ps();
+            let mut c = 0;
+            while c < n {
+                let cw = L.min(n - c);
+                let m: __mmask16 = u16::MAX >> (L - cw);
+                let load = |v: &[f32]| _mm512_maskz_loadu_ps(m, v.as_ptr().add(c));
+                let da = exp(_mm512_mul_ps(dtv, load(arow)));
+                let sn = _mm512_fmadd_ps(da, load(srow), _mm512_mul_ps(duv, load(bt)));
+                _mm512_mask_storeu_ps(nrow.as_mut_ptr().add(c), m, sn);
+                acc = _mm512_fmadd_ps(sn, load(ct), acc);
+                c += cw;
+            }
+            *yv = inp.d[ch] * xv + _mm512_reduce_add_ps(acc);
+        }
+    }
+    seg_gate(inp, bi, e0, y);
 }
