@@ -279,14 +279,11 @@ pub(crate) unsafe fn scan_seg(
     ns: &mut [f32],
 ) {
     let dts = seg_dt(inp, bi, e0, y.len());
-    let (e, n) = (inp.e, inp.n);
-    let row = bi * e + e0;
-    let (bt, ct) = (&inp.bm[bi * n..(bi + 1) * n], &inp.cm[bi * n..(bi + 1) * n]);
+    let n = inp.n;
+    let (bt, ct) = inp.bc(bi);
     for (i, (yv, nrow)) in y.iter_mut().zip(ns.chunks_exact_mut(n)).enumerate() {
-        let ch = e0 + i;
-        let (dt, xv) = (dts[i], inp.x[row + i]);
-        let arow = &inp.a[ch * n..(ch + 1) * n];
-        let srow = &inp.state[(row + i) * n..(row + i + 1) * n];
+        let (ch, dt) = (e0 + i, dts[i]);
+        let (xv, arow, srow) = inp.channel(bi, ch);
         // SAFETY: AVX-512 (this function's contract); every masked load and store covers
         // `c..c + cw ≤ n`, inside `arow`, `srow`, `bt`, `ct` and `nrow` (each `n` long).
         unsafe {

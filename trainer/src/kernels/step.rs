@@ -31,6 +31,29 @@ pub(crate) struct StepInputs<'a> {
     pub bias: &'a [f32],
 }
 
+impl StepInputs<'_> {
+    /// Batch row `bi`'s `B` and `C` rows.
+    #[inline(always)]
+    pub(crate) fn bc(&self, bi: usize) -> (&[f32], &[f32]) {
+        let n = self.n;
+        (
+            &self.bm[bi * n..(bi + 1) * n],
+            &self.cm[bi * n..(bi + 1) * n],
+        )
+    }
+
+    /// Channel `ch` of batch row `bi`: its input `x`, its row of `A` and its old state.
+    #[inline(always)]
+    pub(crate) fn channel(&self, bi: usize, ch: usize) -> (f32, &[f32], &[f32]) {
+        let (n, row) = (self.n, bi * self.e + ch);
+        (
+            self.x[row],
+            &self.a[ch * n..(ch + 1) * n],
+            &self.state[row * n..(row + 1) * n],
+        )
+    }
+}
+
 /// Channels `e0..e0 + y.len()` of batch row `bi`: writes `y` and the new states `ns`.
 #[inline(always)]
 fn scan_seg_impl<S: Simd>(
@@ -42,16 +65,13 @@ fn scan_seg_impl<S: Simd>(
     ns: &mut [f32],
 ) {
     let dts = seg_dt_impl(s, inp, bi, e0, y.len());
-    let (e, n) = (inp.e, inp.n);
-    let row = bi * e + e0;
+    let n = inp.n;
     // Each channel's N states, vectorised over N (zero-padded lanes stay zero).
-    let (bt, ct) = (&inp.bm[bi * n..(bi + 1) * n], &inp.cm[bi * n..(bi + 1) * n]);
+    let (bt, ct) = inp.bc(bi);
     for (i, (yv, nrow)) in y.iter_mut().zip(ns.chunks_exact_mut(n)).enumerate() {
-        let ch = e0 + i;
-        let (dt, xv) = (dts[i], inp.x[row + i]);
+        let (ch, dt) = (e0 + i, dts[i]);
+        let (xv, arow, srow) = inp.channel(bi, ch);
         let (dtv, duv) = (s.splat(dt), s.splat(dt * xv));
-        let arow = &inp.a[ch * n..(ch + 1) * n];
-        let srow = &inp.state[(row + i) * n..(row + i + 1) * n];
         let mut acc = s.zero();
         for c in (0..n).step_by(W) {
             let cw = W.min(n - c);
