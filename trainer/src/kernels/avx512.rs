@@ -27,9 +27,9 @@ use super::step::{StepInputs, seg_dt, seg_gate};
 /// f32 lanes per register.
 const L: usize = 16;
 
-/// Whether the few-row product runs here: the CPU has AVX-512 F, BW and VL, and
-/// `MOLT_AVX512` is not `0` (read once; a switch for side-by-side benchmarks and for
-/// testing the 8-lane kernel on a machine that has both).
+/// Whether these kernels run: the CPU has AVX-512 F, BW and VL, and `MOLT_AVX512` is not
+/// `0` (read once; a switch for side-by-side benchmarks and for running the 8-lane kernels
+/// on a machine that has both).
 pub(crate) fn available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| {
@@ -87,39 +87,47 @@ impl Elem for bf16 {
     }
 }
 
-/// `out[i] = x[i] · row` for the `M` rows of `x` (each `row.len()` long), reading `row`
-/// once; `U` independent chains per row of `x`, as in the 8-lane kernel.
-// Index loops: `acc`, `x` and the chain number move in lockstep.
+/// `out[r * M + i] = x[i] · rows[r]` for the `M` rows of `x` and the `R` rows of `W` (each
+/// `k` long), reading each row of `W` once; `U` independent chains per pair, as in the
+/// 8-lane kernel. `R = 2` (from 4 rows of `x`) lets each load of `x` feed two FMAs, halving
+/// the loads of `x` (L1/L2 reads) per weight.
+// Index loops: `acc`, `x`, the rows and the chain number move in lockstep.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-unsafe fn row_dots<T: Elem, const M: usize, const U: usize>(
+unsafe fn row_dots<T: Elem, const M: usize, const R: usize, const U: usize>(
     xs: &[&[f32]; M],
-    row: &[T],
+    rows: [&[T]; R],
     out: &mut [f32],
 ) {
-    let k = row.len();
-    debug_assert!(xs.iter().all(|x| x.len() == k) && out.len() == M);
-    let w = row.as_ptr();
+    let k = rows[0].len();
+    debug_assert!(xs.iter().all(|x| x.len() == k) && out.len() == R * M);
+    debug_assert!(rows.iter().all(|r| r.len() == k));
+    let w: [*const T; R] = std::array::from_fn(|r| rows[r].as_ptr());
     let x: [*const f32; M] = std::array::from_fn(|i| xs[i].as_ptr());
     // Unlike the 8-lane kernel, prefetching pays at every row count here (f32 batch-1
     // decode +8–12 % on the Xeon; BENCHMARKS.md).
     let ahead = PREFETCH_BYTES / size_of::<T>();
     let per_line = 64 / size_of::<T>();
     // SAFETY (every block below): the CPU has AVX-512 F/BW/VL (the caller's contract); full
-    // loads cover `c..c + L·U ≤ k` and masked ones `c..k`, inside `row` and every `x[i]`
-    // (each `k` long); a prefetch cannot fault.
+    // loads cover `c..c + L·U ≤ k` and masked ones `c..k`, inside every row of `W` and of
+    // `x` (each `k` long); a prefetch cannot fault.
     unsafe {
-        let mut acc = [[_mm512_setzero_ps(); U]; M];
+        let mut acc = [[[_mm512_setzero_ps(); U]; R]; M];
         let mut c = 0;
         while c + L * U <= k {
             for u in 0..U {
                 let at = c + u * L;
                 if at.is_multiple_of(per_line) {
-                    _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(at + ahead).cast());
+                    for wr in w {
+                        _mm_prefetch::<_MM_HINT_T0>(wr.wrapping_add(at + ahead).cast());
+                    }
                 }
-                let wv = T::load(w.add(at));
+                let wv: [__m512; R] = std::array::from_fn(|r| T::load(w[r].add(at)));
                 for i in 0..M {
-                    acc[i][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x[i].add(at)), acc[i][u]);
+                    let xv = _mm512_loadu_ps(x[i].add(at));
+                    for r in 0..R {
+                        acc[i][r][u] = _mm512_fmadd_ps(wv[r], xv, acc[i][r][u]);
+                    }
                 }
             }
             c += L * U;
@@ -127,67 +135,21 @@ unsafe fn row_dots<T: Elem, const M: usize, const U: usize>(
         while c < k {
             let n = L.min(k - c);
             let mask: __mmask16 = u16::MAX >> (L - n);
-            let wv = T::load_masked(w.add(c), mask);
+            let wv: [__m512; R] = std::array::from_fn(|r| T::load_masked(w[r].add(c), mask));
             for i in 0..M {
                 let xv = _mm512_maskz_loadu_ps(mask, x[i].add(c));
-                acc[i][0] = _mm512_fmadd_ps(wv, xv, acc[i][0]);
+                for r in 0..R {
+                    acc[i][r][0] = _mm512_fmadd_ps(wv[r], xv, acc[i][r][0]);
+                }
             }
             c += n;
         }
-        for (o, a) in out.iter_mut().zip(&acc) {
-            let v = a[1..].iter().fold(a[0], |v, b| _mm512_add_ps(v, *b));
-            *o = _mm512_reduce_add_ps(v);
-        }
-    }
-}
-
-/// `out[j * M + i] = x[i] · rows[j]` for two rows of `W` at once (`M ≥ 4`): each load of
-/// `x` serves two FMAs, halving the loads of `x` (L1/L2 reads) per weight.
-#[inline(always)]
-unsafe fn row_pair_dots<T: Elem, const M: usize>(
-    xs: &[&[f32]; M],
-    r0: &[T],
-    r1: &[T],
-    out: &mut [f32],
-) {
-    let k = r0.len();
-    debug_assert!(xs.iter().all(|x| x.len() == k) && r1.len() == k && out.len() == 2 * M);
-    let (w0, w1) = (r0.as_ptr(), r1.as_ptr());
-    let x: [*const f32; M] = std::array::from_fn(|i| xs[i].as_ptr());
-    let ahead = PREFETCH_BYTES / size_of::<T>();
-    let per_line = 64 / size_of::<T>();
-    // SAFETY: as in `row_dots`, for both rows.
-    unsafe {
-        let mut acc = [[_mm512_setzero_ps(); 2]; M];
-        let mut c = 0;
-        while c + L <= k {
-            if c.is_multiple_of(per_line) {
-                _mm_prefetch::<_MM_HINT_T0>(w0.wrapping_add(c + ahead).cast());
-                _mm_prefetch::<_MM_HINT_T0>(w1.wrapping_add(c + ahead).cast());
-            }
-            let (a, b) = (T::load(w0.add(c)), T::load(w1.add(c)));
-            for i in 0..M {
-                let xv = _mm512_loadu_ps(x[i].add(c));
-                acc[i][0] = _mm512_fmadd_ps(a, xv, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(b, xv, acc[i][1]);
-            }
-            c += L;
-        }
-        if c < k {
-            let mask: __mmask16 = u16::MAX >> (L - (k - c));
-            let (a, b) = (
-                T::load_masked(w0.add(c), mask),
-                T::load_masked(w1.add(c), mask),
-            );
-            for i in 0..M {
-                let xv = _mm512_maskz_loadu_ps(mask, x[i].add(c));
-                acc[i][0] = _mm512_fmadd_ps(a, xv, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(b, xv, acc[i][1]);
-            }
-        }
         for i in 0..M {
-            out[i] = _mm512_reduce_add_ps(acc[i][0]);
-            out[M + i] = _mm512_reduce_add_ps(acc[i][1]);
+            for r in 0..R {
+                let a = &acc[i][r];
+                let v = a[1..].iter().fold(a[0], |v, b| _mm512_add_ps(v, *b));
+                out[r * M + i] = _mm512_reduce_add_ps(v);
+            }
         }
     }
 }
@@ -202,20 +164,23 @@ unsafe fn rows_m<T: Elem, const M: usize, const U: usize>(
     let k = p.k;
     let xs: [&[f32]; M] = std::array::from_fn(|i| &p.x[i * p.ldx..i * p.ldx + k]);
     let rows = out.len() / M;
+    let row = |j: usize| {
+        let at = (r0 + j) * p.ld + p.c0;
+        &p.w[at..at + k]
+    };
     let mut j = 0;
     if M >= 4 {
         while j + 2 <= rows {
-            let at = (r0 + j) * p.ld + p.c0;
-            let (a, b) = (&p.w[at..at + k], &p.w[at + p.ld..at + p.ld + k]);
             // SAFETY: the caller's contract (CPU features); the slices bound every read.
-            unsafe { row_pair_dots::<T, M>(&xs, a, b, &mut out[j * M..(j + 2) * M]) };
+            unsafe {
+                row_dots::<T, M, 2, 1>(&xs, [row(j), row(j + 1)], &mut out[j * M..(j + 2) * M])
+            };
             j += 2;
         }
     }
     while j < rows {
-        let at = (r0 + j) * p.ld + p.c0;
         // SAFETY: the caller's contract (CPU features); the slices bound every read.
-        unsafe { row_dots::<T, M, U>(&xs, &p.w[at..at + k], &mut out[j * M..(j + 1) * M]) };
+        unsafe { row_dots::<T, M, 1, U>(&xs, [row(j)], &mut out[j * M..(j + 1) * M]) };
         j += 1;
     }
 }
