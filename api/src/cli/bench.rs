@@ -462,6 +462,16 @@ impl Bench {
                 .iter()
                 .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
                 .sum();
+            // A step also reads each sequence's recurrent state and writes a new one: small
+            // for Mamba-1, not for Mamba-2 ([H, P, N] per layer), so the bench reports a
+            // second limit that counts that traffic too.
+            let state_bytes: usize = frozen
+                .new_cache(1)?
+                .layers
+                .iter()
+                .flat_map(|l| [&l.conv, &l.ssm])
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum();
             let read_gbps = memory_read_gbps();
             let per_step_limit = read_gbps * 1e9 / weight_bytes as f64;
             eprintln!(
@@ -528,6 +538,8 @@ impl Bench {
                 gen_once()?;
                 let m = timed(self.reps, self.budget, gen_once)?;
                 let limit = per_step_limit * b as f64;
+                let traffic = (weight_bytes + 2 * b * state_bytes) as f64;
+                let traffic_limit = read_gbps * 1e9 / traffic * b as f64;
                 let tps = (b * new) as f64 / m.median_s;
                 // Step time ≈ the whole generation over its steps (the prompt is short).
                 let step_s = m.median_s / new as f64;
@@ -544,6 +556,15 @@ impl Bench {
                         ("weight_bytes_per_step", json!(weight_bytes)),
                         ("bandwidth_limit_tokens_per_s", json!(round(limit, 2))),
                         ("share_of_bandwidth_limit", json!(round(tps / limit, 4))),
+                        ("state_bytes_per_sequence", json!(state_bytes)),
+                        (
+                            "weights_and_state_limit_tokens_per_s",
+                            json!(round(traffic_limit, 2)),
+                        ),
+                        (
+                            "share_of_weights_and_state_limit",
+                            json!(round(tps / traffic_limit, 4)),
+                        ),
                         ("products_s_per_step", json!(round(product_s, 6))),
                         ("products_gbps", json!(round(product_gbps, 2))),
                         (

@@ -241,16 +241,30 @@ pub(crate) fn layer_step(
 
     // Region 3: out_proj as the few-row product (blocks of whole rows, one stream per task;
     // summing it in column ranges per task was slower at batch 1), then the residual.
-    let o = lw.out_proj.matmul(&y, b, e);
-    for (hrow, orow) in h.chunks_exact_mut(dm).zip(o.chunks_exact(dm)) {
-        for (j, (hv, ov)) in hrow.iter_mut().zip(orow).enumerate() {
-            *hv += ov + lw.out_bias.map_or(0.0, |ob| ob[j]);
-        }
-    }
+    project_residual(lw.out_proj, lw.out_bias, &y, b, e, h);
     out
 }
 
-fn add(acc: &mut [f32], v: &[f32]) {
+/// `h += x Wᵀ + bias` for the `b` rows of `x` (`[b, k]`), `h` `[b, D]`: a layer's out_proj
+/// and residual add, in the unfused step's order (the bias joins the product first).
+pub(crate) fn project_residual(
+    w: Weights<'_>,
+    bias: Option<&[f32]>,
+    x: &[f32],
+    b: usize,
+    k: usize,
+    h: &mut [f32],
+) {
+    let o = w.matmul(x, b, k);
+    let dm = h.len() / b.max(1);
+    for (hrow, orow) in h.chunks_exact_mut(dm).zip(o.chunks_exact(dm)) {
+        for (j, (hv, ov)) in hrow.iter_mut().zip(orow).enumerate() {
+            *hv += ov + bias.map_or(0.0, |ob| ob[j]);
+        }
+    }
+}
+
+pub(crate) fn add(acc: &mut [f32], v: &[f32]) {
     for (a, b) in acc.iter_mut().zip(v) {
         *a += b;
     }
@@ -258,7 +272,7 @@ fn add(acc: &mut [f32], v: &[f32]) {
 
 /// `out = x / sqrt(mean(x²) + eps) · weight`, in the order Candle's fused `rms_norm` (the
 /// unfused step's) computes it.
-fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+pub(crate) fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     let ms = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
     let m = (ms + eps).sqrt();
     for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {

@@ -20,6 +20,7 @@ mod conv;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub(crate) mod decode;
+pub(crate) mod decode_ssd;
 pub mod gemv;
 pub mod reference;
 mod scan;

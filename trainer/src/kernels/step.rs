@@ -404,15 +404,21 @@ with_simd! {
 pub(crate) fn ssd_step(inp: &SsdStepInputs<'_>, b: usize) -> Vec<f32> {
     let (h, p, n) = (inp.h, inp.p, inp.n);
     let mut out = vec![0.0f32; b * h * p * (1 + n)];
-    if p == 0 || n == 0 {
-        return out;
-    }
     let (y, ns) = out.split_at_mut(b * h * p);
+    ssd_step_into(inp, y, ns);
+    out
+}
+
+/// [`ssd_step`] into `y` `[b, H, P]` and the new state `ns` `[b, H, P, N]`.
+pub(crate) fn ssd_step_into(inp: &SsdStepInputs<'_>, y: &mut [f32], ns: &mut [f32]) {
+    let (h, p, n) = (inp.h, inp.p, inp.n);
+    if p == 0 || n == 0 {
+        return;
+    }
     y.par_chunks_mut(p)
         .zip(ns.par_chunks_mut(p * n))
         .enumerate()
         .for_each(|(task, (yh, nh))| ssd_head(inp, task / h, task % h, yh, nh));
-    out
 }
 
 /// The SSD step as a no-backward op over (state `[b, H, P, N]`, x `[b, H, P]`, packed

@@ -43,6 +43,7 @@ pub mod any_lm;
 pub mod cache;
 pub mod family;
 pub(crate) mod fields;
+pub(crate) mod fused;
 pub mod layers;
 pub mod lm;
 pub mod lm_checkpoint;

@@ -1,108 +1,24 @@
 //! Mamba-1's decode step through the fused layer kernel ([`kernels::decode`]): which layers
-//! it applies to, and the layer's tensors as the kernel's slices.
-//!
-//! A layer takes the fused path when nothing but the checkpoint's own weights act in it
-//! (no adapter on a projection or parameter, no mixer hook: a base model or a merged one)
-//! and it runs on the CPU in f32 activations with at most [`gemv::MAX_ROWS`] sequences and
-//! f32 or bf16 matrices. Any other layer takes the generic [`Block::step`]; both compute
-//! the same function (tested in `tests`), so a step may mix them.
-
-use candle_core::{CpuStorage, DType, Layout, Storage, StorageRef, Tensor};
+//! it applies to (see [`crate::model::fused`]), and the layer's tensors as the kernel's
+//! slices.
 
 use super::model::{MambaBlock, MambaMixer};
 use crate::error::Result;
 use crate::kernels::decode::{Dims, LayerWeights, layer_step};
-use crate::kernels::gemv::{self, Weights};
-use crate::model::cache::{LayerCache, MambaCache};
-use crate::model::lm::Mixer;
-
-/// One decode step through every block: `h` `[b, D]` in, the last block's output out.
-pub(crate) fn step_blocks(
-    blocks: &[MambaBlock],
-    h: &Tensor,
-    cache: &mut MambaCache,
-) -> Result<Tensor> {
-    let (b, dm) = h.dims2()?;
-    let fusable_input = h.device().is_cpu()
-        && h.dtype() == DType::F32
-        && (1..=gemv::MAX_ROWS).contains(&b)
-        && gemv::enabled();
-    if !fusable_input {
-        return crate::model::lm::step_each(blocks, h, cache);
-    }
-    let dev = h.device().clone();
-    let mut hv: Vec<f32> = h.flatten_all()?.to_vec1()?;
-    for (i, block) in blocks.iter().enumerate() {
-        let lc = cache.layer_mut(i)?;
-        if !fused_layer(block, b, dm, &mut hv, lc)? {
-            let out = block.step(&Tensor::from_slice(&hv, (b, dm), &dev)?, lc)?;
-            hv = out.flatten_all()?.to_vec1()?;
-        }
-    }
-    Ok(Tensor::from_vec(hv, (b, dm), &dev)?)
-}
+use crate::model::cache::LayerCache;
+use crate::model::fused::{self, Held, bias, opt};
 
 /// Whether only the checkpoint's own, frozen weights act in this mixer.
 fn plain(m: &MambaMixer) -> bool {
     m.hook.is_none()
-        && m.projections()
-            .iter()
-            .all(|p| p.adapter().is_none() && !p.base().weight().track_op())
-        && m.params()
-            .iter()
-            .all(|p| p.adapter().is_none() && !p.base().track_op())
+        && fused::base_weights_only(m)
         && m.branch.x_proj.base().bias().is_none()
         && m.branch.dt_proj.base().bias().is_none()
 }
 
-/// A tensor's storage, read-locked while the kernel reads it.
-struct Held<'t>(StorageRef<'t>, &'t Layout);
-
-impl<'t> Held<'t> {
-    fn new(t: &'t Tensor) -> Self {
-        let (guard, layout) = t.storage_and_layout();
-        Held(guard, layout)
-    }
-
-    fn cpu(&self) -> Option<&CpuStorage> {
-        match &*self.0 {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        }
-    }
-
-    /// The elements of a contiguous f32 tensor with `len` of them.
-    fn f32(&self, len: usize) -> Option<&[f32]> {
-        let (CpuStorage::F32(data), Some((start, end))) =
-            (self.cpu()?, self.1.contiguous_offsets())
-        else {
-            return None;
-        };
-        (end - start == len).then(|| &data[start..end])
-    }
-
-    /// A contiguous f32 or bf16 matrix with `len` elements.
-    fn weights(&self, len: usize) -> Option<Weights<'_>> {
-        Weights::of(self.cpu()?, self.1).filter(|w| w.len() == len)
-    }
-}
-
-fn opt<'t>(t: Option<&'t Tensor>) -> Option<Held<'t>> {
-    t.map(Held::new)
-}
-
-/// An optional bias: `Some(None)` when absent, `None` when present but unusable (not f32
-/// of `len` elements), which rules the kernel out.
-fn bias<'a>(h: &'a Option<Held<'_>>, len: usize) -> Option<Option<&'a [f32]>> {
-    match h {
-        Some(h) => h.f32(len).map(Some),
-        None => Some(None),
-    }
-}
-
 /// Runs `block` on `h` (`[b, D]`, updated in place) through the fused kernel and stores its
 /// new states in `lc`; `false` (and nothing changed) where the kernel does not apply.
-fn fused_layer(
+pub(super) fn fused_layer(
     block: &MambaBlock,
     b: usize,
     dm: usize,
@@ -167,100 +83,29 @@ fn fused_layer(
         };
         layer_step(&lw, Dims { b, dm, e, n, r, k }, h, conv, ssm)
     };
-    let dev = lc.ssm.device().clone();
-    let len = new.len();
-    let packed = Tensor::from_vec(new, len, &dev)?;
-    lc.conv = packed.narrow(0, 0, b * e * k)?.reshape((b, e, k))?;
-    lc.ssm = packed.narrow(0, b * e * k, b * e * n)?.reshape((b, e, n))?;
+    fused::store_states(lc, new)?;
     Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Device;
+    use candle_core::{DType, Device, Tensor};
 
     use super::*;
-    use crate::model::lm::ModelInput;
     use crate::model::mamba::checkpoint::Checkpoint;
     use crate::model::mamba::config::MambaConfig;
     use crate::model::mamba::init::random_tensors;
 
-    /// `max |got - want| / max |want|`.
-    fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
-        let d = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-        let m = want.abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-12)
-    }
-
-    /// Steps a random model's blocks three times from a prefilled cache, layer by layer,
-    /// through the fused kernel and through `Block::step`, on a pool of `threads` threads:
-    /// each layer's output and new states agree.
-    fn fused_matches_generic(cfg: &MambaConfig, dtype: DType, batch: usize, threads: usize) {
-        let dev = Device::Cpu;
-        let mut tensors = random_tensors(cfg, 11, &dev).unwrap();
-        // Non-trivial norm weights and D (the random init fills them with ones).
-        for (name, t) in tensors.iter_mut() {
-            if name.ends_with("norm.weight") || name.ends_with(".D") {
-                *t = (t.rand_like(0.5, 1.5).unwrap())
-                    .to_dtype(DType::F32)
-                    .unwrap();
-            }
-        }
-        let model = Checkpoint::from_tensors("test", cfg.clone(), tensors)
+    /// A random model with `cfg`'s shapes, its weights stored in `dtype`.
+    fn model(cfg: &MambaConfig, dtype: DType) -> crate::model::mamba::model::MambaForCausalLM {
+        let mut tensors = random_tensors(cfg, 11, &Device::Cpu).unwrap();
+        fused::tests::vary_norms_and_d(&mut tensors);
+        Checkpoint::from_tensors("test", cfg.clone(), tensors)
             .unwrap()
             .into_frozen()
             .unwrap()
             .store_weights_as(dtype)
-            .unwrap();
-        let v = cfg.vocab_size as u32;
-        let ids: Vec<u32> = (0..batch as u32 * 5).map(|i| (i * 7 + 3) % v).collect();
-        let ids = Tensor::from_vec(ids, (batch, 5), &dev).unwrap();
-        let input = ModelInput::new(&ids, None, cfg.vocab_size).unwrap();
-        let mut fused = model.new_cache(batch).unwrap();
-        model.prefill(&input, &mut fused).unwrap();
-        let mut plain = fused.clone();
-        let dm = cfg.hidden_size;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            for step in 0..3u32 {
-                let tokens: Vec<u32> = (0..batch as u32)
-                    .map(|i| (i * 13 + step * 5 + 1) % v)
-                    .collect();
-                let mut h = model
-                    .embed(&Tensor::new(tokens.as_slice(), &dev).unwrap())
-                    .unwrap();
-                // Both continue from the generic output: each layer sees the same input.
-                for (i, block) in model.backbone.layers.iter().enumerate() {
-                    let mut hv: Vec<f32> = h.flatten_all().unwrap().to_vec1().unwrap();
-                    let lf = fused.layer_mut(i).unwrap();
-                    assert!(
-                        fused_layer(block, batch, dm, &mut hv, lf).unwrap(),
-                        "layer {i} not fused"
-                    );
-                    let got = Tensor::from_vec(hv, (batch, dm), &dev).unwrap();
-                    let lp = plain.layer_mut(i).unwrap();
-                    h = block.step(&h, lp).unwrap();
-                    let what =
-                        format!("{dtype:?} b={batch} threads={threads} step {step} layer {i}");
-                    assert!(
-                        rel_diff(&got, &h) < 2e-5,
-                        "{what}: output {}",
-                        rel_diff(&got, &h)
-                    );
-                    let (lf, lp) = (&fused.layers[i], &plain.layers[i]);
-                    assert_eq!(lf.conv.dims(), lp.conv.dims());
-                    assert!(rel_diff(&lf.conv, &lp.conv) < 1e-6, "{what}: conv state");
-                    assert!(
-                        rel_diff(&lf.ssm, &lp.ssm) < 2e-5,
-                        "{what}: ssm state {}",
-                        rel_diff(&lf.ssm, &lp.ssm)
-                    );
-                }
-            }
-        });
+            .unwrap()
     }
 
     #[test]
@@ -275,8 +120,9 @@ mod tests {
         plain.conv_kernel = 3;
         for cfg in [&odd, &plain] {
             for dtype in [DType::F32, DType::BF16] {
+                let model = model(cfg, dtype);
                 for (batch, threads) in [(1, 1), (3, 3), (8, 2)] {
-                    fused_matches_generic(cfg, dtype, batch, threads);
+                    fused::tests::fused_matches_generic(&model, fused_layer, batch, threads);
                 }
             }
         }

@@ -225,7 +225,7 @@ impl Mixer for MambaMixer {
     }
 
     fn step_blocks(blocks: &[MambaBlock], h: &Tensor, cache: &mut MambaCache) -> Result<Tensor> {
-        super::decode::step_blocks(blocks, h, cache)
+        crate::model::fused::step_blocks(blocks, h, cache, super::decode::fused_layer)
     }
 
     fn new_cache(&self, batch: usize, dtype: DType, device: &Device) -> Result<LayerCache> {

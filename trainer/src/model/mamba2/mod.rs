@@ -10,6 +10,7 @@
 
 pub mod checkpoint;
 pub mod config;
+mod decode;
 pub mod init;
 pub mod model;
 

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use super::config::Mamba2Config;
 use crate::error::Result;
 use crate::kernels;
-use crate::model::cache::LayerCache;
+use crate::model::cache::{LayerCache, MambaCache};
 use crate::model::layers::{Linear, Param, Projection, conv_weight_and_bias};
 use crate::model::lm::{Backbone, Block, CausalLm, Mixer, apply_mask, next_conv_state};
 
@@ -260,6 +260,10 @@ impl Mixer for Mamba2Mixer {
 
     fn step(&self, u: &Tensor, cache: &mut LayerCache) -> Result<Tensor> {
         Mamba2Mixer::step(self, u, cache)
+    }
+
+    fn step_blocks(blocks: &[Mamba2Block], h: &Tensor, cache: &mut MambaCache) -> Result<Tensor> {
+        crate::model::fused::step_blocks(blocks, h, cache, super::decode::fused_layer)
     }
 
     fn new_cache(&self, batch: usize, dtype: DType, device: &Device) -> Result<LayerCache> {
