@@ -132,6 +132,7 @@ pub(crate) mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::FusedLayer;
+    use crate::model::layers::Param;
     use crate::model::lm::{CausalLm, Mixer, ModelInput};
 
     /// `max |got - want| / max |want|`.
@@ -212,5 +213,31 @@ pub(crate) mod tests {
                 }
             }
         });
+    }
+
+    /// A constant doubling of a parameter: an adapter as far as the fused path can tell.
+    #[derive(Debug)]
+    struct Twice;
+    impl crate::model::layers::ParamAdapter for Twice {
+        fn value(&self, base: &Tensor) -> candle_core::Result<Tensor> {
+            base * 2.0
+        }
+    }
+
+    /// With an adapter on the parameter `param` picks in layer 0, `fused` declines the layer
+    /// and leaves `h` as it was.
+    pub(crate) fn adapted_layer_is_not_fused<M: Mixer>(
+        mut model: CausalLm<M>,
+        param: impl Fn(&mut M) -> &mut Param,
+        fused: FusedLayer<M>,
+    ) {
+        param(&mut model.backbone.layers[0].mixer).set_adapter(Some(std::sync::Arc::new(Twice)));
+        let mut cache = model.new_cache(1).unwrap();
+        let dm = model.backbone.embeddings.weight().dim(1).unwrap();
+        let mut h = vec![0.5f32; dm];
+        let before = h.clone();
+        let lc = cache.layer_mut(0).unwrap();
+        assert!(!fused(&model.backbone.layers[0], 1, dm, &mut h, lc).unwrap());
+        assert_eq!(h, before);
     }
 }

@@ -89,7 +89,7 @@ pub(super) fn fused_layer(
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Device};
 
     use super::*;
     use crate::model::mamba::checkpoint::Checkpoint;
@@ -131,37 +131,10 @@ mod tests {
     #[test]
     fn adapted_layers_take_the_generic_step() {
         let cfg = MambaConfig::new(32, 1, 40);
-        let mut model = Checkpoint::random(&cfg, 5, &Device::Cpu)
+        let model = Checkpoint::random(&cfg, 5, &Device::Cpu)
             .unwrap()
             .into_frozen()
             .unwrap();
-        let block = &mut model.backbone.layers[0];
-        #[derive(Debug)]
-        struct Twice;
-        impl crate::model::layers::ParamAdapter for Twice {
-            fn value(&self, base: &Tensor) -> candle_core::Result<Tensor> {
-                base * 2.0
-            }
-        }
-        block
-            .mixer
-            .branch
-            .d
-            .set_adapter(Some(std::sync::Arc::new(Twice)));
-        let mut cache = model.new_cache(1).unwrap();
-        let mut h = vec![0.5f32; cfg.hidden_size];
-        let before = h.clone();
-        let block = &model.backbone.layers[0];
-        assert!(
-            !fused_layer(
-                block,
-                1,
-                cfg.hidden_size,
-                &mut h,
-                cache.layer_mut(0).unwrap()
-            )
-            .unwrap()
-        );
-        assert_eq!(h, before);
+        fused::tests::adapted_layer_is_not_fused(model, |m| &mut m.branch.d, fused_layer);
     }
 }
