@@ -134,6 +134,7 @@ pub(crate) mod tests {
     use super::FusedLayer;
     use crate::model::layers::Param;
     use crate::model::lm::{CausalLm, Mixer, ModelInput};
+    use crate::model::lm_checkpoint::{LmCheckpoint, LmConfig};
 
     /// `max |got - want| / max |want|`.
     pub(crate) fn rel_diff(got: &Tensor, want: &Tensor) -> f32 {
@@ -142,12 +143,30 @@ pub(crate) mod tests {
         d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-12)
     }
 
-    /// Non-trivial norm weights and D in a random checkpoint's tensors (the random inits
-    /// fill them with ones).
-    pub(crate) fn vary_norms_and_d(tensors: &mut HashMap<String, Tensor>) {
+    /// `fused_matches_generic` on the model of `cfg` built from its family's random
+    /// `tensors` (with non-trivial norm weights and D: the random inits fill them with
+    /// ones), its weights stored in f32 and in bf16, at several batch sizes and thread
+    /// counts.
+    pub(crate) fn check_fused_layers<C, M>(
+        cfg: &C,
+        tensors: HashMap<String, Tensor>,
+        fused: FusedLayer<M>,
+    ) where
+        C: LmConfig<Model = CausalLm<M>>,
+        M: Mixer,
+    {
+        let mut tensors = tensors;
         for (name, t) in tensors.iter_mut() {
             if name.ends_with("norm.weight") || name.ends_with(".D") {
                 *t = t.rand_like(0.5, 1.5).unwrap().to_dtype(DType::F32).unwrap();
+            }
+        }
+        let checkpoint = LmCheckpoint::from_tensors("test", cfg.clone(), tensors).unwrap();
+        let frozen = checkpoint.into_frozen().unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let model = frozen.clone().store_weights_as(dtype).unwrap();
+            for (batch, threads) in [(1, 1), (3, 3), (8, 2)] {
+                fused_matches_generic(&model, fused, batch, threads);
             }
         }
     }
@@ -155,7 +174,7 @@ pub(crate) mod tests {
     /// Steps `model`'s blocks three times from a prefilled cache, layer by layer, through
     /// `fused` and through `Block::step`, on a pool of `threads` threads: each layer's output
     /// and new states agree.
-    pub(crate) fn fused_matches_generic<M: Mixer>(
+    fn fused_matches_generic<M: Mixer>(
         model: &CausalLm<M>,
         fused: FusedLayer<M>,
         batch: usize,
