@@ -7,15 +7,16 @@
 //! (e.g. a `narrow` of in_proj's output) as long as channels are contiguous.
 //!
 //! There is no recurrence, so work is split over batch × blocks of time rows and every
-//! inner loop runs over contiguous channels. The backward recomputes the pre-activation
-//! instead of storing it.
+//! inner loop runs over contiguous channels, 16 at a time with AVX-512 (half the
+//! instructions of the SiLU's `exp` and division per channel), else 8. The backward
+//! recomputes the pre-activation instead of storing it.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 use super::scan::f32_slice;
-use super::simd::{self, Simd, W, with_simd};
+use super::simd::{self, Simd, with_simd};
 
 /// Time rows per parallel task.
 const ROWS: usize = 64;
@@ -116,7 +117,7 @@ impl<'a> Rows<'a> {
 /// `wt` is the weight transposed to `[K][E]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn preact<S: Simd>(
+fn preact<const K: usize, S: Simd<K>>(
     s: S,
     x: &Rows<'_>,
     wt: &[f32],
@@ -143,7 +144,7 @@ fn preact<S: Simd>(
 
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn fwd_rows_impl<S: Simd>(
+fn fwd_rows_impl<const K: usize, S: Simd<K>>(
     s: S,
     x: &Rows<'_>,
     wt: &[f32],
@@ -155,8 +156,8 @@ fn fwd_rows_impl<S: Simd>(
 ) {
     let e = dims.e;
     for (dt, y) in out.chunks_exact_mut(e).enumerate() {
-        for c in (0..e).step_by(W) {
-            let w = W.min(e - c);
+        for c in (0..e).step_by(K) {
+            let w = K.min(e - c);
             let a = preact(s, x, wt, bias, dims, bi, t0 + dt, c, w);
             s.store(y, c, w, simd::silu(s, a));
         }
@@ -164,7 +165,7 @@ fn fwd_rows_impl<S: Simd>(
 }
 
 with_simd! {
-    fn fwd_rows(x: &Rows<'_>, wt: &[f32], bias: &[f32], dims: &ConvDims, bi: usize, t0: usize, out: &mut [f32]) = fwd_rows_impl;
+    wide fn fwd_rows(x: &Rows<'_>, wt: &[f32], bias: &[f32], dims: &ConvDims, bi: usize, t0: usize, out: &mut [f32]) = fwd_rows_impl;
 }
 
 /// Gradient w.r.t. the pre-activation for a block of rows (written to `ga`), and this
@@ -172,7 +173,7 @@ with_simd! {
 /// `[K + 1][E]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn preact_grad_rows_impl<S: Simd>(
+fn preact_grad_rows_impl<const K: usize, S: Simd<K>>(
     s: S,
     x: &Rows<'_>,
     wt: &[f32],
@@ -188,8 +189,8 @@ fn preact_grad_rows_impl<S: Simd>(
     for (dt, gar) in ga.chunks_exact_mut(e).enumerate() {
         let t = t0 + dt;
         let gr = &grad[(bi * dims.l + t) * e..][..e];
-        for c in (0..e).step_by(W) {
-            let w = W.min(e - c);
+        for c in (0..e).step_by(K) {
+            let w = K.min(e - c);
             let a = preact(s, x, wt, bias, dims, bi, t, c, w);
             let g = s.mul(s.load(gr, c, w), simd::silu_and_grad(s, a).1);
             s.store(gar, c, w, g);
@@ -209,6 +210,7 @@ fn preact_grad_rows_impl<S: Simd>(
 }
 
 with_simd! {
+    wide
     #[allow(clippy::too_many_arguments)]
     fn preact_grad_rows(
         x: &Rows<'_>,
@@ -225,7 +227,7 @@ with_simd! {
 /// Input gradient for `x_ext` rows `j0..` of batch `bi`: `gx[j] = Σ_k w[k]·ga[t]` over the
 /// output rows `t` whose tap `k` reads `j`.
 #[inline(always)]
-fn input_grad_rows_impl<S: Simd>(
+fn input_grad_rows_impl<const K: usize, S: Simd<K>>(
     s: S,
     wt: &[f32],
     ga: &[f32],
@@ -237,8 +239,8 @@ fn input_grad_rows_impl<S: Simd>(
     let e = dims.e;
     for (dj, out) in gx.chunks_exact_mut(e).enumerate() {
         let j = j0 + dj;
-        for c in (0..e).step_by(W) {
-            let w = W.min(e - c);
+        for c in (0..e).step_by(K) {
+            let w = K.min(e - c);
             let mut acc = s.zero();
             for k in 0..dims.k {
                 if let Some(t) = dims.tapped_by(j, k) {
@@ -252,7 +254,7 @@ fn input_grad_rows_impl<S: Simd>(
 }
 
 with_simd! {
-    fn input_grad_rows(wt: &[f32], ga: &[f32], dims: &ConvDims, bi: usize, j0: usize, gx: &mut [f32]) = input_grad_rows_impl;
+    wide fn input_grad_rows(wt: &[f32], ga: &[f32], dims: &ConvDims, bi: usize, j0: usize, gx: &mut [f32]) = input_grad_rows_impl;
 }
 
 /// Splits a `[b, rows, e]` buffer into per-task `(batch, first row, slice)` pieces of at
@@ -450,5 +452,91 @@ impl CustomOp3 for ConvGradOp {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         super::cuda::conv_bwd(&self.dims, s1, l1, s2, l2, s3, l3)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::simd::Portable;
+
+    fn noise(len: usize, seed: u32) -> Vec<f32> {
+        (0..len as u32)
+            .map(|i| {
+                ((i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(40_503)) % 2001) as f32 / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    /// Forward rows, pre-activation gradient and input gradient of one batch row with
+    /// implementation `s`, for channels that do not fill the last vector.
+    fn run<const K: usize, S: Simd<K>>(s: S, dims: &ConvDims) -> Vec<Vec<f32>> {
+        let rows = dims.p + dims.l;
+        let data = noise(dims.b * rows * dims.e, 1);
+        let x = Rows {
+            data: &data,
+            start: 0,
+            stride_b: rows * dims.e,
+            stride_t: dims.e,
+            e: dims.e,
+        };
+        let wt = noise(dims.k * dims.e, 2);
+        let bias = noise(dims.e, 3);
+        let grad = noise(dims.b * dims.l * dims.e, 4);
+        let bi = dims.b - 1;
+        let mut y = vec![0.0; dims.l * dims.e];
+        fwd_rows_impl(s, &x, &wt, &bias, dims, bi, 0, &mut y);
+        let mut ga = vec![0.0; dims.b * dims.l * dims.e];
+        let gwb = preact_grad_rows_impl(
+            s,
+            &x,
+            &wt,
+            &bias,
+            &grad,
+            dims,
+            bi,
+            0,
+            &mut ga[bi * dims.l * dims.e..],
+        );
+        let mut gx = vec![0.0; rows * dims.e];
+        input_grad_rows_impl(s, &wt, &ga, dims, bi, 0, &mut gx);
+        vec![y, ga, gwb, gx]
+    }
+
+    #[test]
+    fn every_instantiation_matches_the_portable_one() {
+        for (e, k, p, reverse) in [(37, 4, 0, false), (21, 3, 2, false), (19, 4, 0, true)] {
+            let dims = ConvDims {
+                b: 2,
+                l: 9,
+                e,
+                k,
+                p,
+                reverse,
+            };
+            let want = run::<8, _>(Portable, &dims);
+            let mut got = vec![run::<16, _>(Portable, &dims)];
+            #[cfg(target_arch = "x86_64")]
+            {
+                if let Some(s) = simd::Avx2::detect() {
+                    got.push(run(s, &dims));
+                }
+                if let Some(s) = simd::Avx512::detect() {
+                    got.push(run(s, &dims));
+                }
+            }
+            for outs in &got {
+                for (i, (a, b)) in outs.iter().zip(&want).enumerate() {
+                    assert_eq!(a.len(), b.len());
+                    for (x, y) in a.iter().zip(b) {
+                        assert!(
+                            (x - y).abs() <= 1e-5 * (1.0 + y.abs()),
+                            "output {i}: {x} vs {y} ({dims:?})"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

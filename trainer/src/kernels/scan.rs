@@ -6,9 +6,15 @@
 //!   and concatenated into `rest`, and Candle's `cat`/`reshape` backward hands each its
 //!   slice of `rest`'s gradient. (Every graph node between a variable and the op costs two
 //!   input-sized buffers in Candle's backward, so the two largest inputs skip the packing.)
-//! * Channels are processed in blocks of `W` = 8 lanes (one AVX2 register): with the state
-//!   stored `[N][W]` per block, every step is lane-wise (no horizontal sums in the
-//!   recurrence), for any N. Work is split over batch × groups of blocks with rayon.
+//! * Channels are processed in blocks of `K` lanes, one register: 16 with AVX-512, else 8
+//!   (AVX2 or portable). With the state stored `[N][K]` per block, every step is lane-wise
+//!   (no horizontal sums in the recurrence), for any N. Work is split over batch × groups
+//!   of blocks with rayon. The lane count changes which channels share a task and so the
+//!   order of the dB / dC sums: results agree across machines to rounding, not bit for bit.
+//! * The decays `e^(Δ·A)` (one per state update, most of the scan's work) are computed as
+//!   `2^(Δ·A')` with `A' = A·log2 e` formed once per block ([`Simd::exp2`]): a shorter
+//!   dependency chain than `exp`. Its argument carries two roundings instead of one (an
+//!   absolute error below 2.5e-8 in a decay ≤ 1).
 //! * The forward keeps the state only at chunk boundaries (every `CHUNK` steps) in a slot
 //!   shared with the op; the backward recomputes each chunk's states from its boundary, then
 //!   runs the reverse recurrence over the chunk. Activation memory: boundaries
@@ -21,7 +27,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, bail};
 use rayon::prelude::*;
 
-use super::simd::{self, Lanes, Portable, Simd, W, with_simd};
+#[cfg(target_arch = "x86_64")]
+use super::simd::Avx512;
+use super::simd::{self, Portable, Simd, with_avx512, with_simd};
 
 /// Time steps between stored states. 64 keeps the backward's per-chunk scratch
 /// (2·CHUNK·N·W f32 = 64 KiB at N = 16) in L2 while making boundaries ~1/64 of the states.
@@ -61,21 +69,22 @@ pub(crate) struct Offsets {
 }
 
 impl ScanDims {
-    fn nblk(&self) -> usize {
-        self.e.div_ceil(W)
+    /// Blocks of `k` channels.
+    fn nblk(&self, k: usize) -> usize {
+        self.e.div_ceil(k)
     }
 
     fn nchunks(&self) -> usize {
         self.l.div_ceil(CHUNK)
     }
 
-    fn groups(&self) -> usize {
-        self.nblk().clamp(1, MAX_GROUPS)
+    fn groups(&self, k: usize) -> usize {
+        self.nblk(k).clamp(1, MAX_GROUPS)
     }
 
-    /// The contiguous run of blocks handled by group `g`.
-    fn group_blocks(&self, g: usize) -> Range<usize> {
-        let (nblk, groups) = (self.nblk(), self.groups());
+    /// The contiguous run of blocks (of `k` channels) handled by group `g`.
+    fn group_blocks(&self, k: usize, g: usize) -> Range<usize> {
+        let (nblk, groups) = (self.nblk(k), self.groups(k));
         g * nblk / groups..(g + 1) * nblk / groups
     }
 
@@ -91,8 +100,8 @@ impl ScanDims {
         if self.reverse { self.l - 1 - t } else { t }
     }
 
-    fn block_width(&self, blk: usize) -> usize {
-        W.min(self.e - blk * W)
+    fn block_width(&self, k: usize, blk: usize) -> usize {
+        k.min(self.e - blk * k)
     }
 
     pub(crate) fn offsets(&self) -> Offsets {
@@ -172,24 +181,34 @@ struct BlockParams<V> {
     w: usize,
     /// `[N]`: A[e0 + lane, n].
     a: Vec<V>,
+    /// `[N]`: A[e0 + lane, n] · log2 e, the argument of the decays' `exp2`.
+    a2: Vec<V>,
     d: V,
     bias: V,
 }
 
 #[inline(always)]
-fn block_params<S: Simd>(s: S, inp: &Inputs<'_>, dims: &ScanDims, blk: usize) -> BlockParams<S::V> {
-    let (e0, w, n) = (blk * W, dims.block_width(blk), dims.n);
-    let mut a = vec![[0.0; W]; n];
+fn block_params<const K: usize, S: Simd<K>>(
+    s: S,
+    inp: &Inputs<'_>,
+    dims: &ScanDims,
+    blk: usize,
+) -> BlockParams<S::V> {
+    let (e0, w, n) = (blk * K, dims.block_width(K, blk), dims.n);
+    let mut a = vec![[0.0; K]; n];
     for i in 0..w {
         let row = &inp.a[(e0 + i) * n..(e0 + i + 1) * n];
         for (an, &v) in a.iter_mut().zip(row) {
             an[i] = v;
         }
     }
+    let a: Vec<S::V> = a.iter().map(|l| s.load_lanes(l)).collect();
+    let log2e = s.splat(std::f32::consts::LOG2_E);
     BlockParams {
         e0,
         w,
-        a: a.iter().map(|l| s.load_lanes(l)).collect(),
+        a2: a.iter().map(|&v| s.mul(v, log2e)).collect(),
+        a,
         d: s.load(inp.d, e0, w),
         bias: s.load(inp.bias, e0, w),
     }
@@ -197,14 +216,14 @@ fn block_params<S: Simd>(s: S, inp: &Inputs<'_>, dims: &ScanDims, blk: usize) ->
 
 /// Initial state of block `bp` of batch row `bi`, as `[N]` vectors.
 #[inline(always)]
-fn initial_state<S: Simd>(
+fn initial_state<const K: usize, S: Simd<K>>(
     s: S,
     inp: &Inputs<'_>,
     dims: &ScanDims,
     bi: usize,
     bp: &BlockParams<S::V>,
 ) -> Vec<S::V> {
-    let mut st = vec![[0.0; W]; dims.n];
+    let mut st = vec![[0.0; K]; dims.n];
     if let Some(s0) = inp.s0 {
         for i in 0..bp.w {
             let base = (bi * dims.e + bp.e0 + i) * dims.n;
@@ -217,22 +236,22 @@ fn initial_state<S: Simd>(
 }
 
 /// What one forward task produces for its blocks.
-struct FwdOut {
-    /// `[block][L][W]`.
-    y: Vec<Lanes>,
-    /// `[block][slab][N][W]`.
-    slabs: Vec<Lanes>,
+struct FwdOut<const K: usize> {
+    /// `[block][L][K]`.
+    y: Vec<[f32; K]>,
+    /// `[block][slab][N][K]`.
+    slabs: Vec<[f32; K]>,
 }
 
 #[inline(always)]
-fn fwd_task_impl<S: Simd>(
+fn fwd_task_impl<const K: usize, S: Simd<K>>(
     s: S,
     inp: &Inputs<'_>,
     dims: &ScanDims,
     bi: usize,
     blocks: Range<usize>,
     keep_all: bool,
-) -> FwdOut {
+) -> FwdOut<K> {
     let ScanDims { l, e, n, .. } = *dims;
     let nslabs = dims.nslabs(keep_all);
     let mut out = FwdOut {
@@ -254,8 +273,8 @@ fn fwd_task_impl<S: Simd>(
             let brow = (bi * l + tr) * n;
             let (bt, ct) = (&inp.bm[brow..brow + n], &inp.cm[brow..brow + n]);
             let mut y = s.zero();
-            for ((sn, &an), (&bv, &cv)) in st.iter_mut().zip(&bp.a).zip(bt.iter().zip(ct)) {
-                let da = simd::exp(s, s.mul(dt, an));
+            for ((sn, &an), (&bv, &cv)) in st.iter_mut().zip(&bp.a2).zip(bt.iter().zip(ct)) {
+                let da = s.exp2(s.mul(dt, an));
                 *sn = s.mul_add(da, *sn, s.mul(du, s.splat(bv)));
                 y = s.mul_add(*sn, s.splat(cv), y);
             }
@@ -277,42 +296,92 @@ fn fwd_task_impl<S: Simd>(
 }
 
 with_simd! {
-    fn fwd_task(
+    fn fwd_task8(
         inp: &Inputs<'_>,
         dims: &ScanDims,
         bi: usize,
         blocks: Range<usize>,
         keep_all: bool,
-    ) -> FwdOut = fwd_task_impl;
+    ) -> FwdOut<8> = fwd_task_impl;
 }
 
-/// Fused forward. Returns `y` (`[b, L, E]`) and the stored states in block layout
-/// `[b][block][slab][N][W]` (all chunk boundaries when `keep_all`, else the last state).
+with_avx512! {
+    fn fwd_task16(
+        inp: &Inputs<'_>,
+        dims: &ScanDims,
+        bi: usize,
+        blocks: Range<usize>,
+        keep_all: bool,
+    ) -> FwdOut<16> = fwd_task_impl;
+}
+
+/// The states a forward stores (block layout `[b][block][slab][N][lanes]`, flattened), and
+/// the block width they were computed with, which the backward must use too.
+#[derive(Debug, Default)]
+pub(crate) struct Slabs {
+    lanes: usize,
+    data: Vec<f32>,
+}
+
+impl Slabs {
+    fn new<const K: usize>(rows: Vec<[f32; K]>) -> Self {
+        Self {
+            lanes: K,
+            data: rows.into_flattened(),
+        }
+    }
+
+    /// The rows, if they were stored `K` lanes wide.
+    fn rows<const K: usize>(&self) -> Option<&[[f32; K]]> {
+        (self.lanes == K).then(|| self.data.as_chunks::<K>().0)
+    }
+}
+
+/// Fused forward. Returns `y` (`[b, L, E]`) and the stored states (all chunk boundaries
+/// when `keep_all`, else the last state), 16 lanes wide where AVX-512 runs, else 8.
 pub(crate) fn forward(
     dims: &ScanDims,
     u: &[f32],
     delta: &[f32],
     rest: &[f32],
     keep_all: bool,
-) -> Result<(Vec<f32>, Vec<Lanes>)> {
+) -> Result<(Vec<f32>, Slabs)> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(s) = Avx512::detect() {
+        return forward_lanes(dims, u, delta, rest, keep_all, |inp, d, bi, blocks, all| {
+            fwd_task16(s, inp, d, bi, blocks, all)
+        });
+    }
+    forward_lanes(dims, u, delta, rest, keep_all, fwd_task8)
+}
+
+/// [`forward`] with blocks of `K` channels, each task run by `task`.
+fn forward_lanes<const K: usize>(
+    dims: &ScanDims,
+    u: &[f32],
+    delta: &[f32],
+    rest: &[f32],
+    keep_all: bool,
+    task: impl Fn(&Inputs<'_>, &ScanDims, usize, Range<usize>, bool) -> FwdOut<K> + Sync,
+) -> Result<(Vec<f32>, Slabs)> {
     let inp = Inputs::split(dims, u, delta, rest)?;
+    let groups = dims.groups(K);
     let tasks: Vec<(usize, usize)> = (0..dims.b)
-        .flat_map(|bi| (0..dims.groups()).map(move |g| (bi, g)))
+        .flat_map(|bi| (0..groups).map(move |g| (bi, g)))
         .collect();
-    let outs: Vec<FwdOut> = tasks
+    let outs: Vec<FwdOut<K>> = tasks
         .par_iter()
-        .map(|&(bi, g)| fwd_task(&inp, dims, bi, dims.group_blocks(g), keep_all))
+        .map(|&(bi, g)| task(&inp, dims, bi, dims.group_blocks(K, g), keep_all))
         .collect();
 
     let (l, e) = (dims.l, dims.e);
     let mut y = vec![0.0f32; dims.b * l * e];
     if l * e > 0 {
-        let groups = dims.groups();
         y.par_chunks_mut(l * e).enumerate().for_each(|(bi, yb)| {
             for g in 0..groups {
                 let out = &outs[bi * groups + g];
-                for (lb, blk) in dims.group_blocks(g).enumerate() {
-                    let (e0, w) = (blk * W, dims.block_width(blk));
+                for (lb, blk) in dims.group_blocks(K, g).enumerate() {
+                    let (e0, w) = (blk * K, dims.block_width(K, blk));
                     for t in 0..l {
                         Portable.store(yb, dims.row(t) * e + e0, w, out.y[lb * l + t]);
                     }
@@ -321,20 +390,21 @@ pub(crate) fn forward(
         });
     }
     let slabs = outs.into_iter().flat_map(|o| o.slabs).collect();
-    Ok((y, slabs))
+    Ok((y, Slabs::new::<K>(slabs)))
 }
 
-/// The last state (`[b, E, N]`, row-major) from the block-layout slabs.
-pub(crate) fn last_state(dims: &ScanDims, slabs: &[Lanes], keep_all: bool) -> Vec<f32> {
-    let (e, n, nblk, nslabs) = (dims.e, dims.n, dims.nblk(), dims.nslabs(keep_all));
+/// The last state (`[b, E, N]`, row-major) from the stored states.
+pub(crate) fn last_state(dims: &ScanDims, slabs: &Slabs, keep_all: bool) -> Vec<f32> {
+    let (e, n, k, nslabs) = (dims.e, dims.n, slabs.lanes, dims.nslabs(keep_all));
+    let nblk = dims.nblk(k);
     let mut out = vec![0.0f32; dims.b * e * n];
     for bi in 0..dims.b {
         for blk in 0..nblk {
             let base = ((bi * nblk + blk) * nslabs + nslabs - 1) * n;
-            for i in 0..dims.block_width(blk) {
-                let row = (bi * e + blk * W + i) * n;
-                for (o, s) in out[row..row + n].iter_mut().zip(&slabs[base..base + n]) {
-                    *o = s[i];
+            for i in 0..dims.block_width(k, blk) {
+                let row = (bi * e + blk * k + i) * n;
+                for (ni, o) in out[row..row + n].iter_mut().enumerate() {
+                    *o = slabs.data[(base + ni) * k + i];
                 }
             }
         }
@@ -343,40 +413,40 @@ pub(crate) fn last_state(dims: &ScanDims, slabs: &[Lanes], keep_all: bool) -> Ve
 }
 
 /// What one backward task produces for its blocks.
-struct BwdOut {
-    /// `[block][L][W]` each; `gz` empty without z.
-    gu: Vec<Lanes>,
-    gdelta: Vec<Lanes>,
-    gz: Vec<Lanes>,
+struct BwdOut<const K: usize> {
+    /// `[block][L][K]` each; `gz` empty without z.
+    gu: Vec<[f32; K]>,
+    gdelta: Vec<[f32; K]>,
+    gz: Vec<[f32; K]>,
     /// `[L][N]` in scan order, summed over this task's channels.
     gb: Vec<f32>,
     gc: Vec<f32>,
-    /// `[block][N][W]`, summed over time.
-    ga: Vec<Lanes>,
+    /// `[block][N][K]`, summed over time.
+    ga: Vec<[f32; K]>,
     /// `[block]`, summed over time.
-    gd: Vec<Lanes>,
-    gbias: Vec<Lanes>,
-    /// `[block][N][W]`: gradient of the initial state.
-    gs0: Vec<Lanes>,
+    gd: Vec<[f32; K]>,
+    gbias: Vec<[f32; K]>,
+    /// `[block][N][K]`: gradient of the initial state.
+    gs0: Vec<[f32; K]>,
 }
 
 #[inline(always)]
-fn bwd_task_impl<S: Simd>(
+fn bwd_task_impl<const K: usize, S: Simd<K>>(
     s: S,
     inp: &Inputs<'_>,
     dims: &ScanDims,
     gy_all: &[f32],
-    slabs: &[Lanes],
+    slabs: &[[f32; K]],
     bi: usize,
     blocks: Range<usize>,
-) -> BwdOut {
+) -> BwdOut<K> {
     let ScanDims { l, e, n, .. } = *dims;
-    let (nblk, nslabs, nb) = (dims.nblk(), dims.nslabs(true), blocks.len());
+    let (nblk, nslabs, nb) = (dims.nblk(K), dims.nslabs(true), blocks.len());
     let params: Vec<BlockParams<S::V>> = blocks
         .clone()
         .map(|blk| block_params(s, inp, dims, blk))
         .collect();
-    let zl = [0.0f32; W];
+    let zl = [0.0f32; K];
     let mut o = BwdOut {
         gu: vec![zl; nb * l],
         gdelta: vec![zl; nb * l],
@@ -450,11 +520,11 @@ fn bwd_task_impl<S: Simd>(
                 let steps = ss[j * n..(j + 1) * n]
                     .iter_mut()
                     .zip(&mut das[j * n..(j + 1) * n]);
-                let lanes = st.iter_mut().zip(&bp.a).zip(&mut gcl[j * n..(j + 1) * n]);
+                let lanes = st.iter_mut().zip(&bp.a2).zip(&mut gcl[j * n..(j + 1) * n]);
                 for (((sj, daj), ((sn, &an), gcj)), (&bv, &cv)) in
                     steps.zip(lanes).zip(bt.iter().zip(ct))
                 {
-                    let da = simd::exp(s, s.mul(dt, an));
+                    let da = s.exp2(s.mul(dt, an));
                     *sn = s.mul_add(da, *sn, s.mul(du, s.splat(bv)));
                     y = s.mul_add(*sn, s.splat(cv), y);
                     *gcj = s.mul_add(gy, *sn, *gcj);
@@ -527,14 +597,25 @@ fn bwd_task_impl<S: Simd>(
 }
 
 with_simd! {
-    fn bwd_task(
+    fn bwd_task8(
         inp: &Inputs<'_>,
         dims: &ScanDims,
         gy_all: &[f32],
-        slabs: &[Lanes],
+        slabs: &[[f32; 8]],
         bi: usize,
         blocks: Range<usize>,
-    ) -> BwdOut = bwd_task_impl;
+    ) -> BwdOut<8> = bwd_task_impl;
+}
+
+with_avx512! {
+    fn bwd_task16(
+        inp: &Inputs<'_>,
+        dims: &ScanDims,
+        gy_all: &[f32],
+        slabs: &[[f32; 16]],
+        bi: usize,
+        blocks: Range<usize>,
+    ) -> BwdOut<16> = bwd_task_impl;
 }
 
 /// Fused backward: the gradient of `sum(y · grad_y)` w.r.t. `[u, delta, rest]` (one buffer,
@@ -546,7 +627,33 @@ pub(crate) fn backward(
     delta: &[f32],
     rest: &[f32],
     grad_y: &[f32],
-    slabs: &[Lanes],
+    slabs: &Slabs,
+) -> Result<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(s), Some(rows)) = (Avx512::detect(), slabs.rows::<16>()) {
+        let task = |inp: &Inputs<'_>, d: &ScanDims, g: &[f32], r: &[[f32; 16]], bi, blocks| {
+            bwd_task16(s, inp, d, g, r, bi, blocks)
+        };
+        return backward_lanes(dims, u, delta, rest, grad_y, rows, task);
+    }
+    let Some(rows) = slabs.rows::<8>() else {
+        bail!(
+            "selective_scan backward: the states were stored {} lanes wide, which this CPU's kernels do not read",
+            slabs.lanes
+        )
+    };
+    backward_lanes(dims, u, delta, rest, grad_y, rows, bwd_task8)
+}
+
+/// [`backward`] with blocks of `K` channels, each task run by `task`.
+fn backward_lanes<const K: usize>(
+    dims: &ScanDims,
+    u: &[f32],
+    delta: &[f32],
+    rest: &[f32],
+    grad_y: &[f32],
+    slabs: &[[f32; K]],
+    task: impl Fn(&Inputs<'_>, &ScanDims, &[f32], &[[f32; K]], usize, Range<usize>) -> BwdOut<K> + Sync,
 ) -> Result<Vec<f32>> {
     let inp = Inputs::split(dims, u, delta, rest)?;
     let ScanDims { b, l, e, n, .. } = *dims;
@@ -557,20 +664,20 @@ pub(crate) fn backward(
             b * l * e
         )
     }
-    let want_slabs = b * dims.nblk() * dims.nslabs(true) * n;
+    let want_slabs = b * dims.nblk(K) * dims.nslabs(true) * n;
     if slabs.len() != want_slabs {
         bail!(
             "selective_scan backward: {} saved state rows, expected {want_slabs} (was the forward run without gradient tracking?)",
             slabs.len()
         )
     }
-    let groups = dims.groups();
+    let groups = dims.groups(K);
     let tasks: Vec<(usize, usize)> = (0..b)
         .flat_map(|bi| (0..groups).map(move |g| (bi, g)))
         .collect();
-    let outs: Vec<BwdOut> = tasks
+    let outs: Vec<BwdOut<K>> = tasks
         .par_iter()
-        .map(|&(bi, g)| bwd_task(&inp, dims, grad_y, slabs, bi, dims.group_blocks(g)))
+        .map(|&(bi, g)| task(&inp, dims, grad_y, slabs, bi, dims.group_blocks(K, g)))
         .collect();
 
     let o = dims.offsets();
@@ -594,8 +701,8 @@ pub(crate) fn backward(
                         1 => &out.gdelta,
                         _ => &out.gz,
                     };
-                    for (lb, blk) in dims.group_blocks(g).enumerate() {
-                        let (e0, w) = (blk * W, dims.block_width(blk));
+                    for (lb, blk) in dims.group_blocks(K, g).enumerate() {
+                        let (e0, w) = (blk * K, dims.block_width(K, blk));
                         for t in 0..l {
                             Portable.store(db, dims.row(t) * e + e0, w, src[lb * l + t]);
                         }
@@ -623,8 +730,8 @@ pub(crate) fn backward(
     for bi in 0..b {
         for g in 0..groups {
             let out = &outs[bi * groups + g];
-            for (lb, blk) in dims.group_blocks(g).enumerate() {
-                let (e0, w) = (blk * W, dims.block_width(blk));
+            for (lb, blk) in dims.group_blocks(K, g).enumerate() {
+                let (e0, w) = (blk * K, dims.block_width(K, blk));
                 for i in 0..w {
                     let ch = e0 + i;
                     for ni in 0..n {
@@ -667,7 +774,7 @@ pub(crate) struct ScanOp {
     pub keep_all: bool,
     /// States saved by the forward, in block layout; read by the backward and by the caller
     /// (the last state).
-    pub saved: Arc<OnceLock<Vec<Lanes>>>,
+    pub saved: Arc<OnceLock<Slabs>>,
 }
 
 impl CustomOp3 for ScanOp {
@@ -743,7 +850,7 @@ impl CustomOp3 for ScanOp {
 /// travels in the op itself and is read through its storage lock.
 struct ScanGradOp {
     dims: ScanDims,
-    saved: Arc<OnceLock<Vec<Lanes>>>,
+    saved: Arc<OnceLock<Slabs>>,
     grad: Tensor,
     /// The forward's output; on CUDA it carries the chunk-boundary states.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -831,7 +938,7 @@ mod tests {
             .collect()
     }
 
-    fn close(what: &str, a: &[Lanes], b: &[Lanes]) {
+    fn close<const K: usize>(what: &str, a: &[[f32; K]], b: &[[f32; K]]) {
         assert_eq!(a.len(), b.len(), "{what}: length");
         let scale = b.iter().flatten().fold(1e-3f32, |m, v| m.max(v.abs()));
         for (i, (x, y)) in a.iter().flatten().zip(b.iter().flatten()).enumerate() {
@@ -843,7 +950,7 @@ mod tests {
     }
 
     /// Runs every forward and backward task with both implementations and compares them.
-    fn compare<P: Simd, Q: Simd>(p: P, q: Q) {
+    fn compare<const K: usize, P: Simd<K>, Q: Simd<K>>(p: P, q: Q) {
         for (b, l, e, n, has_z, has_s0, reverse) in [
             (2, 70, 19, 4, true, true, false),
             (1, 5, 3, 16, false, false, false),
@@ -868,8 +975,8 @@ mod tests {
             let grad = noise(b * l * e, 4);
             let inp = Inputs::split(&dims, &u, &delta, &rest).unwrap();
             let tasks: Vec<(usize, Range<usize>)> = (0..b)
-                .flat_map(|bi| (0..dims.groups()).map(move |g| (bi, g)))
-                .map(|(bi, g)| (bi, dims.group_blocks(g)))
+                .flat_map(|bi| (0..dims.groups(K)).map(move |g| (bi, g)))
+                .map(|(bi, g)| (bi, dims.group_blocks(K, g)))
                 .collect();
             let mut slabs = Vec::new();
             for (bi, blocks) in &tasks {
@@ -879,8 +986,8 @@ mod tests {
                 close("states", &x.slabs, &y.slabs);
                 slabs.extend(y.slabs);
             }
-            let as_lanes = |v: &[f32]| -> Vec<Lanes> {
-                v.chunks(W)
+            let as_lanes = |v: &[f32]| -> Vec<[f32; K]> {
+                v.chunks(K)
                     .map(|c| std::array::from_fn(|i| c.get(i).copied().unwrap_or(0.0)))
                     .collect()
             };
@@ -900,15 +1007,81 @@ mod tests {
         }
     }
 
-    /// The portable instantiation against the AVX2 one (which the integration tests check
-    /// against the reference), task by task.
+    /// The portable instantiations against the AVX2 and AVX-512 ones (which the
+    /// integration tests check against the reference), task by task.
     #[test]
-    fn portable_and_avx2_kernels_agree() {
+    fn portable_and_vector_kernels_agree() {
+        compare::<8, _, _>(Portable, Portable);
         #[cfg(target_arch = "x86_64")]
-        if let Some(avx) = simd::Avx2::detect() {
-            compare(Portable, avx);
-            return;
+        {
+            if let Some(avx) = simd::Avx2::detect() {
+                compare(Portable, avx);
+            }
+            if let Some(avx) = Avx512::detect() {
+                compare(Portable, avx);
+            }
         }
-        compare(Portable, Portable);
+    }
+
+    /// The whole forward and backward at 16 and at 8 lanes (different task splits and sum
+    /// orders) agree, and the stored states remember their width.
+    #[test]
+    fn lane_counts_agree() {
+        let dims = ScanDims {
+            b: 2,
+            l: 131,
+            e: 37,
+            n: 5,
+            has_z: true,
+            has_s0: true,
+            reverse: true,
+        };
+        let o = dims.offsets();
+        let ble = dims.b * dims.l * dims.e;
+        let (u, delta, grad) = (noise(ble, 5), noise(ble, 6), noise(ble, 7));
+        let mut rest = noise(o.total - o.z, 8);
+        for v in &mut rest[o.a - o.z..o.d - o.z] {
+            *v = -0.5 - 3.0 * v.abs();
+        }
+        let run = |wide: bool| {
+            let (y, slabs) = if wide {
+                forward_lanes(&dims, &u, &delta, &rest, true, |i, d, bi, blk, all| {
+                    fwd_task_impl::<16, _>(Portable, i, d, bi, blk, all)
+                })
+            } else {
+                forward_lanes(&dims, &u, &delta, &rest, true, fwd_task8)
+            }
+            .unwrap();
+            assert_eq!(slabs.lanes, if wide { 16 } else { 8 });
+            let last = last_state(&dims, &slabs, true);
+            let g = match slabs.rows::<16>() {
+                Some(rows) => backward_lanes(
+                    &dims,
+                    &u,
+                    &delta,
+                    &rest,
+                    &grad,
+                    rows,
+                    |i, d, g, r, bi, blk| bwd_task_impl::<16, _>(Portable, i, d, g, r, bi, blk),
+                ),
+                None => backward(&dims, &u, &delta, &rest, &grad, &slabs),
+            }
+            .unwrap();
+            [y, last, g]
+        };
+        let (wide, narrow) = (run(true), run(false));
+        for (what, (a, b)) in ["y", "last state", "grads"]
+            .iter()
+            .zip(wide.iter().zip(&narrow))
+        {
+            assert_eq!(a.len(), b.len(), "{what}");
+            let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (x - y).abs() <= 2e-6 * scale + 1e-5 * y.abs(),
+                    "{what}[{i}]: {x} vs {y}"
+                );
+            }
+        }
     }
 }

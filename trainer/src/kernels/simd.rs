@@ -1,4 +1,4 @@
-//! Explicit 8-lane f32 SIMD for the fused kernels.
+//! Explicit f32 SIMD for the fused kernels.
 //!
 //! The kernels are generic over [`Simd`] and run with [`Avx2`] (AVX2 + FMA intrinsics,
 //! chosen at run time) or [`Portable`] (plain `[f32; 8]` loops, any CPU). Explicit vectors
@@ -6,26 +6,30 @@
 //! polynomial's bit tricks (the loops came out scalar), and because our crate is built at
 //! opt-level 1 in dev, where nothing auto-vectorises.
 //!
+//! The lane count is the trait's parameter, 8 unless named: most kernels are written for
+//! 8 lanes (one AVX2 register), and the selective scan, whose per-state `exp` is most of
+//! its work, is generic over it and also runs 16 lanes wide with [`Avx512`].
+//!
 //! `with_simd!` defines a kernel entry point that calls its generic body inside an
 //! `#[target_feature(enable = "avx2,fma")]` function, so that the `#[inline(always)]`
 //! methods below and the intrinsics they call are compiled into straight AVX2 code.
 
 use half::bf16;
 
-/// Channels per SIMD block (one AVX2 register of f32).
+/// Channels per SIMD block of the 8-lane kernels (one AVX2 register of f32).
 pub(crate) const W: usize = 8;
 
 /// One value per channel of a block (the storage form of a vector).
 pub(crate) type Lanes = [f32; W];
 
-/// 8 × f32 vector operations. Methods take `self` (a zero-sized token) so that an
+/// `K` × f32 vector operations. Methods take `self` (a zero-sized token) so that an
 /// implementation can only be used once its CPU features are known to exist.
-pub(crate) trait Simd: Copy + Send + Sync {
+pub(crate) trait Simd<const K: usize = W>: Copy + Send + Sync {
     type V: Copy;
 
     fn splat(self, x: f32) -> Self::V;
-    fn load_lanes(self, l: &Lanes) -> Self::V;
-    fn to_lanes(self, v: Self::V) -> Lanes;
+    fn load_lanes(self, l: &[f32; K]) -> Self::V;
+    fn to_lanes(self, v: Self::V) -> [f32; K];
     fn add(self, a: Self::V, b: Self::V) -> Self::V;
     fn sub(self, a: Self::V, b: Self::V) -> Self::V;
     fn mul(self, a: Self::V, b: Self::V) -> Self::V;
@@ -43,8 +47,8 @@ pub(crate) trait Simd: Copy + Send + Sync {
     fn pow2i(self, k: Self::V) -> Self::V;
     /// Sum of the lanes.
     fn hsum(self, v: Self::V) -> f32;
-    /// Eight bf16 values widened to f32. Exact: a bf16 is the upper half of an f32's bits.
-    fn widen_bf16(self, l: &[bf16; W]) -> Self::V;
+    /// `K` bf16 values widened to f32. Exact: a bf16 is the upper half of an f32's bits.
+    fn widen_bf16(self, l: &[bf16; K]) -> Self::V;
     /// Asks for the cache line holding `p` (a hint: never faults, any address).
     fn prefetch<T>(self, p: *const T);
 
@@ -53,38 +57,91 @@ pub(crate) trait Simd: Copy + Send + Sync {
         self.splat(0.0)
     }
 
-    /// Reads `w ≤ W` values at `src[at..]`, zero-filling the other lanes.
+    /// `x · 2^k` for lanes of `k` holding integers in [-126, 127].
+    #[inline(always)]
+    fn scale2(self, x: Self::V, k: Self::V) -> Self::V {
+        self.mul(x, self.pow2i(k))
+    }
+
+    /// `x` rounded to the nearest integer (ties to even), for |x| < 2^22.
+    #[inline(always)]
+    fn round(self, x: Self::V) -> Self::V {
+        let magic = self.splat(EXP_MAGIC);
+        self.sub(self.add(x, magic), magic)
+    }
+
+    /// `e^x` to about 2 ulp for x ∈ [-87.3, 88.3]; below, the result stays at ~1e-38
+    /// instead of going subnormal; above, x is clamped; NaN stays NaN.
+    #[inline(always)]
+    fn exp(self, x: Self::V) -> Self::V {
+        // Operand order keeps NaN (max/min return their second operand on NaN).
+        let x = self.min(
+            self.splat(EXP_RANGE.1),
+            self.max(self.splat(EXP_RANGE.0), x),
+        );
+        let t = self.mul_add(
+            x,
+            self.splat(std::f32::consts::LOG2_E),
+            self.splat(EXP_MAGIC),
+        );
+        let k = self.sub(t, self.splat(EXP_MAGIC));
+        let r = self.mul_add(k, self.splat(-EXP_LN2_HI), x);
+        let r = self.mul_add(k, self.splat(-EXP_LN2_LO), r);
+        let mut p = self.splat(EXP_POLY[0]);
+        for c in &EXP_POLY[1..] {
+            p = self.mul_add(p, r, self.splat(*c));
+        }
+        self.scale2(p, k)
+    }
+
+    /// `2^x` to about 2 ulp for x ∈ [-126, 127], clamped to that range (so never
+    /// subnormal or infinite); NaN stays NaN. Five operations fewer than [`Simd::exp`]
+    /// (no Cody–Waite reduction, one fewer polynomial term, and with AVX-512 `vrndscaleps`
+    /// and `vscalefps`): the scan computes its decays `e^(Δ·A)` as `2^(Δ·(A·log2 e))`.
+    #[inline(always)]
+    fn exp2(self, x: Self::V) -> Self::V {
+        let x = self.min(self.splat(127.0), self.max(self.splat(-126.0), x));
+        let k = self.round(x);
+        let f = self.sub(x, k);
+        let mut p = self.splat(EXP2_POLY[0]);
+        for c in &EXP2_POLY[1..] {
+            p = self.mul_add(p, f, self.splat(*c));
+        }
+        self.scale2(p, k)
+    }
+
+    /// Reads `w ≤ K` values at `src[at..]`, zero-filling the other lanes.
     #[inline(always)]
     fn load(self, src: &[f32], at: usize, w: usize) -> Self::V {
-        if w == W
-            && let Some(full) = src[at..].first_chunk::<W>()
+        if w == K
+            && let Some(full) = src[at..].first_chunk::<K>()
         {
             return self.load_lanes(full);
         }
-        let mut tmp = [0.0; W];
+        let mut tmp = [0.0; K];
         tmp[..w].copy_from_slice(&src[at..at + w]);
         self.load_lanes(&tmp)
     }
 
-    /// Reads `w ≤ W` bf16 values at `src[at..]` as f32, zero-filling the other lanes.
+    /// Reads `w ≤ K` bf16 values at `src[at..]` as f32, zero-filling the other lanes.
     #[inline(always)]
     fn load_bf16(self, src: &[bf16], at: usize, w: usize) -> Self::V {
-        if w == W
-            && let Some(full) = src[at..].first_chunk::<W>()
+        if w == K
+            && let Some(full) = src[at..].first_chunk::<K>()
         {
             return self.widen_bf16(full);
         }
-        let mut tmp = [bf16::ZERO; W];
+        let mut tmp = [bf16::ZERO; K];
         tmp[..w].copy_from_slice(&src[at..at + w]);
         self.widen_bf16(&tmp)
     }
 
-    /// Writes the first `w ≤ W` lanes of `v` to `dst[at..]`.
+    /// Writes the first `w ≤ K` lanes of `v` to `dst[at..]`.
     #[inline(always)]
     fn store(self, dst: &mut [f32], at: usize, w: usize, v: Self::V) {
         let l = self.to_lanes(v);
-        if w == W
-            && let Some(full) = dst[at..].first_chunk_mut::<W>()
+        if w == K
+            && let Some(full) = dst[at..].first_chunk_mut::<K>()
         {
             *full = l;
             return;
@@ -93,79 +150,90 @@ pub(crate) trait Simd: Copy + Send + Sync {
     }
 }
 
-/// Plain-array implementation: correct on any CPU, used where AVX2+FMA are missing.
+/// Plain-array implementation at any lane count: correct on any CPU, used where AVX2+FMA
+/// are missing, and the scalar model the vector forms are tested against.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Portable;
 
 #[inline(always)]
-fn map2(a: Lanes, b: Lanes, f: impl Fn(f32, f32) -> f32) -> Lanes {
+fn map2<const K: usize>(a: [f32; K], b: [f32; K], f: impl Fn(f32, f32) -> f32) -> [f32; K] {
     std::array::from_fn(|i| f(a[i], b[i]))
 }
 
-impl Simd for Portable {
-    type V = Lanes;
+impl<const K: usize> Simd<K> for Portable {
+    type V = [f32; K];
 
     #[inline(always)]
-    fn splat(self, x: f32) -> Lanes {
-        [x; W]
+    fn splat(self, x: f32) -> [f32; K] {
+        [x; K]
     }
     #[inline(always)]
-    fn load_lanes(self, l: &Lanes) -> Lanes {
+    fn load_lanes(self, l: &[f32; K]) -> [f32; K] {
         *l
     }
     #[inline(always)]
-    fn to_lanes(self, v: Lanes) -> Lanes {
+    fn to_lanes(self, v: [f32; K]) -> [f32; K] {
         v
     }
     #[inline(always)]
-    fn add(self, a: Lanes, b: Lanes) -> Lanes {
+    fn add(self, a: [f32; K], b: [f32; K]) -> [f32; K] {
         map2(a, b, |x, y| x + y)
     }
     #[inline(always)]
-    fn sub(self, a: Lanes, b: Lanes) -> Lanes {
+    fn sub(self, a: [f32; K], b: [f32; K]) -> [f32; K] {
         map2(a, b, |x, y| x - y)
     }
     #[inline(always)]
-    fn mul(self, a: Lanes, b: Lanes) -> Lanes {
+    fn mul(self, a: [f32; K], b: [f32; K]) -> [f32; K] {
         map2(a, b, |x, y| x * y)
     }
     #[inline(always)]
-    fn div(self, a: Lanes, b: Lanes) -> Lanes {
+    fn div(self, a: [f32; K], b: [f32; K]) -> [f32; K] {
         map2(a, b, |x, y| x / y)
     }
     #[inline(always)]
-    fn mul_add(self, a: Lanes, b: Lanes, c: Lanes) -> Lanes {
+    fn mul_add(self, a: [f32; K], b: [f32; K], c: [f32; K]) -> [f32; K] {
         // Not `f32::mul_add`: without FMA hardware that is a slow libm call.
         std::array::from_fn(|i| a[i] * b[i] + c[i])
     }
     #[inline(always)]
-    fn max(self, a: Lanes, b: Lanes) -> Lanes {
+    fn max(self, a: [f32; K], b: [f32; K]) -> [f32; K] {
         map2(a, b, |x, y| if x > y { x } else { y })
     }
     #[inline(always)]
-    fn min(self, a: Lanes, b: Lanes) -> Lanes {
+    fn min(self, a: [f32; K], b: [f32; K]) -> [f32; K] {
         map2(a, b, |x, y| if x < y { x } else { y })
     }
     #[inline(always)]
-    fn abs(self, a: Lanes) -> Lanes {
+    fn abs(self, a: [f32; K]) -> [f32; K] {
         a.map(f32::abs)
     }
     #[inline(always)]
-    fn select_gt(self, a: Lanes, b: Lanes, x: Lanes, y: Lanes) -> Lanes {
+    fn select_gt(self, a: [f32; K], b: [f32; K], x: [f32; K], y: [f32; K]) -> [f32; K] {
         std::array::from_fn(|i| if a[i] > b[i] { x[i] } else { y[i] })
     }
     #[inline(always)]
-    fn pow2i(self, k: Lanes) -> Lanes {
+    fn pow2i(self, k: [f32; K]) -> [f32; K] {
         k.map(|k| f32::from_bits(((k as i32).wrapping_add(127) as u32) << 23))
     }
     #[inline(always)]
-    fn hsum(self, v: Lanes) -> f32 {
-        ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]))
+    fn hsum(self, v: [f32; K]) -> f32 {
+        // Pairwise, as the vector forms reduce (halves added lane by lane).
+        let mut v = v;
+        let mut len = K;
+        while len > 1 {
+            let half = len / 2;
+            for i in 0..half {
+                v[i] += v[i + half];
+            }
+            len = half;
+        }
+        v[0]
     }
     #[inline(always)]
     fn prefetch<T>(self, _p: *const T) {}
     #[inline(always)]
-    fn widen_bf16(self, l: &[bf16; W]) -> Lanes {
+    fn widen_bf16(self, l: &[bf16; K]) -> [f32; K] {
         std::array::from_fn(|i| f32::from_bits(u32::from(l[i].to_bits()) << 16))
     }
 }
@@ -282,6 +350,118 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx512::Avx512;
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Simd, bf16};
+
+    /// AVX-512 F/BW/VL, 16 lanes (where [`crate::kernels::avx512::available`]). As with
+    /// [`super::Avx2`], a value exists only once the features are known to exist.
+    #[derive(Clone, Copy, Debug)]
+    pub(crate) struct Avx512(());
+
+    impl Avx512 {
+        /// The token, if this CPU has AVX-512 F/BW/VL and `MOLT_AVX512` is not `0`.
+        #[inline]
+        pub(crate) fn detect() -> Option<Self> {
+            crate::kernels::avx512::available().then_some(Self(()))
+        }
+    }
+
+    // SAFETY (every `unsafe` block in this impl): an `Avx512` value proves the CPU supports
+    // AVX-512 F/BW/VL; the pointer reads/writes go through `&[f32; 16]` / `&[bf16; 16]`.
+    impl Simd<16> for Avx512 {
+        type V = __m512;
+
+        #[inline(always)]
+        fn splat(self, x: f32) -> __m512 {
+            unsafe { _mm512_set1_ps(x) }
+        }
+        #[inline(always)]
+        fn load_lanes(self, l: &[f32; 16]) -> __m512 {
+            unsafe { _mm512_loadu_ps(l.as_ptr()) }
+        }
+        #[inline(always)]
+        fn to_lanes(self, v: __m512) -> [f32; 16] {
+            let mut out = [0.0f32; 16];
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), v) };
+            out
+        }
+        #[inline(always)]
+        fn add(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        fn sub(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        fn mul(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        fn div(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_div_ps(a, b) }
+        }
+        #[inline(always)]
+        fn mul_add(self, a: __m512, b: __m512, c: __m512) -> __m512 {
+            unsafe { _mm512_fmadd_ps(a, b, c) }
+        }
+        #[inline(always)]
+        fn max(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_max_ps(a, b) }
+        }
+        #[inline(always)]
+        fn min(self, a: __m512, b: __m512) -> __m512 {
+            unsafe { _mm512_min_ps(a, b) }
+        }
+        #[inline(always)]
+        fn abs(self, a: __m512) -> __m512 {
+            unsafe { _mm512_abs_ps(a) }
+        }
+        #[inline(always)]
+        fn select_gt(self, a: __m512, b: __m512, x: __m512, y: __m512) -> __m512 {
+            unsafe { _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(a, b), y, x) }
+        }
+        #[inline(always)]
+        fn pow2i(self, k: __m512) -> __m512 {
+            unsafe {
+                let e = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e))
+            }
+        }
+        #[inline(always)]
+        fn scale2(self, x: __m512, k: __m512) -> __m512 {
+            unsafe { _mm512_scalef_ps(x, k) }
+        }
+        #[inline(always)]
+        fn round(self, x: __m512) -> __m512 {
+            unsafe { _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(x) }
+        }
+        #[inline(always)]
+        fn hsum(self, v: __m512) -> f32 {
+            unsafe { _mm512_reduce_add_ps(v) }
+        }
+        #[inline(always)]
+        fn prefetch<T>(self, p: *const T) {
+            // SAFETY: a prefetch reads nothing architecturally and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+        }
+        #[inline(always)]
+        fn widen_bf16(self, l: &[bf16; 16]) -> __m512 {
+            // `bf16` is `repr(transparent)` over `u16`: the array is 32 readable bytes.
+            unsafe {
+                let h = _mm256_loadu_si256(l.as_ptr().cast::<__m256i>());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+        }
+    }
+}
+
 /// 1.5·2^23: adding it rounds to an integer.
 pub(crate) const EXP_MAGIC: f32 = 12_582_912.0;
 /// ln 2 split so that k·LN2_HI is exact (Cody–Waite reduction).
@@ -289,6 +469,17 @@ pub(crate) const EXP_LN2_HI: f32 = 0.693_359_4;
 pub(crate) const EXP_LN2_LO: f32 = -2.121_944_4e-4;
 /// The clamp of [`exp`]'s argument.
 pub(crate) const EXP_RANGE: (f32, f32) = (-87.3, 88.3);
+/// Coefficients of `2^f` for |f| ≤ 1/2 from f^6 down (Horner order): interpolation at the
+/// Chebyshev nodes, within 2e-8 (relative) of `2^f` with the coefficients rounded to f32.
+pub(crate) const EXP2_POLY: [f32; 7] = [
+    1.546_144_5e-4,
+    1.340_042_8e-3,
+    9.618_057e-3,
+    5.550_327e-2,
+    0.240_226_5,
+    std::f32::consts::LN_2,
+    1.0,
+];
 /// Taylor coefficients of `e^r` from r^7 down (Horner order): for |r| ≤ ln2/2 the
 /// truncation error stays below 6e-9 (relative).
 pub(crate) const EXP_POLY: [f32; 8] = [
@@ -302,27 +493,16 @@ pub(crate) const EXP_POLY: [f32; 8] = [
     1.0,
 ];
 
-/// `e^x` to about 2 ulp for x ∈ [-87.3, 88.3]; below, the result stays at ~1e-38 instead
-/// of going subnormal; above, x is clamped; NaN stays NaN.
+/// [`Simd::exp`].
 #[inline(always)]
-pub(crate) fn exp<S: Simd>(s: S, x: S::V) -> S::V {
-    // Operand order keeps NaN (max/min return their second operand on NaN).
-    let x = s.min(s.splat(EXP_RANGE.1), s.max(s.splat(EXP_RANGE.0), x));
-    let t = s.mul_add(x, s.splat(std::f32::consts::LOG2_E), s.splat(EXP_MAGIC));
-    let k = s.sub(t, s.splat(EXP_MAGIC));
-    let r = s.mul_add(k, s.splat(-EXP_LN2_HI), x);
-    let r = s.mul_add(k, s.splat(-EXP_LN2_LO), r);
-    let mut p = s.splat(EXP_POLY[0]);
-    for c in &EXP_POLY[1..] {
-        p = s.mul_add(p, r, s.splat(*c));
-    }
-    s.mul(p, s.pow2i(k))
+pub(crate) fn exp<const K: usize, S: Simd<K>>(s: S, x: S::V) -> S::V {
+    s.exp(x)
 }
 
 /// `ln(1 + x)` for `x ∈ [0, 1]`, to about 1 ulp including tiny `x`: `2·atanh(s)` with
 /// `s = x / (2 + x) ≤ 1/3`, so there is no `1 + x` cancellation.
 #[inline(always)]
-pub(crate) fn log1p_unit<S: Simd>(s: S, x: S::V) -> S::V {
+pub(crate) fn log1p_unit<const K: usize, S: Simd<K>>(s: S, x: S::V) -> S::V {
     let q = s.div(x, s.add(s.splat(2.0), x));
     let q2 = s.mul(q, q);
     let mut p = s.splat(2.0 / 15.0);
@@ -343,7 +523,7 @@ pub(crate) fn log1p_unit<S: Simd>(s: S, x: S::V) -> S::V {
 /// PyTorch's softplus (threshold 20): `v` above 20, else `max(v, 0) + log1p(e^-|v|)`.
 /// Also returns `e^-|v|`, from which [`softplus_slope`] gets the derivative.
 #[inline(always)]
-pub(crate) fn softplus<S: Simd>(s: S, v: S::V) -> (S::V, S::V) {
+pub(crate) fn softplus<const K: usize, S: Simd<K>>(s: S, v: S::V) -> (S::V, S::V) {
     let e = exp(s, s.sub(s.zero(), s.abs(v)));
     let soft = s.add(s.max(v, s.zero()), log1p_unit(s, e));
     (s.select_gt(v, s.splat(20.0), v, soft), e)
@@ -351,7 +531,7 @@ pub(crate) fn softplus<S: Simd>(s: S, v: S::V) -> (S::V, S::V) {
 
 /// softplus'(v) = σ(v) (1 above the threshold), from `e = e^-|v|`.
 #[inline(always)]
-pub(crate) fn softplus_slope<S: Simd>(s: S, v: S::V, e: S::V) -> S::V {
+pub(crate) fn softplus_slope<const K: usize, S: Simd<K>>(s: S, v: S::V, e: S::V) -> S::V {
     let inv = s.div(s.splat(1.0), s.add(s.splat(1.0), e));
     let sig = s.select_gt(v, s.zero(), inv, s.mul(e, inv));
     s.select_gt(v, s.splat(20.0), s.splat(1.0), sig)
@@ -359,20 +539,20 @@ pub(crate) fn softplus_slope<S: Simd>(s: S, v: S::V, e: S::V) -> S::V {
 
 /// The logistic sigmoid.
 #[inline(always)]
-pub(crate) fn sigmoid<S: Simd>(s: S, z: S::V) -> S::V {
+pub(crate) fn sigmoid<const K: usize, S: Simd<K>>(s: S, z: S::V) -> S::V {
     let one = s.splat(1.0);
     s.div(one, s.add(one, exp(s, s.sub(s.zero(), z))))
 }
 
 /// `silu(z) = z·σ(z)`.
 #[inline(always)]
-pub(crate) fn silu<S: Simd>(s: S, z: S::V) -> S::V {
+pub(crate) fn silu<const K: usize, S: Simd<K>>(s: S, z: S::V) -> S::V {
     s.mul(z, sigmoid(s, z))
 }
 
 /// `(silu(z), silu'(z))` with `silu'(z) = σ(z)·(1 + z·(1 − σ(z)))`.
 #[inline(always)]
-pub(crate) fn silu_and_grad<S: Simd>(s: S, z: S::V) -> (S::V, S::V) {
+pub(crate) fn silu_and_grad<const K: usize, S: Simd<K>>(s: S, z: S::V) -> (S::V, S::V) {
     let sig = sigmoid(s, z);
     let one = s.splat(1.0);
     (
@@ -384,7 +564,44 @@ pub(crate) fn silu_and_grad<S: Simd>(s: S, z: S::V) -> (S::V, S::V) {
 /// Defines `fn $name(args) -> ret` that runs `$imp(Avx2, args)` compiled with AVX2+FMA
 /// when the CPU has them, else `$imp(Portable, args)`. `$imp` must be `#[inline(always)]`
 /// and generic over `S: Simd` (first argument) so its body is compiled per instruction set.
+///
+/// `with_simd! { wide fn … }` tries `$imp(Avx512, args)` (16 lanes, AVX-512 F/BW/VL) first:
+/// for bodies generic over the lane count (`const K: usize, S: Simd<K>`) whose result does
+/// not depend on it.
 macro_rules! with_simd {
+    (wide $(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                fn avx512(s: $crate::kernels::simd::Avx512, $($arg: $ty),*) $(-> $ret)? {
+                    $imp(s, $($arg),*)
+                }
+                if let Some(s) = $crate::kernels::simd::Avx512::detect() {
+                    // SAFETY: `detect` returned a token, so the CPU supports AVX-512 F/BW/VL.
+                    return unsafe { avx512(s, $($arg),*) };
+                }
+            }
+            $crate::kernels::simd::with_simd!(@narrow $imp, $($arg : $ty),* ; $($ret)?)
+        }
+    };
+    (@narrow $imp:ident, $($arg:ident : $ty:ty),* ; $($ret:ty)?) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn avx2(s: $crate::kernels::simd::Avx2, $($arg: $ty),*) $(-> $ret)? {
+                $imp(s, $($arg),*)
+            }
+            if let Some(s) = $crate::kernels::simd::Avx2::detect() {
+                // SAFETY: `detect` returned a token, so the CPU supports AVX2 and FMA.
+                return unsafe { avx2(s, $($arg),*) };
+            }
+        }
+        $imp::<8, _>($crate::kernels::simd::Portable, $($arg),*)
+    }};
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
@@ -406,6 +623,27 @@ macro_rules! with_simd {
 }
 pub(crate) use with_simd;
 
+/// Defines `fn $name(s: Avx512, args) -> ret` (x86-64 only) that runs `$imp(s, args)`
+/// compiled with AVX-512 F/BW/VL: the 16-lane instantiation of a generic kernel body, for
+/// callers that pick the lane count themselves. The token makes the call safe.
+macro_rules! with_avx512 {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty = $imp:ident;) => {
+        $(#[$meta])*
+        #[cfg(target_arch = "x86_64")]
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name(s: $crate::kernels::simd::Avx512, $($arg: $ty),*) -> $ret {
+            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            fn inner(s: $crate::kernels::simd::Avx512, $($arg: $ty),*) -> $ret {
+                $imp(s, $($arg),*)
+            }
+            // SAFETY: an `Avx512` token exists only where the CPU has these features.
+            unsafe { inner(s, $($arg),*) }
+        }
+    };
+}
+pub(crate) use with_avx512;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,8 +653,12 @@ mod tests {
     }
 
     /// Applies a vector function lane by lane to `xs` with implementation `s`.
-    fn apply<S: Simd>(s: S, xs: &[f32], f: impl Fn(S, S::V) -> S::V) -> Vec<f32> {
-        xs.chunks(W)
+    fn apply<const K: usize, S: Simd<K>>(
+        s: S,
+        xs: &[f32],
+        f: impl Fn(S, S::V) -> S::V,
+    ) -> Vec<f32> {
+        xs.chunks(K)
             .flat_map(|c| {
                 let v = f(s, s.load(c, 0, c.len()));
                 s.to_lanes(v)[..c.len()].to_vec()
@@ -426,18 +668,26 @@ mod tests {
 
     /// Runs `check` with every implementation this CPU supports.
     fn each_impl(check: impl Fn(&dyn Fn(&[f32], &str) -> Vec<f32>)) {
-        let portable = |xs: &[f32], which: &str| eval(Portable, xs, which);
+        let portable = |xs: &[f32], which: &str| eval::<8, _>(Portable, xs, which);
         check(&portable);
+        let portable16 = |xs: &[f32], which: &str| eval::<16, _>(Portable, xs, which);
+        check(&portable16);
         #[cfg(target_arch = "x86_64")]
         if let Some(a) = Avx2::detect() {
             let avx = move |xs: &[f32], which: &str| eval(a, xs, which);
             check(&avx);
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(a) = Avx512::detect() {
+            let avx = move |xs: &[f32], which: &str| eval(a, xs, which);
+            check(&avx);
+        }
     }
 
-    fn eval<S: Simd>(s: S, xs: &[f32], which: &str) -> Vec<f32> {
+    fn eval<const K: usize, S: Simd<K>>(s: S, xs: &[f32], which: &str) -> Vec<f32> {
         match which {
             "exp" => apply(s, xs, exp),
+            "exp2" => apply(s, xs, |s, v| s.exp2(v)),
             "log1p" => apply(s, xs, log1p_unit),
             "softplus" => apply(s, xs, |s, v| softplus(s, v).0),
             "slope" => apply(s, xs, |s, v| {
@@ -472,6 +722,28 @@ mod tests {
             assert!(special[1] >= 0.0 && special[1] < 1e-37);
             assert!(special[2].is_finite() && special[2] > 1e38);
             assert_eq!(special[3], 1.0);
+        });
+    }
+
+    #[test]
+    fn exp2_is_within_2_ulp() {
+        let xs = grid(-126.0, 127.0, 0.00731);
+        each_impl(|f| {
+            for (x, got) in xs.iter().zip(f(&xs, "exp2")) {
+                assert!(ulps(got, (*x as f64).exp2()) < 2.0, "exp2({x}) = {got}");
+            }
+            let special = f(&[f32::NAN, -1000.0, 1000.0, 0.0, -126.0, 127.0], "exp2");
+            assert!(special[0].is_nan());
+            assert_eq!(
+                special[1..],
+                [
+                    2f32.powi(-126),
+                    2f32.powi(127),
+                    1.0,
+                    2f32.powi(-126),
+                    2f32.powi(127)
+                ]
+            );
         });
     }
 
