@@ -235,6 +235,11 @@ fn initial_state<const K: usize, S: Simd<K>>(
     st.iter().map(|l| s.load_lanes(l)).collect()
 }
 
+/// Time rows ahead that the backward's recompute asks for its lanes of `u`, `delta`, `z`
+/// and the gradient: a task walks one block of channels down rows `E` floats apart, a
+/// stride that crosses a page every few rows, where hardware stride prefetchers stop.
+const PREFETCH_ROWS: usize = 8;
+
 /// What one forward task produces for its blocks.
 struct FwdOut<const K: usize> {
     /// `[block][L][K]`.
@@ -501,6 +506,13 @@ fn bwd_task_impl<const K: usize, S: Simd<K>>(
                 let t = t0 + j;
                 let tr = dims.row(t);
                 let row = (bi * l + tr) * e + bp.e0;
+                if t + PREFETCH_ROWS < l {
+                    let ahead = (bi * l + dims.row(t + PREFETCH_ROWS)) * e + bp.e0;
+                    for src in [inp.u, inp.delta, gy_all].into_iter().chain(inp.z) {
+                        // A hint: never faults; `ahead` is inside every `[b, L, E]` input.
+                        s.prefetch(src.as_ptr().wrapping_add(ahead));
+                    }
+                }
                 let u = s.load(inp.u, row, bp.w);
                 let v = s.add(s.load(inp.delta, row, bp.w), bp.bias);
                 let (dt, ev) = simd::softplus(s, v);
