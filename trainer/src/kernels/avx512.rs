@@ -1,7 +1,9 @@
 //! AVX-512 forms of the decode kernels, chosen at run time where the CPU has AVX-512
 //! F/BW/VL (Intel Xeon since Skylake-SP, AMD Zen 4 where the hypervisor exposes it): the
 //! few-row product of [`super::gemv`] and the state update of the scan step
-//! ([`super::step`]). The rest of the kernels stay 8 lanes wide ([`super::simd`]).
+//! ([`super::step`]). The selective scan and the causal conv reach AVX-512 through
+//! [`super::simd::Avx512`] instead (their bodies are generic over the lane count); the rest
+//! of the kernels stay 8 lanes wide.
 //!
 //! The few-row product:
 //! Same order of work as the 8-lane kernel — each task streams its rows of `W` front to
