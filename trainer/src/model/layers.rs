@@ -658,10 +658,14 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // candle's fused rms_norm has no backward; use it only when nothing needs gradients.
+        // candle's fused rms_norm has no backward: it serves inference; training on CPU
+        // gets our fused op (one graph node), other devices and dtypes the plain ops.
         let needs_grad = x.track_op() || self.weight.track_op();
         if !needs_grad && x.dtype() == DType::F32 && x.is_contiguous() {
             return candle_nn::ops::rms_norm(x, &self.weight, self.eps as f32);
+        }
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            return crate::kernels::rms_norm(x, &self.weight, self.eps);
         }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
