@@ -23,7 +23,7 @@ use std::arch::x86_64::*;
 use half::bf16;
 
 use super::gemv::{Operands, PREFETCH_BYTES};
-use super::simd::{EXP_LN2_HI, EXP_LN2_LO, EXP_MAGIC, EXP_POLY, EXP_RANGE};
+use super::simd::{Avx512, Simd};
 use super::step::{StepInputs, seg_dt, seg_gate};
 
 /// f32 lanes per register.
@@ -212,27 +212,6 @@ pub(crate) unsafe fn block<T: Elem>(p: &Operands<'_, T>, r0: usize, out: &mut [f
     }
 }
 
-/// [`super::simd::exp`] on 16 lanes: the same reduction and polynomial, so the same values.
-#[inline(always)]
-unsafe fn exp(x: __m512) -> __m512 {
-    // SAFETY: the caller's contract (AVX-512 F).
-    unsafe {
-        let set = _mm512_set1_ps;
-        // max/min return their second operand on NaN, as the 8-lane form relies on.
-        let x = _mm512_min_ps(set(EXP_RANGE.1), _mm512_max_ps(set(EXP_RANGE.0), x));
-        let t = _mm512_fmadd_ps(x, set(std::f32::consts::LOG2_E), set(EXP_MAGIC));
-        let k = _mm512_sub_ps(t, set(EXP_MAGIC));
-        let r = _mm512_fmadd_ps(k, set(-EXP_LN2_HI), x);
-        let r = _mm512_fmadd_ps(k, set(-EXP_LN2_LO), r);
-        let mut p = set(EXP_POLY[0]);
-        for c in &EXP_POLY[1..] {
-            p = _mm512_fmadd_ps(p, r, set(*c));
-        }
-        let e = _mm512_add_epi32(_mm512_cvtps_epi32(k), _mm512_set1_epi32(127));
-        _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e)))
-    }
-}
-
 /// [`super::step::scan_seg`] with the state update 16 lanes wide: at N = 16 one `exp` and
 /// one horizontal sum per channel instead of two and one over twice the registers. `dt` and
 /// the gate (one value per channel) stay in the 8-lane kernels.
@@ -247,6 +226,8 @@ pub(crate) unsafe fn scan_seg(
     y: &mut [f32],
     ns: &mut [f32],
 ) {
+    // SAFETY: this function's contract.
+    let s = unsafe { Avx512::assume() };
     let dts = seg_dt(inp, bi, e0, y.len());
     let n = inp.n;
     let (bt, ct) = inp.bc(bi);
@@ -263,7 +244,7 @@ pub(crate) unsafe fn scan_seg(
                 let cw = L.min(n - c);
                 let m: __mmask16 = u16::MAX >> (L - cw);
                 let load = |v: &[f32]| _mm512_maskz_loadu_ps(m, v.as_ptr().add(c));
-                let da = exp(_mm512_mul_ps(dtv, load(arow)));
+                let da = s.exp(_mm512_mul_ps(dtv, load(arow)));
                 let sn = _mm512_fmadd_ps(da, load(srow), _mm512_mul_ps(duv, load(bt)));
                 _mm512_mask_storeu_ps(nrow.as_mut_ptr().add(c), m, sn);
                 acc = _mm512_fmadd_ps(sn, load(ct), acc);

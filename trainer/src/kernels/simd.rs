@@ -1,14 +1,15 @@
 //! Explicit f32 SIMD for the fused kernels.
 //!
 //! The kernels are generic over [`Simd`] and run with [`Avx2`] (AVX2 + FMA intrinsics,
-//! chosen at run time) or [`Portable`] (plain `[f32; 8]` loops, any CPU). Explicit vectors
+//! chosen at run time) or [`Portable`] (plain array loops, any CPU). Explicit vectors
 //! rather than auto-vectorisation because LLVM's SLP vectoriser gives up on the `exp`
 //! polynomial's bit tricks (the loops came out scalar), and because our crate is built at
 //! opt-level 1 in dev, where nothing auto-vectorises.
 //!
 //! The lane count is the trait's parameter, 8 unless named: most kernels are written for
-//! 8 lanes (one AVX2 register), and the selective scan, whose per-state `exp` is most of
-//! its work, is generic over it and also runs 16 lanes wide with [`Avx512`].
+//! 8 lanes (one AVX2 register); the selective scan, whose per-state `exp` is most of its
+//! work, and the causal conv are generic over it and also run 16 lanes wide with
+//! [`Avx512`].
 //!
 //! `with_simd!` defines a kernel entry point that calls its generic body inside an
 //! `#[target_feature(enable = "avx2,fma")]` function, so that the `#[inline(always)]`
@@ -370,6 +371,15 @@ mod avx512 {
         pub(crate) fn detect() -> Option<Self> {
             crate::kernels::avx512::available().then_some(Self(()))
         }
+
+        /// The token, for code already running under the features' contract.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512 F/BW/VL.
+        #[inline(always)]
+        pub(crate) unsafe fn assume() -> Self {
+            Self(())
+        }
     }
 
     // SAFETY (every `unsafe` block in this impl): an `Avx512` value proves the CPU supports
@@ -574,20 +584,25 @@ macro_rules! with_simd {
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             {
-                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx512(s: $crate::kernels::simd::Avx512, $($arg: $ty),*) $(-> $ret)? {
-                    $imp(s, $($arg),*)
+                $crate::kernels::simd::with_avx512! {
+                    fn avx512($($arg: $ty),*) $(-> $ret)? = $imp;
                 }
                 if let Some(s) = $crate::kernels::simd::Avx512::detect() {
-                    // SAFETY: `detect` returned a token, so the CPU supports AVX-512 F/BW/VL.
-                    return unsafe { avx512(s, $($arg),*) };
+                    return avx512(s, $($arg),*);
                 }
             }
-            $crate::kernels::simd::with_simd!(@narrow $imp, $($arg : $ty),* ; $($ret)?)
+            $crate::kernels::simd::with_simd!(@narrow $imp [::<8, _>], $($arg : $ty),* ; $($ret)?)
         }
     };
-    (@narrow $imp:ident, $($arg:ident : $ty:ty),* ; $($ret:ty)?) => {{
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            $crate::kernels::simd::with_simd!(@narrow $imp [], $($arg : $ty),* ; $($ret)?)
+        }
+    };
+    // The body after any wider form: AVX2 + FMA where the CPU has them, else portable
+    // (`$($lanes)*` names the lane count for bodies generic over it).
+    (@narrow $imp:ident [$($lanes:tt)*], $($arg:ident : $ty:ty),* ; $($ret:ty)?) => {{
         #[cfg(target_arch = "x86_64")]
         {
             #[target_feature(enable = "avx2,fma")]
@@ -600,26 +615,8 @@ macro_rules! with_simd {
                 return unsafe { avx2(s, $($arg),*) };
             }
         }
-        $imp::<8, _>($crate::kernels::simd::Portable, $($arg),*)
+        $imp $($lanes)* ($crate::kernels::simd::Portable, $($arg),*)
     }};
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;) => {
-        $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                fn avx2(s: $crate::kernels::simd::Avx2, $($arg: $ty),*) $(-> $ret)? {
-                    $imp(s, $($arg),*)
-                }
-                if let Some(s) = $crate::kernels::simd::Avx2::detect() {
-                    // SAFETY: `detect` returned a token, so the CPU supports AVX2 and FMA.
-                    return unsafe { avx2(s, $($arg),*) };
-                }
-            }
-            $imp($crate::kernels::simd::Portable, $($arg),*)
-        }
-    };
 }
 pub(crate) use with_simd;
 
@@ -627,14 +624,14 @@ pub(crate) use with_simd;
 /// compiled with AVX-512 F/BW/VL: the 16-lane instantiation of a generic kernel body, for
 /// callers that pick the lane count themselves. The token makes the call safe.
 macro_rules! with_avx512 {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty = $imp:ident;) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? = $imp:ident;) => {
         $(#[$meta])*
         #[cfg(target_arch = "x86_64")]
         #[allow(clippy::too_many_arguments)]
-        $vis fn $name(s: $crate::kernels::simd::Avx512, $($arg: $ty),*) -> $ret {
+        $vis fn $name(s: $crate::kernels::simd::Avx512, $($arg: $ty),*) $(-> $ret)? {
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
             #[allow(clippy::too_many_arguments)]
-            fn inner(s: $crate::kernels::simd::Avx512, $($arg: $ty),*) -> $ret {
+            fn inner(s: $crate::kernels::simd::Avx512, $($arg: $ty),*) $(-> $ret)? {
                 $imp(s, $($arg),*)
             }
             // SAFETY: an `Avx512` token exists only where the CPU has these features.
