@@ -8,8 +8,8 @@
 //!
 //! `W` may be f32 or bf16 (`--dtype bf16`: half the bytes per step). bf16 rows are widened
 //! to f32 in registers (exact) and multiplied with the f32 activations in f32, so the only
-//! rounding bf16 adds is the weights' own; `vdpbf16ps` would also round the activations,
-//! and buys nothing here since the product is bound by memory.
+//! rounding bf16 adds is the weights' own (the AVX-512 BF16 form for one or two rows adds
+//! at most 2⁻¹⁸ of each term: [`super::avx512`]).
 //!
 //! The kernel below is 8 lanes wide (AVX2, or portable); where the CPU has AVX-512 the
 //! 16-lane form in [`super::avx512`] runs instead (f32 batch-1 decode 1.2×, bf16 1.35×
@@ -68,6 +68,13 @@ pub fn enabled() -> bool {
 pub const MAX_ROWS: usize = 8;
 /// Output rows per parallel task: a task reads a contiguous block of `W`.
 const ROWS_PER_TASK: usize = 64;
+
+/// [`ROWS_PER_TASK`] f32 rows' worth of bytes: 128 rows of bf16, so a task streams as many
+/// bytes as an f32 one (bf16 batch-1 decode +2–6 % against 64 rows, 512 rows slower; three
+/// interleaved runs each, BENCHMARKS.md).
+fn rows_per_task<T>() -> usize {
+    ROWS_PER_TASK * size_of::<f32>() / size_of::<T>().max(1)
+}
 /// Below this many weight elements one thread does the product (a task costs µs).
 const PARALLEL_MIN: usize = 1 << 15;
 /// How far ahead in `W` a product of ≥ 4 rows prefetches: two bf16 rows at k = 768 (a
@@ -313,9 +320,10 @@ fn matmul_small<T: Block>(x: &[f32], m: usize, k: usize, w: &[T], n: usize) -> V
     if n * k < PARALLEL_MIN {
         T::block(&p, 0, &mut t);
     } else {
-        t.par_chunks_mut(ROWS_PER_TASK * m)
+        let rpt = rows_per_task::<T>();
+        t.par_chunks_mut(rpt * m)
             .enumerate()
-            .for_each(|(task, out)| T::block(&p, task * ROWS_PER_TASK, out));
+            .for_each(|(task, out)| T::block(&p, task * rpt, out));
     }
     if m == 1 {
         return t;
@@ -597,7 +605,7 @@ mod tests {
     fn bf16_weights_match_their_f32_widening() {
         let mut seed = 11u64;
         for m in [1usize, 2, 5, 8, 9, 37] {
-            for k in [1usize, 7, 8, 9, 100] {
+            for k in [1usize, 7, 8, 9, 100, 300] {
                 for n in [1usize, 5, 63, 64, 65, 300] {
                     let xs: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
                     let ws: Vec<f32> = (0..n * k).map(|_| lcg(&mut seed)).collect();
