@@ -244,7 +244,11 @@ impl Dot for PairDot {
 /// `out[r * M + i] = x[i] · rows[r]` for the `M` rows of `x` and the `R` rows of `W` (each
 /// `k` long), reading each row of `W` once; `U` independent chains per pair, as in the
 /// 8-lane kernel. `R = 2` (from 4 rows of `x`) lets each load of `x` feed two products,
-/// halving the loads of `x` (L1/L2 reads) per weight.
+/// halving the loads of `x` (L1/L2 reads) per weight. The rows are `ld` apart; each is
+/// prefetched [`PREFETCH_BYTES`] plus `R - 1` rows ahead, i.e. ahead of the rows the pass
+/// reads together: 3 KB past row j alone is row j + 1 at f32 k = 768, which the same pass
+/// was already reading, so half the rows went unprefetched (f32 batch-8 decode +9–12 %
+/// with the extra row, Xeon, BENCHMARKS.md).
 ///
 /// # Safety
 /// Every row of `W` is readable for `k` elements, every row of `x` as [`Dot::madd`] needs;
@@ -256,6 +260,7 @@ unsafe fn row_dots<D: Dot, const M: usize, const R: usize, const U: usize>(
     x: &[D::X; M],
     w: [*const D::T; R],
     k: usize,
+    ld: usize,
     out: &mut [f32],
 ) {
     debug_assert!(out.len() == R * M);
@@ -263,7 +268,7 @@ unsafe fn row_dots<D: Dot, const M: usize, const R: usize, const U: usize>(
     // decode +8–12 % on the Xeon; BENCHMARKS.md). Into L2 (T1), not L1: the same on the
     // Xeon, and on AMD Zen 4 batch-1 decode +4–21 % (f32) and +4–13 % (bf16), bf16 batch 8
     // +4–10 %, f32 batch 8 unchanged.
-    let ahead = PREFETCH_BYTES / size_of::<D::T>();
+    let ahead = PREFETCH_BYTES / size_of::<D::T>() + (R - 1) * ld;
     let per_line = 64 / size_of::<D::T>();
     // SAFETY (every block below): the function's contract; full chunks cover
     // `c..c + STEP·U ≤ k` and the tail `c..k`; a prefetch cannot fault.
@@ -337,14 +342,20 @@ unsafe fn rows_m<D: Dot, const M: usize, const U: usize>(
         while j + 2 <= rows {
             // SAFETY: the caller's contract; the slices bound the rows of `W`.
             unsafe {
-                row_dots::<D, M, 2, 1>(&x, [row(j), row(j + 1)], k, &mut out[j * M..(j + 2) * M])
+                row_dots::<D, M, 2, 1>(
+                    &x,
+                    [row(j), row(j + 1)],
+                    k,
+                    p.ld,
+                    &mut out[j * M..(j + 2) * M],
+                )
             };
             j += 2;
         }
     }
     while j < rows {
         // SAFETY: the caller's contract; the slice bounds the row of `W`.
-        unsafe { row_dots::<D, M, 1, U>(&x, [row(j)], k, &mut out[j * M..(j + 1) * M]) };
+        unsafe { row_dots::<D, M, 1, U>(&x, [row(j)], k, p.ld, &mut out[j * M..(j + 1) * M]) };
         j += 1;
     }
 }
