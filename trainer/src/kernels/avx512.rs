@@ -24,7 +24,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::gemv::{Operands, PREFETCH_BYTES};
+use super::gemv::{MAX_ROWS, Operands, PREFETCH_BYTES};
 use super::simd::{Avx512, Simd};
 use super::step::{StepInputs, seg_dt, seg_gate};
 
@@ -130,6 +130,12 @@ fn mask16(n: usize) -> __mmask16 {
     ((1u32 << n) - 1) as __mmask16
 }
 
+/// Lanes selecting the first `n` of 32 (bf16 elements).
+#[inline(always)]
+fn mask32(n: usize) -> __mmask32 {
+    ((1u64 << n) - 1) as __mmask32
+}
+
 /// f32 weights, or bf16 ones widened exactly on load: 16 weights per FMA.
 struct Widen<T>(std::marker::PhantomData<T>);
 
@@ -217,7 +223,7 @@ impl Dot for PairDot {
     unsafe fn load_tail(p: *const bf16, n: usize) -> __m512bh {
         // SAFETY: the caller's contract; masked-off elements are not accessed.
         unsafe {
-            let v = _mm512_maskz_loadu_epi16(((1u64 << n) - 1) as __mmask32, p.cast());
+            let v = _mm512_maskz_loadu_epi16(mask32(n), p.cast());
             std::mem::transmute::<__m512i, __m512bh>(v)
         }
     }
@@ -360,7 +366,7 @@ unsafe fn rows_m<D: Dot, const M: usize, const U: usize>(
     }
 }
 
-/// [`rows_m`] for `xs.len()` rows of `x` (1..=[`super::gemv::MAX_ROWS`]).
+/// [`rows_m`] for `xs.len()` rows of `x` (1..=[`MAX_ROWS`]).
 ///
 /// # Safety
 /// As [`rows_m`].
@@ -389,11 +395,12 @@ unsafe fn by_rows<D: Dot>(xs: &[D::X], p: &Operands<'_, D::T>, r0: usize, out: &
 /// The CPU has AVX-512 F, BW and VL ([`available`]).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn widened<T: WideLoad>(p: &Operands<'_, T>, r0: usize, out: &mut [f32]) {
-    let xs: Vec<*const f32> = (0..p.m)
-        .map(|i| p.x[i * p.ldx..i * p.ldx + p.k].as_ptr())
-        .collect();
+    let mut xs = [std::ptr::null::<f32>(); MAX_ROWS];
+    for (i, x) in xs.iter_mut().enumerate().take(p.m) {
+        *x = p.x[i * p.ldx..i * p.ldx + p.k].as_ptr();
+    }
     // SAFETY: this function's contract; each row of `x` is `k` long (sliced above).
-    unsafe { by_rows::<Widen<T>>(&xs, p, r0, out) }
+    unsafe { by_rows::<Widen<T>>(&xs[..p.m], p, r0, out) }
 }
 
 /// The few-row product with bf16 weights by `vdpbf16ps` ([`PairDot`]).
@@ -436,12 +443,12 @@ unsafe fn pair_dot(p: &Operands<'_, bf16>, r0: usize, out: &mut [f32]) {
             c += PairDot::STEP;
         }
     }
-    let xs: Vec<(*const u16, *const u16)> = split
-        .chunks_exact(2 * kp)
-        .map(|pair| (pair.as_ptr(), pair[kp..].as_ptr()))
-        .collect();
+    let mut xs = [(std::ptr::null::<u16>(), std::ptr::null::<u16>()); MAX_ROWS];
+    for (x, pair) in xs.iter_mut().zip(split.chunks_exact(2 * kp)) {
+        *x = (pair.as_ptr(), pair[kp..].as_ptr());
+    }
     // SAFETY: this function's contract; the rows of `x` are padded to whole chunks.
-    unsafe { by_rows::<PairDot>(&xs, p, r0, out) }
+    unsafe { by_rows::<PairDot>(&xs[..m], p, r0, out) }
 }
 
 /// `out[(r - r0) * m + i] = x[i] · w[r]` for the rows `r0..r0 + out.len() / m` of `w`.
@@ -483,7 +490,7 @@ pub(crate) unsafe fn scan_seg(
             let mut c = 0;
             while c < n {
                 let cw = L.min(n - c);
-                let m: __mmask16 = u16::MAX >> (L - cw);
+                let m = mask16(cw);
                 let load = |v: &[f32]| _mm512_maskz_loadu_ps(m, v.as_ptr().add(c));
                 let da = s.exp(_mm512_mul_ps(dtv, load(arow)));
                 let sn = _mm512_fmadd_ps(da, load(srow), _mm512_mul_ps(duv, load(bt)));
@@ -500,6 +507,7 @@ pub(crate) unsafe fn scan_seg(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::gemv::tests::lcg;
 
     /// The pair-dot kernel against the widening one on the same bf16 weights, for every row
     /// count, `k` around its 32-weight chunks and the unrolled main loop, and a column range
@@ -511,13 +519,8 @@ mod tests {
             return;
         }
         let mut seed = 5u64;
-        let mut next = || {
-            seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        };
-        for m in 1..=super::super::gemv::MAX_ROWS {
+        let mut next = || lcg(&mut seed);
+        for m in 1..=MAX_ROWS {
             for (k, c0, ld) in [
                 (1, 0, 1),
                 (31, 0, 31),

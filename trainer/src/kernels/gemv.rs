@@ -496,12 +496,13 @@ pub fn bf16_weight_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::simd::Portable;
     use candle_core::Device;
 
-    fn lcg(seed: &mut u64) -> f32 {
+    /// A value in [-0.5, 0.5) from a 64-bit LCG (also the AVX-512 product's tests').
+    pub(in crate::kernels) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
